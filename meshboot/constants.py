@@ -158,3 +158,84 @@ ENV_GOMEMLIMIT = "GOMEMLIMIT"
 
 # ---- metrics names shared by dashboards --------------------------------------------------------------------------
 METRIC_INJECTION_TIME = "sidecar_injection_time_seconds"
+
+# ---- control plane: workload CA (webhook/ca) ---------------------------------------------------------------------
+WEBHOOK_SERVICE = "meshboot-webhook"              # the control plane's Service name (chart)
+MONITORING_PORT = 15014                           # istiod's monitoring port: plain HTTP /metrics, /healthz
+PLUGIN_CERTS_DIR = "/etc/cacerts"                 # operator-provided CA (Istio's plug-in layout)
+CA_DIR_DEFAULT = "./var/lib/meshboot/ca"          # where a generated root is kept outside a cluster
+CA_SECRET_NAME = "istio-ca-secret"                # istiod's self-signed root Secret
+CA_CERT_FILE = "ca-cert.pem"
+CA_KEY_FILE = "ca-key.pem"
+CA_ROOT_FILE = "root-cert.pem"
+CA_CHAIN_FILE = "cert-chain.pem"
+CA_MAX_REQUEST_BYTES = 64 * 1024                  # max gRPC message the CA accepts
+
+# ---- agent (pilot-agent) env names and defaults: read by agent/, set by the injector / tests ---------------------
+ENV_MTLS_MODE = "MESHBOOT_MTLS_MODE"             # standalone mode inbound policy: PERMISSIVE (default) | STRICT
+MTLS_PERMISSIVE = "PERMISSIVE"
+MTLS_STRICT = "STRICT"
+ENV_SECRET_TTL = "SECRET_TTL"
+ENV_SECRET_GRACE_RATIO = "SECRET_GRACE_PERIOD_RATIO"
+ENV_SECRET_GRACE_JITTER = "SECRET_GRACE_PERIOD_RATIO_JITTER"
+ENV_ECC_SIGNATURE_ALGORITHM = "ECC_SIGNATURE_ALGORITHM"
+ENV_ECC_CURVE = "ECC_CURVE"
+ENV_RSA_KEY_SIZE = "WORKLOAD_RSA_KEY_SIZE"
+ENV_PKCS8_KEY = "PKCS8_KEY"
+ENV_OUTPUT_CERTS = "OUTPUT_CERTS"
+ENV_ISTIOD_SAN = "ISTIOD_SAN"
+ENV_CA_ROOT_CA = "CA_ROOT_CA"
+ENV_XDS_ROOT_CA = "XDS_ROOT_CA"
+ENV_PROV_CERT = "PROV_CERT"
+ENV_CERT_SIGNER = "ISTIO_META_CERT_SIGNER"
+ENV_DELTA_XDS = "ISTIO_DELTA_XDS"
+ENV_EXIT_ON_ZERO = "EXIT_ON_ZERO_ACTIVE_CONNECTIONS"
+ENV_MINIMUM_DRAIN = "MINIMUM_DRAIN_DURATION"
+ENV_REWRITE_PROBE_LOCALHOST = "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION"
+ENV_MERGE_ENVOY_STATS = "PILOT_AGENT_MERGE_ENVOY_STATS"
+ENV_METRICS_LOCALHOST_ONLY = "METRICS_LOCALHOST_ACCESS_ONLY"
+ENV_WORKLOAD_SOCKET_FILE = "WORKLOAD_IDENTITY_SOCKET_FILE"
+ENV_ISTIO_BOOTSTRAP_OVERRIDE = "ISTIO_BOOTSTRAP_OVERRIDE"
+CA_HEADER_PREFIX = "CA_HEADER_"
+XDS_HEADER_PREFIX = "XDS_HEADER_"
+ISTIO_META_PREFIX = "ISTIO_META_"
+ISTIO_METAJSON_PREFIX = "ISTIO_METAJSON_"
+PLAINTEXT_XDS_PORT = 15010
+DEFAULT_TERMINATION_DRAIN_SECONDS = 5.0
+DEFAULT_DRAIN_SECONDS = 45.0
+HEALTHZ_READY_PATH = "/healthz/ready"
+PROMETHEUS_STATS_PATH = "/stats/prometheus"
+XDS_CLUSTER = "xds-grpc"
+SDS_CLUSTER = "sds-grpc"
+SDS_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+LISTENER_TYPE_URL = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+VIRTUAL_OUTBOUND = "virtualOutbound"
+VIRTUAL_INBOUND = "virtualInbound"
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+
+# ---- init (istio-iptables): chain names, env names, the rule layout switch -------------------------------------
+CHAIN_INBOUND = "ISTIO_INBOUND"
+CHAIN_REDIRECT = "ISTIO_REDIRECT"
+CHAIN_IN_REDIRECT = "ISTIO_IN_REDIRECT"
+CHAIN_OUTPUT = "ISTIO_OUTPUT"
+CHAIN_OUTPUT_DNS = "ISTIO_OUTPUT_DNS"
+CHAIN_DROP = "ISTIO_DROP"
+CHAIN_DIVERT = "ISTIO_DIVERT"
+CHAIN_TPROXY = "ISTIO_TPROXY"
+ISTIO_CHAIN_PREFIX = "ISTIO_"
+TPROXY_OUTPUT_MARK = 1338                         # hard-coded mark for proxy-owned lo traffic in TPROXY mode
+ENV_DNS_CAPTURE = "ISTIO_META_DNS_CAPTURE"        # alias of --redirect-dns (set from proxyMetadata)
+ENV_DUAL_STACK = "ISTIO_DUAL_STACK"               # alias of --dual-stack
+ENV_INVALID_DROP = "INVALID_DROP"                 # alias of --drop-invalid
+ENV_ENVOY_USER = "ENVOY_USER"
+ENV_OUTBOUND_OWNER_GROUPS = "ISTIO_OUTBOUND_OWNER_GROUPS"
+ENV_OUTBOUND_OWNER_GROUPS_EXCLUDE = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"
+ENV_OUTBOUND_IPV4_LOOPBACK_CIDR = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"
+ENV_DRY_RUN_FILE_PATH = "DRY_RUN_FILE_PATH"
+# meshboot-only: "classic" (default) writes the rules exactly as istio-init 1.2x does (seed 004: `-A OUTPUT -p tcp -j
+# ISTIO_OUTPUT`, no tunnel-port term in the proxy loopback rule); "current" writes today's Istio layout
+# (`-A OUTPUT -j ISTIO_OUTPUT`, `-p tcp ! --dport 15008` in the proxy loopback rule).
+ENV_IPTABLES_LAYOUT = "MESHBOOT_IPTABLES_LAYOUT"

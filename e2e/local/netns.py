@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 def have_root() -> tuple[bool, str]:
@@ -136,3 +138,59 @@ def wait_port(ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} in netns {ns.name}")
+
+
+# ---- a node: a bridge that pods plug into, and calls made from inside a namespace --------------------------------
+def bridge(ns: Netns, name: str, addr: str) -> str:
+    """A Linux bridge inside `ns` (the "node") with `addr` (e.g. 10.244.0.1/24), the pods' gateway."""
+    ns.ip("link", "add", name, "type", "bridge")
+    ns.ip("addr", "add", addr, "dev", name)
+    ns.ip("link", "set", name, "up")
+    return name
+
+
+def plug(node: Netns, bridge_name: str, pod: Netns, addr: str, gateway: str, ifname: str = "eth0") -> str:
+    """A veth from `pod` (as `ifname`, with `addr` and a default route via `gateway`) into the node's bridge, the way
+    a CNI bridge plugin wires a pod; returns the node-side link name."""
+    host_side = unique_name("vp")
+    subprocess.run(["ip", "link", "add", ifname, "netns", pod.name, "type", "veth", "peer", "name", host_side,
+                    "netns", node.name], check=True)
+    node.ip("link", "set", host_side, "master", bridge_name)
+    node.ip("link", "set", host_side, "up")
+    pod.ip("addr", "add", addr, "dev", ifname)
+    pod.ip("link", "set", ifname, "up")
+    pod.ip("route", "add", "default", "via", gateway)
+    return host_side
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def call_in(ns_name: str, fn: Callable[..., T], *args: object, **kw: object) -> T:
+    """Run `fn` in a new thread that has joined netns `ns_name` (setns(2) moves only the calling thread), so sockets
+    it opens live in that namespace while the rest of the process stays where it is."""
+    import ctypes
+    import threading
+
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/var/run/netns/{ns_name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns_name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["result"] = fn(*args, **kw)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=f"netns-{ns_name}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]

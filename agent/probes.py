@@ -1,0 +1,108 @@
+"""Kubelet probes rewritten by the injector (`ISTIO_KUBE_APP_PROBERS`), executed by the agent against the app.
+
+HTTP and TCP probes dial the pod IP from 127.0.0.6 (so the capture rules leave them alone, as in Istio); gRPC
+probes call `grpc.health.v1.Health/Check`. The answer is the app's real status (HTTP) or 200/500.
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from meshboot import constants as C
+
+from . import httpio
+from .config import AppProbe
+
+MAX_BODY = 10 * 1024
+GRPC_HEALTH = "/grpc.health.v1.Health/Check"
+
+
+def _source_for(dest: str) -> str:
+    return C.INBOUND_PASSTHROUGH_SRC_V6 if ":" in dest else C.INBOUND_PASSTHROUGH_SRC_V4
+
+
+def _encode_health_request(service: str) -> bytes:
+    data = service.encode()
+    return b"\x0a" + _varint(len(data)) + data if data else b""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _decode_health_status(data: bytes) -> int:
+    """HealthCheckResponse{status=1 (enum)}; SERVING = 1."""
+    if len(data) >= 2 and data[0] == 0x08:
+        return data[1]
+    return 0
+
+
+async def run(probe: AppProbe, dest: str, incoming_headers: dict[str, str], status_port: int) -> httpio.Response:
+    timeout = probe.timeout or None
+    if probe.kind == "tcpSocket":
+        try:
+            fut = asyncio.open_connection(dest, probe.port, local_addr=(_source_for(dest), 0))
+            _, w = await (asyncio.wait_for(fut, timeout) if timeout else fut)
+            w.close()
+            return httpio.Response(200)
+        except (OSError, asyncio.TimeoutError) as e:
+            return httpio.Response(500, body=f"tcp probe failed: {e}".encode())
+    if probe.kind == "grpc":
+        return await _grpc(probe, dest, incoming_headers, timeout)
+    # HTTP: copy incoming headers; Host keeps the caller's host, port swapped to the app's when it was ours.
+    headers = {k: v for k, v in incoming_headers.items() if k not in ("connection", "content-length", "host")}
+    for k, v in probe.headers:
+        headers[k] = v
+    host = incoming_headers.get("host", "")
+    if host:
+        h, sep, p = host.rpartition(":")
+        headers["Host"] = f"{h}:{probe.port}" if sep and p == str(status_port) else host
+    tls = None
+    if probe.scheme == "HTTPS":
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+    path, redirects = probe.path, 0
+    try:
+        while True:
+            r = await httpio.request(dest, probe.port, "GET", path, headers=headers, timeout=timeout,
+                                     source=_source_for(dest), tls=tls, max_body=MAX_BODY)
+            loc = r.headers.get("location", "")
+            if 300 <= r.status < 400 and loc and redirects < 10:
+                from urllib.parse import urlsplit  # noqa: PLC0415
+                u = urlsplit(loc)
+                if u.hostname in (None, "", dest):
+                    redirects += 1
+                    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+                    continue
+            if 300 <= r.status < 400:
+                return httpio.Response(200, body=r.body[:MAX_BODY])
+            return httpio.Response(r.status, {"content-type": r.headers.get("content-type", "text/plain")},
+                                   r.body[:MAX_BODY])
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+        return httpio.Response(500, body=f"http probe failed: {e}".encode())
+
+
+async def _grpc(probe: AppProbe, dest: str, incoming: dict[str, str], timeout: float | None) -> httpio.Response:
+    import grpc  # noqa: PLC0415
+
+    target = f"[{dest}]:{probe.port}" if ":" in dest else f"{dest}:{probe.port}"
+    ch = grpc.aio.insecure_channel(target)
+    try:
+        call = ch.unary_unary(GRPC_HEALTH)
+        md = (("user-agent", incoming["user-agent"]),) if "user-agent" in incoming else None
+        data = await call(_encode_health_request(probe.service), timeout=timeout or 10, metadata=md,
+                          wait_for_ready=True)
+        if _decode_health_status(data) == 1:
+            return httpio.Response(200)
+        return httpio.Response(500, body=b"grpc service not SERVING")
+    except grpc.aio.AioRpcError as e:
+        return httpio.Response(500, body=f"grpc probe failed: {e.code().name}".encode())
+    finally:
+        await ch.close()
+

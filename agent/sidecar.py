@@ -1,0 +1,205 @@
+"""`proxy sidecar`: wire the parts together and run until Envoy exits or the pod is told to stop.
+
+Order (reference/agent.md §9): status server (503 until ready) → signal handlers → certificate warm-up in the
+background → SDS and XDS servers on their sockets → grpc-bootstrap.json, envoy-rev.json → Envoy. The CSR (key
+generated in a thread) runs while Envoy starts, so neither waits for the other.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+
+from meshboot import constants as C
+
+from . import bootstrap, uds
+from .config import AgentConfig
+from .envoy import Admin, EnvoyProcess, active_connections
+from .log import Log
+from .metrics import Metrics
+
+log = Log("agent")
+
+
+def write_json(path: str, data: dict, atomic: bool) -> None:
+    text = json.dumps(data, indent=2)
+    if atomic:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    else:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+class Sidecar:
+    def __init__(self, cfg: AgentConfig, prestarted: "object | None" = None) -> None:
+        self.cfg = cfg
+        self.prestarted = prestarted
+        self.metrics = Metrics()
+        self.admin = Admin(cfg.admin_port)
+        self.stop = asyncio.Event()
+        self.reason = ""                  # "sigterm" | "quit"
+        self.skip_drain = False
+        self.envoy: EnvoyProcess | None = None
+        self._servers: list = []
+
+    # -- control --
+    def _signal(self, name: str) -> None:
+        log.info("received signal, starting shutdown", signal=name)
+        if not self.stop.is_set():
+            self.reason = "sigterm"
+            self.stop.set()
+
+    def _quit(self) -> None:
+        log.info("quitquitquit requested")
+        self.skip_drain = True
+        self.reason = self.reason or "quit"
+        self.stop.set()
+
+    async def _drain_request(self) -> None:
+        log.info("drain requested")
+        await self._drain_listeners(skip_exit=True)
+        self.skip_drain = True
+
+    async def _drain_listeners(self, skip_exit: bool = False) -> None:
+        """Istio's graceful inbound drain (connections are told to close), then stop accepting at once.
+
+        A graceful drain alone keeps the listeners accepting for --drain-time-s (45 s); the second call closes the
+        inbound listening sockets now, so new inbound connections are refused while in-flight ones finish.
+        """
+        suffix = "&skip_exit" if skip_exit else ""
+        for q in (f"/drain_listeners?inboundonly&graceful{suffix}", f"/drain_listeners?inboundonly{suffix}"):
+            try:
+                r = await self.admin.post(q)
+                if r.status != 200:
+                    log.warn("Envoy drain failed", status=r.status, request=q)
+            except (OSError, asyncio.TimeoutError) as e:
+                log.warn("Envoy drain failed", error=str(e), request=q)
+
+    # -- run --
+    async def run(self) -> int:
+        from .caclient import CAClient  # noqa: PLC0415
+        from .sds import serve as serve_sds  # noqa: PLC0415
+        from .secrets import SecretManager  # noqa: PLC0415
+        from .status import StatusServer, grpc_bootstrap_reason  # noqa: PLC0415
+
+        cfg = self.cfg
+        t0 = time.monotonic()
+        grpc_boot = os.path.join(cfg.config_path, "grpc-bootstrap.json")
+        status = StatusServer(cfg, self.admin, self.metrics, on_quit=self._quit, on_drain=self._drain_request,
+                              extra_ready=grpc_bootstrap_reason(grpc_boot))
+        if cfg.status_port:
+            await status.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signal, sig.name)
+
+        ca = None if cfg.file_certs is not None else CAClient(cfg)
+        secrets = SecretManager(cfg, ca, self.metrics, prestarted=self.prestarted)  # type: ignore[arg-type]
+        secrets.start()
+        os.makedirs(cfg.config_path, mode=0o700, exist_ok=True)
+        sds_server = await serve_sds(cfg.workload_socket, secrets, self.metrics)
+        xds_server = await self._serve_xds()
+        write_json(grpc_boot, bootstrap.grpc_bootstrap(cfg), atomic=True)
+        boot_path = os.path.join(cfg.config_path, "envoy-rev.json")
+        custom = cfg.proxy_config.get("customConfigFile") or ""
+        if custom:
+            boot_path = custom
+        else:
+            write_json(boot_path, bootstrap.envoy_bootstrap(cfg), atomic=False)
+        override = None
+        if cfg.bootstrap_override:
+            with open(cfg.bootstrap_override) as f:
+                override = f.read().replace("$(HOST_IP)", cfg.host_ip)
+        self.envoy = await EnvoyProcess.start(bootstrap.envoy_args(cfg, boot_path, override))
+        log.info("agent started", mode="standalone" if cfg.standalone else "proxy",
+                 spiffe=cfg.spiffe_id if cfg.file_certs is None else "file-mounted",
+                 setup_ms=int((time.monotonic() - t0) * 1000))
+
+        exit_task = asyncio.create_task(self.envoy.wait())
+        stop_task = asyncio.create_task(self.stop.wait())
+        await asyncio.wait({exit_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if exit_task.done():
+            rc = exit_task.result()
+            if self.stop.is_set():
+                log.info("Envoy exited", code=rc)
+            else:
+                how = f"signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exit code {rc}"
+                log.error(f"Envoy exited unexpectedly with {how}; agent exiting (container restart policy applies)")
+                code = 1
+        else:
+            status.terminating = True
+            if self.reason == "sigterm" and not self.skip_drain:
+                await self._graceful(exit_task)
+            self.envoy.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(exit_task, 10)
+        stop_task.cancel()
+        if not custom:
+            uds.remove(boot_path)
+        await status.close()
+        await xds_server.stop(0.5)
+        await sds_server.stop(0.5)
+        uds.remove(cfg.xds_socket)
+        uds.remove(cfg.workload_socket)
+        await secrets.close()
+        log.info("agent exiting", code=code)
+        return code
+
+    async def _graceful(self, exit_task: asyncio.Task) -> None:
+        """Drain inbound listeners, then wait terminationDrainDuration (or for zero connections)."""
+        cfg = self.cfg
+        log.info("draining inbound listeners", wait=f"{cfg.termination_drain_duration}s",
+                 exit_on_zero=cfg.exit_on_zero_active)
+        await self._drain_listeners()
+        if not cfg.exit_on_zero_active:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exit_task), cfg.termination_drain_duration)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(exit_task), cfg.minimum_drain_duration)
+        errors = 0
+        exclude = (cfg.envoy_status_port, cfg.envoy_prometheus_port)
+        while not exit_task.done():
+            try:
+                stats = await self.admin.stats(r"downstream_cx_active$", timeout=2)
+                n = active_connections(stats, exclude)
+                errors = 0
+                if not stats or n == 0:
+                    log.info("no active connections left, stopping Envoy")
+                    return
+                log.info("waiting for active connections", active=n)
+            except (OSError, asyncio.TimeoutError, ValueError) as e:
+                errors += 1
+                if errors >= 5:
+                    log.warn("cannot read active connections, stopping Envoy", error=str(e))
+                    return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exit_task), 1.0)
+
+    async def _serve_xds(self):  # noqa: ANN202
+        import grpc  # noqa: PLC0415
+        from envoy.service.discovery.v3 import ads_pb2_grpc  # noqa: PLC0415
+
+        cfg = self.cfg
+        if cfg.standalone:
+            from . import standalone  # noqa: PLC0415
+            servicer = standalone.StandaloneADS(standalone.resources(cfg.trust_domain, cfg.mtls_mode))
+        else:
+            from .xdsproxy import XdsProxy  # noqa: PLC0415
+            servicer = XdsProxy(cfg, self.metrics)
+        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000),
+                                          ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                                          ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),
+                                          ("grpc.http2.min_ping_interval_without_data_ms", 15000)])
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+        server.add_insecure_port(uds.prepare(cfg.xds_socket))
+        await server.start()
+        uds.publish(cfg.xds_socket)
+        return server

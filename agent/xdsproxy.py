@@ -1,0 +1,111 @@
+"""XDS proxy mode: each ADS stream Envoy opens on the XDS socket is forwarded, verbatim, to the discovery address.
+
+One upstream channel per downstream stream (a newer stream replaces the older), same flavour (SotW or Delta),
+TLS verified with the mesh root, `authorization: Bearer <token>` (re-read per stream), `ClusterID` and
+`XDS_HEADER_*` headers. Upstream responses of Envoy types are forwarded; an upstream error ends Envoy's stream
+with that error so Envoy reconnects; while the upstream is down, the new stream waits for it (gRPC reconnect
+back-off, capped) instead of failing Envoy fast.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from .caclient import call_metadata, read_token
+from .config import AgentConfig
+from .log import Log
+
+log = Log("xdsproxy")
+
+SOTW = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+
+
+def forwardable(type_url: str) -> bool:
+    return type_url.startswith("type.googleapis.com/envoy.") or type_url == "type.googleapis.com/istio.workload.Workload"
+
+
+class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, cfg: AgentConfig, metrics: "object | None" = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._current: asyncio.Event | None = None
+
+    def _channel(self) -> grpc.aio.Channel:
+        cfg = self.cfg
+        options = [("grpc.max_receive_message_length", 2**31 - 1), ("grpc.keepalive_time_ms", 30000),
+                   ("grpc.keepalive_timeout_ms", 10000), ("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000)]
+        if cfg.xds_plaintext:
+            return grpc.aio.insecure_channel(cfg.discovery_address, options=options)
+        root = None
+        if cfg.xds_root_file:
+            with open(cfg.xds_root_file, "rb") as f:   # re-read per connection: picks up a rotated root
+                root = f.read()
+        options.append(("grpc.ssl_target_name_override", cfg.xds_server_name))
+        return grpc.aio.secure_channel(cfg.discovery_address, grpc.ssl_channel_credentials(root), options=options)
+
+    async def _forward(self, method: str, req_type: type, resp_type: type, request_iterator: AsyncIterator,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator:
+        # A newer Envoy stream replaces the previous one.
+        if self._current is not None:
+            self._current.set()
+        mine = self._current = asyncio.Event()
+        channel = self._channel()
+        md = call_metadata(self.cfg.cluster_id, read_token(), self.cfg.xds_headers)
+        call = channel.stream_stream(method, request_serializer=req_type.SerializeToString,
+                                     response_deserializer=resp_type.FromString)(metadata=md, wait_for_ready=True)
+        m = self.metrics
+
+        async def pump() -> None:
+            try:
+                async for req in request_iterator:
+                    if m is not None:
+                        m.xds_requests.inc()  # type: ignore[attr-defined]
+                    await call.write(req)
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                pass
+            except Exception as e:  # downstream error ⇒ close upstream
+                log.debug("downstream stream ended", error=str(e))
+                call.cancel()
+
+        async def replaced() -> None:
+            await mine.wait()
+            call.cancel()
+
+        tasks = [asyncio.create_task(pump()), asyncio.create_task(replaced())]
+        log.info("XDS stream from Envoy, connecting upstream", upstream=self.cfg.discovery_address,
+                 delta=method == DELTA)
+        try:
+            async for resp in call:
+                if not forwardable(resp.type_url):
+                    log.error("dropping response of unknown type", type=resp.type_url)
+                    continue
+                if m is not None:
+                    m.xds_responses.inc()  # type: ignore[attr-defined]
+                yield resp
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and mine.is_set():
+                return
+            if m is not None:
+                m.xds_upstream_errors.inc()  # type: ignore[attr-defined]
+            log.warn("upstream XDS stream ended", code=e.code().name, details=e.details())
+            await context.abort(e.code(), f"upstream: {e.details()}")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await channel.close()
+
+    async def StreamAggregatedResources(self, request_iterator, context):  # noqa: ANN001, ANN201
+        async for resp in self._forward(SOTW, discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse,
+                                        request_iterator, context):
+            yield resp
+
+    async def DeltaAggregatedResources(self, request_iterator, context):  # noqa: ANN001, ANN201
+        async for resp in self._forward(DELTA, discovery_pb2.DeltaDiscoveryRequest,
+                                        discovery_pb2.DeltaDiscoveryResponse, request_iterator, context):
+            yield resp

@@ -1,0 +1,212 @@
+"""Benchmark of the sidecar injector: in-process injection time, and the HTTPS server under wrk.
+
+Prints the figures, then ONE line of JSON with the figures, the floor they are measured against and the ratios:
+- in-process: median / p99 of one AdmissionReview (decode, decide, render, jsonpatch, encode) for Istio's `hello`
+  shape (one container, two ports, a readiness probe); target median <= 0.5 ms;
+- HTTPS, one uvicorn worker, wrk: max requests/s at 100 connections (target >= 50 % of the floor), and p50/p99 at
+  a steady ~200 requests/s (target p99 <= 10 ms);
+- the floor: the same server's trivial endpoint (`/bench/floor`) taking the same body and answering a body of the
+  same size as /inject's, under the same load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from webhook.admission import review  # noqa: E402
+from webhook.config import build_settings  # noqa: E402
+
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
+
+
+def hello_review() -> bytes:
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"generateName": "hello-6d8f7b9c4-", "namespace": "default",
+                        "labels": {"app": "hello", "tier": "backend", "track": "stable",
+                                   "pod-template-hash": "6d8f7b9c4", "bench-seq": "s__SEQ__"},
+                        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                             "name": "hello-6d8f7b9c4", "uid": "8c2d", "controller": True,
+                                             "blockOwnerDeletion": True}]},
+           "spec": {"containers": [{
+               "name": "hello", "image": "fake.docker.io/google-samples/hello-go-gke:1.0",
+               "imagePullPolicy": "IfNotPresent",
+               "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"},
+                         {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
+               "readinessProbe": {"httpGet": {"path": "/ready", "port": "http", "scheme": "HTTP"},
+                                  "periodSeconds": 5, "timeoutSeconds": 1, "successThreshold": 1,
+                                  "failureThreshold": 3},
+               "resources": {},
+               "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+               "volumeMounts": [{"name": "kube-api-access-abcde", "readOnly": True,
+                                 "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}],
+               "restartPolicy": "Always", "terminationGracePeriodSeconds": 30, "dnsPolicy": "ClusterFirst",
+               "serviceAccountName": "default", "serviceAccount": "default", "securityContext": {},
+               "schedulerName": "default-scheduler", "enableServiceLinks": True,
+               "volumes": [{"name": "kube-api-access-abcde", "projected": {"defaultMode": 420, "sources": [
+                   {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                   {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]}}],
+               "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                                "effect": "NoExecute", "tolerationSeconds": 300}]}}
+    return json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                       "request": {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                                   "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                                   "resource": {"group": "", "version": "v1", "resource": "pods"},
+                                   "namespace": "default", "operation": "CREATE", "object": pod}}).encode()
+
+
+def in_process(body: bytes, n: int = 5000) -> dict[str, float]:
+    settings = build_settings(kubernetes_version="1.33")
+    for _ in range(300):
+        json.dumps(review(body, settings).response)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        out = review(body, settings)
+        json.dumps(out.response, separators=(",", ":"))
+        times.append(time.perf_counter() - t)
+    assert out.result == "injected", out.reason
+    times.sort()
+    return {"median_ms": statistics.median(times) * 1e3, "p99_ms": times[int(n * 0.99)] * 1e3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("%(body)s", "rb"); local body = f:read("*a"); f:close()
+wrk.body = body
+%(vary)s
+%(delay)s
+function done(summary, latency, requests)
+  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d, '
+    .. '"p50_us": %%d, "p99_us": %%d, "mean_us": %%f}\\n',
+    summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+VARY = """
+local seq = 0
+function request()
+  seq = seq + 1
+  return wrk.format(nil, nil, nil, (body:gsub("__SEQ__", tostring(seq))))
+end
+"""
+
+
+def run_wrk(url: str, body_file: str, connections: int, delay_ms: int | None, tmp: str,
+            distinct: bool) -> dict[str, float]:
+    """distinct: every request carries a different pod (a label changes), so no answer can be reused."""
+    script = os.path.join(tmp, f"s{connections}-{delay_ms}-{distinct}.lua")
+    delay = f"function delay() return {delay_ms} end" if delay_ms else ""
+    with open(script, "w") as f:
+        f.write(LUA % {"body": body_file, "delay": delay, "vary": VARY if distinct else ""})
+    out = subprocess.run([WRK, "-t1", f"-c{connections}", f"-d{DURATION}s", "--latency", "-s", script, url],
+                         capture_output=True, text=True, timeout=DURATION + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    r = json.loads(line[len("WRKJSON "):])
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
+def main() -> int:
+    body = hello_review()
+    ip = in_process(body)
+    print(f"in-process AdmissionReview (hello pod): median {ip['median_ms']:.3f} ms, p99 {ip['p99_ms']:.3f} ms")
+
+    tmp = tempfile.mkdtemp(prefix="mb-bench-webhook-")
+    body_file = os.path.join(tmp, "review.json")
+    with open(body_file, "wb") as f:
+        f.write(body)
+    port, bundle = free_port(), os.path.join(tmp, "ca.pem")
+    proc = subprocess.Popen([sys.executable, "-m", "webhook.server", "--listen-address", "127.0.0.1",
+                             "--port", str(port), "--ca-port", "0", "--monitoring-port", "0",
+                             "--kubernetes-version", "1.33", "--ca-bundle-out", bundle, "--log-level", "warning",
+                             "--self-signed-dir", os.path.join(tmp, "tls"), "--enable-bench-floor"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        resp_size = 0
+        while time.monotonic() < deadline:
+            try:
+                ctx = ssl.create_default_context(cafile=bundle)
+                req = urllib.request.Request(base + "/inject", data=body,
+                                             headers={"Content-Type": "application/json"})
+                resp_size = len(urllib.request.urlopen(req, context=ctx, timeout=5).read())
+                break
+            except (OSError, ssl.SSLError):
+                time.sleep(0.2)
+        if not resp_size:
+            raise RuntimeError("server did not start")
+        inject_url, floor_url = base + "/inject", f"{base}/bench/floor?size={resp_size}"
+        results = {}
+        for name, url, distinct in (("floor", floor_url, True), ("distinct", inject_url, True),
+                                    ("identical", inject_url, False)):
+            run_wrk(url, body_file, 20, None, tmp, distinct)  # warm up
+            results[name + "_max"] = run_wrk(url, body_file, 100, None, tmp, distinct)
+            # ~200 requests/s: 20 connections, each waiting 100 ms between requests.
+            results[name + "_paced"] = run_wrk(url, body_file, 20, 100, tmp, distinct)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    labels = {"floor": "floor (trivial endpoint, same body sizes)",
+              "distinct": "inject, every pod different (no reuse)",
+              "identical": "inject, identical pods (a ReplicaSet scale-up: replica cache)"}
+    for name in ("floor", "distinct", "identical"):
+        m, p = results[name + "_max"], results[name + "_paced"]
+        print(f"{labels[name]}:\n    max {m['rps']:.0f} req/s at 100 connections (p99 {m['p99_us'] / 1e3:.2f} ms, "
+              f"errors {m['errors'] + m['non2xx']}); paced {p['rps']:.0f} req/s: p50 {p['p50_us'] / 1e3:.2f} ms, "
+              f"p99 {p['p99_us'] / 1e3:.2f} ms")
+    floor_rps = results["floor_max"]["rps"]
+    ratios = {name: results[name + "_max"]["rps"] / floor_rps for name in ("distinct", "identical")}
+    print(f"response body {resp_size} bytes; max throughput / floor: distinct pods {ratios['distinct']:.2f}, "
+          f"identical pods {ratios['identical']:.2f} (target >= 0.50)")
+
+    def fig(name: str) -> dict[str, float]:
+        m, p = results[name + "_max"], results[name + "_paced"]
+        return {"max_rps": round(m["rps"], 1), "paced_rps": round(p["rps"], 1),
+                "paced_p50_ms": round(p["p50_us"] / 1e3, 3), "paced_p99_ms": round(p["p99_us"] / 1e3, 3),
+                "errors": m["errors"] + m["non2xx"] + p["errors"] + p["non2xx"]}
+
+    figures = {"in_process_median_ms": round(ip["median_ms"], 4), "in_process_p99_ms": round(ip["p99_ms"], 4),
+               "https_distinct_pods": fig("distinct"), "https_identical_pods": fig("identical")}
+    floor = dict(fig("floor"), response_bytes=resp_size)
+    targets = {"in_process_median_ms": 0.5, "max_rps_ratio": 0.5, "paced_p99_ms": 10.0}
+    print(json.dumps({"bench": "webhook", "figures": figures, "floor": floor,
+                      "ratio": {"max_rps_distinct_over_floor": round(ratios["distinct"], 3),
+                                "max_rps_identical_over_floor": round(ratios["identical"], 3)},
+                      "targets": targets}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

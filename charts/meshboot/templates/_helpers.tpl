@@ -1,0 +1,145 @@
+{{/* Names: the control plane is "meshboot-webhook" unless overridden. */}}
+{{- define "meshboot.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "meshboot.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-webhook" (include "meshboot.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshboot.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "meshboot.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshboot.injectorConfigMap" -}}
+{{- printf "%s-injector" (include "meshboot.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "meshboot.meshConfigMap" -}}
+{{- printf "%s-mesh" (include "meshboot.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "meshboot.tlsSecret" -}}
+{{- if and (eq .Values.certificates.mode "provided") .Values.certificates.provided.secretName -}}
+{{- .Values.certificates.provided.secretName -}}
+{{- else -}}
+{{- printf "%s-tls" (include "meshboot.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Standard labels on every object. */}}
+{{- define "meshboot.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "meshboot.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: meshboot
+{{- end -}}
+
+{{- define "meshboot.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshboot.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: control-plane
+{{- end -}}
+
+{{/* Istio's image rule: used verbatim when it contains "/", else <hub>/<image>:<tag>. */}}
+{{- define "meshboot.image" -}}
+{{- $image := index . 0 -}}
+{{- $g := index . 1 -}}
+{{- if contains "/" $image -}}
+{{- $image -}}
+{{- else -}}
+{{- printf "%s/%s:%v" $g.hub $image $g.tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Service DNS name without the cluster domain: what agents dial and verify. */}}
+{{- define "meshboot.serviceHost" -}}
+{{- printf "%s.%s.svc" (include "meshboot.fullname" .) .Release.Namespace -}}
+{{- end -}}
+
+{{- define "meshboot.caEnabled" -}}
+{{- if and .Values.ca.enabled (not .Values.istiod.address) -}}true{{- end -}}
+{{- end -}}
+
+{{/* CA_ADDR the injector writes into sidecars. */}}
+{{- define "meshboot.caAddress" -}}
+{{- if .Values.istiod.address -}}
+{{- .Values.istiod.address -}}
+{{- else if .Values.global.caAddress -}}
+{{- .Values.global.caAddress -}}
+{{- else -}}
+{{- printf "%s:%v" (include "meshboot.serviceHost" .) .Values.ca.port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Serving-certificate DNS names of the CA: the service's names, istiod's (as agents verify it) and CA_ADDR's host. */}}
+{{- define "meshboot.caDNSNames" -}}
+{{- $host := include "meshboot.serviceHost" . -}}
+{{- $names := list $host (printf "%s.%s" $host .Values.global.proxy.clusterDomain) (printf "istiod.%s.svc" .Release.Namespace) "istiod.istio-system.svc" -}}
+{{- $caHost := regexReplaceAll ":[0-9]+$" (include "meshboot.caAddress" .) "" -}}
+{{- $names = append $names $caHost -}}
+{{- range .Values.ca.extraDNSNames }}{{ $names = append $names . }}{{ end -}}
+{{- $names | uniq | join "," -}}
+{{- end -}}
+
+{{/* MAJOR.MINOR of the cluster, for native-sidecar auto detection. */}}
+{{- define "meshboot.kubernetesVersion" -}}
+{{- if .Values.webhook.kubernetesVersion -}}
+{{- .Values.webhook.kubernetesVersion -}}
+{{- else -}}
+{{- printf "%s.%s" .Capabilities.KubeVersion.Major (.Capabilities.KubeVersion.Minor | trimSuffix "+") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* One clear error for combinations the schema cannot express. */}}
+{{- define "meshboot.validate" -}}
+{{- $mode := .Values.certificates.mode -}}
+{{- if eq $mode "self-managed" -}}
+{{- if or (gt (int .Values.webhook.replicaCount) 1) .Values.autoscaling.enabled -}}
+{{- fail "certificates.mode=self-managed runs a single replica (each replica would patch its own CA into the webhook configuration): use certificates.mode=cert-manager or provided to run webhook.replicaCount > 1 or autoscaling" -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $mode "provided" -}}
+{{- if not .Values.certificates.provided.caBundle -}}
+{{- fail "certificates.mode=provided needs certificates.provided.caBundle (PEM of the CA that signed the serving certificate)" -}}
+{{- end -}}
+{{- if and (not .Values.certificates.provided.secretName) (not (and .Values.certificates.provided.tlsCrt .Values.certificates.provided.tlsKey)) -}}
+{{- fail "certificates.mode=provided needs certificates.provided.secretName, or both certificates.provided.tlsCrt and certificates.provided.tlsKey" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) -}}
+{{- fail "podDisruptionBudget: set only one of minAvailable and maxUnavailable (set the other to null)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Fields shared by every webhook entry (Istio's mutatingwebhook.yaml). */}}
+{{- define "meshboot.webhookCommon" -}}
+clientConfig:
+  service:
+    name: {{ include "meshboot.fullname" . }}
+    namespace: {{ .Release.Namespace }}
+    path: /inject
+    port: 443
+  {{- if eq .Values.certificates.mode "provided" }}
+  caBundle: {{ .Values.certificates.provided.caBundle | b64enc }}
+  {{- end }}
+rules:
+  - operations: ["CREATE"]
+    apiGroups: [""]
+    apiVersions: ["v1"]
+    resources: ["pods"]
+sideEffects: None
+failurePolicy: {{ .Values.mutatingWebhook.failurePolicy }}
+reinvocationPolicy: {{ .Values.mutatingWebhook.reinvocationPolicy }}
+timeoutSeconds: {{ .Values.mutatingWebhook.timeoutSeconds }}
+admissionReviewVersions: ["v1"]
+{{- end -}}

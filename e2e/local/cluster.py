@@ -1,0 +1,120 @@
+"""A one-node "cluster" on this host: node netns + bridge, control plane, a kubelet, and the API server's part in
+pod creation (defaulting, the mutating webhook call when the namespace is labelled for injection, ConfigMaps).
+
+Everything it makes lives under one temp directory and in network namespaces with one prefix, and `LocalCluster.up()`
+removes all of it on exit — also after an error or Ctrl-C.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from e2e.local.controlplane import Admission, ControlPlane
+from e2e.local.kubelet import Kubelet, Node, PodRun, local_images, start_pods
+from e2e.local.tokens import Issuer
+from meshboot import constants as C
+
+
+
+def venv_bin() -> Path:
+    """Where the "images" come from: the bin dir holding meshboot-agent and envoy (the running venv's, normally)."""
+    for d in (Path(sys.executable).parent, Path(__file__).resolve().parents[2] / ".venv" / "bin"):
+        if (d / "meshboot-agent").exists() and (d / "meshboot-webhook").exists():
+            return d
+    raise FileNotFoundError("meshboot-agent/meshboot-webhook not found next to this Python or in .venv/bin: "
+                            "run `make venv` (pip install -e '.[webhook,envoy,test]')")
+
+
+def injection_selected(ns_labels: dict[str, str], pod_labels: dict[str, str]) -> bool:
+    """The selectors of the default-revision `namespace.sidecar-injector.istio.io` webhook: namespace label
+    istio-injection=enabled, pod label sidecar.istio.io/inject not "false"."""
+    return ns_labels.get(C.LABEL_INJECTION_NS) == "enabled" and pod_labels.get(C.LABEL_INJECT) != "false"
+
+
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+def _hold_signals(hold: bool) -> None:
+    """Block (or unblock) SIGINT/SIGTERM so a second Ctrl-C cannot cut the teardown short; a signal that arrived
+    meanwhile is delivered on unblocking, after the cleanup."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, _HELD)
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    node: Node
+    control_plane: ControlPlane
+    kubelet: Kubelet
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    pods: list[PodRun] = field(default_factory=list)
+
+    @classmethod
+    @contextlib.contextmanager
+    def up(cls, prefix: str = "mbd", kubernetes_version: str = "1.34",
+           values: dict[str, Any] | None = None) -> Iterator["LocalCluster"]:
+        """Node, control plane and kubelet; torn down in reverse order however the block ends (a second Ctrl-C
+        during the teardown is held back until it is done)."""
+        with contextlib.ExitStack() as stack:
+            stack.callback(_hold_signals, False)                 # runs last
+            workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+            workdir.chmod(0o755)
+            bin_dir = venv_bin()
+            node = Node.create(prefix)
+            stack.callback(node.close)
+            issuer = Issuer()
+            vals = copy.deepcopy(values or {})
+            vals.setdefault("global", {}).setdefault("caAddress", f"{node.gateway}:{C.CA_PORT}")
+            cp = ControlPlane.start(node, workdir, bin_dir, issuer.jwks(), vals, kubernetes_version)
+            stack.callback(cp.stop)
+            kubelet = Kubelet(node=node, workdir=workdir / "pods", images=local_images(bin_dir), issuer=issuer,
+                              pod_prefix=prefix)
+            (workdir / "pods").mkdir(mode=0o755)
+            cluster = cls(workdir=workdir, node=node, control_plane=cp, kubelet=kubelet)
+            stack.callback(cluster.stop_pods)
+            try:
+                yield cluster
+            finally:
+                _hold_signals(True)
+
+    def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        """A namespace, with the root-cert ConfigMap the CA publishes into every namespace."""
+        self.namespaces[name] = {"kubernetes.io/metadata.name": name, **(labels or {})}
+        self.kubelet.config_maps[(name, C.ROOT_CERT_CONFIGMAP)] = {C.ROOT_CERT_KEY: self.control_plane.root_cert()}
+
+    def admit(self, pod: dict[str, Any]) -> Admission:
+        """The API server's create path up to storage: defaulting, then the mutating webhook if it is selected."""
+        pod = copy.deepcopy(pod)
+        meta = pod.setdefault("metadata", {})
+        ns = meta.setdefault("namespace", "default")
+        if ns not in self.namespaces:
+            raise LookupError(f'namespaces "{ns}" not found')
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        pod.setdefault("spec", {}).setdefault("serviceAccountName", "default")
+        if not injection_selected(self.namespaces[ns], meta.get("labels") or {}):
+            return Admission(pod=pod, patch=None, review={})
+        return self.control_plane.admit(pod)
+
+    def run(self, pods: list[dict[str, Any]]) -> list[PodRun]:
+        """Start admitted pods concurrently on the node."""
+        runs = start_pods(self.kubelet, pods)
+        self.pods.extend(runs)
+        return runs
+
+    def stop_pods(self) -> None:
+        """Delete every pod the kubelet made, including any still starting."""
+        self.pods.clear()
+        self.kubelet.stop_all()

@@ -1,0 +1,241 @@
+"""The whole-pod flow shared by `make demo` and the CI test: two plain pods, injected by the real webhook, run on the
+local node, then the facts about them collected (printed by the demo, asserted by the test).
+
+Flow: control plane up (injector + CA) → AdmissionReview for pod-a and pod-b → the kubelet runs istio-init, then
+istio-proxy and the app → iptables and sockets inside the pods → both pods READY once 15021 answers 200 → a request
+from pod-a's app to pod-b's app through both Envoys → the SPIFFE ID in the certificate pod-b serves.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from e2e.local import observe
+from e2e.local.cluster import LocalCluster
+from e2e.local.kubelet import PodRun, http_get
+from meshboot import constants as C
+
+MANIFESTS = Path(__file__).parent / "manifests" / "pods.yaml"
+NAMESPACE = "demo"
+APP_PORT = 8080
+XDS_SUFFIX = C.XDS_SOCKET.removeprefix("./")
+SDS_SUFFIX = C.WORKLOAD_SOCKET.removeprefix("./")
+
+# Run inside pod-a's app container (kubectl exec): a GET to pod-b's app, reporting what came back.
+CLIENT = """\
+import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+    body = r.read()
+    print(json.dumps({"status": r.status, "bytes": len(body), "server": r.headers.get("Server", "")}))
+"""
+
+
+@dataclass
+class PodFacts:
+    """What was seen inside one pod."""
+
+    name: str
+    ip: str
+    service_account: str
+    init_containers: list[str]
+    containers: list[str]
+    init_exit_codes: dict[str, int]
+    iptables_save: str
+    chains: dict[str, list[str]]
+    ss_xlp: str
+    ss_xp: str
+    ss_tnlp: str
+    agent_pid: int
+    agent_comm: str
+    agent_uid: int
+    envoy_pids: dict[int, str]
+    envoy_uids: dict[int, int]
+    xds: observe.SocketCheck
+    sds: observe.SocketCheck
+    tcp_listeners: dict[int, set[str]]
+    ready: tuple[int, int] = (0, 0)
+    readyz_status: int = 0
+
+
+@dataclass
+class Facts:
+    """Everything the demo prints and the test asserts."""
+
+    injected: dict[str, Any]                 # pod-a as stored after admission
+    patch_ops: int
+    pods: dict[str, PodFacts] = field(default_factory=dict)
+    response: dict[str, Any] = field(default_factory=dict)
+    request_path: str = ""
+    stats_a: dict[str, int] = field(default_factory=dict)   # cx_total increases during the request
+    stats_b: dict[str, int] = field(default_factory=dict)
+    app_b_log_lines: list[str] = field(default_factory=list)
+    served: observe.ServedCert | None = None
+    expected_spiffe_id: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    netns_names: list[str] = field(default_factory=list)     # every namespace the run made
+    pids: dict[int, str] = field(default_factory=dict)       # every process it started (pid -> comm)
+    workdir: Path | None = None
+
+
+def load_pods() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(MANIFESTS.read_text()) if d]
+
+
+def _containers(pod: dict[str, Any]) -> tuple[list[str], list[str]]:
+    spec = pod["spec"]
+    return [c["name"] for c in spec.get("initContainers") or []], [c["name"] for c in spec.get("containers") or []]
+
+
+def _pod_facts(run: PodRun) -> PodFacts:
+    """iptables, sockets and listeners inside one running pod, plus who owns them."""
+    inits, conts = _containers(run.pod)
+    save = run.nsenter(["iptables-save"]).stdout
+    agent_pid = run.pid(C.PROXY_CONTAINER)
+    envoys = {pid: comm for pid, comm in observe.descendants(agent_pid).items() if comm.startswith("envoy")}
+    ss_all = run.nsenter(["ss", "-xap"]).stdout
+    socks = observe.parse_ss_unix(ss_all)
+    ss_tnlp = run.nsenter(["ss", "-tnlp"]).stdout
+    ours = [line for line in ss_all.splitlines()
+            if "ESTAB" in line and (XDS_SUFFIX in line or SDS_SUFFIX in line or "envoy" in line)]
+    return PodFacts(
+        name=run.name, ip=run.ip, service_account=run.pod["spec"]["serviceAccountName"],
+        init_containers=inits, containers=conts, init_exit_codes=dict(run.init_exit_codes),
+        iptables_save=save, chains=observe.nat_chains(save),
+        ss_xlp=run.nsenter(["ss", "-xlp"]).stdout, ss_xp="\n".join(ours), ss_tnlp=ss_tnlp,
+        agent_pid=agent_pid, agent_comm=observe.comm_of(agent_pid), agent_uid=observe.process_uid(agent_pid),
+        envoy_pids=envoys, envoy_uids={p: observe.process_uid(p) for p in envoys},
+        xds=observe.socket_check(socks, XDS_SUFFIX), sds=observe.socket_check(socks, SDS_SUFFIX),
+        tcp_listeners=observe.tcp_listeners(ss_tnlp))
+
+
+def _stats(run: PodRun) -> dict[str, int]:
+    res = run.call(http_get, "127.0.0.1", C.ENVOY_ADMIN_PORT, "/stats", 3.0)
+    return observe.parse_stats(res.body.decode())
+
+
+def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
+             kubernetes_version: str = "1.34") -> Facts:
+    """Run the whole flow once, cleaning up everything it made before returning (or raising)."""
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        timings[name] = round(time.monotonic() - t0, 2)
+
+    with LocalCluster.up(prefix=prefix, kubernetes_version=kubernetes_version) as cluster:
+        mark("control plane up")
+        cp = cluster.control_plane
+        say(f"== node {cluster.node.ns.name}: bridge {cluster.node.bridge} {cluster.node.gateway}/"
+            f"{cluster.node.network.prefixlen}; meshboot-webhook (injector :{cp.webhook_port} + CA :{cp.ca_port}) "
+            f"up in {timings['control plane up']:.1f}s")
+        cluster.create_namespace(NAMESPACE, {C.LABEL_INJECTION_NS: "enabled"})
+
+        admitted = [cluster.admit(p) for p in load_pods()]
+        mark("admitted")
+        a = admitted[0]
+        facts = Facts(injected=a.pod, patch_ops=len(a.patch or []))
+        inits, conts = _containers(a.pod)
+        say(f"\n== AdmissionReview → {a.pod['metadata']['name']}: JSONPatch of {facts.patch_ops} ops; "
+            f"initContainers {inits}, containers {conts}")
+        say(yaml.safe_dump(a.pod, sort_keys=False, width=120).rstrip())
+
+        runs = cluster.run([x.pod for x in admitted])
+        mark("pods started")
+        say("\n== kubelet: " + "; ".join(
+            f"{r.name} {r.ip} netns {r.netns.name}, " + ", ".join(f"{n} exited {c}" for n, c in r.init_exit_codes.items())
+            + f", started {', '.join(r.counted())}" for r in runs) + f"  [workdir {cluster.workdir}]")
+        by_name = {r.name: r for r in runs}
+        for r in runs:
+            r.wait_ready(timeout=30)
+        mark("pods ready")
+        for r in runs:
+            facts.pods[r.name] = _pod_facts(r)
+            facts.pods[r.name].ready = (len(r.ready_containers()), len(r.counted()))
+            facts.pods[r.name].readyz_status = cluster.node.call(
+                http_get, r.ip, C.ENVOY_STATUS_PORT, "/healthz/ready", 2.0).status
+        pa, pb = by_name["pod-a"], by_name["pod-b"]
+        facts.netns_names = [cluster.node.ns.name, *(r.netns.name for r in runs)]
+        facts.workdir = cluster.workdir
+        facts.pids = {cp.proc.pid: "meshboot-webhook"}
+        for r in runs:
+            for c in r.containers.values():
+                if c.proc is not None:
+                    facts.pids[c.proc.pid] = c.name
+            facts.pids.update(facts.pods[r.name].envoy_pids)
+        fa = facts.pods["pod-a"]
+
+        say(f"\n== pod-a ({pa.ip}, netns {pa.netns.name}): iptables-save (ISTIO_* chains), installed by istio-init "
+            f"(exit {fa.init_exit_codes.get(C.INIT_CONTAINER)})")
+        say(observe.istio_lines(fa.iptables_save))
+        say("\n== pod-a: ss -xlp (the agent listens on XDS and SDS)")
+        say(fa.ss_xlp.rstrip())
+        say("\n== pod-a: ss -xp (Envoy connected to them)")
+        say(fa.ss_xp)
+        say("\n== pod-a: ss -tnlp")
+        say(fa.ss_tnlp.rstrip())
+        say("")
+        for name, pf in facts.pods.items():
+            say(f"{name} {pf.ready[0]}/{pf.ready[1]} READY   (GET {pf.ip}:{C.ENVOY_STATUS_PORT}/healthz/ready → "
+                f"{pf.readyz_status})")
+
+        # A -> B through both sidecars.
+        facts.request_path = f"/?from=pod-a&id={uuid.uuid4().hex[:8]}"
+        url = f"http://{pb.ip}:{APP_PORT}{facts.request_path}"
+        before_a, before_b = _stats(pa), _stats(pb)
+        res = pa.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
+        if res.returncode != 0:
+            raise RuntimeError(f"request from pod-a failed: {res.stderr.strip()}")
+        facts.response = json.loads(res.stdout)
+        deadline = time.monotonic() + 3.0   # counters and the app's log line trail the response by a moment at most
+        while True:
+            facts.stats_a = observe.increased(before_a, _stats(pa))
+            facts.stats_b = observe.increased(before_b, _stats(pb))
+            facts.app_b_log_lines = [line for line in pb.logs("app").splitlines() if facts.request_path in line]
+            done = (observe.listener_increase(facts.stats_a, C.OUTBOUND_CAPTURE_PORT)
+                    and observe.listener_increase(facts.stats_b, C.INBOUND_CAPTURE_PORT) and facts.app_b_log_lines)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        mark("traffic")
+        say(f"\n== kubectl exec pod-a -c app -- GET {url}\n   → HTTP {facts.response['status']}, "
+            f"{facts.response['bytes']} bytes")
+        say("   pod-a envoy: " + ", ".join(f"{k} +{v}" for k, v in facts.stats_a.items()))
+        say("   pod-b envoy: " + ", ".join(f"{k} +{v}" for k, v in facts.stats_b.items()))
+        say("   pod-b app log: " + " | ".join(facts.app_b_log_lines))
+
+        root = cp.root_cert()
+        facts.served = cluster.node.call(observe.served_certificate, pb.ip, APP_PORT, root)
+        facts.expected_spiffe_id = C.spiffe_id(NAMESPACE, pb.pod["spec"]["serviceAccountName"])
+        mark("spiffe")
+        say(f"\n== TLS handshake with pod-b {pb.ip}:{APP_PORT} (captured to its Envoy's 15006), as a peer sidecar "
+            f"would (ALPN istio): the certificate verifies against the mesh root")
+        say(f"   URI SAN: {', '.join(facts.served.spiffe_ids)}")
+        say(f"   issuer: {facts.served.leaf.issuer.rfc4514_string()}; valid until "
+            f"{facts.served.leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    mark("cleaned up")
+    facts.timings = timings
+    return facts
+
+
+def leftovers(facts: Facts) -> list[str]:
+    """What the run left behind: namespaces, processes, the temp dir (empty after a clean run)."""
+    import subprocess
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    left = [f"netns {n}" for n in facts.netns_names if n in out]
+    for pid, what in facts.pids.items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] == "Z":
+            continue      # dead; reaping orphans is PID 1's job
+        left.append(f"process {pid} ({what})")
+    if facts.workdir is not None and facts.workdir.exists():
+        left.append(f"dir {facts.workdir}")
+    return left

@@ -1,0 +1,125 @@
+"""Entry point of `meshboot-iptables`, `istio-iptables`, `python -m init` and `meshboot-agent istio-iptables ...`.
+
+Exit codes follow istio-iptables: 0 ok (also "already in place"), 1 configuration/apply error, 126 validation
+failed, 255 command-line error.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from meshboot import constants as C
+
+from . import flags
+from .config import ConfigError, build_config
+from .log import Logger
+
+EXIT_OK, EXIT_ERROR, EXIT_VALIDATION, EXIT_USAGE = 0, 1, 126, 255
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def dry_run_output(plan, cfg) -> str:  # type: ignore[no-untyped-def]
+    """The iptables-restore input of each family, as comments + text that can be piped to iptables-restore."""
+    out = [f"# iptables-restore --noflush (IPv4)\n{plan.v4.restore_text()}"]
+    if cfg.enable_ipv6:
+        out.append(f"# ip6tables-restore --noflush (IPv6)\n{plan.v6.restore_text()}")
+    return "".join(out)
+
+
+def _dry_run_record(plan, cfg) -> str:  # type: ignore[no-untyped-def]
+    """What Istio's dry-run stub records in DRY_RUN_FILE_PATH: commands and restore lines, in order."""
+    lines = ["iptables-save", "ip6tables-save", *plan.v4.restore_text().splitlines()]
+    if cfg.enable_ipv6:
+        lines += plan.v6.restore_text().splitlines()
+    lines.append("iptables-save")
+    if cfg.enable_ipv6:
+        lines.append("ip6tables-save")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run istio-iptables with argv (the arguments after the program name)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = os.environ
+    try:
+        parsed = flags.parse(argv, env)
+    except flags.FlagError as e:
+        print(f"Error: {e}\nRun 'istio-iptables --help' for usage.", file=sys.stderr)
+        return EXIT_USAGE
+    if parsed.help:
+        sys.stdout.write(flags.usage())
+        return EXIT_OK
+    try:
+        log = Logger.from_flags(str(parsed.values["log_output_level"]), bool(parsed.values["log_as_json"]))
+    except ValueError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for w in parsed.env_warnings:
+        log.warn(w)
+    if parsed.extra_args:
+        log.warn("ignoring positional arguments", args=" ".join(parsed.extra_args))
+
+    from . import netinfo
+
+    values = parsed.values
+    resolv = None
+    if values["redirect_dns"] and not values["capture_all_dns"]:
+        resolv = _read("/etc/resolv.conf")
+    try:
+        cfg = build_config(values, env, netinfo.host_info(), resolv)
+    except ConfigError as e:
+        log.error(str(e))
+        return EXIT_ERROR
+    for w in cfg.warnings:
+        log.warn(w)
+
+    from . import rules
+
+    plan = rules.build(cfg)
+    if cfg.dry_run:
+        sys.stdout.write(dry_run_output(plan, cfg))
+        sys.stdout.flush()
+        record_path = env.get(C.ENV_DRY_RUN_FILE_PATH, "")
+        if record_path:
+            with open(record_path, "w") as f:
+                f.write(_dry_run_record(plan, cfg))
+    elif not cfg.skip_rule_apply:
+        code = _apply(cfg, plan, log)
+        if code != EXIT_OK:
+            return code
+    if cfg.run_validation:
+        from .validation import validate
+
+        if not validate(cfg, log):
+            return EXIT_VALIDATION
+    return EXIT_OK
+
+
+def _apply(cfg, plan, log: Logger) -> int:  # type: ignore[no-untyped-def]
+    from . import apply, backend
+
+    try:
+        apply.apply_plan(cfg, plan, log)
+    except (backend.BackendError, apply.DriftError, apply.ApplyError) as e:
+        log.error(str(e))
+        return EXIT_ERROR
+    if cfg.cleanup_only:
+        return EXIT_OK
+    from . import netinfo
+
+    try:
+        if cfg.enable_ipv6:
+            netinfo.add_lo_ipv6_passthrough()
+        if cfg.tproxy and cfg.inbound_ports:
+            netinfo.setup_tproxy_routes(int(cfg.tproxy_mark), int(cfg.tproxy_route_table), cfg.enable_ipv6)
+    except Exception as e:  # netlink errors: report them as one line, like any other apply failure
+        log.error(f"failed to configure routes for capture: {e}")
+        return EXIT_ERROR
+    return EXIT_OK

@@ -1,0 +1,91 @@
+"""A test discovery server standing in for istiod: ADS (SotW + Delta) over TLS that requires the bearer token.
+
+`python tests/agent/ads_upstream.py PORT CERT KEY TOKEN_FILE GENERATION` — serves one cluster and one listener
+named `upstream_listener_<GENERATION>` (127.0.0.1:18000+GENERATION), so a test can tell a restart apart.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2
+from envoy.config.listener.v3 import listener_components_pb2 as lc
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, duration_pb2
+
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+def pack(m) -> any_pb2.Any:  # noqa: ANN001
+    a = any_pb2.Any()
+    a.Pack(m)
+    return a
+
+
+def resources(gen: int) -> dict[str, dict[str, any_pb2.Any]]:
+    cluster = cluster_pb2.Cluster(name="upstream_cluster", type=cluster_pb2.Cluster.STATIC,
+                                  connect_timeout=duration_pb2.Duration(seconds=1))
+    tcp = tcp_proxy_pb2.TcpProxy(stat_prefix="upstream", cluster="upstream_cluster")
+    listener = listener_pb2.Listener(
+        name=f"upstream_listener_{gen}",
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1",
+                                                                              port_value=18000 + gen)),
+        filter_chains=[lc.FilterChain(filters=[lc.Filter(name="envoy.filters.network.tcp_proxy",
+                                                         typed_config=pack(tcp))])])
+    return {CDS: {cluster.name: pack(cluster)}, LDS: {listener.name: pack(listener)}}
+
+
+class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, token: str, gen: int) -> None:
+        self.token, self.res = token, resources(gen)
+
+    async def _auth(self, context: grpc.aio.ServicerContext) -> None:
+        md = dict(context.invocation_metadata())
+        ok = md.get("authorization") == f"Bearer {self.token}" and md.get("clusterid") == "Kubernetes"
+        print(f"stream auth={'ok' if ok else 'refused'} clusterid={md.get('clusterid')}", flush=True)
+        if not ok:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing bearer token / ClusterID")
+
+    async def StreamAggregatedResources(self, it, context):  # noqa: ANN001, ANN201
+        await self._auth(context)
+        n = 0
+        async for req in it:
+            if req.response_nonce or req.type_url not in self.res:
+                continue
+            n += 1
+            print(f"sotw request {req.type_url.rsplit('.', 1)[-1]}", flush=True)
+            yield discovery_pb2.DiscoveryResponse(version_info="1", type_url=req.type_url, nonce=str(n),
+                                                  resources=list(self.res[req.type_url].values()))
+
+    async def DeltaAggregatedResources(self, it, context):  # noqa: ANN001, ANN201
+        await self._auth(context)
+        n = 0
+        async for req in it:
+            if req.response_nonce or req.type_url not in self.res:
+                continue
+            n += 1
+            print(f"delta request {req.type_url.rsplit('.', 1)[-1]}", flush=True)
+            yield discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info="1", type_url=req.type_url, nonce=str(n),
+                resources=[discovery_pb2.Resource(name=k, version="1", resource=v)
+                           for k, v in self.res[req.type_url].items()])
+
+
+async def main(port: int, cert: str, key: str, token_file: str, gen: int) -> None:
+    token = open(token_file).read().strip()
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ADS(token, gen), server)
+    creds = grpc.ssl_server_credentials([(open(key, "rb").read(), open(cert, "rb").read())])
+    server.add_secure_port(f"127.0.0.1:{port}", creds)
+    await server.start()
+    print(f"ads upstream generation {gen} on {port}", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))

@@ -1,0 +1,197 @@
+"""The agent's pure core: config from env/files, CA wire format, rotation timing, bootstrap (checked by Envoy)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from agent import bootstrap, caclient, envoy as envoymod
+from agent.config import AppProbe, ConfigError, Flags, build_config, parse_duration, parse_downward_api
+from agent.secrets import rotation_delay
+from meshboot import constants as C
+from tests.agent.pod import envoy_binary
+
+BASE_ENV = {"POD_NAME": "web-1", "POD_NAMESPACE": "prod", "INSTANCE_IP": "10.1.2.3", "SERVICE_ACCOUNT": "web",
+            "PROXY_CONFIG": "{}\n", "ISTIO_META_CLUSTER_ID": "Kubernetes", "ENVOY_BINARY": "/bin/envoy",
+            "ISTIO_META_MESH_ID": "cluster.local"}
+FILES = {C.ROOT_CERT_PATH: "root", "/bin/envoy": "elf"}
+
+
+def cfg_of(env: dict | None = None, files: dict | None = None, flags: Flags | None = None, drop: tuple = ()):
+    e = {**BASE_ENV, **(env or {})}
+    for k in drop:
+        e.pop(k, None)
+    f = {**FILES, **(files or {})}
+    return build_config(flags or Flags(), e, f.get, lambda p: p in f, lambda n: None)
+
+
+def test_defaults_are_istio_and_standalone() -> None:
+    cfg = cfg_of()
+    assert cfg.node_id == "sidecar~10.1.2.3~web-1.prod~prod.svc.cluster.local"
+    assert cfg.spiffe_id == "spiffe://cluster.local/ns/prod/sa/web"
+    assert cfg.standalone and cfg.ca_addr == C.DEFAULT_CA_ADDR and cfg.ca_server_name == C.ISTIOD_SAN
+    assert cfg.ca_root_file == C.ROOT_CERT_PATH and cfg.key_kind == "RSA" and cfg.rsa_bits == 2048
+    assert cfg.termination_drain_duration == 5 and cfg.drain_duration == 45 and cfg.secret_ttl == 86400
+    assert cfg.delta_xds and cfg.mtls_mode == "PERMISSIVE" and cfg.cluster_id == "Kubernetes"
+    assert cfg.workload_socket == C.WORKLOAD_SOCKET and cfg.xds_socket == C.XDS_SOCKET
+
+
+@pytest.mark.parametrize("env,drop,needle", [
+    ({}, ("POD_NAME",), "env POD_NAME is required"),
+    ({}, ("SERVICE_ACCOUNT",), "env SERVICE_ACCOUNT is required"),
+    ({"INSTANCE_IP": "10.1.2"}, (), "env INSTANCE_IP: '10.1.2' is not an IP"),
+    ({"PROXY_CONFIG": '{"drainDuration": "forever"}'}, (), "ProxyConfig.drainDuration: invalid duration"),
+    ({"PROXY_CONFIG": "[1,2"}, (), "env PROXY_CONFIG: neither JSON nor YAML"),
+    ({"PROXY_CONFIG": '{"discoveryAddress": "istiod"}'}, (), "discoveryAddress: 'istiod' is not host:port"),
+    ({"ECC_SIGNATURE_ALGORITHM": "DSA"}, (), "env ECC_SIGNATURE_ALGORITHM"),
+    ({"SECRET_TTL": "1d"}, (), "env SECRET_TTL: invalid duration"),
+    ({"MESHBOOT_MTLS_MODE": "sometimes"}, (), "env MESHBOOT_MTLS_MODE"),
+    ({"ISTIO_KUBE_APP_PROBERS": '{"/app-health/a/readyz":{"httpGet":{"port":"http"}}}'}, (),
+     "want an integer port"),
+    ({"ISTIO_KUBE_APP_PROBERS": '{"/bad":{"tcpSocket":{"port":80}}}'}, (), "invalid prober path '/bad'"),
+    ({"ISTIO_PROMETHEUS_ANNOTATIONS": '{"port":"15090"}'}, (), "port 15090 is reserved"),
+    ({"ENVOY_BINARY": "/nope/envoy"}, (), "env ENVOY_BINARY: /nope/envoy does not exist"),
+])
+def test_bad_input_names_what_is_wrong(env: dict, drop: tuple, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        cfg_of(env, drop=drop)
+    assert needle in str(e.value)
+
+
+def test_missing_root_cert_is_an_error_naming_the_file() -> None:
+    with pytest.raises(ConfigError, match=r"CA root certificate ./var/run/secrets/istio/root-cert.pem does not exist"):
+        build_config(Flags(), BASE_ENV, {"/bin/envoy": "x"}.get, lambda p: p == "/bin/envoy", lambda n: None)
+
+
+def test_proxy_config_precedence_and_proxy_mode() -> None:
+    mesh = "defaultConfig:\n  drainDuration: 10s\n  proxyMetadata: {A: mesh, B: mesh}\n"
+    ann = ('proxy.istio.io/config="{\\"terminationDrainDuration\\":\\"7s\\",\\"proxyMetadata\\":{\\"B\\":\\"ann\\"}}"\n'
+           'sidecar.istio.io/discoveryAddress="localhost:15011"\n')
+    cfg = cfg_of({"PROXY_CONFIG": '{"drainDuration":"20s","terminationDrainDuration":"3s"}'},
+                 files={C.MESH_CONFIG_FILE: mesh, C.POD_ANNOTATIONS_FILE: ann})
+    assert cfg.drain_duration == 20 and cfg.termination_drain_duration == 7
+    assert cfg.proxy_config["proxyMetadata"] == {"A": "mesh", "B": "ann"}
+    assert cfg.env["B"] == "ann"   # proxyMetadata acts as env
+    assert not cfg.standalone and cfg.discovery_address == "localhost:15011"
+    assert cfg.xds_server_name == C.ISTIOD_SAN and cfg.xds_root_file == C.ROOT_CERT_PATH
+
+
+def test_ca_endpoint_rules() -> None:
+    cfg = cfg_of({"CA_ADDR": "istiod.istio-system.svc:15010"}, files={C.ROOT_CERT_PATH: None})
+    assert cfg.ca_plaintext and cfg.ca_root_file is None
+    cfg = cfg_of({"CA_ADDR": "ca.example:443", "ISTIOD_SAN": "ca.internal", "CA_HEADER_X_Tenant": "t1",
+                  "ECC_SIGNATURE_ALGORITHM": "ECDSA"})
+    assert cfg.ca_server_name == "ca.internal" and cfg.ca_headers == (("X_Tenant", "t1"),)
+    assert cfg.key_kind == "ECDSA" and cfg.ecc_curve == "P256"
+
+
+def test_file_mounted_certs_need_no_ca() -> None:
+    d = C.WORKLOAD_CREDENTIALS_DIR
+    cfg = cfg_of(files={f"{d}/cert-chain.pem": "c", f"{d}/key.pem": "k", f"{d}/root-cert.pem": "r",
+                        C.ROOT_CERT_PATH: None}, drop=("SERVICE_ACCOUNT",))
+    assert cfg.file_certs == (f"{d}/cert-chain.pem", f"{d}/key.pem", f"{d}/root-cert.pem")
+
+
+def test_app_probers_parse() -> None:
+    probers = {"/app-health/app/readyz": {"httpGet": {"path": "ready", "port": 8080, "scheme": "HTTP",
+                                                       "httpHeaders": [{"name": "X-A", "value": "1"}]},
+                                          "timeoutSeconds": 2},
+               "/app-health/app/livez": {"tcpSocket": {"port": 8081}}}
+    cfg = cfg_of({"ISTIO_KUBE_APP_PROBERS": json.dumps(probers)})
+    assert cfg.app_probers["/app-health/app/readyz"] == AppProbe("httpGet", 8080, "/ready", "HTTP", (("X-A", "1"),),
+                                                                  "", 2.0)
+    assert cfg.app_probers["/app-health/app/livez"].kind == "tcpSocket"
+
+
+def test_durations_and_downward_api() -> None:
+    assert parse_duration("1h2m3.5s", "x") == 3723.5 and parse_duration("100ms", "x") == 0.1
+    assert parse_downward_api('app="web"\nversion="v\\"1\\""\n') == {"app": "web", "version": 'v"1"'}
+
+
+def test_rotation_delay_is_half_life_with_jitter() -> None:
+    assert rotation_delay(1000, 1100, 1000, 0.5, 0.0) == 50
+    lo = rotation_delay(0, 86400, 0, 0.5, 0.01, rand=iter([1.0, 0.1]).__next__)   # ratio 0.51 → earlier renewal
+    hi = rotation_delay(0, 86400, 0, 0.5, 0.01, rand=iter([1.0, 0.9]).__next__)   # ratio 0.49 → later
+    assert lo == pytest.approx(86400 * 0.49) and hi == pytest.approx(86400 * 0.51)
+    assert rotation_delay(0, 100, 90, 0.5, 0.0) == 0
+
+
+def test_ca_wire_format_matches_istio_proto() -> None:
+    """Our hand encoding is decoded by protoc-generated classes from Istio's ca.proto (the CA's), and back."""
+    ca_pb2 = pytest.importorskip("webhook.ca.ca_pb2")
+    req = ca_pb2.IstioCertificateRequest.FromString(caclient.encode_request("-----CSR-----\n", 86400, "signer-x"))
+    assert req.csr == "-----CSR-----\n" and req.validity_duration == 86400
+    assert dict(req.metadata) == {"CertSigner": "signer-x"}
+    data = ca_pb2.IstioCertificateResponse(cert_chain=["leaf\n", "inter\n", "root\n"]).SerializeToString()
+    assert caclient.decode_response(data) == ["leaf\n", "inter\n", "root\n"]
+    with pytest.raises(caclient.CAError):
+        caclient.decode_response(data[:-2])
+
+
+def test_envoy_stats_parsing_and_connection_count() -> None:
+    stats = envoymod.parse_stats("listener.0.0.0.0_15006.downstream_cx_active: 2\n"
+                                 "listener.0.0.0.0_15006.worker_0.downstream_cx_active: 2\n"
+                                 "listener.0.0.0.0_15021.downstream_cx_active: 1\n"
+                                 "listener.admin.downstream_cx_active: 1\nserver.state: 0\n")
+    assert envoymod.active_connections(stats, (15021, 15090)) == 2
+    st = envoymod.EnvoyState(1, 0, 0, 1)
+    assert not st.config_received and "lds updates: 0" in st.reason()
+
+
+def test_envoy_args_follow_pilot_agent() -> None:
+    cfg = cfg_of({"ISTIO_CPU_LIMIT": "1.5"}, flags=Flags(proxy_log_level="debug,upstream:trace",
+                                                         proxy_component_log_level="misc:error"))
+    args = bootstrap.envoy_args(cfg, "etc/istio/proxy/envoy-rev.json")
+    assert args[:3] == ["/bin/envoy", "-c", "etc/istio/proxy/envoy-rev.json"]
+    s = " ".join(args)
+    assert "--drain-time-s 45 --drain-strategy immediate --local-address-ip-version v4" in s
+    assert "--file-flush-interval-msec 1000 --disable-hot-restart --allow-unknown-static-fields" in s
+    assert "-l debug --component-log-level upstream:trace" in s and "--concurrency 2" in s
+
+
+def test_bootstrap_is_accepted_by_envoy(tmp_path) -> None:
+    """Envoy's own schema check (`--mode validate`) on the rendered bootstrap, both ADS flavours."""
+    for env in ({}, {"ISTIO_DELTA_XDS": "false", "EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}):
+        cfg = cfg_of({**env, "ISTIO_METAJSON_LABELS": '{"extra":"x"}'},
+                     files={C.POD_LABELS_FILE: 'app="web"\npod-template-hash="1"\n'})
+        boot = bootstrap.envoy_bootstrap(cfg)
+        meta = boot["node"]["metadata"]
+        assert boot["node"]["id"] == cfg.node_id and boot["node"]["cluster"] == "web.prod"
+        assert meta["LABELS"] == {"app": "web", "extra": "x"} and meta["CLUSTER_ID"] == "Kubernetes"
+        assert meta["NAMESPACE"] == "prod" and meta["INSTANCE_IPS"] == "10.1.2.3"
+        assert boot["admin"]["address"]["socket_address"] == {"protocol": "TCP", "address": "127.0.0.1",
+                                                              "port_value": 15000}
+        names = {c["name"] for c in boot["static_resources"]["clusters"]}
+        assert names == {"prometheus_stats", "agent", "sds-grpc", "xds-grpc"}
+        assert [lst["name"] for lst in boot["static_resources"]["listeners"]] == ["0.0.0.0_15090", "0.0.0.0_15021"]
+        p = tmp_path / "envoy-rev.json"
+        p.write_text(json.dumps(boot))
+        r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(p), "-l", "error"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        grpc_boot = bootstrap.grpc_bootstrap(cfg)
+        assert grpc_boot["xds_servers"][0]["server_uri"] == "unix:///etc/istio/proxy/XDS"
+
+
+def test_standalone_config_is_accepted_by_envoy(tmp_path) -> None:
+    """The standalone listeners/clusters, converted from the protos, validate as static resources."""
+    from google.protobuf import json_format
+
+    from agent import standalone
+    for mode in ("PERMISSIVE", "STRICT"):
+        lst = standalone.listeners("cluster.local", mode)
+        inbound = lst[1]
+        chains = [c.name for c in inbound.filter_chains]
+        assert ("virtualInbound-plaintext" in chains) == (mode == "PERMISSIVE")
+        cfg = cfg_of()
+        boot = bootstrap.envoy_bootstrap(cfg)
+        boot["static_resources"]["clusters"] += [json_format.MessageToDict(c, preserving_proto_field_name=True)
+                                                 for c in standalone.clusters()]
+        boot["static_resources"]["listeners"] += [json_format.MessageToDict(x, preserving_proto_field_name=True)
+                                                  for x in lst]
+        p = tmp_path / f"standalone-{mode}.json"
+        p.write_text(json.dumps(boot))
+        r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(p), "-l", "error"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr

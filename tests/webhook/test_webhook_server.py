@@ -1,0 +1,250 @@
+"""The real meshboot-webhook over HTTPS: a client that verifies the generated CA bundle, AdmissionReviews in,
+patches applied with jsonpatch; TLS and config hot reload; health, readiness and metrics."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import jsonpatch
+import pytest
+
+from meshboot import pki
+from webhook.inject import inject_pod
+from webhook_fixtures import hello_pod, review_body, settings, validate_pod
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE_NAME = "meshboot-webhook.istio-system.svc"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.port, self.mon_port = free_port(), free_port()
+        self.tmp = tmp
+        self.log = open(tmp / "server.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "webhook.server", "--listen-address", "127.0.0.1", "--port", str(self.port),
+             "--monitoring-port", str(self.mon_port), "--ca-port", "0", "--poll-interval", "0.2",
+             "--kubernetes-version", "1.33", *args],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.base = f"https://127.0.0.1:{self.port}"
+
+    def client(self, cafile: Path) -> httpx.Client:
+        ctx = ssl.create_default_context(cafile=str(cafile))
+        return httpx.Client(base_url=self.base, verify=ctx, timeout=10)
+
+    def wait_ready(self, cafile: Path, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {(self.tmp / 'server.log').read_text()}")
+            if cafile.exists():
+                try:
+                    with self.client(cafile) as c:
+                        if c.get("/readyz").status_code == 200:
+                            return
+                except (httpx.TransportError, ssl.SSLError):
+                    pass
+            time.sleep(0.1)
+        raise AssertionError(f"not ready: {(self.tmp / 'server.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def logs(self) -> str:
+        return (self.tmp / "server.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def selfsigned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path, Path]]:
+    tmp = tmp_path_factory.mktemp("webhook")
+    values = tmp / "values.yaml"
+    values.write_text("global:\n  tag: 0.1.0\n")
+    bundle = tmp / "ca-bundle.pem"
+    srv = Server(tmp, "--ca-bundle-out", str(bundle), "--values", str(values),
+                 "--self-signed-dir", str(tmp / "tls"))
+    try:
+        srv.wait_ready(bundle)
+        yield srv, bundle, values
+    finally:
+        srv.stop()
+
+
+def post(c: httpx.Client, body: bytes, path: str = "/inject", **headers: str) -> httpx.Response:
+    return c.post(path, content=body, headers={"content-type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("version", ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"])
+def test_https_round_trip(selfsigned: tuple[Server, Path, Path], version: str) -> None:
+    srv, bundle, _ = selfsigned
+    pod = hello_pod()
+    with srv.client(bundle) as c:
+        r = post(c, review_body(pod, uid="uid-42", api_version=version))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert doc["apiVersion"] == version and doc["kind"] == "AdmissionReview"
+    resp = doc["response"]
+    assert resp["uid"] == "uid-42" and resp["allowed"] is True and resp["patchType"] == "JSONPatch"
+    patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(resp["patch"])))
+    assert patched == inject_pod(pod, settings(kubernetes_version="1.33"), namespace="default")
+    validate_pod(patched)
+
+
+def test_self_signed_cert_names_the_service(selfsigned: tuple[Server, Path, Path]) -> None:
+    srv, bundle, _ = selfsigned
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    with socket.create_connection(("127.0.0.1", srv.port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname=SERVICE_NAME) as tls:  # verifies the DNS SAN
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    with pytest.raises(ssl.SSLError):
+        with socket.create_connection(("127.0.0.1", srv.port)) as raw:
+            ssl.create_default_context().wrap_socket(raw, server_hostname=SERVICE_NAME)
+
+
+def test_skip_and_url_params(selfsigned: tuple[Server, Path, Path]) -> None:
+    srv, bundle, _ = selfsigned
+    with srv.client(bundle) as c:
+        r = post(c, review_body(hello_pod(), namespace="kube-system"))
+        assert r.json()["response"] == {"uid": "0d8a3c4e-1", "allowed": True}
+        r = post(c, review_body(hello_pod()), "/inject/cluster/east/net/net-a")
+    ops = json.loads(base64.b64decode(r.json()["response"]["patch"]))
+    patched = jsonpatch.apply_patch(hello_pod(), ops)
+    assert patched["metadata"]["labels"]["topology.istio.io/network"] == "net-a"
+
+
+def test_bad_input_gets_clear_answers(selfsigned: tuple[Server, Path, Path]) -> None:
+    srv, bundle, _ = selfsigned
+    no_containers = hello_pod()
+    no_containers["spec"]["containers"] = []
+    bad_ann = hello_pod()
+    bad_ann["metadata"]["annotations"] = {"sidecar.istio.io/interceptionMode": "SOMETIMES"}
+    with srv.client(bundle) as c:
+        cases = [
+            (b"this is not json", "not JSON"),
+            (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "Pod"}).encode(), "want AdmissionReview"),
+            (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),
+             "request field is missing"),
+            (review_body(no_containers), "spec.containers"),
+            (review_body(bad_ann), "invalid value 'SOMETIMES' for annotation 'sidecar.istio.io/interceptionMode'"),
+        ]
+        for body, msg in cases:
+            r = post(c, body)
+            assert r.status_code == 200, (body, r.text)
+            resp = r.json()["response"]
+            assert resp["allowed"] is False and msg in resp["status"]["message"], resp
+        r = c.post("/inject", content=review_body(hello_pod()), headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and "application/json" in r.text
+        r = post(c, b"")
+        assert r.status_code == 400 and "no body" in r.text
+        r = post(c, b"x" * (3 * 1024 * 1024 + 1))
+        assert r.status_code == 413 and "limit" in r.text
+        # the server is still healthy after all of that
+        assert c.get("/healthz").status_code == 200
+    assert srv.proc.poll() is None
+    assert "Traceback" not in srv.logs()
+
+
+def test_health_and_metrics(selfsigned: tuple[Server, Path, Path]) -> None:
+    srv, bundle, _ = selfsigned
+    with srv.client(bundle) as c:
+        post(c, review_body(hello_pod()))
+        post(c, review_body(hello_pod(), namespace="kube-public"))
+        assert c.get("/healthz").text == "ok\n"
+        assert c.get("/readyz").status_code == 200
+        text = c.get("/metrics").text
+    assert "sidecar_injection_time_seconds_bucket" in text
+    assert 'sidecar_injection_skip_total{reason="ignored_namespace"}' in text
+    assert "sidecar_injection_requests_total" in text and "meshboot_sidecar_injections_total" in text
+    # plain-HTTP monitoring port
+    mon = httpx.get(f"http://127.0.0.1:{srv.mon_port}/metrics", timeout=5)
+    assert mon.status_code == 200 and "sidecar_injection_time_seconds_count" in mon.text
+    assert httpx.get(f"http://127.0.0.1:{srv.mon_port}/healthz", timeout=5).status_code == 200
+
+
+def test_values_file_reloaded(selfsigned: tuple[Server, Path, Path]) -> None:
+    srv, bundle, values = selfsigned
+
+    def image() -> str:
+        with srv.client(bundle) as c:
+            ops = json.loads(base64.b64decode(post(c, review_body(hello_pod())).json()["response"]["patch"]))
+        patched = jsonpatch.apply_patch(hello_pod(), ops)
+        return patched["spec"]["initContainers"][1]["image"]
+
+    assert image().endswith(":0.1.0")
+    tmp = values.with_suffix(".new")
+    tmp.write_text("global:\n  tag: 0.9.9\n")
+    os.replace(tmp, values)
+    deadline = time.monotonic() + 10
+    while image().endswith(":0.1.0") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert image().endswith(":0.9.9")
+    # a broken edit keeps the last good config
+    values.write_text("global: [broken\n")
+    time.sleep(0.8)
+    assert image().endswith(":0.9.9")
+    assert "reload failed" in srv.logs()
+
+
+def _write_pair(d: Path, name: str) -> Path:
+    ca_pem, pair = pki.self_signed_serving(["localhost"], ca_name=name)
+    (d / "tls.crt.tmp").write_bytes(pair.chain_pem)
+    (d / "tls.key.tmp").write_bytes(pair.key_pem)
+    os.replace(d / "tls.key.tmp", d / "tls.key")
+    os.replace(d / "tls.crt.tmp", d / "tls.crt")
+    (d / f"{name}.pem").write_bytes(ca_pem)
+    return d / f"{name}.pem"
+
+
+def test_tls_files_hot_reloaded(tmp_path: Path) -> None:
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    ca1 = _write_pair(tls, "ca-one")
+    srv = Server(tmp_path, "--tls-cert", str(tls / "tls.crt"), "--tls-key", str(tls / "tls.key"))
+    try:
+        srv.wait_ready(ca1)
+        pid = srv.proc.pid
+        ca2 = _write_pair(tls, "ca-two")
+        deadline = time.monotonic() + 10
+        ok = False
+        while time.monotonic() < deadline and not ok:
+            try:
+                with srv.client(ca2) as c:
+                    ok = c.get("/healthz").status_code == 200
+            except (httpx.TransportError, ssl.SSLError):
+                time.sleep(0.1)
+        assert ok, "the new certificate was not served"
+        with pytest.raises((httpx.TransportError, ssl.SSLError)):
+            with srv.client(ca1) as c:
+                c.get("/healthz")
+        assert srv.proc.pid == pid and srv.proc.poll() is None, "no restart"
+    finally:
+        srv.stop()
+
+
+def test_bad_flags_exit_with_a_message(tmp_path: Path) -> None:
+    (tmp_path / "v.yaml").write_text("global:\n  proxy:\n    statusPort: nope\n")
+    r = subprocess.run([sys.executable, "-m", "webhook.server", "--ca-port", "0", "--values",
+                        str(tmp_path / "v.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "global.proxy.statusPort" in r.stderr

@@ -1,0 +1,105 @@
+"""`python -m webhook.ca`: the workload CA alone (for the local pod runner and agent tests), with health+metrics."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+
+from meshboot import constants as C
+
+from . import add_ca_arguments
+from .config import CAConfig, ConfigError
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message and any `extra` fields."""
+
+    _SKIP = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._SKIP})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m webhook.ca", description=__doc__)
+    add_ca_arguments(p)
+    p.add_argument("--ca-monitoring-port", type=int, default=C.MONITORING_PORT,
+                   help="plain HTTP /metrics, /healthz, /readyz (0 disables)")
+    p.add_argument("--ca-monitoring-address", default="0.0.0.0")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+async def _monitoring(address: str, port: int) -> asyncio.AbstractServer:
+    """A tiny HTTP/1.1 server: GET /metrics (Prometheus text), /healthz and /readyz (200 "ok")."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1").split()
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            path = line[1].split("?")[0] if len(line) >= 2 else ""
+            if len(line) < 2 or line[0] != "GET":
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+            elif path in ("/healthz", "/readyz", "/ready"):
+                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, address, port)
+
+
+async def run(args: argparse.Namespace) -> int:
+    from .server import serve
+    cfg = CAConfig.from_args(args)
+    if cfg.port == 0:
+        print("meshboot CA disabled (--ca-port 0)", flush=True)
+        return 0
+    running = await serve(cfg)
+    mon = await _monitoring(args.ca_monitoring_address, args.ca_monitoring_port) if args.ca_monitoring_port else None
+    print(f"meshboot CA serving on {cfg.address}:{running.port} root={running.root_file} ({running.source})",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if mon is not None:
+        mon.close()
+    await running()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    try:
+        return asyncio.run(run(args))
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"meshboot CA: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

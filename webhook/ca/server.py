@@ -1,0 +1,197 @@
+"""The CA's shell: the grpc.aio IstioCertificateService over TLS, its serving certificate, and start/stop.
+
+`serve(config)` loads the signing CA, writes `<ca-dir>/root-cert.pem`, binds the gRPC server in the caller's
+asyncio loop, and (in a cluster) starts the root ConfigMap publisher. The request path stays in the loop: token
+verification, CSR checks and signing take well under a millisecond, so a thread pool would only add latency.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from meshboot import constants as C
+from meshboot import pki
+
+from . import ca_pb2, ca_pb2_grpc, metrics, store
+from .config import CAConfig
+from .publisher import RootCertPublisher
+from .signer import Authority, Policy, Refused, sign
+from .tokens import Authenticator, Chain, LocalVerifier, TokenReviewVerifier, bearer_token
+
+log = logging.getLogger("meshboot.ca")
+
+SERVING_TTL = dt.timedelta(days=90)
+EXPIRY_CHECK_SECONDS = 3600.0
+
+
+class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
+    """CreateCertificate: authenticate the token, check the CSR against it, sign."""
+
+    def __init__(self, authority: Authority, policy: Policy, authenticator: Authenticator) -> None:
+        self.authority = authority
+        self.policy = policy
+        self.authenticator = authenticator
+
+    async def CreateCertificate(self, request: ca_pb2.IstioCertificateRequest,  # noqa: N802 - gRPC method name
+                                context: grpc.aio.ServicerContext) -> ca_pb2.IstioCertificateResponse:
+        start = time.perf_counter()
+        try:
+            token = bearer_token(context.invocation_metadata() or ())
+            identity = await self.authenticator.authenticate(token)
+            chain = sign(self.authority, self.policy, identity, request.csr, request.validity_duration)
+        except Refused as e:
+            metrics.CSR_RESULTS.labels(e.reason).inc()
+            log.info("CSR refused", extra={"peer": context.peer(), "code": e.code.value, "reason": e.message})
+            await context.abort(grpc.StatusCode[e.code.value], e.message)
+            raise AssertionError("unreachable") from None   # abort() raises
+        metrics.SIGN_SECONDS.observe(time.perf_counter() - start)
+        metrics.CSR_RESULTS.labels("issued").inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("certificate issued", extra={"peer": context.peer(), "identity": identity.spiffe(
+                self.policy.trust_domain)})
+        return ca_pb2.IstioCertificateResponse(cert_chain=chain)
+
+
+class ServingCert:
+    """The CA's own TLS certificate, signed by the mesh CA for the control plane's names; renewed at half-life."""
+
+    def __init__(self, authority: Authority, dns_names: tuple[str, ...], ips: tuple[str, ...]) -> None:
+        self.authority, self.dns_names, self.ips = authority, dns_names, ips
+        self.renew_at = 0.0
+        self.pair = self._issue()
+
+    def _issue(self) -> tuple[bytes, bytes]:
+        key = pki.generate_key("ECDSA")
+        leaf = pki.issue_leaf(self.authority.cert, self.authority.key, key.public_key(), SERVING_TTL,
+                              dns_names=self.dns_names, ips=self.ips,
+                              common_name=self.dns_names[0] if self.dns_names else None)
+        start, end = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+        self.renew_at = start + (end - start) / 2
+        chain = pki.cert_pem(leaf) + "".join(self.authority.chain_pems[:-1]).encode()
+        return pki.key_pem(key), chain
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            if time.time() < self.renew_at:
+                return None
+            self.pair = self._issue()
+            log.info("CA serving certificate renewed")
+            return grpc.ssl_server_certificate_configuration([self.pair])
+        return grpc.dynamic_ssl_server_credentials(grpc.ssl_server_certificate_configuration([self.pair]), fetch)
+
+
+@dataclass
+class RunningCA:
+    """A started CA: where it listens and what it signs with. Awaiting it (`await running()`) stops it."""
+
+    port: int
+    address: str
+    authority: Authority
+    source: str
+    root_file: Path | None
+    server: grpc.aio.Server | None = None
+    publisher: RootCertPublisher | None = None
+    api_client: Any = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def root_pem(self) -> str:
+        return self.authority.root_pem
+
+    async def __call__(self, grace: float = 2.0) -> None:
+        for t in self.tasks:
+            t.cancel()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.publisher is not None:
+            await asyncio.to_thread(self.publisher.stop)
+        if self.api_client is not None:
+            with contextlib.suppress(Exception):
+                self.api_client.close()
+
+
+def load_authority(cfg: CAConfig, api_client: Any) -> store.Loaded:
+    """Plug-in certs win when present; else the Secret (in a cluster) or the CA directory, created on first start."""
+    if cfg.plugin_certs is not None:
+        loaded = store.load_plugin(cfg.plugin_certs)
+        if loaded is not None:
+            return loaded
+    if cfg.ca_secret:
+        from .kube import core_v1
+        return store.load_or_create_secret(core_v1(api_client), cfg.ca_namespace, cfg.ca_secret, cfg.ca_key_type,
+                                           cfg.trust_domain)
+    return store.load_or_create_dir(cfg.ca_dir, cfg.ca_key_type, cfg.trust_domain)
+
+
+def build_authenticator(cfg: CAConfig, api_client: Any) -> Authenticator:
+    verifiers: list[Authenticator] = []
+    if cfg.jwks or cfg.issuer_pem:
+        verifiers.append(LocalVerifier(cfg.audiences, cfg.issuer, cfg.jwks, cfg.issuer_pem))
+    if cfg.token_review:
+        from .kube import authentication_v1
+        verifiers.append(TokenReviewVerifier(authentication_v1(api_client), cfg.audiences))
+    return verifiers[0] if len(verifiers) == 1 else Chain(verifiers)
+
+
+def write_root(cfg: CAConfig, authority: Authority) -> Path | None:
+    path = cfg.ca_dir / C.CA_ROOT_FILE
+    try:
+        if not path.is_file() or path.read_text() != authority.root_pem:
+            store.write_file_atomic(path, authority.root_pem.encode())
+    except OSError as e:
+        if cfg.ca_secret:          # in a cluster the Secret is the source of truth; the file is a convenience
+            log.warning("cannot write the root certificate file", extra={"path": str(path), "error": str(e)})
+            return None
+        raise
+    return path
+
+
+async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
+    """Start the CA in the running loop; `cfg.port` 0 binds an ephemeral port (the CLI maps 0 to "disabled")."""
+    if api_client is None and cfg.uses_kubernetes:
+        from .kube import api_client as make_client
+        api_client = await asyncio.to_thread(make_client)
+    loaded = await asyncio.to_thread(load_authority, cfg, api_client)
+    authority = loaded.authority
+    root_file = await asyncio.to_thread(write_root, cfg, authority)
+    authenticator = await asyncio.to_thread(build_authenticator, cfg, api_client)
+    service = CertificateService(authority, Policy(cfg.trust_domain, cfg.max_cert_ttl), authenticator)
+    serving = ServingCert(authority, cfg.dns_names, cfg.ip_sans)
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", C.CA_MAX_REQUEST_BYTES),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+    ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(service, server)
+    host = f"[{cfg.address}]" if ":" in cfg.address else cfg.address
+    try:
+        port = server.add_secure_port(f"{host}:{cfg.port}", serving.credentials())
+    except RuntimeError as e:
+        raise OSError(f"CA: cannot listen on {host}:{cfg.port} ({e})") from None
+    await server.start()
+    running = RunningCA(port=port, address=cfg.address, authority=authority, source=loaded.source,
+                        root_file=root_file, server=server, api_client=api_client)
+    metrics.expose(authority)
+    running.tasks.append(asyncio.create_task(_watch_expiry(authority)))
+    if cfg.publish_root_cert:
+        from .kube import core_v1
+        running.publisher = RootCertPublisher(core_v1(api_client), authority.root_pem)
+        running.publisher.start()
+    log.info("CA serving", extra={"address": f"{host}:{port}", "source": loaded.source,
+                                  "root": str(root_file) if root_file else None})
+    return running
+
+
+async def _watch_expiry(authority: Authority) -> None:
+    while True:
+        metrics.log_expiry(authority)
+        await asyncio.sleep(EXPIRY_CHECK_SECONDS)

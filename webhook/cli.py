@@ -1,0 +1,151 @@
+"""meshboot-inject: inject sidecars into workload YAML offline (like `istioctl kube-inject`), or explain the
+decision for each pod template (like `istioctl x check-inject`).
+
+Reads Istio's own files (`--values`: the `values` key of the istio-sidecar-injector ConfigMap, `--mesh-config`:
+MeshConfig), so an Istio user's settings carry over unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+import yaml
+
+from webhook.config import ConfigSource
+from webhook.errors import ConfigError, InjectionError
+from webhook.inject import inject_pod
+from webhook.policy import Decision, decide_with_namespace, explain_lines
+from webhook.workloads import get_template, iter_objects, set_template, workload_deploy_meta
+
+
+def parse_labels(text: str | None) -> dict[str, str] | None:
+    """'a=b,c=d' -> {'a': 'b', 'c': 'd'}; None when not given; '' -> {} (a namespace without labels)."""
+    if text is None:
+        return None
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"--namespace-labels: {item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _label(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind', '?')}/{meta.get('name') or meta.get('generateName') or '?'}"
+
+
+class Injector:
+    """Walks documents, finds pod templates, decides and injects; collects explanations and warnings."""
+
+    def __init__(self, source: ConfigSource, namespace: str | None, namespace_labels: dict[str, str] | None) -> None:
+        self.settings = source.settings
+        self.namespace = namespace
+        self.namespace_labels = namespace_labels
+        self.decisions: list[tuple[str, Decision]] = []
+        self.warnings: list[str] = []
+
+    def process(self, obj: dict[str, Any], where: str) -> None:
+        template = get_template(obj)
+        if template is None:
+            return
+        ns = (obj.get("metadata") or {}).get("namespace") or self.namespace or "default"
+        is_pod = obj.get("kind") == "Pod"
+        pod = obj if is_pod else {"metadata": template.get("metadata") or {}, "spec": template.get("spec")}
+        name = f"{_label(obj)} (namespace {ns})"
+        decision = decide_with_namespace(pod, ns, self.namespace_labels, self.settings)
+        self.decisions.append((name, decision))
+        if decision.warning:
+            self.warnings.append(f"{where}: {name}: {decision.warning}")
+        if not decision.inject:
+            if decision.reason == "host_network":
+                self.warnings.append(f"Skipping injection because {name} has host networking enabled")
+            return
+        try:
+            injected = inject_pod(pod, self.settings, deploy_meta=workload_deploy_meta(obj, ns))
+        except InjectionError as e:
+            raise InjectionError(f"{where}: {name}: {e}") from None
+        if is_pod:
+            set_template(obj, injected)
+        else:
+            template["metadata"] = injected["metadata"]
+            template["spec"] = injected["spec"]
+
+
+def run(stream: TextIO, where: str, injector: Injector) -> list[Any]:
+    try:
+        docs = list(yaml.safe_load_all(stream))
+    except yaml.YAMLError as e:
+        raise InjectionError(f"{where}: not valid YAML: {e}") from None
+    for i, doc in enumerate(docs):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise InjectionError(f"{where}: document {i + 1}: want a Kubernetes object, got {type(doc).__name__}")
+        for obj in iter_objects(doc):
+            injector.process(obj, f"{where}: document {i + 1}")
+    return [d for d in docs if d is not None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshboot-inject", description=__doc__.split("\n")[0])
+    p.add_argument("-f", "--filename", required=True, help="input YAML file, or - for stdin")
+    p.add_argument("-o", "--output", default="-", help="output file (default stdout)")
+    p.add_argument("--values", "--valuesFile", dest="values", help="injector values (Istio's `values` layout)")
+    p.add_argument("--mesh-config", "--meshConfigFile", dest="mesh_config", help="MeshConfig YAML")
+    p.add_argument("--injector-config", "--injectConfigFile", dest="injector_config",
+                   help="injector config: policy, alwaysInjectSelector, neverInjectSelector")
+    p.add_argument("-n", "--namespace", help="namespace for objects without one (default: default)")
+    p.add_argument("--namespace-labels", help="labels of the namespace, KEY=VALUE,...; when given, the webhook "
+                                              "selectors are applied too, as the API server would")
+    p.add_argument("--kubernetes-version", help="MAJOR.MINOR of the cluster; native sidecars in auto mode need 1.33")
+    p.add_argument("--native-sidecars", choices=("auto", "true", "false"))
+    p.add_argument("--explain", action="store_true", help="print, per pod template, whether and why it is injected")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ns_labels = parse_labels(args.namespace_labels)
+        source = ConfigSource(args.values, args.mesh_config, args.injector_config,
+                              native_sidecars=args.native_sidecars, kubernetes_version=args.kubernetes_version)
+        injector = Injector(source, args.namespace, ns_labels)
+        if args.filename == "-":
+            docs = run(sys.stdin, "<stdin>", injector)
+        else:
+            with open(args.filename, encoding="utf-8") as f:
+                docs = run(f, args.filename, injector)
+    except (ConfigError, InjectionError, ValueError) as e:
+        print(f"meshboot-inject: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"meshboot-inject: {args.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    for w in injector.warnings:
+        print(f"meshboot-inject: warning: {w}", file=sys.stderr)
+    if args.explain:
+        if not injector.decisions:
+            print("no pod templates found")
+        if ns_labels is None:
+            print("(namespace labels not given: only the injector's own policy is evaluated; pass "
+                  "--namespace-labels to include the webhook selectors)")
+        for line in explain_lines(injector.decisions):
+            print(line)
+        return 0
+    text = yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=120)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""Injection configuration: Istio's chart `values`, MeshConfig and the injector config, read into one typed object.
+
+The files keep Istio's own layouts (the `values` key of the `istio-sidecar-injector` ConfigMap, MeshConfig with its
+`defaultConfig`), so an Istio user's settings carry over unchanged. Absent keys take Istio's defaults, except the few
+meshboot defaults documented in docs/webhook.md (hold on, no discovery address, meshboot images).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from meshboot import constants as C
+from webhook.errors import ConfigError
+
+# Istio's chart defaults for the keys the sidecar template reads, with meshboot's documented differences.
+DEFAULT_VALUES: dict[str, Any] = {
+    "revision": "",
+    "global": {
+        "hub": "ghcr.io/meshboot",
+        "tag": "0.1.0",
+        "variant": "",
+        "imagePullPolicy": "",
+        "imagePullSecrets": [],
+        "istioNamespace": C.ISTIO_NAMESPACE,
+        "caAddress": "",
+        "pilotCertProvider": "istiod",
+        "logging": {"level": "default:info"},
+        "logAsJson": False,
+        "meshID": "",
+        "network": "",
+        "multiCluster": {"clusterName": ""},
+        "trustDomain": "",
+        "sds": {"token": {"aud": C.TOKEN_AUDIENCE}},
+        "sts": {"servicePort": 0},
+        "mountMtlsCerts": False,
+        "trustBundleName": "",
+        "nativeNftables": False,
+        "proxy": {
+            "image": "meshboot-agent",
+            "autoInject": "enabled",
+            "clusterDomain": "cluster.local",
+            "componentLogLevel": "misc:error",
+            "logLevel": "warning",
+            "privileged": False,
+            "readinessInitialDelaySeconds": 0,
+            "readinessPeriodSeconds": 15,
+            "readinessFailureThreshold": 4,
+            "startupProbe": {"enabled": True, "failureThreshold": 600},
+            "statusPort": C.STATUS_PORT,
+            "includeIPRanges": "*",
+            "excludeIPRanges": "",
+            "includeInboundPorts": "*",
+            "excludeInboundPorts": "",
+            "includeOutboundPorts": "",
+            "excludeOutboundPorts": "",
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                          "limits": {"cpu": "2000m", "memory": "1024Mi"}},
+            "lifecycle": {},
+            "holdApplicationUntilProxyStarts": True,   # meshboot default (Istio: false)
+            "capNetBindService": False,
+            "seccompProfile": {},
+            "outlierLogPath": "",
+        },
+        "proxy_init": {"image": "meshboot-agent", "forceApplyIptables": False},
+    },
+    "sidecarInjectorWebhook": {
+        "rewriteAppHTTPProbe": True,
+        "enableNamespacesByDefault": False,
+        "neverInjectSelector": [],
+        "alwaysInjectSelector": [],
+        "injectedAnnotations": {},
+        "reinvocationPolicy": "Never",
+    },
+}
+
+# ProxyConfig fields equal to these are left out of PROXY_CONFIG (the agent has the same built-in defaults).
+# discoveryAddress is deliberately absent: meshboot's default is empty (standalone agent), so a set value is kept.
+PROXY_CONFIG_DEFAULTS: dict[str, Any] = {
+    "configPath": "./etc/istio/proxy",
+    "binaryPath": "/usr/local/bin/envoy",
+    "serviceCluster": "istio-proxy",
+    "drainDuration": "45s",
+    "terminationDrainDuration": "5s",
+    "proxyAdminPort": C.ENVOY_ADMIN_PORT,
+    "controlPlaneAuthPolicy": "MUTUAL_TLS",
+    "statNameLength": 189,
+    "statusPort": C.STATUS_PORT,
+    "interceptionMode": "REDIRECT",
+}
+
+DEFAULT_MESH: dict[str, Any] = {
+    "proxyListenPort": C.OUTBOUND_CAPTURE_PORT,
+    "proxyInboundListenPort": C.INBOUND_CAPTURE_PORT,
+    "enablePrometheusMerge": True,
+    "trustDomain": C.DEFAULT_TRUST_DOMAIN,
+    "inboundTrafficPolicy": {"mode": "PASSTHROUGH"},
+    "defaultConfig": {},
+}
+
+NATIVE_MODES = ("auto", "true", "false")
+NATIVE_SIDECAR_MIN_MINOR = 33
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: maps merge key by key, anything else replaces (Helm's values semantics)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def normalize_duration(value: Any, where: str) -> str:
+    """Go/protojson durations ("1m", "1m30s", "23s") to protojson's seconds form ("60s", "90s", "23s")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}s"
+    text = str(value).strip()
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ConfigError(f"{where}: invalid duration {value!r} (want e.g. 45s, 1m30s)")
+    return f"{total:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def parse_kubernetes_version(text: str | None) -> tuple[int, int] | None:
+    """'1.33', 'v1.33.2', '1.33+' -> (1, 33); None or '' -> None (unknown)."""
+    if not text:
+        return None
+    m = re.match(r"^v?(\d+)\.(\d+)", str(text).strip())
+    if not m:
+        raise ConfigError(f"kubernetes version {text!r}: want MAJOR.MINOR, e.g. 1.33")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the pure injection core reads: merged values and mesh config plus injector options."""
+
+    values: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_VALUES))
+    mesh: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_MESH))
+    policy: str = "enabled"
+    always_inject_selector: tuple[dict, ...] = ()
+    never_inject_selector: tuple[dict, ...] = ()
+    injected_annotations: dict[str, str] = field(default_factory=dict)
+    native_sidecars: str = "auto"
+    kubernetes_version: tuple[int, int] | None = None
+    generation: int = 0
+
+    # ---- typed accessors (validated once in `build_settings`) ----
+    @property
+    def g(self) -> dict[str, Any]:
+        return self.values["global"]
+
+    @property
+    def proxy(self) -> dict[str, Any]:
+        return self.values["global"]["proxy"]
+
+    @property
+    def revision(self) -> str:
+        return self.values.get("revision") or ""
+
+    @property
+    def default_proxy_config(self) -> dict[str, Any]:
+        return self.mesh.get("defaultConfig") or {}
+
+    @property
+    def trust_domain(self) -> str:
+        return self.mesh.get("trustDomain") or self.g.get("trustDomain") or C.DEFAULT_TRUST_DOMAIN
+
+    def native_default(self) -> bool:
+        """The injector-wide native sidecar choice before the pod annotation (auto: by Kubernetes version)."""
+        if self.native_sidecars == "true":
+            return True
+        if self.native_sidecars == "false":
+            return False
+        v = self.kubernetes_version
+        return v is not None and (v[0] > 1 or v[1] >= NATIVE_SIDECAR_MIN_MINOR)
+
+
+def _load_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from e
+
+
+def _unwrap_configmap(doc: Any, key: str, path: str) -> Any:
+    """Accept either the file's own layout or the whole ConfigMap holding it under data.<key>."""
+    if isinstance(doc, Mapping) and doc.get("kind") == "ConfigMap":
+        data = doc.get("data") or {}
+        if key not in data:
+            raise ConfigError(f"{path}: ConfigMap has no data.{key}")
+        try:
+            return yaml.safe_load(data[key])
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: data.{key} is not valid YAML/JSON: {e}") from e
+    return doc
+
+
+def _want_map(doc: Any, path: str) -> dict[str, Any]:
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{path}: want a mapping at the top level, got {type(doc).__name__}")
+    return dict(doc)
+
+
+def load_values(path: str) -> dict[str, Any]:
+    doc = _want_map(_unwrap_configmap(_load_yaml(path), "values", path), path)
+    # Accept a file that nests the values under a `values` key (e.g. an IstioOperator-ish snippet).
+    if set(doc) == {"values"} and isinstance(doc["values"], Mapping):
+        doc = dict(doc["values"])
+    return doc
+
+
+def load_mesh(path: str) -> dict[str, Any]:
+    return _want_map(_unwrap_configmap(_load_yaml(path), "mesh", path), path)
+
+
+def load_injector_config(path: str) -> dict[str, Any]:
+    return _want_map(_unwrap_configmap(_load_yaml(path), "config", path), path)
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _coerce_int(d: dict[str, Any], key: str, where: str, lo: int = 0, hi: int = 2**31 - 1) -> None:
+    v = d.get(key)
+    if isinstance(v, str) and v.strip().isdigit():
+        v = d[key] = int(v)
+    _check(_is_int(v) and lo <= v <= hi, f"{where}.{key}", f"want an integer in {lo}..{hi}, got {v!r}")
+
+
+def _coerce_bool(d: dict[str, Any], key: str, where: str) -> None:
+    v = d.get(key)
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        v = d[key] = v.lower() == "true"
+    _check(isinstance(v, bool), f"{where}.{key}", f"want true or false, got {v!r}")
+
+
+def _validate_values(values: dict[str, Any], src: str) -> None:
+    g = values.get("global")
+    _check(isinstance(g, Mapping), f"{src}: global", "want a mapping")
+    p = g.get("proxy")
+    _check(isinstance(p, Mapping), f"{src}: global.proxy", "want a mapping")
+    for k in ("statusPort",):
+        _coerce_int(p, k, f"{src}: global.proxy", 0, 65535)
+    for k in ("readinessInitialDelaySeconds", "readinessPeriodSeconds", "readinessFailureThreshold"):
+        _coerce_int(p, k, f"{src}: global.proxy")
+    for k in ("privileged", "holdApplicationUntilProxyStarts"):
+        _coerce_bool(p, k, f"{src}: global.proxy")
+    sp = p.get("startupProbe")
+    _check(isinstance(sp, Mapping), f"{src}: global.proxy.startupProbe", "want a mapping")
+    _coerce_bool(sp, "enabled", f"{src}: global.proxy.startupProbe")
+    _coerce_int(sp, "failureThreshold", f"{src}: global.proxy.startupProbe")
+    _check(p.get("resources") is None or isinstance(p.get("resources"), Mapping),
+           f"{src}: global.proxy.resources", "want a mapping")
+    for k in ("hub", "tag"):
+        _check(isinstance(g.get(k), (str, int, float)), f"{src}: global.{k}", f"want a string, got {g.get(k)!r}")
+    g["tag"] = str(g["tag"])
+    _check(isinstance(g.get("imagePullSecrets") or [], list), f"{src}: global.imagePullSecrets", "want a list")
+    for k in ("image",):
+        _check(isinstance(p.get(k), str) and p[k], f"{src}: global.proxy.{k}", "want a non-empty string")
+        _check(isinstance(g["proxy_init"].get(k), str) and g["proxy_init"][k],
+               f"{src}: global.proxy_init.{k}", "want a non-empty string")
+    sw = values.get("sidecarInjectorWebhook")
+    _check(isinstance(sw, Mapping), f"{src}: sidecarInjectorWebhook", "want a mapping")
+    _coerce_bool(sw, "rewriteAppHTTPProbe", f"{src}: sidecarInjectorWebhook")
+    _coerce_bool(sw, "enableNamespacesByDefault", f"{src}: sidecarInjectorWebhook")
+
+
+def _validate_mesh(mesh: dict[str, Any], src: str) -> None:
+    _coerce_int(mesh, "proxyListenPort", src, 1, 65535)
+    _coerce_int(mesh, "proxyInboundListenPort", src, 1, 65535)
+    _coerce_bool(mesh, "enablePrometheusMerge", src)
+    pc = mesh.get("defaultConfig")
+    if pc is None:
+        mesh["defaultConfig"] = pc = {}
+    _check(isinstance(pc, Mapping), f"{src}: defaultConfig", "want a mapping")
+    mesh["defaultConfig"] = normalize_proxy_config(pc, f"{src}: defaultConfig")
+
+
+_PC_DURATIONS = ("drainDuration", "terminationDrainDuration", "parentShutdownDuration", "discoveryRefreshDelay",
+                 "connectTimeout", "fileFlushInterval")
+
+
+def normalize_proxy_config(pc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Validate the ProxyConfig fields the injector interprets; durations in protojson form."""
+    out = dict(pc)
+    for k in _PC_DURATIONS:
+        if k in out and out[k] is not None:
+            out[k] = normalize_duration(out[k], f"{where}.{k}")
+    if "statusPort" in out:
+        _coerce_int(out, "statusPort", where, 0, 65535)
+    if "interceptionMode" in out:
+        _check(out["interceptionMode"] in ("REDIRECT", "TPROXY", "NONE"), f"{where}.interceptionMode",
+               f"want REDIRECT, TPROXY or NONE, got {out['interceptionMode']!r}")
+    if "holdApplicationUntilProxyStarts" in out:
+        _coerce_bool(out, "holdApplicationUntilProxyStarts", where)
+    md = out.get("proxyMetadata")
+    if md is not None:
+        _check(isinstance(md, Mapping), f"{where}.proxyMetadata", "want a map of strings")
+        out["proxyMetadata"] = {str(k): "" if v is None else str(v) for k, v in md.items()}
+    return out
+
+
+def _selectors(raw: Any, where: str) -> tuple[dict, ...]:
+    if raw is None:
+        return ()
+    _check(isinstance(raw, list) and all(isinstance(s, Mapping) for s in raw), where, "want a list of LabelSelectors")
+    return tuple(dict(s) for s in raw)
+
+
+def build_settings(values: Mapping[str, Any] | None = None, mesh: Mapping[str, Any] | None = None,
+                   injector: Mapping[str, Any] | None = None, *, native_sidecars: str | None = None,
+                   kubernetes_version: str | tuple[int, int] | None = None, generation: int = 0,
+                   sources: tuple[str, str, str] = ("values", "mesh config", "injector config")) -> Settings:
+    """Merge user layers over the defaults, validate, and return the Settings (raises ConfigError)."""
+    vals = deep_merge(copy.deepcopy(DEFAULT_VALUES), values or {})
+    _validate_values(vals, sources[0])
+    m = deep_merge(copy.deepcopy(DEFAULT_MESH), mesh or {})
+    _validate_mesh(m, sources[1])
+    inj = dict(injector or {})
+    sw = vals["sidecarInjectorWebhook"]
+    policy = str(inj.get("policy", vals["global"]["proxy"].get("autoInject", "enabled")))
+    native = native_sidecars or str(inj.get("nativeSidecars") or os.environ.get("ENABLE_NATIVE_SIDECARS") or "auto")
+    native = native.lower()
+    _check(native in NATIVE_MODES, "native sidecars", f"want auto, true or false, got {native!r}")
+    kv = kubernetes_version if isinstance(kubernetes_version, tuple) else parse_kubernetes_version(
+        kubernetes_version or inj.get("kubernetesVersion"))
+    ann = inj.get("injectedAnnotations", sw.get("injectedAnnotations")) or {}
+    _check(isinstance(ann, Mapping), f"{sources[2]}: injectedAnnotations", "want a map of strings")
+    return Settings(
+        values=vals, mesh=m, policy=policy,
+        always_inject_selector=_selectors(inj.get("alwaysInjectSelector", sw.get("alwaysInjectSelector")),
+                                          f"{sources[2]}: alwaysInjectSelector"),
+        never_inject_selector=_selectors(inj.get("neverInjectSelector", sw.get("neverInjectSelector")),
+                                         f"{sources[2]}: neverInjectSelector"),
+        injected_annotations={str(k): str(v) for k, v in ann.items()},
+        native_sidecars=native, kubernetes_version=kv, generation=generation)
+
+
+def _stamp(path: str | None) -> tuple | None:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("missing",)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class ConfigSource:
+    """Settings read from files, reloaded when a file changes (mounted ConfigMaps swap a symlink: inode changes).
+
+    A reload that fails keeps the last good Settings and records the error, so a bad edit never stops injection.
+    """
+
+    def __init__(self, values_path: str | None = None, mesh_path: str | None = None,
+                 injector_path: str | None = None, *, native_sidecars: str | None = None,
+                 kubernetes_version: str | None = None) -> None:
+        self.paths = (values_path, mesh_path, injector_path)
+        self.native_sidecars = native_sidecars
+        self.kubernetes_version = kubernetes_version
+        self.generation = 0
+        self.last_error: str | None = None
+        self._stamps = tuple(_stamp(p) for p in self.paths)
+        self.settings = self._load()
+
+    def _load(self) -> Settings:
+        vp, mp, ip = self.paths
+        # A missing file means "Istio's defaults" (an optional ConfigMap not mounted yet).
+        values = load_values(vp) if vp and os.path.exists(vp) else {}
+        mesh = load_mesh(mp) if mp and os.path.exists(mp) else {}
+        inj = load_injector_config(ip) if ip and os.path.exists(ip) else {}
+        self.generation += 1
+        return build_settings(values, mesh, inj, native_sidecars=self.native_sidecars,
+                              kubernetes_version=self.kubernetes_version, generation=self.generation,
+                              sources=(vp or "values", mp or "mesh config", ip or "injector config"))
+
+    def changed(self) -> bool:
+        return tuple(_stamp(p) for p in self.paths) != self._stamps
+
+    def reload_if_changed(self) -> bool:
+        """Returns True when new Settings were loaded; raises nothing (errors go to `last_error`)."""
+        stamps = tuple(_stamp(p) for p in self.paths)
+        if stamps == self._stamps:
+            return False
+        self._stamps = stamps
+        try:
+            self.settings = self._load()
+        except ConfigError as e:
+            self.last_error = str(e)
+            return False
+        self.last_error = None
+        return True
+
+
+def dumps_compact(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,634 @@
+"""The injection engine: pod in, injected pod out (pure; no I/O, no globals).
+
+Renders istio-init, istio-proxy and the sidecar volumes the way Istio's `sidecar` template does (reference §2-§6),
+merges them with the pod, and records what it added in `sidecar.istio.io/status` so re-injection is idempotent.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from meshboot import constants as C
+from webhook import annotations as ann_mod
+from webhook import probes, prometheus
+from webhook.config import PROXY_CONFIG_DEFAULTS, Settings
+from webhook.errors import InjectionError
+from webhook.workloads import DeployMeta, pod_deploy_meta
+
+ANNOTATION_OVERRIDES = "proxy.istio.io/overrides"
+ANNOTATION_REV = "istio.io/rev"
+LABEL_NETWORK = "topology.istio.io/network"
+LABEL_TUNNEL = "networking.istio.io/tunnel"
+ENV_NETWORK = "ISTIO_META_NETWORK"
+VOLUME_CRL = "istio-ca-crl"
+MOUNT_CRL = "/var/run/secrets/istio/crl"
+CUSTOM_BOOTSTRAP_VOLUME = "custom-bootstrap-volume"
+CUSTOM_BOOTSTRAP_MOUNT = "/etc/istio/custom-bootstrap"
+AGENT_BINARY = "pilot-agent"
+_KEYED_LISTS = {"env": "name", "ports": "containerPort", "volumeMounts": "mountPath"}
+
+
+def json_copy(obj: Any) -> Any:
+    """Deep copy of JSON data (dicts, lists, scalars): several times faster than copy.deepcopy."""
+    if isinstance(obj, dict):
+        return {k: json_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_copy(v) for v in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The per-pod decisions the template depends on (exposed for --explain and tests)."""
+
+    interception_mode: str
+    native: bool
+    hold: bool
+    status_port: int
+    proxy_config: dict[str, Any]
+
+
+def image_name(hub: str, name: str, tag: str, variant: str) -> str:
+    """<hub>/<name>:<tag>[-<variant>], or `name` verbatim when it already holds a registry path."""
+    if "/" in name:
+        return name
+    for suffix in ("-debug", "-distroless"):
+        if tag.endswith(suffix):
+            tag = tag[: -len(suffix)]
+    if variant and variant != "default":
+        tag = f"{tag}-{variant}"
+    return f"{hub}/{name}:{tag}"
+
+
+def effective_proxy_config(annotations: Mapping[str, str], settings: Settings) -> dict[str, Any]:
+    """mesh defaultConfig <- proxy.istio.io/config annotation (field-wise; proxyMetadata merged)."""
+    pc = dict(settings.default_proxy_config)
+    raw = annotations.get(C.ANNOTATION_PROXY_CONFIG)
+    if raw:
+        over = ann_mod.parse_proxy_config_annotation(raw)
+        md = {**(pc.get("proxyMetadata") or {}), **(over.get("proxyMetadata") or {})}
+        pc.update(over)
+        if md:
+            pc["proxyMetadata"] = md
+    return pc
+
+
+def proxy_config_env(pc: Mapping[str, Any]) -> str:
+    """PROXY_CONFIG: the effective ProxyConfig minus fields equal to the built-in defaults, as JSON plus newline."""
+    diff = {k: v for k, v in pc.items() if v is not None and PROXY_CONFIG_DEFAULTS.get(k, object()) != v}
+    return json.dumps(diff, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def choices(pod: Mapping[str, Any], settings: Settings) -> Choices:
+    meta = pod.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    pc = effective_proxy_config(annotations, settings)
+    mode = annotations.get(C.ANNOTATION_INTERCEPTION_MODE) or pc.get("interceptionMode") or "REDIRECT"
+    if C.ANNOTATION_NATIVE_SIDECAR in annotations:
+        native = annotations[C.ANNOTATION_NATIVE_SIDECAR] != "false"
+    else:
+        native = settings.native_default()
+    hold = bool(pc.get("holdApplicationUntilProxyStarts")) or bool(settings.proxy["holdApplicationUntilProxyStarts"])
+    sp = annotations.get(C.ANNOTATION_STATUS_PORT)
+    status_port = int(sp) if sp not in (None, "") else int(settings.proxy["statusPort"])
+    return Choices(mode, native, hold, status_port, pc)
+
+
+# ---- rendering -------------------------------------------------------------------------------------------------
+
+def _resources(annotations: Mapping[str, str], settings: Settings) -> dict[str, Any]:
+    keys = (C.ANNOTATION_PROXY_CPU, C.ANNOTATION_PROXY_MEMORY, C.ANNOTATION_PROXY_CPU_LIMIT,
+            C.ANNOTATION_PROXY_MEMORY_LIMIT)
+    if any(k in annotations for k in keys):
+        out: dict[str, dict[str, str]] = {}
+        for key, section, res in ((keys[0], "requests", "cpu"), (keys[1], "requests", "memory"),
+                                  (keys[2], "limits", "cpu"), (keys[3], "limits", "memory")):
+            if annotations.get(key):
+                out.setdefault(section, {})[res] = annotations[key]
+        return out
+    out = {}
+    for section, vals in (settings.proxy.get("resources") or {}).items():
+        if isinstance(vals, Mapping):
+            kept = {k: str(v) for k, v in vals.items() if v is not None}
+            if kept:
+                out[section] = kept
+    return out
+
+
+def _ann_or(annotations: Mapping[str, str], key: str, default: Any) -> str:
+    v = annotations.get(key)
+    return str(default if v is None else v)
+
+
+def _init_container(annotations: Mapping[str, str], settings: Settings, ch: Choices, image: str,
+                    resources: dict[str, Any]) -> dict[str, Any]:
+    p, g, mesh = settings.proxy, settings.g, settings.mesh
+    uid = C.PROXY_UID
+    exc = _ann_or(annotations, C.ANNOTATION_EXCLUDE_INBOUND_PORTS, p.get("excludeInboundPorts", ""))
+    d_ports = [str(C.ENVOY_PROMETHEUS_PORT), str(C.ENVOY_STATUS_PORT)]
+    if exc:
+        d_ports.append(exc)
+    if ch.status_port and str(ch.status_port) not in [x.strip() for x in exc.split(",")]:
+        d_ports.append(str(ch.status_port))
+    args = ["istio-iptables",
+            "-p", str(mesh["proxyListenPort"]),
+            "-z", str(mesh["proxyInboundListenPort"]),
+            "-u", str(uid),
+            "-m", ch.interception_mode,
+            "-i", _ann_or(annotations, C.ANNOTATION_INCLUDE_OUTBOUND_IP_RANGES, p.get("includeIPRanges", "*")),
+            "-x", _ann_or(annotations, C.ANNOTATION_EXCLUDE_OUTBOUND_IP_RANGES, p.get("excludeIPRanges", "")),
+            "-b", _ann_or(annotations, C.ANNOTATION_INCLUDE_INBOUND_PORTS, p.get("includeInboundPorts", "*")),
+            "-d", ",".join(d_ports)]
+    for key, value_key, flag in ((C.ANNOTATION_INCLUDE_OUTBOUND_PORTS, "includeOutboundPorts", "-q"),
+                                 (C.ANNOTATION_EXCLUDE_OUTBOUND_PORTS, "excludeOutboundPorts", "-o")):
+        if key in annotations:
+            args += [flag, annotations[key]]
+        elif p.get(value_key):
+            args += [flag, str(p[value_key])]
+    if C.ANNOTATION_REROUTE_VIRTUAL_INTERFACES in annotations:
+        args += ["-k", annotations[C.ANNOTATION_REROUTE_VIRTUAL_INTERFACES]]
+    elif C.ANNOTATION_KUBEVIRT_INTERFACES in annotations:
+        args += ["-k", annotations[C.ANNOTATION_KUBEVIRT_INTERFACES]]
+    if C.ANNOTATION_EXCLUDE_INTERFACES in annotations:
+        args += ["-c", annotations[C.ANNOTATION_EXCLUDE_INTERFACES]]
+    args.append("--log_output_level=" + _ann_or(annotations, C.ANNOTATION_AGENT_LOG_LEVEL, g["logging"]["level"]))
+    if g.get("logAsJson"):
+        args.append("--log_as_json")
+    if settings.g["proxy_init"].get("forceApplyIptables"):
+        args.append("--force-apply")
+    if g.get("nativeNftables"):
+        args.append("--native-nftables")
+    privileged = bool(p.get("privileged"))
+    sc: dict[str, Any] = {"allowPrivilegeEscalation": privileged, "privileged": privileged,
+                          "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                          "readOnlyRootFilesystem": False, "runAsGroup": 0, "runAsNonRoot": False, "runAsUser": 0}
+    if p.get("seccompProfile"):
+        sc["seccompProfile"] = p["seccompProfile"]
+    c: dict[str, Any] = {"name": C.INIT_CONTAINER, "image": image}
+    if g.get("imagePullPolicy"):
+        c["imagePullPolicy"] = g["imagePullPolicy"]
+    c["args"] = args
+    md = ch.proxy_config.get("proxyMetadata") or {}
+    if md:
+        c["env"] = [{"name": k, "value": md[k]} for k in sorted(md)]
+    if resources:
+        c["resources"] = json_copy(resources)
+    c["securityContext"] = sc
+    return c
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _pod_ports_json(containers: list[dict[str, Any]]) -> str:
+    entries = []
+    for c in containers:
+        for port in c.get("ports") or []:
+            e: dict[str, Any] = {}
+            for k in ("name", "hostPort", "containerPort", "protocol", "hostIP"):
+                if port.get(k):
+                    e[k] = port[k]
+            entries.append(json.dumps(e, separators=(",", ":")))
+    body = "".join(("    " if i == 0 else "    ,") + e + "\n" for i, e in enumerate(entries))
+    return "[\n" + body + "]"
+
+
+def _proxy_env(pod: Mapping[str, Any], annotations: Mapping[str, str], labels: Mapping[str, str],
+               settings: Settings, ch: Choices, dm: DeployMeta, app_containers: list[dict[str, Any]]) -> list[dict]:
+    g, mesh = settings.g, settings.mesh
+    env: list[dict[str, Any]] = []
+    if (mesh.get("inboundTrafficPolicy") or {}).get("mode") == "LOCALHOST":
+        env.append({"name": "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", "value": "true"})
+    ns_name = g.get("istioNamespace") or C.ISTIO_NAMESPACE
+    istiod = "istiod" + (f"-{settings.revision}" if settings.revision else "")
+    env += [
+        {"name": C.ENV_PILOT_CERT_PROVIDER, "value": str(g.get("pilotCertProvider") or "istiod")},
+        {"name": C.ENV_CA_ADDR, "value": str(g.get("caAddress") or f"{istiod}.{ns_name}.svc:{C.CA_PORT}")},
+        _field_env(C.ENV_POD_NAME, "metadata.name"),
+        _field_env(C.ENV_POD_NAMESPACE, "metadata.namespace"),
+        _field_env(C.ENV_INSTANCE_IP, "status.podIP"),
+        _field_env(C.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
+        _field_env(C.ENV_HOST_IP, "status.hostIP"),
+        {"name": C.ENV_CPU_LIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.cpu"}}},
+        {"name": C.ENV_PROXY_CONFIG, "value": proxy_config_env(ch.proxy_config)},
+        {"name": C.ENV_POD_PORTS, "value": _pod_ports_json(app_containers)},
+        {"name": C.ENV_APP_CONTAINERS, "value": ",".join(c.get("name", "") for c in app_containers)},
+        {"name": C.ENV_GOMEMLIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.memory"}}},
+        {"name": C.ENV_CLUSTER_ID, "value": str(g["multiCluster"].get("clusterName") or C.DEFAULT_CLUSTER_ID)},
+        _field_env(C.ENV_NODE_NAME, "spec.nodeName"),
+        {"name": C.ENV_INTERCEPTION_MODE, "value": ch.interception_mode},
+    ]
+    if g.get("network"):
+        env.append({"name": ENV_NETWORK, "value": str(g["network"])})
+    workload = labels.get(C.LABEL_WORKLOAD_NAME) or dm.name
+    if workload:
+        env.append({"name": C.ENV_WORKLOAD_NAME, "value": workload})
+    if dm.name and dm.kind:
+        env.append({"name": C.ENV_OWNER, "value": dm.owner()})
+    if annotations.get(C.ANNOTATION_BOOTSTRAP_OVERRIDE):
+        env.append({"name": "ISTIO_BOOTSTRAP_OVERRIDE", "value": C.CUSTOM_BOOTSTRAP_FILE})
+    env.append({"name": C.ENV_MESH_ID, "value": str(g.get("meshID") or settings.trust_domain)})
+    if settings.trust_domain:
+        env.append({"name": C.ENV_TRUST_DOMAIN, "value": settings.trust_domain})
+    md = ch.proxy_config.get("proxyMetadata") or {}
+    env += [{"name": k, "value": md[k]} for k in sorted(md)]
+    return env
+
+
+def _http_probe(period: int, delay: int, failure: int) -> dict[str, Any]:
+    return {"failureThreshold": failure, "httpGet": {"path": "/healthz/ready", "port": C.ENVOY_STATUS_PORT},
+            "initialDelaySeconds": delay, "periodSeconds": period, "timeoutSeconds": 3}
+
+
+def _proxy_security_context(annotations: Mapping[str, str], settings: Settings, ch: Choices) -> dict[str, Any]:
+    p = settings.proxy
+    tproxy = ch.interception_mode == "TPROXY"
+    bind = _ann_or(annotations, C.ANNOTATION_CAP_NET_BIND, str(p.get("capNetBindService", False)).lower()) == "true"
+    privileged = bool(p.get("privileged"))
+    sc: dict[str, Any] = {"allowPrivilegeEscalation": privileged and not ch.native, "privileged": privileged}
+    caps: dict[str, Any] = {}
+    add = (["NET_ADMIN"] if tproxy else []) + (["NET_BIND_SERVICE"] if bind else [])
+    if add:
+        caps["add"] = add
+    caps["drop"] = ["ALL"]
+    sc["capabilities"] = caps
+    sc["readOnlyRootFilesystem"] = True
+    sc["runAsGroup"] = C.PROXY_GID
+    if tproxy or bind:
+        sc["runAsNonRoot"], sc["runAsUser"] = False, 0
+    else:
+        sc["runAsNonRoot"], sc["runAsUser"] = True, C.PROXY_UID
+    if (ch.proxy_config.get("proxyMetadata") or {}).get("IPTABLES_TRACE_LOGGING") == "true":
+        sc.update({"privileged": True, "allowPrivilegeEscalation": True, "runAsUser": 0, "runAsNonRoot": False,
+                   "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}})
+    if p.get("seccompProfile"):
+        sc["seccompProfile"] = p["seccompProfile"]
+    return sc
+
+
+def _volume_mounts(annotations: Mapping[str, str], settings: Settings) -> list[dict[str, Any]]:
+    istiod = settings.g.get("pilotCertProvider", "istiod") == "istiod"
+    m = [{"mountPath": C.MOUNT_WORKLOAD_SOCKET, "name": "workload-socket"},
+         {"mountPath": C.MOUNT_CREDENTIAL_UDS, "name": "credential-socket"},
+         {"mountPath": C.MOUNT_WORKLOAD_CERTS, "name": "workload-certs"}]
+    if istiod:
+        m += [{"mountPath": C.MOUNT_ISTIOD_CA, "name": "istiod-ca-cert"},
+              {"mountPath": MOUNT_CRL, "name": VOLUME_CRL}]
+    m.append({"mountPath": C.MOUNT_ISTIO_DATA, "name": "istio-data"})
+    if annotations.get(C.ANNOTATION_BOOTSTRAP_OVERRIDE):
+        m.append({"mountPath": CUSTOM_BOOTSTRAP_MOUNT, "name": CUSTOM_BOOTSTRAP_VOLUME})
+    m += [{"mountPath": C.MOUNT_ISTIO_ENVOY, "name": "istio-envoy"},
+          {"mountPath": C.MOUNT_ISTIO_TOKEN, "name": "istio-token"}]
+    if settings.g.get("mountMtlsCerts"):
+        m.append({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": True})
+    m.append({"mountPath": C.MOUNT_ISTIO_PODINFO, "name": "istio-podinfo"})
+    return m
+
+
+def _volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: Settings) -> list[dict[str, Any]]:
+    g = settings.g
+    v: list[dict[str, Any]] = [{"emptyDir": {}, "name": "workload-socket"},
+                               {"emptyDir": {}, "name": "credential-socket"},
+                               {"emptyDir": {}, "name": "workload-certs"}]
+    if annotations.get(C.ANNOTATION_BOOTSTRAP_OVERRIDE):
+        v.append({"configMap": {"name": annotations[C.ANNOTATION_BOOTSTRAP_OVERRIDE]},
+                  "name": CUSTOM_BOOTSTRAP_VOLUME})
+    v += [
+        {"emptyDir": {"medium": "Memory"}, "name": "istio-envoy"},
+        {"emptyDir": {}, "name": "istio-data"},
+        {"downwardAPI": {"items": [{"fieldRef": {"fieldPath": "metadata.labels"}, "path": "labels"},
+                                   {"fieldRef": {"fieldPath": "metadata.annotations"}, "path": "annotations"}]},
+         "name": "istio-podinfo"},
+        {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": str(g["sds"]["token"].get("aud") or C.TOKEN_AUDIENCE),
+            "expirationSeconds": C.TOKEN_EXPIRATION_SECONDS, "path": "istio-token"}}]}},
+    ]
+    if g.get("pilotCertProvider", "istiod") == "istiod":
+        v.append({"configMap": {"name": g.get("trustBundleName") or C.ROOT_CERT_CONFIGMAP}, "name": "istiod-ca-cert"})
+    v.append({"configMap": {"name": VOLUME_CRL, "optional": True}, "name": VOLUME_CRL})
+    if g.get("mountMtlsCerts"):
+        sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        v.append({"name": "istio-certs", "secret": {"optional": True, "secretName": f"istio.{sa}"}})
+    return v
+
+
+def _proxy_container(pod: Mapping[str, Any], annotations: Mapping[str, str], labels: Mapping[str, str],
+                     settings: Settings, ch: Choices, dm: DeployMeta, image: str, resources: dict[str, Any],
+                     app_containers: list[dict[str, Any]]) -> dict[str, Any]:
+    p, g = settings.proxy, settings.g
+    args = ["proxy", "sidecar", "--domain", f"$(POD_NAMESPACE).svc.{p.get('clusterDomain') or 'cluster.local'}",
+            "--proxyLogLevel=" + _ann_or(annotations, C.ANNOTATION_LOG_LEVEL, p["logLevel"]),
+            "--proxyComponentLogLevel=" + _ann_or(annotations, C.ANNOTATION_COMPONENT_LOG_LEVEL,
+                                                  p["componentLogLevel"]),
+            "--log_output_level=" + _ann_or(annotations, C.ANNOTATION_AGENT_LOG_LEVEL, g["logging"]["level"])]
+    if int(g["sts"].get("servicePort") or 0):
+        args.append(f"--stsPort={int(g['sts']['servicePort'])}")
+    if g.get("logAsJson"):
+        args.append("--log_as_json")
+    if p.get("outlierLogPath"):
+        args.append(f"--outlierLogPath={p['outlierLogPath']}")
+    c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": image}
+    if g.get("imagePullPolicy"):
+        c["imagePullPolicy"] = g["imagePullPolicy"]
+    c["args"] = args
+    c["env"] = _proxy_env(pod, annotations, labels, settings, ch, dm, app_containers)
+    lifecycle = _lifecycle(settings, ch)
+    if lifecycle:
+        c["lifecycle"] = lifecycle
+    c["ports"] = [{"containerPort": C.ENVOY_PROMETHEUS_PORT, "name": "http-envoy-prom", "protocol": "TCP"}]
+    if ch.status_port:
+        rp = C.ANNOTATION_READINESS_PREFIX
+        c["readinessProbe"] = _http_probe(
+            int(_ann_or(annotations, rp + "periodSeconds", p["readinessPeriodSeconds"])),
+            int(_ann_or(annotations, rp + "initialDelaySeconds", p["readinessInitialDelaySeconds"])),
+            int(_ann_or(annotations, rp + "failureThreshold", p["readinessFailureThreshold"])))
+        if p["startupProbe"]["enabled"]:
+            c["startupProbe"] = _http_probe(1, 0, int(p["startupProbe"]["failureThreshold"]))
+    if resources:
+        c["resources"] = json_copy(resources)
+    if ch.native:
+        c["restartPolicy"] = "Always"
+    c["securityContext"] = _proxy_security_context(annotations, settings, ch)
+    c["volumeMounts"] = _volume_mounts(annotations, settings)
+    return c
+
+
+def _lifecycle(settings: Settings, ch: Choices) -> dict[str, Any] | None:
+    configured = settings.proxy.get("lifecycle")
+    if configured:
+        return json_copy(configured)
+    if ch.hold and not ch.native:
+        return {"postStart": {"exec": {"command": [AGENT_BINARY, "wait"]}}}
+    if ch.native:
+        return {"preStop": {"exec": {"command": [AGENT_BINARY, "request", f"--debug-port={ch.status_port}",
+                                                 "POST", "drain"]}}}
+    return None
+
+
+# ---- user overrides of injected containers (a strategic-merge subset) -------------------------------------------
+
+def _merge_keyed(base: list[Any], over: list[Any], key: str) -> list[Any]:
+    over_by = {o.get(key): o for o in over if isinstance(o, dict)}
+    out = [(_merge_map(b, over_by.pop(b.get(key))) if isinstance(b, dict) and b.get(key) in over_by else b)
+           for b in base]
+    return out + [o for o in over if isinstance(o, dict) and o.get(key) in over_by]
+
+
+def _merge_map(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        elif k in _KEYED_LISTS and isinstance(v, list) and isinstance(out.get(k), list):
+            out[k] = _merge_keyed(out[k], v, _KEYED_LISTS[k])
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge_map(out[k], v)
+        else:
+            out[k] = json_copy(v)
+    return out
+
+
+def merge_user_container(injected: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """The user's container named like an injected one, on top of it; `image: auto` keeps the injected image."""
+    user = {k: v for k, v in user.items() if not (k == "image" and v == "auto")}
+    return _merge_map(injected, user)
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------------
+
+def _validate_pod(pod: Any) -> None:
+    if not isinstance(pod, dict):
+        raise InjectionError("failed to process pod: the object is not a Pod (want a JSON object)")
+    if pod.get("kind") not in (None, "Pod"):
+        raise InjectionError(f"failed to process pod: object kind is {pod.get('kind')!r}, want Pod")
+    meta = pod.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise InjectionError("failed to process pod: metadata: want an object")
+    for key in ("labels", "annotations"):
+        m = (meta or {}).get(key)
+        if m is not None and not (isinstance(m, dict) and all(isinstance(v, str) for v in m.values())):
+            raise InjectionError(f"failed to process pod: metadata.{key}: want a map of strings")
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        raise InjectionError("failed to process pod: spec: missing (a Pod needs spec.containers)")
+    for key in ("containers", "initContainers"):
+        lst = spec.get(key)
+        if lst is None and key == "initContainers":
+            continue
+        if not isinstance(lst, list) or (key == "containers" and not lst):
+            raise InjectionError(f"failed to process pod: spec.{key}: want a non-empty list of containers")
+        for i, c in enumerate(lst):
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c.get("name"):
+                raise InjectionError(f"failed to process pod: spec.{key}[{i}]: want a container with a name")
+            for pkey in ("ports", "env", "volumeMounts"):
+                if c.get(pkey) is not None and not isinstance(c[pkey], list):
+                    raise InjectionError(f"failed to process pod: spec.{key}[{i}].{pkey}: want a list")
+    if spec.get("volumes") is not None and not isinstance(spec["volumes"], list):
+        raise InjectionError("failed to process pod: spec.volumes: want a list")
+
+
+def _env_value(container: Mapping[str, Any] | None, name: str) -> str | None:
+    for e in (container or {}).get("env") or []:
+        if e.get("name") == name:
+            return e.get("value")
+    return None
+
+
+def _pop_named(lst: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    for i, c in enumerate(lst):
+        if c.get("name") == name:
+            return lst.pop(i)
+    return None
+
+
+def _strip(pod: dict[str, Any], annotations: dict[str, str], status_port: int) -> dict[str, str | None]:
+    """Undo a previous injection recorded in the status annotation; returns env values worth carrying over."""
+    raw = annotations.pop(C.ANNOTATION_STATUS)
+    try:
+        status = json.loads(raw)
+        if not isinstance(status, dict):
+            raise ValueError
+    except ValueError:
+        raise InjectionError(f"failed to process pod: annotation {C.ANNOTATION_STATUS}: not valid JSON: {raw!r}")
+    spec = pod["spec"]
+    carried: dict[str, str | None] = {}
+    for key in ("containers", "initContainers"):
+        names = set(status.get(key) or [])
+        if not names or not spec.get(key):
+            continue
+        for c in spec[key]:
+            if c.get("name") == C.PROXY_CONTAINER:
+                carried[C.ENV_APP_PROBERS] = _env_value(c, C.ENV_APP_PROBERS)
+                carried[C.ENV_PROMETHEUS_ANNOTATIONS] = _env_value(c, C.ENV_PROMETHEUS_ANNOTATIONS)
+        spec[key] = [c for c in spec[key] if c.get("name") not in names]
+    for key, field in (("volumes", "volumes"), ("imagePullSecrets", "imagePullSecrets")):
+        names = set(status.get(key) or [])
+        if names and spec.get(field):
+            spec[field] = [v for v in spec[field] if v.get("name") not in names]
+    if prometheus._find(annotations, "prometheus_io_port") == str(status_port):
+        for k in [k for k in annotations if prometheus.sanitize(k) in
+                  ("prometheus_io_scrape", "prometheus_io_port", "prometheus_io_path")]:
+            del annotations[k]
+    overrides = annotations.get(ANNOTATION_OVERRIDES)
+    if overrides:
+        try:
+            saved = json.loads(overrides)
+        except ValueError:
+            raise InjectionError(f"failed to process pod: annotation {ANNOTATION_OVERRIDES}: not valid JSON")
+        for key in ("containers", "initContainers"):
+            for c in saved.get(key) or []:
+                spec.setdefault(key, []).append(c)
+    return carried
+
+
+def canonical_name(labels: Mapping[str, str], dm: DeployMeta) -> str:
+    name = (labels.get(C.LABEL_CANONICAL_NAME) or labels.get("app.kubernetes.io/name") or labels.get("app")
+            or dm.name)
+    return name[:63].strip("-_.")
+
+
+def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | None = None,
+               deploy_meta: DeployMeta | None = None, url_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The injected pod (a new object). Raises InjectionError for invalid pods or annotations."""
+    _validate_pod(pod)
+    # Copy only what gets modified (the input is never mutated; untouched subtrees are shared with it).
+    out: dict[str, Any] = dict(pod)
+    meta = out["metadata"] = dict(pod.get("metadata") or {})
+    meta.pop("managedFields", None)
+    spec = out["spec"] = dict(pod["spec"])
+    for key in ("containers", "initContainers"):
+        if spec.get(key) is not None:
+            spec[key] = [dict(c) for c in spec[key]]
+    if spec.get("volumes") is not None:
+        spec["volumes"] = list(spec["volumes"])
+    ns = meta.get("namespace") or namespace or ""
+    if ns and not meta.get("namespace"):
+        meta["namespace"] = ns
+    annotations: dict[str, str] = dict(meta.get("annotations") or {})
+    labels: dict[str, str] = dict(meta.get("labels") or {})
+    ann_mod.validate(annotations)
+    ch = choices(out, settings)
+
+    carried: dict[str, str | None] = {}
+    if C.ANNOTATION_STATUS in annotations:
+        mesh_status_port = int(settings.default_proxy_config.get("statusPort") or C.STATUS_PORT)
+        carried = _strip(out, annotations, mesh_status_port)
+
+    containers: list[dict[str, Any]] = spec["containers"]
+    inits: list[dict[str, Any]] = spec.get("initContainers") or []
+    user_proxy = _pop_named(containers, C.PROXY_CONTAINER) or _pop_named(inits, C.PROXY_CONTAINER)
+    user_init = _pop_named(inits, C.INIT_CONTAINER) or _pop_named(containers, C.INIT_CONTAINER)
+    if (user_proxy or user_init) and ANNOTATION_OVERRIDES not in annotations:
+        saved: dict[str, list[Any]] = {}
+        for c in (user_proxy, user_init):
+            if c is not None:
+                in_init = c is user_init or c.get("restartPolicy") == "Always"
+                saved.setdefault("initContainers" if in_init else "containers", []).append(c)
+        annotations[ANNOTATION_OVERRIDES] = json.dumps(saved, sort_keys=True, separators=(",", ":"))
+    if not containers:
+        raise InjectionError("failed to process pod: spec.containers: the pod has no application container")
+
+    dm = deploy_meta or pod_deploy_meta(out, ns)
+    g = settings.g
+    proxy_name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or settings.proxy["image"]
+    init_name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or g["proxy_init"]["image"]
+    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
+               or (ch.proxy_config.get("image") or {}).get("imageType") or g.get("variant") or "")
+    resources = _resources(annotations, settings)
+
+    proxy = _proxy_container(out, annotations, labels, settings, ch, dm,
+                             image_name(g["hub"], proxy_name, g["tag"], variant), resources, containers)
+    init = None
+    if ch.interception_mode != "NONE":
+        init = _init_container(annotations, settings, ch,
+                               image_name(g["hub"], init_name, g["tag"], variant), resources)
+    if user_proxy is not None:
+        proxy = merge_user_container(proxy, user_proxy)
+        if ch.native:
+            proxy["restartPolicy"] = "Always"
+        run_as = (user_proxy.get("securityContext") or {}).get("runAsUser")
+        if ch.interception_mode == "TPROXY":
+            proxy.setdefault("securityContext", {})["runAsUser"] = 0
+        elif init is not None and isinstance(run_as, int) and run_as:
+            init["args"][init["args"].index("-u") + 1] = str(run_as)
+    if user_init is not None and init is not None:
+        init = merge_user_container(init, user_init)
+
+    # ---- post-processing on the proxy env: cluster/network from values and URL, prometheus, probers ----
+    env = proxy["env"]
+    moved: dict[str, str] = {}
+    if g["multiCluster"].get("clusterName"):
+        moved[C.ENV_CLUSTER_ID] = str(g["multiCluster"]["clusterName"])
+    if g.get("network"):
+        moved[ENV_NETWORK] = str(g["network"])
+    for k, v in (url_env or {}).items():
+        moved[k] = v
+    if moved:
+        env[:] = [e for e in env if e.get("name") not in moved]
+        env += [{"name": k, "value": moved[k]} for k in sorted(moved)]
+
+    prom_env = prometheus.apply_merge(annotations, settings.mesh)
+    prom_env = prom_env or carried.get(C.ENV_PROMETHEUS_ANNOTATIONS)
+    if prom_env:
+        env.append({"name": C.ENV_PROMETHEUS_ANNOTATIONS, "value": prom_env})
+
+    # Place the containers (native: init side; classic: app side, first when the app waits for the proxy).
+    if ch.native:
+        spec["initContainers"] = ([init] if init else []) + [proxy] + inits
+        status_init = ([C.INIT_CONTAINER] if init else []) + [C.PROXY_CONTAINER]
+        status_containers: list[str] | None = None
+    else:
+        spec["initContainers"] = inits + ([init] if init else [])
+        spec["containers"] = [proxy] + containers if ch.hold else containers + [proxy]
+        status_init = [C.INIT_CONTAINER] if init else []
+        status_containers = [C.PROXY_CONTAINER]
+    if not spec["initContainers"]:
+        del spec["initContainers"]
+
+    rewrite = ann_mod.parse_go_bool(annotations.get(C.ANNOTATION_REWRITE_PROBES, ""))
+    if rewrite is None:
+        rewrite = bool(settings.values["sidecarInjectorWebhook"]["rewriteAppHTTPProbe"])
+    probe_port = int(annotations.get(C.ANNOTATION_STATUS_PORT) or settings.default_proxy_config.get("statusPort")
+                     or C.STATUS_PORT)
+    if rewrite and probe_port:
+        probers = probes.rewrite_app_probes(spec, probe_port)
+        probers = probes.merge_probers(probers, carried.get(C.ENV_APP_PROBERS))
+        if probers:
+            env.append({"name": C.ENV_APP_PROBERS, "value": probes.probers_json(probers)})
+
+    volumes = _volumes(out, annotations, settings)
+    vnames = {v["name"] for v in volumes}
+    spec["volumes"] = volumes + [v for v in spec.get("volumes") or [] if v.get("name") not in vnames]
+    pull = [{"name": str(s if isinstance(s, str) else s.get("name"))} for s in g.get("imagePullSecrets") or []]
+    if pull:
+        pnames = {p["name"] for p in pull}
+        spec["imagePullSecrets"] = pull + [s for s in spec.get("imagePullSecrets") or []
+                                           if s.get("name") not in pnames]
+
+    # ---- metadata ----
+    labels.setdefault(C.LABEL_SECURITY_TLS_MODE, "istio")
+    labels[C.LABEL_CANONICAL_NAME] = canonical_name(labels, dm)
+    labels.setdefault(C.LABEL_CANONICAL_REVISION, labels.get("app.kubernetes.io/version") or labels.get("version")
+                      or "latest")
+    if (ch.proxy_config.get("proxyMetadata") or {}).get("ISTIO_META_ENABLE_HBONE") == "true":
+        labels.setdefault(LABEL_TUNNEL, "http")
+    if moved.get(ENV_NETWORK):
+        labels.setdefault(LABEL_NETWORK, moved[ENV_NETWORK])
+    app = next((c["name"] for c in spec["containers"] if c.get("name") != C.PROXY_CONTAINER), None)
+    if app:
+        annotations.setdefault(C.ANNOTATION_DEFAULT_CONTAINER, app)
+        annotations.setdefault(C.ANNOTATION_DEFAULT_LOGS_CONTAINER, app)
+    annotations.update(settings.injected_annotations)
+    annotations[ANNOTATION_REV] = settings.revision or "default"
+    annotations[C.ANNOTATION_STATUS] = json.dumps({
+        "initContainers": status_init or None,
+        "containers": status_containers,
+        "volumes": [v["name"] for v in volumes],
+        "imagePullSecrets": [p["name"] for p in pull] or None,
+        "revision": settings.revision or "default",
+    }, separators=(",", ":"))
+    meta["labels"] = labels
+    meta["annotations"] = annotations
+    return out

@@ -1,0 +1,374 @@
+"""meshboot-webhook: the HTTPS admission server (FastAPI under uvicorn), plus the CA in the same loop, like istiod.
+
+Thin shell around `webhook.admission.review`: HTTP limits, TLS (hot-reloaded from files, or self-signed for the
+service's DNS names), config files watched for changes, health, readiness and Prometheus metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import ssl
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from meshboot import constants as C
+from meshboot import pki
+from webhook import logs, metrics
+from webhook.admission import INJECTED, SKIPPED, ReplicaCache, review_bytes
+from webhook.config import ConfigSource
+from webhook.errors import ConfigError
+
+log = logging.getLogger("meshboot.webhook")
+
+DEFAULT_MAX_BODY = 3 * 1024 * 1024
+MONITORING_PORT = 15014
+JSON = "application/json"
+
+try:  # the CA lives in webhook/ca (built separately); the injector runs without it
+    from webhook import ca as _ca
+    _HAS_CA = callable(getattr(_ca, "add_ca_arguments", None)) and callable(getattr(_ca, "start_ca", None))
+except Exception:  # noqa: BLE001 - any import failure only means "no CA in this process"
+    _ca, _HAS_CA = None, False
+
+
+@dataclass
+class TLSFiles:
+    """The serving cert/key on disk and the live SSLContext they are loaded into (reloaded in place)."""
+
+    cert: str
+    key: str
+    context: ssl.SSLContext | None = None
+    stamp: tuple = ()
+
+    def current_stamp(self) -> tuple:
+        out = []
+        for p in (self.cert, self.key):
+            try:
+                st = os.stat(p)
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def reload_if_changed(self) -> bool:
+        stamp = self.current_stamp()
+        if stamp == self.stamp or self.context is None:
+            return False
+        try:
+            # New handshakes use the new chain; open connections keep theirs.
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            metrics.CERT_RELOADS.labels("error").inc()
+            log.warning("serving certificate reload failed; keeping the old one", extra={"error": str(e)})
+            return False  # retried on the next tick (files may be mid-write)
+        self.stamp = stamp
+        metrics.CERT_RELOADS.labels("ok").inc()
+        log.info("serving certificate reloaded", extra={"cert": self.cert})
+        return True
+
+
+@dataclass
+class State:
+    source: ConfigSource
+    tls: TLSFiles | None = None
+    max_body: int = DEFAULT_MAX_BODY
+    poll_interval: float = 1.0
+    ca_args: argparse.Namespace | None = None
+    monitoring: tuple[str, int] | None = None
+    floor_endpoint: bool = False
+    cache: ReplicaCache | None = None
+    ready: bool = False
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+def _plain(status: int, message: str) -> Response:
+    return Response(content=message + "\n", status_code=status, media_type="text/plain")
+
+
+async def _read_body(request: Any, limit: int) -> bytes | None:
+    """The body, or None when it exceeds `limit` (checked on Content-Length and while streaming)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(state: State) -> Any:
+    """The FastAPI app; everything it needs is in `state` (tests build it directly)."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        stop_ca: Callable[[], Awaitable[None]] | None = None
+        monitor: asyncio.AbstractServer | None = None
+        try:
+            if _HAS_CA and state.ca_args is not None and getattr(state.ca_args, "ca_port", 0):
+                stop_ca = await _ca.start_ca(state.ca_args)
+            if state.monitoring and state.monitoring[1]:
+                monitor = await start_monitoring(*state.monitoring, state)
+            state.tasks.append(asyncio.create_task(_watch(state)))
+            state.ready = True
+            log.info("injector ready", extra={"config_generation": state.source.generation})
+            yield
+        finally:
+            state.ready = False
+            for t in state.tasks:
+                t.cancel()
+            if monitor is not None:
+                monitor.close()
+            if stop_ca is not None:
+                await stop_ca()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def inject(request: Request) -> Response:
+        metrics.REQUESTS.inc()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != JSON:
+            metrics.FAILURES.labels("content_type").inc()
+            return _plain(415, f"invalid Content-Type {ctype or '(none)'!r}, want `{JSON}`")
+        body = await _read_body(request, state.max_body)
+        if body is None:
+            metrics.FAILURES.labels("too_large").inc()
+            return _plain(413, f"request body exceeds the {state.max_body} byte limit")
+        if not body:
+            metrics.FAILURES.labels("no_body").inc()
+            return _plain(400, "no body found")
+        start = time.perf_counter()
+        payload, outcome = review_bytes(body, state.source.settings, request.url.path, state.cache)
+        metrics.LATENCY.observe(time.perf_counter() - start)
+        metrics.SUCCESS.inc()
+        if outcome.result == INJECTED:
+            metrics.INJECTED.inc()
+            log.debug("injected", extra={"pod": outcome.pod, "reason": outcome.reason})
+        elif outcome.result == SKIPPED:
+            metrics.SKIPS.labels(outcome.reason).inc()
+            log.debug("skipped", extra={"pod": outcome.pod, "reason": outcome.reason})
+        else:
+            metrics.FAILURES.labels("denied").inc()
+            log.info("denied", extra={"pod": outcome.pod, "error": outcome.reason})
+        return Response(content=payload, media_type=JSON)
+
+    app.add_api_route("/inject", inject, methods=["POST"])
+    app.add_api_route("/inject/{rest:path}", inject, methods=["POST"])
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(content=b"ok\n", media_type="text/plain")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if not state.ready:
+            return _plain(503, "not ready")
+        return Response(content=b"ready\n", media_type="text/plain")
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        return Response(content=generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    if state.floor_endpoint:
+        bodies: dict[int, bytes] = {}
+
+        @app.post("/bench/floor")
+        async def floor(request: Request, size: int = 1024) -> Response:
+            """Benchmark floor: read the body, answer `size` bytes; no injection work."""
+            await _read_body(request, state.max_body)
+            if size not in bodies:
+                bodies[size] = b'{"x":"' + b"x" * max(size - 8, 0) + b'"}'
+            return Response(content=bodies[size], media_type=JSON)
+
+    return app
+
+
+async def _watch(state: State) -> None:
+    """Poll the config files and the serving cert; swap in new versions without a restart."""
+    while True:
+        await asyncio.sleep(state.poll_interval)
+        try:
+            if state.source.reload_if_changed():
+                metrics.CONFIG_RELOADS.labels("ok").inc()
+                metrics.CONFIG_GENERATION.set(state.source.generation)
+                log.info("injection config reloaded", extra={"config_generation": state.source.generation})
+            elif state.source.last_error:
+                metrics.CONFIG_RELOADS.labels("error").inc()
+                log.warning("injection config reload failed; keeping the last good config",
+                            extra={"error": state.source.last_error})
+                state.source.last_error = None
+            if state.tls is not None:
+                state.tls.reload_if_changed()
+        except Exception:  # noqa: BLE001 - the watcher must survive anything
+            log.exception("watcher error")
+
+
+async def start_monitoring(address: str, port: int, state: State) -> asyncio.AbstractServer:
+    """Plain-HTTP /metrics and /healthz (Istio's 15014), for scrapers that do not speak the webhook's TLS."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) > 1 else ""
+            if path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+            elif path in ("/healthz", "/ready", "/readyz"):
+                ok = path == "/healthz" or state.ready
+                status, ctype, body = ("200 OK" if ok else "503 Service Unavailable"), "text/plain", \
+                    (b"ok\n" if ok else b"not ready\n")
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, address, port)
+
+
+# ---- TLS material --------------------------------------------------------------------------------------------
+
+def service_dns_names(service: str, namespace: str) -> list[str]:
+    return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
+
+
+def self_signed(service: str, namespace: str, out_dir: str, ca_bundle_out: str | None) -> tuple[str, str, bytes]:
+    """Generate a CA and a serving cert for the service names (+ localhost); write key/cert and the CA bundle."""
+    names = service_dns_names(service, namespace) + ["localhost"]
+    ca_pem, pair = pki.self_signed_serving(names, ips=("127.0.0.1", "::1"))
+    os.makedirs(out_dir, exist_ok=True)
+    cert, key = os.path.join(out_dir, "tls.crt"), os.path.join(out_dir, "tls.key")
+    with open(cert, "wb") as f:
+        f.write(pair.chain_pem)
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pair.key_pem)
+    if ca_bundle_out:
+        tmp = ca_bundle_out + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(ca_pem)
+        os.replace(tmp, ca_bundle_out)
+    return cert, key, ca_pem
+
+
+def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
+    """Set caBundle on every webhook of MutatingWebhookConfiguration `name` (what istiod does); returns the count."""
+    from kubernetes import client
+    api = client.AdmissionregistrationV1Api(api_client)
+    mwc = api.read_mutating_webhook_configuration(name)
+    bundle = base64.b64encode(ca_pem).decode()
+    hooks = [{"name": w.name, "clientConfig": {"caBundle": bundle}} for w in mwc.webhooks or []]
+    if hooks:
+        # Strategic merge on `webhooks` (merge key: name) touches only caBundle.
+        api.patch_mutating_webhook_configuration(name, {"webhooks": hooks})
+    return len(hooks)
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshboot-webhook", description=__doc__.split("\n")[0])
+    p.add_argument("--listen-address", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=C.WEBHOOK_PORT, help="HTTPS admission port")
+    p.add_argument("--tls-cert", help="serving certificate (PEM); reloaded when the file changes")
+    p.add_argument("--tls-key", help="serving key (PEM); reloaded when the file changes")
+    p.add_argument("--service-name", default="meshboot-webhook", help="Service name for the self-signed cert")
+    p.add_argument("--service-namespace", default=C.ISTIO_NAMESPACE)
+    p.add_argument("--ca-bundle-out", help="where to write the self-signed CA bundle (PEM)")
+    p.add_argument("--self-signed-dir", help="where to keep the self-signed cert/key (default: a temp dir)")
+    p.add_argument("--webhook-config-name", help="MutatingWebhookConfiguration whose caBundle to patch (in cluster)")
+    p.add_argument("--values", help="Istio injector values (the `values` key of istio-sidecar-injector)")
+    p.add_argument("--mesh-config", help="MeshConfig YAML (with defaultConfig)")
+    p.add_argument("--injector-config", help="injector config: policy, alwaysInjectSelector, neverInjectSelector")
+    p.add_argument("--kubernetes-version", help="MAJOR.MINOR; decides native sidecars in auto mode (>= 1.33)")
+    p.add_argument("--native-sidecars", choices=("auto", "true", "false"),
+                   help="default: $ENABLE_NATIVE_SIDECARS or auto")
+    p.add_argument("--monitoring-port", type=int, default=MONITORING_PORT, help="plain HTTP /metrics; 0 disables")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    p.add_argument("--replica-cache-size", type=int, default=256,
+                   help="answers kept for identical pods (a ReplicaSet's replicas); 0 disables")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between config/cert file checks")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--enable-bench-floor", action="store_true", help=argparse.SUPPRESS)
+    if _HAS_CA:
+        _ca.add_ca_arguments(p)
+    else:
+        p.add_argument("--ca-port", type=int, default=0, help="(no CA in this build)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("meshboot-webhook: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    try:
+        source = ConfigSource(args.values, args.mesh_config, args.injector_config,
+                              native_sidecars=args.native_sidecars, kubernetes_version=args.kubernetes_version)
+    except ConfigError as e:
+        print(f"meshboot-webhook: {e}", file=sys.stderr)
+        return 2
+    metrics.CONFIG_GENERATION.set(source.generation)
+    if args.tls_cert:
+        cert, key = args.tls_cert, args.tls_key
+    else:
+        out_dir = args.self_signed_dir or tempfile.mkdtemp(prefix="meshboot-webhook-")
+        cert, key, ca_pem = self_signed(args.service_name, args.service_namespace, out_dir, args.ca_bundle_out)
+        log.info("generated a self-signed serving certificate",
+                 extra={"dns_names": service_dns_names(args.service_name, args.service_namespace),
+                        "ca_bundle": args.ca_bundle_out})
+        if args.webhook_config_name:
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                try:
+                    from kubernetes import client, config
+                    cfg = client.Configuration()
+                    config.load_incluster_config(client_configuration=cfg)
+                    n = patch_webhook_ca_bundle(client.ApiClient(cfg), args.webhook_config_name, ca_pem)
+                    log.info("patched caBundle", extra={"webhook_config": args.webhook_config_name, "webhooks": n})
+                except Exception as e:  # noqa: BLE001 - report, keep serving (the operator can patch it)
+                    log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name,
+                                                                 "error": str(e)})
+            else:
+                log.warning("--webhook-config-name ignored: not running in a cluster")
+    state = State(source=source, tls=TLSFiles(cert, key), max_body=args.max_body_bytes,
+                  poll_interval=args.poll_interval, ca_args=args,
+                  monitoring=(args.listen_address, args.monitoring_port) if args.monitoring_port else None,
+                  floor_endpoint=args.enable_bench_floor,
+                  cache=ReplicaCache(args.replica_cache_size) if args.replica_cache_size > 0 else None)
+    import uvicorn
+    config = uvicorn.Config(create_app(state), host=args.listen_address, port=args.port, ssl_certfile=cert,
+                            ssl_keyfile=key, log_level="warning", access_log=False, lifespan="on",
+                            log_config=None, server_header=False, date_header=False)
+    try:
+        config.load()
+    except (OSError, ssl.SSLError) as e:
+        print(f"meshboot-webhook: cannot load TLS cert/key ({cert}, {key}): {e}", file=sys.stderr)
+        return 2
+    state.tls.context = config.ssl
+    state.tls.stamp = state.tls.current_stamp()
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
