@@ -6,7 +6,6 @@ message naming the bad input and exit 255.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import sys
@@ -54,19 +53,25 @@ def proxy_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _limit_malloc_arenas() -> None:
-    """glibc gives each thread (grpc pollers, executor) its own malloc arena; two are plenty and keep RSS low."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
+def import_asyncio_without_tls() -> None:
+    """Import asyncio without the `ssl` module: that loads the system OpenSSL (~4.6 MB RSS) although the agent
+    needs no asyncio TLS — gRPC brings its own TLS, and HTTPS app probes use a blocking socket in a thread.
+
+    Running asyncio without ssl is a supported configuration (Python builds without OpenSSL do); an entry of None
+    in sys.modules is the documented way to make an import fail. `ssl` stays importable afterwards.
+    """
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
         return
+    sys.modules["ssl"] = None  # type: ignore[assignment]
     try:
-        import ctypes  # noqa: PLC0415
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)   # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+        import asyncio  # noqa: F401, PLC0415
+    finally:
+        del sys.modules["ssl"]
 
 
 def run_proxy(argv: list[str]) -> int:
-    _limit_malloc_arenas()
+    import_asyncio_without_tls()
+    import asyncio  # noqa: PLC0415
     from . import log as logmod  # noqa: PLC0415
     from .config import ConfigError, Flags, build_config  # noqa: PLC0415
 
@@ -99,15 +104,19 @@ def run_proxy(argv: list[str]) -> int:
     except ConfigError as e:
         log.error(f"invalid configuration: {e}")
         return 255
-    prestarted = None
-    if cfg.file_certs is None:
-        # The key and CSR are made by a helper process started now, in parallel with everything below.
-        from . import keygen  # noqa: PLC0415
-        try:
-            prestarted = keygen.Prestarted(keygen.argv(cfg.key_kind, cfg.rsa_bits, cfg.ecc_curve, cfg.pkcs8,
-                                                       cfg.spiffe_id))
-        except OSError as e:
-            log.warn("cannot start the key generator now, will retry", error=str(e))
+    # Helpers started now run in parallel with everything below: the key + CSR, and the standalone config.
+    from . import helper, keygen  # noqa: PLC0415
+    prestarted: dict[str, helper.Prestarted] = {}
+    try:
+        if cfg.file_certs is None:
+            prestarted["keygen"] = helper.Prestarted(keygen.argv(cfg.key_kind, cfg.rsa_bits, cfg.ecc_curve,
+                                                                 cfg.pkcs8, cfg.spiffe_id))
+        if cfg.standalone:
+            prestarted["standalone"] = helper.Prestarted(helper.module_argv("agent.standalone", cfg.trust_domain,
+                                                                            cfg.mtls_mode))
+    except OSError as e:
+        log.error(f"cannot start a helper process ({sys.executable}): {e}")
+        return 255
     log.info("meshboot agent", version=__version__, pod=f"{cfg.pod_name}.{cfg.pod_namespace}",
              node=cfg.node_id)
     from .sidecar import Sidecar  # noqa: PLC0415
@@ -143,6 +152,8 @@ def _which_envoy(name: str) -> str | None:
 
 
 def _http(method: str, url: str, timeout: float, body: bytes = b"") -> tuple[int, bytes]:
+    import asyncio  # noqa: PLC0415
+
     from . import httpio  # noqa: PLC0415
 
     u = urllib.parse.urlsplit(url)
@@ -171,7 +182,7 @@ def run_wait(argv: list[str]) -> int:
                 print("Envoy is ready!", flush=True)
                 return 0
             last = f"HTTP status code {code}"
-        except (OSError, asyncio.TimeoutError, ValueError) as e:
+        except (OSError, TimeoutError, ValueError) as e:
             last = str(e) or type(e).__name__
         time.sleep(a.periodMillis / 1000)
     print(f"timeout waiting for Envoy proxy to become ready. Last error: {last}", file=sys.stderr)
@@ -193,7 +204,7 @@ def run_request(argv: list[str]) -> int:
     path = a.path if a.path.startswith("/") else "/" + a.path
     try:
         code, body = _http(a.method.upper(), f"http://localhost:{a.debug_port}{path}", 60, a.body.encode())
-    except (OSError, asyncio.TimeoutError) as e:
+    except (OSError, TimeoutError) as e:
         print(f"meshboot-agent request: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(body.decode(errors="replace"))

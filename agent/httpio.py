@@ -1,4 +1,5 @@
-"""Minimal HTTP/1.1 over asyncio streams: a client (Envoy admin, app probes, scrapes) and a server loop (status).
+"""Minimal plaintext HTTP/1.1 over asyncio streams: a client (Envoy admin, app probes, scrapes) and a server loop
+(status).
 
 The agent must start fast and stay small, so no web framework: requests are short, one per connection.
 """
@@ -6,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -47,16 +47,14 @@ def _dechunk(data: bytes) -> bytes:
 
 async def request(host: str, port: int, method: str = "GET", path: str = "/", *, headers: dict[str, str] | None = None,
                   body: bytes = b"", timeout: float | None = 5.0, source: str | None = None,
-                  tls: ssl.SSLContext | None = None, max_body: int | None = None) -> Response:
-    """One request on a fresh connection (`Connection: close`); raises OSError/TimeoutError on transport errors."""
+                  max_body: int | None = None) -> Response:
+    """One plaintext request on a fresh connection (`Connection: close`); raises OSError/TimeoutError on transport
+    errors. (TLS is not needed here: the agent's asyncio runs without the ssl module, see cli.py.)"""
 
     async def go() -> Response:
         kw: dict = {}
         if source:
             kw["local_addr"] = (source, 0)
-        if tls is not None:
-            kw["ssl"] = tls
-            kw["server_hostname"] = host
         reader, writer = await asyncio.open_connection(host, port, **kw)
         try:
             sock = writer.get_extra_info("socket")

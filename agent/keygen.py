@@ -1,19 +1,18 @@
-"""Key + CSR generation, run as a short-lived helper process: `python -m agent.keygen KIND BITS CURVE PKCS8 URI`.
+"""Key + CSR generation in a helper process (helper.py): `python -m agent.keygen KIND BITS CURVE PKCS8 URI`.
 
-Why a process: `cryptography` (its Rust/OpenSSL library) adds ~9 MB RSS to whoever imports it, and the agent lives
-in every pod for its whole life while it needs a key only twice a day. The helper starts at the agent's very
-first instruction, so RSA key generation runs in parallel with the agent's own start-up instead of holding its
-GIL. Output on stdout: the private key PEM, then the CSR PEM.
+`cryptography` adds ~9 MB RSS to whoever imports it, while the agent needs a key only twice a day. The first
+helper starts with the agent, so RSA key generation runs in parallel with the agent's start-up instead of holding
+its GIL. Output on stdout: the private key PEM, then the CSR PEM.
 """
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import sys
+
+from . import helper
 
 
 def argv(kind: str, rsa_bits: int, curve: str, pkcs8: bool, uri: str) -> list[str]:
-    return [sys.executable, "-m", "agent.keygen", kind, str(rsa_bits), curve, "1" if pkcs8 else "0", uri]
+    return helper.module_argv("agent.keygen", kind, str(rsa_bits), curve, "1" if pkcs8 else "0", uri)
 
 
 def split_output(out: bytes) -> tuple[bytes, str]:
@@ -25,28 +24,8 @@ def split_output(out: bytes) -> tuple[bytes, str]:
     return out[:i], out[i:].decode()
 
 
-class Prestarted:
-    """A helper started before the event loop exists (at agent start); awaited when the first CSR is due."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    async def result(self) -> tuple[bytes, str]:
-        while self.proc.poll() is None:       # output is a few KB: it cannot block on a full pipe
-            await asyncio.sleep(0.002)
-        out, err = self.proc.communicate()
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"key generator failed: {err.decode(errors='replace').strip()}")
-        return split_output(out)
-
-
 async def generate(args: list[str]) -> tuple[bytes, str]:
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"key generator failed: {err.decode(errors='replace').strip()}")
-    return split_output(out)
+    return split_output(await helper.run(args))
 
 
 def main(args: list[str]) -> int:

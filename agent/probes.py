@@ -6,7 +6,6 @@ probes call `grpc.health.v1.Health/Check`. The answer is the app's real status (
 from __future__ import annotations
 
 import asyncio
-import ssl
 
 from meshboot import constants as C
 
@@ -62,16 +61,14 @@ async def run(probe: AppProbe, dest: str, incoming_headers: dict[str, str], stat
     if host:
         h, sep, p = host.rpartition(":")
         headers["Host"] = f"{h}:{probe.port}" if sep and p == str(status_port) else host
-    tls = None
-    if probe.scheme == "HTTPS":
-        tls = ssl.create_default_context()
-        tls.check_hostname = False
-        tls.verify_mode = ssl.CERT_NONE
     path, redirects = probe.path, 0
     try:
         while True:
-            r = await httpio.request(dest, probe.port, "GET", path, headers=headers, timeout=timeout,
-                                     source=_source_for(dest), tls=tls, max_body=MAX_BODY)
+            if probe.scheme == "HTTPS":
+                r = await asyncio.to_thread(_https_get, dest, probe.port, path, headers, timeout, _source_for(dest))
+            else:
+                r = await httpio.request(dest, probe.port, "GET", path, headers=headers, timeout=timeout,
+                                         source=_source_for(dest), max_body=MAX_BODY)
             loc = r.headers.get("location", "")
             if 300 <= r.status < 400 and loc and redirects < 10:
                 from urllib.parse import urlsplit  # noqa: PLC0415
@@ -86,6 +83,26 @@ async def run(probe: AppProbe, dest: str, incoming_headers: dict[str, str], stat
                                    r.body[:MAX_BODY])
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
         return httpio.Response(500, body=f"http probe failed: {e}".encode())
+
+
+def _https_get(dest: str, port: int, path: str, headers: dict[str, str], timeout: float | None,
+               source: str) -> httpio.Response:
+    """HTTPS probe, blocking (run in a thread): certificates are not verified, as kubelet does not."""
+    import http.client  # noqa: PLC0415
+    import ssl  # noqa: PLC0415 — only for HTTPS probes; the agent's asyncio runs without ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(dest, port, timeout=timeout, context=ctx, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers=headers)
+        r = conn.getresponse()
+        return httpio.Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read(MAX_BODY))
+    except http.client.HTTPException as e:
+        raise OSError(str(e)) from None
+    finally:
+        conn.close()
 
 
 async def _grpc(probe: AppProbe, dest: str, incoming: dict[str, str], timeout: float | None) -> httpio.Response:

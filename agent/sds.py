@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import os
 import time
-import uuid
 from typing import AsyncIterator
 
 import grpc
@@ -51,7 +51,7 @@ class SDSService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
             a.Pack(secret_proto(n, await self.secrets.get(n)))
             resources.append(a)
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return discovery_pb2.DiscoveryResponse(version_info=f"{now}/{next(_versions)}", nonce=str(uuid.uuid4()),
+        return discovery_pb2.DiscoveryResponse(version_info=f"{now}/{next(_versions)}", nonce=os.urandom(16).hex(),
                                                type_url=C.SDS_TYPE_URL, resources=resources)
 
     async def StreamSecrets(self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],

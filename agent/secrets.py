@@ -14,7 +14,7 @@ from typing import Callable
 
 from meshboot import constants as C
 
-from . import keygen, x509lite
+from . import helper, keygen, x509lite
 from .config import AgentConfig
 from .log import Log
 
@@ -86,7 +86,7 @@ class SecretManager:
 
     def __init__(self, cfg: AgentConfig, ca: "object | None", metrics: "object | None" = None,
                  backoff_initial: float = 0.5, backoff_max: float = 60.0,
-                 prestarted: "keygen.Prestarted | None" = None) -> None:
+                 prestarted: "helper.Prestarted | None" = None) -> None:
         self.cfg = cfg
         self._prestarted = prestarted
         self.ca = ca
@@ -171,7 +171,7 @@ class SecretManager:
         try:
             if self._prestarted is not None:
                 pre, self._prestarted = self._prestarted, None
-                key_pem, csr = await pre.result()
+                key_pem, csr = keygen.split_output(await pre.result())
             else:
                 key_pem, csr = await keygen.generate(self.keygen_args())
         except (OSError, RuntimeError, ValueError) as e:

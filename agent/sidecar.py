@@ -37,9 +37,9 @@ def write_json(path: str, data: dict, atomic: bool) -> None:
 
 
 class Sidecar:
-    def __init__(self, cfg: AgentConfig, prestarted: "object | None" = None) -> None:
+    def __init__(self, cfg: AgentConfig, prestarted: "dict | None" = None) -> None:
         self.cfg = cfg
-        self.prestarted = prestarted
+        self.prestarted = prestarted or {}
         self.metrics = Metrics()
         self.admin = Admin(cfg.admin_port)
         self.stop = asyncio.Event()
@@ -100,7 +100,7 @@ class Sidecar:
             loop.add_signal_handler(sig, self._signal, sig.name)
 
         ca = None if cfg.file_certs is not None else CAClient(cfg)
-        secrets = SecretManager(cfg, ca, self.metrics, prestarted=self.prestarted)  # type: ignore[arg-type]
+        secrets = SecretManager(cfg, ca, self.metrics, prestarted=self.prestarted.get("keygen"))
         secrets.start()
         os.makedirs(cfg.config_path, mode=0o700, exist_ok=True)
         sds_server = await serve_sds(cfg.workload_socket, secrets, self.metrics)
@@ -189,8 +189,10 @@ class Sidecar:
 
         cfg = self.cfg
         if cfg.standalone:
-            from . import standalone  # noqa: PLC0415
-            servicer = standalone.StandaloneADS(standalone.resources(cfg.trust_domain, cfg.mtls_mode))
+            from . import ads, helper  # noqa: PLC0415
+            pre = self.prestarted.get("standalone") or helper.Prestarted(
+                helper.module_argv("agent.standalone", cfg.trust_domain, cfg.mtls_mode))
+            servicer = ads.StandaloneADS(asyncio.ensure_future(ads.load_resources(pre)))
         else:
             from .xdsproxy import XdsProxy  # noqa: PLC0415
             servicer = XdsProxy(cfg, self.metrics)

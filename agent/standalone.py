@@ -5,14 +5,15 @@ Built from xds-protos message types (so Envoy's schema checks it):
 - `virtualInbound` 0.0.0.0:15006 — original destination + TLS inspector; an mTLS chain (SDS `default` / `ROOTCA`,
   client certificate required, SPIFFE ID in the trust domain) and, in PERMISSIVE mode, a plaintext chain; both
   to `InboundPassthroughCluster` (source 127.0.0.6); loops to 15001/15006 go to `BlackHoleCluster`.
-Serves both ADS flavours (SotW and Delta); the resources never change, so one version.
+Built in a helper process (`python -m agent.standalone TRUST_DOMAIN MODE`, see helper.py) so that these message
+modules stay out of the long-lived agent; ads.py serves the serialized result.
 """
 from __future__ import annotations
 
-import itertools
-from typing import AsyncIterator
+import base64
+import json
+import sys
 
-import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.config.listener.v3 import listener_components_pb2 as lc
@@ -21,17 +22,12 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from meshboot import constants as C
 
-from .log import Log
-
-log = Log("xds")
-VERSION = "1"
 
 
 def _any(msg: Message) -> any_pb2.Any:
@@ -135,43 +131,18 @@ def resources(trust_domain: str, mtls_mode: str) -> dict[str, dict[str, any_pb2.
             C.LISTENER_TYPE_URL: {lst.name: _any(lst) for lst in listeners(trust_domain, mtls_mode)}}
 
 
-class StandaloneADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """Serves `resources` to Envoy over SotW and Delta ADS."""
+def encode(res: dict[str, dict[str, any_pb2.Any]]) -> bytes:
+    """The helper's output: JSON {type_url: {name: base64(serialized resource)}}."""
+    return json.dumps({t: {n: base64.b64encode(a.value).decode() for n, a in named.items()}
+                       for t, named in res.items()}).encode()
 
-    def __init__(self, res: dict[str, dict[str, any_pb2.Any]]) -> None:
-        self.res = res
-        self._nonce = itertools.count(1)
 
-    async def StreamAggregatedResources(self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-                                        context: grpc.aio.ServicerContext):  # noqa: ANN201
-        sent: dict[str, str] = {}
-        async for req in request_iterator:
-            if req.HasField("error_detail") and req.error_detail.code:
-                log.error("Envoy rejected config", type=req.type_url, error=req.error_detail.message)
-                continue
-            if req.response_nonce and req.response_nonce == sent.get(req.type_url):
-                continue   # ACK
-            if req.type_url not in self.res:
-                continue
-            res = self.res[req.type_url]
-            names = list(req.resource_names) or list(res)
-            nonce = str(next(self._nonce))
-            sent[req.type_url] = nonce
-            yield discovery_pb2.DiscoveryResponse(version_info=VERSION, type_url=req.type_url, nonce=nonce,
-                                                  resources=[res[n] for n in names if n in res])
+def main(argv: list[str]) -> int:
+    """`python -m agent.standalone TRUST_DOMAIN MTLS_MODE`: print the serialized resources (see ads.py)."""
+    trust_domain, mode = argv
+    sys.stdout.buffer.write(encode(resources(trust_domain, mode)))
+    return 0
 
-    async def DeltaAggregatedResources(self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-                                       context: grpc.aio.ServicerContext):  # noqa: ANN201
-        sent: set[str] = set()
-        async for req in request_iterator:
-            if req.HasField("error_detail") and req.error_detail.code:
-                log.error("Envoy rejected config", type=req.type_url, error=req.error_detail.message)
-                continue
-            if req.type_url not in self.res or req.type_url in sent:
-                continue
-            sent.add(req.type_url)
-            res = self.res[req.type_url]
-            yield discovery_pb2.DeltaDiscoveryResponse(
-                system_version_info=VERSION, type_url=req.type_url, nonce=str(next(self._nonce)),
-                resources=[discovery_pb2.Resource(name=n, version=VERSION, resource=r) for n, r in res.items()])
 
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

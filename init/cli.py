@@ -14,6 +14,11 @@ from . import flags
 from .config import ConfigError, build_config
 from .log import Logger
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from .config import CaptureConfig
+    from .rules import Plan
+
 EXIT_OK, EXIT_ERROR, EXIT_VALIDATION, EXIT_USAGE = 0, 1, 126, 255
 
 
@@ -25,7 +30,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def dry_run_output(plan, cfg) -> str:  # type: ignore[no-untyped-def]
+def dry_run_output(plan: Plan, cfg: CaptureConfig) -> str:
     """The iptables-restore input of each family, as comments + text that can be piped to iptables-restore."""
     out = [f"# iptables-restore --noflush (IPv4)\n{plan.v4.restore_text()}"]
     if cfg.enable_ipv6:
@@ -33,7 +38,7 @@ def dry_run_output(plan, cfg) -> str:  # type: ignore[no-untyped-def]
     return "".join(out)
 
 
-def _dry_run_record(plan, cfg) -> str:  # type: ignore[no-untyped-def]
+def _dry_run_record(plan: Plan, cfg: CaptureConfig) -> str:
     """What Istio's dry-run stub records in DRY_RUN_FILE_PATH: commands and restore lines, in order."""
     lines = ["iptables-save", "ip6tables-save", *plan.v4.restore_text().splitlines()]
     if cfg.enable_ipv6:
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _apply(cfg, plan, log: Logger) -> int:  # type: ignore[no-untyped-def]
+def _apply(cfg: CaptureConfig, plan: Plan, log: Logger) -> int:
     from . import apply, backend
 
     try:

@@ -239,3 +239,12 @@ ENV_DRY_RUN_FILE_PATH = "DRY_RUN_FILE_PATH"
 # ISTIO_OUTPUT`, no tunnel-port term in the proxy loopback rule); "current" writes today's Istio layout
 # (`-A OUTPUT -j ISTIO_OUTPUT`, `-p tcp ! --dport 15008` in the proxy loopback rule).
 ENV_IPTABLES_LAYOUT = "MESHBOOT_IPTABLES_LAYOUT"
+
+# ---- injector (webhook/) additions ------------------------------------------------------------------------------
+ANNOTATION_PROXY_OVERRIDES = "proxy.istio.io/overrides"   # user's own istio-proxy/istio-init, kept for re-injection
+ANNOTATION_USER_VOLUME = "sidecar.istio.io/userVolume"
+ANNOTATION_USER_VOLUME_MOUNT = "sidecar.istio.io/userVolumeMount"
+LABEL_NETWORK = "topology.istio.io/network"
+LABEL_TUNNEL = "networking.istio.io/tunnel"
+ENV_NETWORK = "ISTIO_META_NETWORK"
+MOUNT_ISTIO_CA_CRL = "/var/run/secrets/istio/crl"

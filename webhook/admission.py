@@ -187,8 +187,8 @@ def review_bytes(body: bytes, settings: Settings, path: str = "/inject",
         outcome = review(body, settings, path)
     payload = json.dumps(outcome.response, separators=(",", ":"))
     if key is not None and outcome.result != ERROR:
-        resp = dict(outcome.response, response={**outcome.response["response"], "uid": _UID_MARK})
-        template = json.dumps(resp, separators=(",", ":"))
+        # The uid is the response's first field: mark it in the serialized answer for reuse.
+        template = payload.replace('"uid":' + json.dumps(uid), '"uid":' + _UID_SLOT, 1)
         cache.put(key, (template, Outcome(outcome.response, outcome.result, outcome.reason, outcome.pod)))
     return payload.encode(), outcome
 

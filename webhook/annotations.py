@@ -5,6 +5,7 @@ All errors are collected and reported together in Istio's multi-error shape, so 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from typing import Any, Callable, Mapping
 
@@ -102,7 +103,20 @@ def parse_proxy_config_annotation(v: str) -> dict[str, Any]:
         raise ValueError(str(e)) from None
 
 
+def parse_json_map(v: str) -> dict[str, dict[str, Any]]:
+    """userVolume / userVolumeMount: a JSON object of name -> object."""
+    try:
+        doc = json.loads(v) if v.strip() else {}
+    except ValueError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not all(isinstance(x, dict) for x in doc.values()):
+        raise ValueError("want a JSON object mapping each name to an object")
+    return doc
+
+
 _RULES: dict[str, Callable[[str], Any]] = {
+    C.ANNOTATION_USER_VOLUME: parse_json_map,
+    C.ANNOTATION_USER_VOLUME_MOUNT: parse_json_map,
     C.ANNOTATION_INTERCEPTION_MODE: _mode,
     C.ANNOTATION_STATUS_PORT: _uint(16),
     C.ANNOTATION_READINESS_PREFIX + "initialDelaySeconds": _uint(32),

@@ -16,13 +16,13 @@ from webhook.config import PROXY_CONFIG_DEFAULTS, Settings
 from webhook.errors import InjectionError
 from webhook.workloads import DeployMeta, pod_deploy_meta
 
-ANNOTATION_OVERRIDES = "proxy.istio.io/overrides"
-ANNOTATION_REV = "istio.io/rev"
-LABEL_NETWORK = "topology.istio.io/network"
-LABEL_TUNNEL = "networking.istio.io/tunnel"
-ENV_NETWORK = "ISTIO_META_NETWORK"
+ANNOTATION_OVERRIDES = C.ANNOTATION_PROXY_OVERRIDES
+ANNOTATION_REV = C.LABEL_REV          # the same key, as an annotation recording the injecting revision
+LABEL_NETWORK = C.LABEL_NETWORK
+LABEL_TUNNEL = C.LABEL_TUNNEL
+ENV_NETWORK = C.ENV_NETWORK
 VOLUME_CRL = "istio-ca-crl"
-MOUNT_CRL = "/var/run/secrets/istio/crl"
+MOUNT_CRL = C.MOUNT_ISTIO_CA_CRL
 CUSTOM_BOOTSTRAP_VOLUME = "custom-bootstrap-volume"
 CUSTOM_BOOTSTRAP_MOUNT = "/etc/istio/custom-bootstrap"
 AGENT_BINARY = "pilot-agent"
@@ -284,6 +284,9 @@ def _volume_mounts(annotations: Mapping[str, str], settings: Settings) -> list[d
     if settings.g.get("mountMtlsCerts"):
         m.append({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": True})
     m.append({"mountPath": C.MOUNT_ISTIO_PODINFO, "name": "istio-podinfo"})
+    user = annotations.get(C.ANNOTATION_USER_VOLUME_MOUNT)
+    if user:
+        m += [{**mount, "name": name} for name, mount in ann_mod.parse_json_map(user).items()]
     return m
 
 
@@ -311,6 +314,9 @@ def _volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: S
     if g.get("mountMtlsCerts"):
         sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
         v.append({"name": "istio-certs", "secret": {"optional": True, "secretName": f"istio.{sa}"}})
+    user = annotations.get(C.ANNOTATION_USER_VOLUME)
+    if user:
+        v += [{**source, "name": name} for name, source in ann_mod.parse_json_map(user).items()]
     return v
 
 

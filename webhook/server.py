@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import logging
 import os
 import ssl
@@ -32,7 +33,7 @@ from webhook.errors import ConfigError
 log = logging.getLogger("meshboot.webhook")
 
 DEFAULT_MAX_BODY = 3 * 1024 * 1024
-MONITORING_PORT = 15014
+MONITORING_PORT = C.MONITORING_PORT
 JSON = "application/json"
 
 try:  # the CA lives in webhook/ca (built separately); the injector runs without it
@@ -118,10 +119,18 @@ def create_app(state: State) -> Any:
         monitor: asyncio.AbstractServer | None = None
         try:
             if _HAS_CA and state.ca_args is not None and getattr(state.ca_args, "ca_port", 0):
-                stop_ca = await _ca.start_ca(state.ca_args)
+                try:
+                    stop_ca = await _ca.start_ca(state.ca_args)
+                except Exception as e:  # noqa: BLE001 - one clear line, then fail startup
+                    log.error("the CA could not start", extra={"error": str(e)})
+                    raise
             if state.monitoring and state.monitoring[1]:
                 monitor = await start_monitoring(*state.monitoring, state)
             state.tasks.append(asyncio.create_task(_watch(state)))
+            # Everything imported and built so far lives as long as the process: keep it out of the cyclic GC's
+            # full collections, which otherwise walk it all and show up as latency spikes.
+            gc.collect()
+            gc.freeze()
             state.ready = True
             log.info("injector ready", extra={"config_generation": state.source.generation})
             yield
@@ -133,6 +142,7 @@ def create_app(state: State) -> Any:
                 monitor.close()
             if stop_ca is not None:
                 await stop_ca()
+            log.info("injector stopped")
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -270,16 +280,21 @@ def self_signed(service: str, namespace: str, out_dir: str, ca_bundle_out: str |
 
 
 def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
-    """Set caBundle on every webhook of MutatingWebhookConfiguration `name` (what istiod does); returns the count."""
+    """Set caBundle on every webhook of MutatingWebhookConfiguration `name` (what istiod does); returns the count.
+
+    A JSON Patch with a `test` of each webhook's name, so a concurrent edit fails the patch instead of being undone.
+    """
     from kubernetes import client
     api = client.AdmissionregistrationV1Api(api_client)
     mwc = api.read_mutating_webhook_configuration(name)
     bundle = base64.b64encode(ca_pem).decode()
-    hooks = [{"name": w.name, "clientConfig": {"caBundle": bundle}} for w in mwc.webhooks or []]
-    if hooks:
-        # Strategic merge on `webhooks` (merge key: name) touches only caBundle.
-        api.patch_mutating_webhook_configuration(name, {"webhooks": hooks})
-    return len(hooks)
+    ops: list[dict[str, Any]] = []
+    for i, hook in enumerate(mwc.webhooks or []):
+        ops.append({"op": "test", "path": f"/webhooks/{i}/name", "value": hook.name})
+        ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle})
+    if ops:
+        api.patch_mutating_webhook_configuration(name, ops, _content_type="application/json-patch+json")
+    return len(ops) // 2
 
 
 # ---- command line ----------------------------------------------------------------------------------------------

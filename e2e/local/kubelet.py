@@ -1,6 +1,6 @@
 """A small kubelet: runs an (injected) pod spec as a network namespace plugged into the node's bridge.
 
-The pod's "image" is this host's filesystem plus the venv (see `images`). For each container the runner does what a
+The pod's "image" is this host's filesystem plus the venv (see `local_images`). For each container the runner does what a
 kubelet and a container runtime do, in the same order: create the sandbox (netns, veth, IP), populate the volumes
 (emptyDir, configMap, secret, downwardAPI, projected service-account token), run init containers to completion (a
 native sidecar — restartPolicy Always — is started and its startupProbe awaited), then the containers, each with the
@@ -272,7 +272,7 @@ class PodRun:
         if self.stopped:
             raise PodFailed(f"pod {self.name} is being deleted")
         long_running = set(self.counted())
-        dead = [c.name for c in self.containers.values()
+        dead = [c.name for c in list(self.containers.values())
                 if c.name in long_running and c.proc is not None and c.proc.poll() is not None]
         if dead:
             codes = {n: self.containers[n].proc.returncode for n in dead}  # type: ignore[union-attr]
@@ -312,17 +312,24 @@ class PodRun:
         finally:
             self.netns.close()
 
-    def _hook(self, c: ContainerRun, which: str, timeout: float) -> None:
+    def _hook(self, c: ContainerRun, which: str, timeout: float) -> str:
+        """Run a postStart/preStop handler (exec in the container, or httpGet from the node); "" if it succeeded
+        (or there is none), else what went wrong."""
         handler = (c.spec.get("lifecycle") or {}).get(which)
         if not handler:
-            return
-        with contextlib.suppress(Exception):
+            return ""
+        try:
             if "exec" in handler:
-                self.exec(c.name, list(handler["exec"]["command"]), timeout=timeout)
-            elif "httpGet" in handler:
+                res = self.exec(c.name, list(handler["exec"]["command"]), timeout=timeout)
+                return "" if res.returncode == 0 else f"exit {res.returncode}: {(res.stdout + res.stderr).strip()}"
+            if "httpGet" in handler:
                 g = handler["httpGet"]
-                self.node.call(http_get, g.get("host") or self.ip, kube.port_number(c.spec, g["port"]),
-                               g.get("path") or "/", timeout)
+                status = self.node.call(http_get, g.get("host") or self.ip, kube.port_number(c.spec, g["port"]),
+                                        g.get("path") or "/", timeout).status
+                return "" if 200 <= status < 400 else f"HTTP {status}"
+            return f"unsupported handler {sorted(handler)}"
+        except (OSError, http.client.HTTPException, subprocess.TimeoutExpired) as e:
+            return str(e)
 
 
 def _ns_argv(ns: Netns, argv: list[str], uid: int, gid: int) -> list[str]:
@@ -497,7 +504,9 @@ class Kubelet:
                 raise PodFailed(f"pod {run.name} is being deleted; not starting {c.name}")
             c.proc = self._popen(run, c, out)
             run.containers[c.name] = c
-        run._hook(c, "postStart", timeout=60)
+        failed = run._hook(c, "postStart", timeout=60)
+        if failed:   # the kubelet kills a container whose postStart hook fails (FailedPostStartHook)
+            raise PodFailed(f"pod {run.name}: container {c.name} postStart hook failed: {failed}")
         return c
 
     def _popen(self, run: PodRun, c: ContainerRun, out: Any) -> subprocess.Popen:

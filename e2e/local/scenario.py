@@ -68,6 +68,7 @@ class Facts:
     """Everything the demo prints and the test asserts."""
 
     injected: dict[str, Any]                 # pod-a as stored after admission
+    kubernetes_version: str                  # what the webhook was told (>= 1.33: native sidecars)
     patch_ops: int
     pods: dict[str, PodFacts] = field(default_factory=dict)
     response: dict[str, Any] = field(default_factory=dict)
@@ -139,7 +140,7 @@ def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
         admitted = [cluster.admit(p) for p in load_pods()]
         mark("admitted")
         a = admitted[0]
-        facts = Facts(injected=a.pod, patch_ops=len(a.patch or []))
+        facts = Facts(injected=a.pod, kubernetes_version=kubernetes_version, patch_ops=len(a.patch or []))
         inits, conts = _containers(a.pod)
         say(f"\n== AdmissionReview → {a.pod['metadata']['name']}: JSONPatch of {facts.patch_ops} ops; "
             f"initContainers {inits}, containers {conts}")

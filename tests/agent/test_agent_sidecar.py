@@ -284,12 +284,14 @@ def test_strict_mtls_and_rotation(pod_pair: tuple[Pod, Netns]) -> None:
     assert bad.returncode != 0 and "ERROR" in bad.stdout, bad.stdout
 
 
-def test_proxy_mode_forwards_ads_and_reconnects(pod: Pod) -> None:
-    """A discovery address ⇒ the agent proxies Envoy's ADS to it over TLS with the token; after the upstream
-    restarts, Envoy gets the new generation's listener through the agent."""
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sotw"])
+def test_proxy_mode_forwards_ads_and_reconnects(pod: Pod, delta: bool) -> None:
+    """A discovery address ⇒ the agent proxies Envoy's ADS (Delta by default, SotW with ISTIO_DELTA_XDS=false) to
+    it over TLS with the token; after the upstream restarts, Envoy gets the new generation's listener."""
     pod.start_ca()
     cert, key = pod.issue("istiod", dns=(C.ISTIOD_SAN,))
-    token = str(pod.path(C.TOKEN_PATH))
+    token = str(pod.path("expected-token"))          # what the upstream accepts: the pod's real token
+    pod.path("expected-token").write_text(pod.path(C.TOKEN_PATH).read_text())
 
     def upstream(gen: int) -> subprocess.Popen:
         log = open(pod.path(f"ads-{gen}.log"), "ab")
@@ -298,7 +300,8 @@ def test_proxy_mode_forwards_ads_and_reconnects(pod: Pod) -> None:
 
     up = upstream(1)
     pod.wait_tcp("127.0.0.1", 15011)
-    pod.start_agent(PROXY_CONFIG=json.dumps({"discoveryAddress": "localhost:15011"}))
+    pod.start_agent(PROXY_CONFIG=json.dumps({"discoveryAddress": "localhost:15011"}),
+                    ISTIO_DELTA_XDS=str(delta).lower())
     pod.wait_ready(30)
 
     def listeners() -> set[str]:
@@ -307,14 +310,23 @@ def test_proxy_mode_forwards_ads_and_reconnects(pod: Pod) -> None:
 
     assert "upstream_listener_1" in listeners()
     log1 = pod.path("ads-1.log").read_text()
-    assert "stream auth=ok clusterid=Kubernetes" in log1 and "delta request Listener" in log1
+    flavour = "delta" if delta else "sotw"
+    assert "stream auth=ok clusterid=Kubernetes" in log1 and f"{flavour} request Listener" in log1
 
     up.kill()
     up.wait()
     time.sleep(1)
-    upstream(2)
+    up = upstream(2)
     wait_for(lambda: "upstream_listener_2" in listeners(), 30, "the restarted upstream's listener", period=0.5)
     assert "stream auth=ok" in pod.path("ads-2.log").read_text()
-    # SotW flavour check is in the unit of the same forwarder; delta is Istio's default and what ran here.
-    with contextlib.suppress(Exception):
-        pod.agent_proc.send_signal(signal.SIGTERM)
+
+    # The token is re-read for every upstream stream: a bad one is refused and nothing new reaches Envoy.
+    pod.path(C.TOKEN_PATH).write_text("not-a-token")
+    up.kill()
+    up.wait()
+    upstream(3)
+    wait_for(lambda: pod.path("ads-3.log").exists() and "auth=refused" in pod.path("ads-3.log").read_text(), 30,
+             "the upstream to refuse the bad token", period=0.5)
+    assert "upstream_listener_3" not in listeners()
+    os.kill(pod.envoy_pid(), signal.SIGKILL)       # end of the run: the agent exits non-zero on Envoy's death
+    assert pod.agent_proc.wait(15) == 1

@@ -17,15 +17,20 @@ from meshboot import constants as C
 PODS = ("pod-a", "pod-b")
 
 
-@pytest.fixture(scope="module")
-def facts() -> Iterator[scenario.Facts]:
+# Kubernetes >= 1.33: the webhook makes istio-proxy a native sidecar (an init container with restartPolicy Always);
+# older: the classic layout, istio-proxy among the containers. The kubelet runs both.
+LAYOUTS = {"native-sidecar": "1.34", "classic": "1.30"}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def facts(request: pytest.FixtureRequest) -> Iterator[scenario.Facts]:
     ok, why = have_root()
     if not ok:
         import os
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the whole-pod test, but: {why}")
         pytest.skip(why)
-    yield scenario.run_flow(prefix="mbp")
+    yield scenario.run_flow(prefix="mbp", kubernetes_version=LAYOUTS[request.param])
 
 
 def test_webhook_injected_istio_init_and_istio_proxy(facts: scenario.Facts) -> None:
@@ -33,8 +38,13 @@ def test_webhook_injected_istio_init_and_istio_proxy(facts: scenario.Facts) -> N
     inits = {c["name"]: c for c in spec.get("initContainers") or []}
     containers = {c["name"]: c for c in spec.get("containers") or []}
     assert C.INIT_CONTAINER in inits
-    proxy = inits.get(C.PROXY_CONTAINER) or containers.get(C.PROXY_CONTAINER)
-    assert proxy is not None, "no istio-proxy container"
+    if facts.kubernetes_version == LAYOUTS["native-sidecar"]:
+        assert list(inits) == [C.INIT_CONTAINER, C.PROXY_CONTAINER] and C.PROXY_CONTAINER not in containers
+        assert inits[C.PROXY_CONTAINER].get("restartPolicy") == "Always"
+        proxy = inits[C.PROXY_CONTAINER]
+    else:
+        assert list(inits) == [C.INIT_CONTAINER] and C.PROXY_CONTAINER in containers
+        proxy = containers[C.PROXY_CONTAINER]
     assert inits[C.INIT_CONTAINER]["args"][0] == "istio-iptables"
     assert proxy["args"][:2] == ["proxy", "sidecar"]
     assert proxy["securityContext"]["runAsUser"] == C.PROXY_UID

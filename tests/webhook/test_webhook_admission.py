@@ -39,6 +39,7 @@ def test_namespace_filled_from_request_and_managed_fields_dropped() -> None:
     original = dict(pod, metadata={k: v for k, v in pod["metadata"].items() if k != "managedFields"})
     original["metadata"]["namespace"] = "shop"
     patched = jsonpatch.apply_patch(original, ops)
+    validate_pod(patched)
     env = {e["name"]: e.get("value") for e in patched["spec"]["initContainers"][1]["env"]}
     assert env["ISTIO_META_OWNER"] == "kubernetes://apis/v1/namespaces/shop/pods/hello"
 
@@ -124,6 +125,7 @@ def test_url_params() -> None:
     proxy = patched["spec"]["initContainers"][1]
     assert [e["name"] for e in proxy["env"]][-3:-1] == ["ISTIO_META_CLUSTER_ID", "ISTIO_META_NETWORK"]
     assert patched["metadata"]["labels"]["topology.istio.io/network"] == "n1"
+    validate_pod(patched)
 
 
 def test_replica_cache_answers_identical_pods_with_their_own_uid() -> None:

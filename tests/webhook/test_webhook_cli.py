@@ -127,7 +127,9 @@ def test_istio_values_configmap_and_mesh_config(tmp_path: Path, capsys: pytest.C
         rc, out, err = run_cli(tmp_path, SAMPLE.read_text(), "--values", str(tmp_path / vfile), "--mesh-config",
                                str(tmp_path / "mesh.yaml"), "--native-sidecars", "false", capsys=capsys)
         assert rc == 0, err
-        spec = yaml.safe_load(out)["spec"]["template"]["spec"]
+        dep = yaml.safe_load(out)
+        validate_object(dep)
+        spec = dep["spec"]["template"]["spec"]
         assert names(spec["containers"]) == ["hello", "istio-proxy"]
         assert spec["containers"][1]["image"] == "docker.io/istio/proxyv2:1.28.1"
         assert json.loads(proxy_env(spec)["PROXY_CONFIG"]) == {

@@ -529,3 +529,20 @@ def test_patch_applies_to_the_original() -> None:
     assert jsonpatch.apply_patch(pod, ops) == out
     classic = inject_pod(pod, settings(native_sidecars="false"))
     assert jsonpatch.apply_patch(pod, make_patch(pod, classic)) == classic
+    validate_pod(out)
+    validate_pod(classic)
+
+
+def test_user_volumes_from_annotations() -> None:
+    pod = hello_pod()
+    pod["metadata"]["annotations"] = {
+        "sidecar.istio.io/userVolume": '{"extra-certs": {"secret": {"secretName": "extra"}}}',
+        "sidecar.istio.io/userVolumeMount": '{"extra-certs": {"mountPath": "/etc/extra", "readOnly": true}}'}
+    out = injected(pod)
+    assert out["spec"]["volumes"][-1] == {"secret": {"secretName": "extra"}, "name": "extra-certs"}
+    assert proxy_of(out)["volumeMounts"][-1] == {"mountPath": "/etc/extra", "readOnly": True, "name": "extra-certs"}
+    assert "extra-certs" in json.loads(out["metadata"]["annotations"]["sidecar.istio.io/status"])["volumes"]
+    assert injected(out) == out
+    pod["metadata"]["annotations"]["sidecar.istio.io/userVolume"] = "[1]"
+    with pytest.raises(InjectionError, match="sidecar.istio.io/userVolume"):
+        inject_pod(pod, settings())

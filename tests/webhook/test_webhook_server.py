@@ -33,13 +33,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, ca_port: int = 0) -> None:
         self.port, self.mon_port = free_port(), free_port()
         self.tmp = tmp
         self.log = open(tmp / "server.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "webhook.server", "--listen-address", "127.0.0.1", "--port", str(self.port),
-             "--monitoring-port", str(self.mon_port), "--ca-port", "0", "--poll-interval", "0.2",
+             "--monitoring-port", str(self.mon_port), "--ca-port", str(ca_port), "--poll-interval", "0.2",
              "--kubernetes-version", "1.33", *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.base = f"https://127.0.0.1:{self.port}"
@@ -132,6 +132,7 @@ def test_skip_and_url_params(selfsigned: tuple[Server, Path, Path]) -> None:
     ops = json.loads(base64.b64decode(r.json()["response"]["patch"]))
     patched = jsonpatch.apply_patch(hello_pod(), ops)
     assert patched["metadata"]["labels"]["topology.istio.io/network"] == "net-a"
+    validate_pod(patched)
 
 
 def test_bad_input_gets_clear_answers(selfsigned: tuple[Server, Path, Path]) -> None:
@@ -248,3 +249,92 @@ def test_bad_flags_exit_with_a_message(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "webhook.server", "--ca-port", "0", "--values",
                         str(tmp_path / "v.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "global.proxy.statusPort" in r.stderr
+
+
+def test_ca_bundle_patched_into_the_webhook_configuration() -> None:
+    """Against a fake API server speaking the real JSON wire format (the only fake allowed here)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kubernetes import client
+
+    from webhook.server import patch_webhook_ca_bundle
+
+    path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/istio-sidecar-injector"
+    hook = {"name": "namespace.sidecar-injector.istio.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "clientConfig": {"service": {"name": "meshboot-webhook",
+                                                                  "namespace": "istio-system", "path": "/inject"}},
+            "namespaceSelector": {"matchLabels": {"istio-injection": "enabled"}}}
+    store = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+             "metadata": {"name": "istio-sidecar-injector", "resourceVersion": "7"},
+             "webhooks": [hook, dict(hook, name="object.sidecar-injector.istio.io")]}
+    seen: list[str] = []
+
+    class Fake(BaseHTTPRequestHandler):
+        def _send(self, code: int, doc: dict) -> None:
+            data = json.dumps(doc).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._send(200, store) if self.path.split("?")[0] == path else self._send(404, {"kind": "Status"})
+
+        def do_PATCH(self) -> None:  # noqa: N802
+            seen.append(self.headers["Content-Type"])
+            ops = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            try:
+                store.update(jsonpatch.apply_patch(store, ops))
+            except jsonpatch.JsonPatchException as e:
+                return self._send(422, {"kind": "Status", "message": str(e)})
+            self._send(200, store)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{httpd.server_address[1]}"
+        ca_pem, _ = pki.self_signed_serving(["meshboot-webhook.istio-system.svc"])
+        assert patch_webhook_ca_bundle(client.ApiClient(cfg), "istio-sidecar-injector", ca_pem) == 2
+    finally:
+        httpd.shutdown()
+    assert seen == ["application/json-patch+json"]
+    for w in store["webhooks"]:
+        assert base64.b64decode(w["clientConfig"]["caBundle"]) == ca_pem
+        assert w["clientConfig"]["service"]["path"] == "/inject" and w["failurePolicy"] == "Fail"
+
+
+def test_ca_runs_in_the_same_process(tmp_path: Path) -> None:
+    """With --ca-port set, the CA (webhook/ca) starts and stops in the server's own loop, like istiod."""
+    pytest.importorskip("webhook.ca")
+    import json as _json
+
+    from e2e.local.tokens import Issuer
+
+    (tmp_path / "jwks.json").write_text(_json.dumps(Issuer().jwks()))
+    ca_port = free_port()
+    bundle = tmp_path / "bundle.pem"
+    srv = Server(tmp_path, "--ca-bundle-out", str(bundle), "--self-signed-dir", str(tmp_path / "tls"),
+                 "--ca-address", "127.0.0.1", "--ca-dir", str(tmp_path / "ca"), "--jwks", str(tmp_path / "jwks.json"),
+                 ca_port=ca_port)
+    try:
+        srv.wait_ready(bundle)
+        root = (tmp_path / "ca" / "root-cert.pem").read_bytes()
+        ctx = ssl.create_default_context(cadata=root.decode())
+        ctx.check_hostname = False
+        ctx.set_alpn_protocols(["h2"])
+        with socket.create_connection(("127.0.0.1", ca_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw) as tls:
+                assert tls.selected_alpn_protocol() == "h2", "the CA speaks gRPC over TLS, signed by its root"
+        with srv.client(bundle) as c:
+            assert "citadel_server_root_cert_expiry_seconds" in c.get("/metrics").text
+    finally:
+        srv.stop()
+    # uvicorn re-raises the SIGTERM it handled, after the lifespan shut the CA down
+    assert srv.proc.returncode in (0, -15) and '"injector stopped"' in srv.logs(), srv.logs()

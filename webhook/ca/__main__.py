@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
+        import uvloop      # what uvicorn runs the combined control plane on; grpc.aio is faster on it too
+    except ImportError:
+        uvloop = None
+    try:
+        if uvloop is not None:
+            return uvloop.run(run(args))
         return asyncio.run(run(args))
     except (ConfigError, ValueError, OSError) as e:
         print(f"meshboot CA: {e}", file=sys.stderr)

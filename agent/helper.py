@@ -1,0 +1,41 @@
+"""Short-lived helper processes for work that needs heavy libraries once (key generation, building the standalone
+Envoy config from xds-protos): the libraries' memory goes away with the helper instead of staying in the agent,
+which lives as long as the pod, and the work runs in parallel with the agent's own start-up.
+"""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+
+class HelperError(RuntimeError):
+    pass
+
+
+def module_argv(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+class Prestarted:
+    """A helper started before the event loop exists (at agent start); `await result()` when its output is due."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    async def result(self) -> bytes:
+        while self.proc.poll() is None:
+            await asyncio.sleep(0.002)
+        out, err = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise HelperError(f"{' '.join(self.args[1:3])} failed: {err.decode(errors='replace').strip()}")
+        return out
+
+
+async def run(args: list[str]) -> bytes:
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise HelperError(f"{' '.join(args[1:3])} failed: {err.decode(errors='replace').strip()}")
+    return out
