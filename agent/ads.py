@@ -1,7 +1,7 @@
 """The agent's own ADS server for standalone mode: serves the resources the standalone helper built (SotW and Delta).
 
-Only discovery messages are imported here; the resources arrive serialized (standalone.py), and never change, so
-there is one version.
+The resources arrive serialized from standalone.py (built there from xds-protos types) and never change, so there
+is one version; messages are framed by xdswire.py.
 """
 from __future__ import annotations
 
@@ -12,21 +12,19 @@ import json
 from typing import AsyncIterator
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
 
+from . import xdswire
 from .helper import Prestarted
 from .log import Log
 
 log = Log("xds")
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 VERSION = "1"
-Resources = dict[str, dict[str, any_pb2.Any]]
+Resources = dict[str, dict[str, bytes]]          # type URL → name → serialized resource
 
 
 def decode(data: bytes) -> Resources:
-    raw = json.loads(data)
-    return {t: {n: any_pb2.Any(type_url=t, value=base64.b64decode(v)) for n, v in named.items()}
-            for t, named in raw.items()}
+    return {t: {n: base64.b64decode(v) for n, v in named.items()} for t, named in json.loads(data).items()}
 
 
 async def load_resources(pre: Prestarted) -> Resources:
@@ -37,24 +35,31 @@ async def load_resources(pre: Prestarted) -> Resources:
         raise
 
 
-class StandaloneADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class StandaloneADS:
     """Serves a fixed set of resources to Envoy over SotW and Delta ADS."""
 
     def __init__(self, res: "asyncio.Future[Resources] | Resources") -> None:
         self._res = res
         self._nonce = itertools.count(1)
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(self.sotw),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(self.delta),
+        })
+
     async def resources(self) -> Resources:
         if isinstance(self._res, dict):
             return self._res
         return await asyncio.shield(self._res)
 
-    async def StreamAggregatedResources(self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-                                        context: grpc.aio.ServicerContext):  # noqa: ANN201
+    async def sotw(self, request_iterator: AsyncIterator[bytes],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         sent: dict[str, str] = {}
-        async for req in request_iterator:
-            if req.HasField("error_detail") and req.error_detail.code:
-                log.error("Envoy rejected config", type=req.type_url, error=req.error_detail.message)
+        async for raw in request_iterator:
+            req = xdswire.decode_request(raw)
+            if req.error is not None and req.error.code:
+                log.error("Envoy rejected config", type=req.type_url, error=req.error.message)
                 continue
             if req.response_nonce and req.response_nonce == sent.get(req.type_url):
                 continue   # ACK
@@ -62,24 +67,22 @@ class StandaloneADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             if req.type_url not in all_res:
                 continue
             res = all_res[req.type_url]
-            names = list(req.resource_names) or list(res)
+            names = req.resource_names or list(res)
             nonce = str(next(self._nonce))
             sent[req.type_url] = nonce
-            yield discovery_pb2.DiscoveryResponse(version_info=VERSION, type_url=req.type_url, nonce=nonce,
-                                                  resources=[res[n] for n in names if n in res])
+            yield xdswire.response(VERSION, req.type_url, nonce, [res[n] for n in names if n in res])
 
-    async def DeltaAggregatedResources(self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-                                       context: grpc.aio.ServicerContext):  # noqa: ANN201
+    async def delta(self, request_iterator: AsyncIterator[bytes],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         sent: set[str] = set()
-        async for req in request_iterator:
-            if req.HasField("error_detail") and req.error_detail.code:
-                log.error("Envoy rejected config", type=req.type_url, error=req.error_detail.message)
+        async for raw in request_iterator:
+            req = xdswire.decode_delta_request(raw)
+            if req.error is not None and req.error.code:
+                log.error("Envoy rejected config", type=req.type_url, error=req.error.message)
                 continue
             all_res = await self.resources()
             if req.type_url not in all_res or req.type_url in sent:
                 continue
             sent.add(req.type_url)
-            yield discovery_pb2.DeltaDiscoveryResponse(
-                system_version_info=VERSION, type_url=req.type_url, nonce=str(next(self._nonce)),
-                resources=[discovery_pb2.Resource(name=n, version=VERSION, resource=r)
-                           for n, r in all_res[req.type_url].items()])
+            yield xdswire.delta_response(VERSION, req.type_url, str(next(self._nonce)), all_res[req.type_url],
+                                         VERSION)

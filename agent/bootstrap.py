@@ -202,7 +202,10 @@ def envoy_bootstrap(cfg: AgentConfig) -> dict[str, Any]:
             "lds_config": ads_source, "cds_config": ads_source,
             "ads_config": {"api_type": "DELTA_GRPC" if cfg.delta_xds else "GRPC",
                            "set_node_on_first_message_only": True, "transport_api_version": "V3",
-                           "grpc_services": [{"envoy_grpc": {"cluster_name": C.XDS_CLUSTER}}]},
+                           # Envoy starts before the agent's XDS socket is up (launch.py): retry the stream
+                           # quickly; it is a local socket, the agent paces the real upstream.
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": C.XDS_CLUSTER, "retry_policy": {
+                               "retry_back_off": {"base_interval": "0.02s", "max_interval": "1s"}}}}]},
         },
         "static_resources": {"clusters": clusters, "listeners": listeners},
         "overload_manager": {"resource_monitors": [{

@@ -1,7 +1,7 @@
 """Client for Istio's CA protocol: `/istio.v1.auth.IstioCertificateService/CreateCertificate` (reference/agent.md §2).
 
-The three message fields are encoded with protobuf's wire format by hand (the agent image carries no control-plane
-code and no generated CA stubs): `IstioCertificateRequest{csr=1, validity_duration=3, metadata=4 (Struct)}` and
+The three message fields are encoded with protobuf's wire format by hand (pbwire.py; the agent image carries no
+control-plane code and no generated CA stubs): `IstioCertificateRequest{csr=1, validity_duration=3, metadata=4 (Struct)}` and
 `IstioCertificateResponse{cert_chain=1 (repeated string)}`. The shell is a grpc.aio unary call over TLS verified
 with the mesh root, bearer token re-read on every call, `ClusterID` header, and Istio's retry policy.
 """
@@ -16,6 +16,7 @@ from meshboot import constants as C
 
 from .config import AgentConfig
 from .log import Log
+from .pbwire import WireError, fields, ld, ld_always, vint
 
 log = Log("ca")
 
@@ -26,74 +27,22 @@ class CAError(RuntimeError):
 
 # ---- wire format (pure) -------------------------------------------------------------------------------------------
 
-def _varint(n: int) -> bytes:
-    if n < 0:
-        n += 1 << 64
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        if i >= len(buf):
-            raise CAError("truncated protobuf varint in CA response")
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
-
-
-def _ld(field: int, payload: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _struct_of_strings(values: dict[str, str]) -> bytes:
     """google.protobuf.Struct{fields: map<string, Value{string_value=3}>} with string values only."""
-    out = b""
-    for k, v in values.items():
-        value = _ld(3, v.encode())
-        out += _ld(1, _ld(1, k.encode()) + _ld(2, value))
-    return out
+    return b"".join(ld_always(1, ld(1, k) + ld_always(2, ld_always(3, v.encode()))) for k, v in values.items())
 
 
 def encode_request(csr_pem: str, validity_seconds: int, cert_signer: str = "") -> bytes:
-    return (_ld(1, csr_pem.encode()) + _varint(3 << 3 | 0) + _varint(validity_seconds)
-            + _ld(4, _struct_of_strings({"CertSigner": cert_signer})))
+    return (ld(1, csr_pem) + vint(3, validity_seconds)
+            + ld_always(4, _struct_of_strings({"CertSigner": cert_signer})))
 
 
 def decode_response(data: bytes) -> list[str]:
     """`cert_chain` elements in order (leaf first, root last); unknown fields skipped."""
-    chain: list[str] = []
-    i = 0
-    while i < len(data):
-        tag, i = _read_varint(data, i)
-        field, wt = tag >> 3, tag & 7
-        if wt == 0:
-            _, i = _read_varint(data, i)
-        elif wt == 1:
-            i += 8
-        elif wt == 5:
-            i += 4
-        elif wt == 2:
-            n, i = _read_varint(data, i)
-            if i + n > len(data):
-                raise CAError("truncated protobuf field in CA response")
-            if field == 1:
-                chain.append(data[i:i + n].decode())
-            i += n
-        else:
-            raise CAError(f"unsupported protobuf wire type {wt} in CA response")
-    return chain
+    try:
+        return [v.decode() for f, _, v in fields(data) if f == 1 and isinstance(v, bytes)]
+    except WireError as e:
+        raise CAError(f"malformed CA response: {e}") from None
 
 
 # ---- shell --------------------------------------------------------------------------------------------------------

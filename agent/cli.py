@@ -70,8 +70,6 @@ def import_asyncio_without_tls() -> None:
 
 
 def run_proxy(argv: list[str]) -> int:
-    import_asyncio_without_tls()
-    import asyncio  # noqa: PLC0415
     from . import log as logmod  # noqa: PLC0415
     from .config import ConfigError, Flags, build_config  # noqa: PLC0415
 
@@ -119,15 +117,27 @@ def run_proxy(argv: list[str]) -> int:
         return 255
     log.info("meshboot agent", version=__version__, pod=f"{cfg.pod_name}.{cfg.pod_namespace}",
              node=cfg.node_id)
+    from .launch import launch  # noqa: PLC0415
+    try:
+        launched = launch(cfg)
+    except OSError as e:
+        log.error(f"cannot start Envoy: {e}")
+        for h in prestarted.values():
+            h.proc.kill()
+        return 255
+    import_asyncio_without_tls()
+    import asyncio  # noqa: PLC0415
+
     from .sidecar import Sidecar  # noqa: PLC0415
 
     async def main() -> int:
-        return await Sidecar(cfg, prestarted).run()
+        return await Sidecar(cfg, launched, prestarted).run()
 
     try:
         return asyncio.run(main())
-    except OSError as e:
-        log.error(f"agent failed: {e}")
+    except Exception as e:  # noqa: BLE001 — whatever it was, Envoy must not outlive the agent
+        launched.envoy.kill()
+        log.error(f"agent failed: {e}", exc=not isinstance(e, OSError))
         return 255
 
 

@@ -5,16 +5,19 @@ container's restart policy takes over.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
 import signal
+import subprocess
 import urllib.parse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from . import httpio
 from .log import Log
+
+if TYPE_CHECKING:
+    from . import httpio
 
 log = Log("envoy")
 
@@ -75,10 +78,12 @@ class Admin:
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.host, self.port = host, port
 
-    async def get(self, path: str, timeout: float = 2.0) -> httpio.Response:
+    async def get(self, path: str, timeout: float = 2.0) -> "httpio.Response":
+        from . import httpio  # noqa: PLC0415 — this module must load before asyncio (Envoy starts first)
         return await httpio.request(self.host, self.port, "GET", path, timeout=timeout)
 
-    async def post(self, path: str, timeout: float = 5.0) -> httpio.Response:
+    async def post(self, path: str, timeout: float = 5.0) -> "httpio.Response":
+        from . import httpio  # noqa: PLC0415
         return await httpio.request(self.host, self.port, "POST", path, timeout=timeout)
 
     async def stats(self, regex: str, timeout: float = 2.0) -> dict[str, int]:
@@ -94,25 +99,27 @@ class Admin:
 
 
 class EnvoyProcess:
-    """The running Envoy; `wait()` returns its exit code (negative = signal)."""
+    """The running Envoy. Spawned synchronously, before the agent imports asyncio and gRPC, so that Envoy's own
+    start-up overlaps the agent's (Envoy retries its XDS stream quickly until the agent's socket is up)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
 
     @classmethod
-    async def start(cls, argv: list[str]) -> "EnvoyProcess":
+    def spawn(cls, argv: list[str]) -> "EnvoyProcess":
         log.info("starting Envoy", binary=argv[0])
         log.debug("Envoy command line", args=" ".join(argv[1:]))
         # stdout/stderr are inherited: Envoy's logs go where the agent's go (the container log).
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
-        return cls(proc)
+        return cls(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     async def wait(self) -> int:
-        return await self.proc.wait()
+        """Exit code (negative = killed by that signal)."""
+        import asyncio  # noqa: PLC0415
+        return await asyncio.to_thread(self.proc.wait)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -2,7 +2,7 @@
 
 First request (no nonce) → all requested names; stale nonce → ignored; ACK → nothing, unless names were added;
 empty name list → unsubscribe; NACK → logged. Secret changes from the `SecretManager` push the changed names to
-every stream subscribed to them; the push → ACK time is recorded.
+every stream subscribed to them; the push → ACK time is recorded. Messages are encoded by xdswire.py.
 """
 from __future__ import annotations
 
@@ -14,55 +14,52 @@ import time
 from typing import AsyncIterator
 
 import grpc
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
-from envoy.service.discovery.v3 import discovery_pb2
-from envoy.service.secret.v3 import sds_pb2_grpc
-from google.protobuf import any_pb2
 
 from meshboot import constants as C
 
-from . import uds
+from . import uds, xdswire
 from .log import Log
 from .secrets import RootSecret, SecretError, SecretManager, TlsSecret
 
 log = Log("sds")
+SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 _versions = itertools.count(1)
 
 
-def secret_proto(name: str, value: TlsSecret | RootSecret) -> secret_pb2.Secret:
+def encode_secret(name: str, value: TlsSecret | RootSecret) -> bytes:
     if isinstance(value, TlsSecret):
-        return secret_pb2.Secret(name=name, tls_certificate=common_pb2.TlsCertificate(
-            certificate_chain=base_pb2.DataSource(inline_bytes=value.chain_pem),
-            private_key=base_pb2.DataSource(inline_bytes=value.key_pem)))
-    return secret_pb2.Secret(name=name, validation_context=common_pb2.CertificateValidationContext(
-        trusted_ca=base_pb2.DataSource(inline_bytes=value.ca_pem)))
+        return xdswire.tls_secret(name, value.chain_pem, value.key_pem)
+    return xdswire.root_secret(name, value.ca_pem)
 
 
-class SDSService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
+class SDSService:
     def __init__(self, secrets: SecretManager, metrics: "object | None" = None) -> None:
         self.secrets = secrets
         self.metrics = metrics
 
-    async def _response(self, names: list[str]) -> discovery_pb2.DiscoveryResponse:
-        resources = []
-        for n in names:
-            a = any_pb2.Any()
-            a.Pack(secret_proto(n, await self.secrets.get(n)))
-            resources.append(a)
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return discovery_pb2.DiscoveryResponse(version_info=f"{now}/{next(_versions)}", nonce=os.urandom(16).hex(),
-                                               type_url=C.SDS_TYPE_URL, resources=resources)
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Raw-bytes handlers (no generated stubs): StreamSecrets, and UNIMPLEMENTED Delta/Fetch as in Istio."""
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "StreamSecrets": grpc.stream_stream_rpc_method_handler(self.stream_secrets),
+            "DeltaSecrets": grpc.stream_stream_rpc_method_handler(self.delta_secrets),
+            "FetchSecrets": grpc.unary_unary_rpc_method_handler(self.fetch_secrets),
+        })
 
-    async def StreamSecrets(self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-                            context: grpc.aio.ServicerContext) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+    async def _response(self, names: list[str]) -> tuple[str, str, bytes]:
+        resources = [encode_secret(n, await self.secrets.get(n)) for n in names]
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        version, nonce = f"{now}/{next(_versions)}", os.urandom(16).hex()
+        return version, nonce, xdswire.response(version, C.SDS_TYPE_URL, nonce, resources)
+
+    async def stream_secrets(self, request_iterator: AsyncIterator[bytes],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         q: asyncio.Queue = asyncio.Queue()
 
         async def reader() -> None:
             try:
-                async for req in request_iterator:
-                    q.put_nowait(("req", req))
-            except Exception:  # client went away
+                async for raw in request_iterator:
+                    q.put_nowait(("req", xdswire.decode_request(raw)))
+            except Exception:  # client went away, or garbage
                 pass
             q.put_nowait(("eof", None))
 
@@ -77,23 +74,23 @@ class SDSService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                 if kind == "eof":
                     return
                 if kind == "push":
-                    names = sorted(set(item) & subscribed)
-                    if not names:
+                    send = sorted(set(item) & subscribed)
+                    if not send:
                         continue
-                    send = names
                 else:
-                    req: discovery_pb2.DiscoveryRequest = item
-                    if req.HasField("error_detail") and req.error_detail.code:
+                    req: xdswire.DiscoveryRequest = item
+                    if req.error is not None and req.error.code:
                         log.warn("Envoy rejected secret", names=",".join(req.resource_names),
-                                 error=req.error_detail.message)
+                                 error=req.error.message)
                         continue
                     names_now = set(req.resource_names)
                     if req.response_nonce and req.response_nonce in pushed:
                         t_push, acked = pushed.pop(req.response_nonce)
+                        took = time.monotonic() - t_push
                         if self.metrics is not None:
                             for n in acked:
-                                self.metrics.sds_ack.labels(n).observe(time.monotonic() - t_push)  # type: ignore[attr-defined]
-                        log.debug("secret ACKed", names=",".join(acked), ms=f"{(time.monotonic() - t_push)*1e3:.1f}")
+                                self.metrics.sds_ack.labels(n).observe(took)  # type: ignore[attr-defined]
+                        log.debug("secret ACKed", names=",".join(acked), ms=f"{took * 1e3:.1f}")
                     if not names_now:
                         subscribed = set()
                         continue
@@ -107,36 +104,37 @@ class SDSService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     if not send:
                         continue
                 try:
-                    resp = await self._response(send)
+                    version, nonce, resp = await self._response(send)
                 except SecretError as e:
                     log.warn("cannot produce secret, closing the stream", names=",".join(send), error=str(e))
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
                     return
-                last_nonce = resp.nonce
-                pushed = {resp.nonce: (time.monotonic(), send)}
+                last_nonce = nonce
+                pushed = {nonce: (time.monotonic(), send)}
                 if self.metrics is not None:
                     for n in send:
                         self.metrics.sds_pushes.labels(n).inc()  # type: ignore[attr-defined]
-                log.info("secret pushed" if kind == "push" else "secret sent", names=",".join(send),
-                         version=resp.version_info)
+                log.info("secret pushed" if kind == "push" else "secret sent", names=",".join(send), version=version)
                 yield resp
         finally:
             unsubscribe()
             task.cancel()
 
-    async def DeltaSecrets(self, request_iterator, context):  # noqa: ANN001, ANN201
+    async def delta_secrets(self, request_iterator: AsyncIterator[bytes],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "DeltaSecrets not implemented")
+        yield b""  # pragma: no cover — makes this an async generator, as the handler type requires
 
-    async def FetchSecrets(self, request, context):  # noqa: ANN001, ANN201
+    async def fetch_secrets(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "FetchSecrets not implemented")
+        return b""  # pragma: no cover
 
 
 async def serve(path: str, secrets: SecretManager, metrics: "object | None" = None) -> grpc.aio.Server:
     """The SDS server listening on `path` (0666), started."""
     server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000)])
-    sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(SDSService(secrets, metrics), server)
-    target = uds.prepare(path)
-    server.add_insecure_port(target)
+    server.add_generic_rpc_handlers((SDSService(secrets, metrics).handler(),))
+    server.add_insecure_port(uds.prepare(path))
     await server.start()
     uds.publish(path)
     log.debug("SDS listening", path=path)

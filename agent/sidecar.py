@@ -1,51 +1,39 @@
 """`proxy sidecar`: wire the parts together and run until Envoy exits or the pod is told to stop.
 
-Order (reference/agent.md §9): status server (503 until ready) → signal handlers → certificate warm-up in the
-background → SDS and XDS servers on their sockets → grpc-bootstrap.json, envoy-rev.json → Envoy. The CSR (key
-generated in a thread) runs while Envoy starts, so neither waits for the other.
+Order: (cli.py, before asyncio is even imported) key/CSR and standalone-config helpers started, bootstraps written,
+Envoy started (launch.py) → here: status server (503 until ready) → signal handlers → certificate warm-up → SDS
+and XDS servers on their sockets. Envoy, the helpers and the agent's own start-up all run at the same time.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import signal
 import time
 
 from meshboot import constants as C
 
-from . import bootstrap, uds
+from . import uds
 from .config import AgentConfig
 from .envoy import Admin, EnvoyProcess, active_connections
+from .launch import Launched
 from .log import Log
 from .metrics import Metrics
 
 log = Log("agent")
 
 
-def write_json(path: str, data: dict, atomic: bool) -> None:
-    text = json.dumps(data, indent=2)
-    if atomic:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    else:
-        with open(path, "w") as f:
-            f.write(text)
-
-
 class Sidecar:
-    def __init__(self, cfg: AgentConfig, prestarted: "dict | None" = None) -> None:
+    def __init__(self, cfg: AgentConfig, launched: Launched, prestarted: "dict | None" = None) -> None:
         self.cfg = cfg
+        self.launched = launched
         self.prestarted = prestarted or {}
         self.metrics = Metrics()
         self.admin = Admin(cfg.admin_port)
         self.stop = asyncio.Event()
         self.reason = ""                  # "sigterm" | "quit"
         self.skip_drain = False
-        self.envoy: EnvoyProcess | None = None
+        self.envoy: EnvoyProcess = launched.envoy
         self._servers: list = []
 
     # -- control --
@@ -90,9 +78,8 @@ class Sidecar:
 
         cfg = self.cfg
         t0 = time.monotonic()
-        grpc_boot = os.path.join(cfg.config_path, "grpc-bootstrap.json")
         status = StatusServer(cfg, self.admin, self.metrics, on_quit=self._quit, on_drain=self._drain_request,
-                              extra_ready=grpc_bootstrap_reason(grpc_boot))
+                              extra_ready=grpc_bootstrap_reason(self.launched.grpc_bootstrap_path))
         if cfg.status_port:
             await status.start()
         loop = asyncio.get_running_loop()
@@ -102,21 +89,8 @@ class Sidecar:
         ca = None if cfg.file_certs is not None else CAClient(cfg)
         secrets = SecretManager(cfg, ca, self.metrics, prestarted=self.prestarted.get("keygen"))
         secrets.start()
-        os.makedirs(cfg.config_path, mode=0o700, exist_ok=True)
         sds_server = await serve_sds(cfg.workload_socket, secrets, self.metrics)
         xds_server = await self._serve_xds()
-        write_json(grpc_boot, bootstrap.grpc_bootstrap(cfg), atomic=True)
-        boot_path = os.path.join(cfg.config_path, "envoy-rev.json")
-        custom = cfg.proxy_config.get("customConfigFile") or ""
-        if custom:
-            boot_path = custom
-        else:
-            write_json(boot_path, bootstrap.envoy_bootstrap(cfg), atomic=False)
-        override = None
-        if cfg.bootstrap_override:
-            with open(cfg.bootstrap_override) as f:
-                override = f.read().replace("$(HOST_IP)", cfg.host_ip)
-        self.envoy = await EnvoyProcess.start(bootstrap.envoy_args(cfg, boot_path, override))
         log.info("agent started", mode="standalone" if cfg.standalone else "proxy",
                  spiffe=cfg.spiffe_id if cfg.file_certs is None else "file-mounted",
                  setup_ms=int((time.monotonic() - t0) * 1000))
@@ -141,8 +115,8 @@ class Sidecar:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(exit_task, 10)
         stop_task.cancel()
-        if not custom:
-            uds.remove(boot_path)
+        if not self.launched.custom:
+            uds.remove(self.launched.bootstrap_path)
         await status.close()
         await xds_server.stop(0.5)
         await sds_server.stop(0.5)
@@ -185,22 +159,21 @@ class Sidecar:
 
     async def _serve_xds(self):  # noqa: ANN202
         import grpc  # noqa: PLC0415
-        from envoy.service.discovery.v3 import ads_pb2_grpc  # noqa: PLC0415
 
         cfg = self.cfg
         if cfg.standalone:
             from . import ads, helper  # noqa: PLC0415
             pre = self.prestarted.get("standalone") or helper.Prestarted(
                 helper.module_argv("agent.standalone", cfg.trust_domain, cfg.mtls_mode))
-            servicer = ads.StandaloneADS(asyncio.ensure_future(ads.load_resources(pre)))
+            service = ads.StandaloneADS(asyncio.ensure_future(ads.load_resources(pre)))
         else:
             from .xdsproxy import XdsProxy  # noqa: PLC0415
-            servicer = XdsProxy(cfg, self.metrics)
+            service = XdsProxy(cfg, self.metrics)
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000),
                                           ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                                           ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),
                                           ("grpc.http2.min_ping_interval_without_data_ms", 15000)])
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((service.handler(),))
         server.add_insecure_port(uds.prepare(cfg.xds_socket))
         await server.start()
         uds.publish(cfg.xds_socket)

@@ -68,7 +68,9 @@ class StatusServer:
                 return st.reason()
             if st.live and not self._live_ok:
                 self._live_ok = True
-                self.metrics.startup.set(time.monotonic() - self._started)  # type: ignore[attr-defined]
+                took = time.monotonic() - self._started
+                self.metrics.startup.set(took)  # type: ignore[attr-defined]
+                log.info("Envoy is ready", startup=f"{took:.3f}s")
             if not self._live_ok:
                 return st.reason()
         return self.extra_ready()

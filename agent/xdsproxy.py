@@ -4,7 +4,8 @@ One upstream channel per downstream stream (a newer stream replaces the older), 
 TLS verified with the mesh root, `authorization: Bearer <token>` (re-read per stream), `ClusterID` and
 `XDS_HEADER_*` headers. Upstream responses of Envoy types are forwarded; an upstream error ends Envoy's stream
 with that error so Envoy reconnects; while the upstream is down, the new stream waits for it (gRPC reconnect
-back-off, capped) instead of failing Envoy fast.
+back-off, capped) instead of failing Envoy fast. Messages are forwarded as bytes; only a response's type URL is
+read (xdswire.py).
 """
 from __future__ import annotations
 
@@ -12,27 +13,34 @@ import asyncio
 from typing import AsyncIterator
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from . import xdswire
 from .caclient import call_metadata, read_token
 from .config import AgentConfig
 from .log import Log
 
 log = Log("xdsproxy")
 
-SOTW = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
-DELTA = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+SOTW = f"/{SERVICE}/StreamAggregatedResources"
+DELTA = f"/{SERVICE}/DeltaAggregatedResources"
 
 
 def forwardable(type_url: str) -> bool:
     return type_url.startswith("type.googleapis.com/envoy.") or type_url == "type.googleapis.com/istio.workload.Workload"
 
 
-class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class XdsProxy:
     def __init__(self, cfg: AgentConfig, metrics: "object | None" = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self._current: asyncio.Event | None = None
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(self.sotw),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(self.delta),
+        })
 
     def _channel(self) -> grpc.aio.Channel:
         cfg = self.cfg
@@ -48,16 +56,15 @@ class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         options.append(("grpc.ssl_target_name_override", cfg.xds_server_name))
         return grpc.aio.secure_channel(cfg.discovery_address, grpc.ssl_channel_credentials(root), options=options)
 
-    async def _forward(self, method: str, req_type: type, resp_type: type, request_iterator: AsyncIterator,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator:
+    async def _forward(self, method: str, request_iterator: AsyncIterator[bytes],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         # A newer Envoy stream replaces the previous one.
         if self._current is not None:
             self._current.set()
         mine = self._current = asyncio.Event()
         channel = self._channel()
         md = call_metadata(self.cfg.cluster_id, read_token(), self.cfg.xds_headers)
-        call = channel.stream_stream(method, request_serializer=req_type.SerializeToString,
-                                     response_deserializer=resp_type.FromString)(metadata=md, wait_for_ready=True)
+        call = channel.stream_stream(method)(metadata=md, wait_for_ready=True)   # bytes both ways
         m = self.metrics
 
         async def pump() -> None:
@@ -82,8 +89,9 @@ class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                  delta=method == DELTA)
         try:
             async for resp in call:
-                if not forwardable(resp.type_url):
-                    log.error("dropping response of unknown type", type=resp.type_url)
+                type_url = xdswire.response_type_url(resp)
+                if not forwardable(type_url):
+                    log.error("dropping response of unknown type", type=type_url)
                     continue
                 if m is not None:
                     m.xds_responses.inc()  # type: ignore[attr-defined]
@@ -100,12 +108,12 @@ class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 t.cancel()
             await channel.close()
 
-    async def StreamAggregatedResources(self, request_iterator, context):  # noqa: ANN001, ANN201
-        async for resp in self._forward(SOTW, discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse,
-                                        request_iterator, context):
+    async def sotw(self, request_iterator: AsyncIterator[bytes],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for resp in self._forward(SOTW, request_iterator, context):
             yield resp
 
-    async def DeltaAggregatedResources(self, request_iterator, context):  # noqa: ANN001, ANN201
-        async for resp in self._forward(DELTA, discovery_pb2.DeltaDiscoveryRequest,
-                                        discovery_pb2.DeltaDiscoveryResponse, request_iterator, context):
+    async def delta(self, request_iterator: AsyncIterator[bytes],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for resp in self._forward(DELTA, request_iterator, context):
             yield resp

@@ -3,7 +3,10 @@
 The CA runs as its own process pinned to one core (CPU 0); the clients run in separate processes pinned to the
 other cores, so they do not measure themselves. CSRs and tokens are made up front and reused, but the CA still
 verifies the token, checks and verifies each CSR, and signs a fresh certificate for every request.
-Targets: >= 300 signs/s on one core, p99 <= 50 ms, for ECDSA P-256 and RSA-2048 leaf keys.
+Targets: >= 300 signs/s on one core, p99 <= 50 ms, for ECDSA P-256 and RSA-2048 leaf keys. Two runs each:
+closed loop (every client sends again as soon as it is answered: the CA's saturation throughput, where latency is
+just clients / throughput) and paced (the 50 clients together send the 300/s target rate: latency at that load).
+Ratios > 1 are better than the target.
 
     .venv/bin/python bench/ca.py [--seconds 5] [--clients 50] [--procs 2]
 """
@@ -176,11 +179,13 @@ def main() -> int:
         server.wait(10)
     worst_rate = min(f["signs_per_s"] for f in figures.values())
     worst_p99 = max(f["p99_ms"] for f in figures.values())
+    worst_paced_p99 = max(f["p99_ms"] for f in paced.values())
     print(json.dumps({"bench": "ca", "clients": args.clients, "seconds": args.seconds, "server_cpus": 1,
                       "figures": figures, "paced_at_floor": paced,
                       "floor": {"signs_per_s": FLOOR_SIGNS_PER_S, "p99_ms": CEILING_P99_MS},
                       "ratio": {"signs_per_s": round(worst_rate / FLOOR_SIGNS_PER_S, 2),
-                                "p99": round(CEILING_P99_MS / worst_p99, 2)}}))
+                                "p99_at_target_rate": round(CEILING_P99_MS / worst_paced_p99, 2),
+                                "p99_at_saturation": round(CEILING_P99_MS / worst_p99, 2)}}))
     return 0
 
 

@@ -116,14 +116,14 @@ end
 
 
 def run_wrk(url: str, body_file: str, connections: int, delay_ms: int | None, tmp: str,
-            distinct: bool) -> dict[str, float]:
+            distinct: bool, seconds: int = DURATION) -> dict[str, float]:
     """distinct: every request carries a different pod (a label changes), so no answer can be reused."""
     script = os.path.join(tmp, f"s{connections}-{delay_ms}-{distinct}.lua")
     delay = f"function delay() return {delay_ms} end" if delay_ms else ""
     with open(script, "w") as f:
         f.write(LUA % {"body": body_file, "delay": delay, "vary": VARY if distinct else ""})
-    out = subprocess.run([WRK, "-t1", f"-c{connections}", f"-d{DURATION}s", "--latency", "-s", script, url],
-                         capture_output=True, text=True, timeout=DURATION + 60)
+    out = subprocess.run([WRK, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],
+                         capture_output=True, text=True, timeout=seconds + 60)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
@@ -166,8 +166,10 @@ def main() -> int:
         results = {}
         for name, url, distinct in (("floor", floor_url, True), ("distinct", inject_url, True),
                                     ("identical", inject_url, False)):
-            run_wrk(url, body_file, 20, None, tmp, distinct)  # warm up
-            results[name + "_max"] = run_wrk(url, body_file, 100, None, tmp, distinct)
+            run_wrk(url, body_file, 20, None, tmp, distinct, seconds=2)  # warm up
+            # best of two: the machine is shared, a transient load spike should not decide the figure
+            results[name + "_max"] = max((run_wrk(url, body_file, 100, None, tmp, distinct) for _ in range(2)),
+                                         key=lambda r: r["rps"])
             # ~200 requests/s: 20 connections, each waiting 100 ms between requests.
             results[name + "_paced"] = run_wrk(url, body_file, 20, 100, tmp, distinct)
     finally:

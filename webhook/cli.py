@@ -35,6 +35,18 @@ def parse_labels(text: str | None) -> dict[str, str] | None:
     return out
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (PROXY_CONFIG, ISTIO_META_POD_PORTS) as literal blocks, as kubectl shows them."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def _label(obj: dict[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return f"{obj.get('kind', '?')}/{meta.get('name') or meta.get('generateName') or '?'}"
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in explain_lines(injector.decisions):
             print(line)
         return 0
-    text = yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=120)
+    text = yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
     if args.output == "-":
         sys.stdout.write(text)
     else:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import json
 import logging
 import os
 import ssl
@@ -26,8 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from meshboot import constants as C
 from meshboot import pki
 from webhook import logs, metrics
-from webhook.admission import INJECTED, SKIPPED, ReplicaCache, review_bytes
-from webhook.config import ConfigSource
+from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCache, review_bytes
+from webhook.config import ConfigSource, parse_kubernetes_version
 from webhook.errors import ConfigError
 
 log = logging.getLogger("meshboot.webhook")
@@ -160,7 +161,14 @@ def create_app(state: State) -> Any:
             metrics.FAILURES.labels("no_body").inc()
             return _plain(400, "no body found")
         start = time.perf_counter()
-        payload, outcome = review_bytes(body, state.source.settings, request.url.path, state.cache)
+        try:
+            payload, outcome = review_bytes(body, state.source.settings, request.url.path, state.cache)
+        except Exception as e:  # noqa: BLE001 - a bug must still be an answer, never a 500
+            log.exception("injection failed unexpectedly")
+            metrics.FAILURES.labels("internal").inc()
+            payload = json.dumps({"apiVersion": FALLBACK_API_VERSION, "kind": "AdmissionReview", "response": {
+                "allowed": False, "status": {"message": f"internal error in the injector: {e}"}}}).encode()
+            return Response(content=payload, media_type=JSON)
         metrics.LATENCY.observe(time.perf_counter() - start)
         metrics.SUCCESS.inc()
         if outcome.result == INJECTED:
@@ -297,6 +305,34 @@ def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
     return len(ops) // 2
 
 
+def detect_kubernetes_version(api_client: Any) -> str | None:
+    """For native sidecars in `auto` mode: the oldest kubelet among the nodes (Istio wants every node >= 1.33).
+
+    No nodes: the API server's own version. None when neither is known.
+    """
+    from kubernetes import client
+    oldest: tuple[int, int] | None = None
+    for node in client.CoreV1Api(api_client).list_node().items or []:
+        info = node.status.node_info if node.status else None
+        try:
+            v = parse_kubernetes_version(info.kubelet_version if info else None)
+        except ConfigError:
+            v = None
+        if v is not None and (oldest is None or v < oldest):
+            oldest = v
+    if oldest is None:
+        info = client.VersionApi(api_client).get_code()
+        oldest = (int(info.major.rstrip("+")), int(info.minor.rstrip("+"))) if info.major and info.minor else None
+    return f"{oldest[0]}.{oldest[1]}" if oldest else None
+
+
+def _in_cluster_client() -> Any:
+    from kubernetes import client, config
+    cfg = client.Configuration()
+    config.load_incluster_config(client_configuration=cfg)
+    return client.ApiClient(cfg)
+
+
 # ---- command line ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,6 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("meshboot-webhook: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if in_cluster and not args.kubernetes_version and (args.native_sidecars or "auto") == "auto":
+        try:
+            args.kubernetes_version = detect_kubernetes_version(_in_cluster_client())
+            log.info("detected the nodes' Kubernetes version", extra={"version": args.kubernetes_version})
+        except Exception as e:  # noqa: BLE001 - no RBAC or no API: classic sidecars, said once
+            log.warning("could not detect the Kubernetes version; native sidecars off (set --kubernetes-version)",
+                        extra={"error": str(e)})
     try:
         source = ConfigSource(args.values, args.mesh_config, args.injector_config,
                               native_sidecars=args.native_sidecars, kubernetes_version=args.kubernetes_version)
@@ -352,12 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                  extra={"dns_names": service_dns_names(args.service_name, args.service_namespace),
                         "ca_bundle": args.ca_bundle_out})
         if args.webhook_config_name:
-            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            if in_cluster:
                 try:
-                    from kubernetes import client, config
-                    cfg = client.Configuration()
-                    config.load_incluster_config(client_configuration=cfg)
-                    n = patch_webhook_ca_bundle(client.ApiClient(cfg), args.webhook_config_name, ca_pem)
+                    n = patch_webhook_ca_bundle(_in_cluster_client(), args.webhook_config_name, ca_pem)
                     log.info("patched caBundle", extra={"webhook_config": args.webhook_config_name, "webhooks": n})
                 except Exception as e:  # noqa: BLE001 - report, keep serving (the operator can patch it)
                     log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name,

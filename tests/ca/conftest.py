@@ -21,8 +21,8 @@ from webhook.ca.server import RunningCA, serve
 class Loop:
     """An asyncio loop in a thread, so sync tests can drive async servers."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, factory: Any = asyncio.new_event_loop) -> None:
+        self.loop = factory()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 

@@ -131,6 +131,14 @@ def test_bearer_header_parsing() -> None:
         assert err.value.code == Code.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize("token,words", [("garbage", "not a JWT"), ("!!.e30.x", "malformed token"),
+                                         ("W10.e30.x", "header is not a JSON object")])
+def test_malformed_tokens(token: str, words: str) -> None:
+    with pytest.raises(Refused) as err:
+        tokens.verify_token(token, tokens.keyset_from_jwks(Issuer().jwks(), "x"), ("istio-ca",))
+    assert err.value.reason == "token_malformed" and words in err.value.message
+
+
 def test_issuer_pem_and_issuer_claim(tmp_path: Path) -> None:
     iss = Issuer()
     pem = tmp_path / "sa.pub"

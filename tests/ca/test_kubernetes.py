@@ -2,6 +2,7 @@
 TokenReview, the root ConfigMap in every namespace, and the root kept in a Secret."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from typing import Iterator
@@ -50,6 +51,12 @@ def test_token_review_accepts_projected_token_and_sends_real_review(kube: FakeKu
                                "spec": {"token": token, "audiences": ["istio-ca"]}}
     assert loop.run(v.authenticate(token)) == Identity("shop", "cart")          # cached: no second review
     assert len(kube.recorded("POST", "/apis/authentication.k8s.io/v1/tokenreviews")) == 1
+
+    async def burst() -> list[Identity]:                       # 20 concurrent CSRs of one new pod: one review
+        t = issuer.token("shop", "web")
+        return await asyncio.gather(*(v.authenticate(t) for _ in range(20)))
+    assert loop.run(burst()) == [Identity("shop", "web")] * 20
+    assert len(kube.recorded("POST", "/apis/authentication.k8s.io/v1/tokenreviews")) == 2
 
 
 @pytest.mark.parametrize("case,reason", [("audience", "token_review_denied"), ("forged", "token_review_denied"),
@@ -177,3 +184,19 @@ def test_secret_create_race_reads_the_winner(kube: FakeKube) -> None:
     loaded = store.load_or_create_secret(client.CoreV1Api(kube.api_client()), "istio-system", C.CA_SECRET_NAME,
                                          "ECDSA", "cluster.local")
     assert loaded.authority.root_pem == winner[C.CA_ROOT_FILE].decode()
+
+
+def test_local_keys_then_token_review(kube: FakeKube, issuer: Issuer, loop: Loop, tmp_path) -> None:
+    """--jwks with --token-review: local keys first; a token they cannot place goes to the API server."""
+    from webhook.ca.tokens import Chain, LocalVerifier
+    other = Issuer()
+    (tmp_path / "other.json").write_text(__import__("json").dumps(other.jwks()))
+    chain = Chain([LocalVerifier(("istio-ca",), jwks=str(tmp_path / "other.json")),
+                   TokenReviewVerifier(client.AuthenticationV1Api(kube.api_client()), ("istio-ca",))])
+    assert loop.run(chain.authenticate(other.token("a", "local"))) == Identity("a", "local")
+    assert not kube.recorded("POST", "/apis/authentication.k8s.io/v1/tokenreviews")
+    assert loop.run(chain.authenticate(issuer.token("a", "reviewed"))) == Identity("a", "reviewed")
+    assert len(kube.recorded("POST", "/apis/authentication.k8s.io/v1/tokenreviews")) == 1
+    with pytest.raises(Refused) as err:               # neither accepts: the first (local) reason is reported
+        loop.run(chain.authenticate(Issuer().token("a", "nobody")))
+    assert err.value.reason == "token_unknown_key"

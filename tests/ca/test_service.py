@@ -16,7 +16,7 @@ from e2e.local.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
 
-from .conftest import CA
+from .conftest import CA, Loop
 
 TD = C.DEFAULT_TRUST_DOMAIN
 ME = C.spiffe_id("ns-a", "sa-a", TD)
@@ -163,3 +163,71 @@ def test_metrics_count_results_and_expiry(ca: CA) -> None:
     left = val("citadel_server_root_cert_expiry_seconds")
     assert 3600 * 24 * 3600 < left < 3600 * 24 * 3651
     assert val("citadel_server_cert_chain_expiry_seconds") == pytest.approx(left, abs=60)
+
+
+def test_start_ca_on_uvloop_like_the_webhook_server(issuer: Issuer, tmp_path) -> None:
+    """uvicorn runs the control plane on uvloop; the CA's grpc.aio server must work in that loop too."""
+    import argparse
+    import json
+
+    import uvloop
+
+    from webhook.ca import add_ca_arguments, start_ca
+    (tmp_path / "jwks.json").write_text(json.dumps(issuer.jwks()))
+    p = argparse.ArgumentParser()
+    add_ca_arguments(p)
+    lp = Loop(uvloop.new_event_loop)
+    try:
+        disabled = lp.run(start_ca(p.parse_args(["--ca-port", "0"])))
+        assert lp.run(disabled()) is None
+        args = p.parse_args(["--ca-port", "0", "--ca-dir", str(tmp_path / "ca"), "--jwks", str(tmp_path / "jwks.json"),
+                             "--plugin-certs", ""])
+        from webhook.ca.config import CAConfig
+        from webhook.ca.server import serve
+        running = lp.run(serve(CAConfig.from_args(args)))          # port 0 here = ephemeral (tests only)
+        try:
+            ca = CA(running, issuer, CAConfig.from_args(args))
+            assert verify_chain(ca.create(csr_for(), issuer.token("ns-a", "sa-a")))
+            assert (tmp_path / "ca" / "root-cert.pem").read_text() == running.root_pem
+        finally:
+            lp.run(running())
+    finally:
+        lp.close()
+
+
+def test_internal_error_is_internal_without_python_details(ca: CA, monkeypatch: pytest.MonkeyPatch) -> None:
+    import webhook.ca.server as server
+
+    def broken(*a: object, **k: object) -> list[str]:
+        raise KeyError("secret detail")
+    monkeypatch.setattr(server, "sign", broken)
+    with pytest.raises(grpc.RpcError) as err:
+        ca.create(csr_for(), ca.issuer.token("ns-a", "sa-a"))
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "secret detail" not in err.value.details()
+
+
+def _served_cert(ca: CA) -> x509.Certificate:
+    import socket
+    import ssl
+    ctx = ssl.create_default_context(cadata=ca.root_pem)
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", ca.running.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=C.ISTIOD_SAN) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_serving_cert_signed_by_mesh_ca_and_renewed_at_half_life(ca: CA) -> None:
+    first = _served_cert(ca)
+    first.verify_directly_issued_by(pki.load_certs(ca.root_pem.encode())[0])
+    dns = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"istiod.istio-system.svc", "meshboot-webhook.istio-system.svc", "localhost"} <= \
+        set(dns.get_values_for_type(x509.DNSName))
+    assert {str(i) for i in dns.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
+    assert _served_cert(ca).serial_number == first.serial_number        # not yet at half-life: same cert
+    assert ca.running.serving is not None
+    ca.running.serving.renew_at = 0.0                                   # pretend half its life has passed
+    renewed = _served_cert(ca)
+    assert renewed.serial_number != first.serial_number
+    assert ca.create(csr_for(), ca.issuer.token("ns-a", "sa-a"))      # agents keep working across the renewal

@@ -10,7 +10,6 @@ import pytest
 from cryptography import x509
 
 from e2e.local.tokens import Issuer
-from meshboot import constants as C
 from meshboot import pki
 from webhook.ca import store
 from webhook.ca.server import serve

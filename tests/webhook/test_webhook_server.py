@@ -251,13 +251,58 @@ def test_bad_flags_exit_with_a_message(tmp_path: Path) -> None:
     assert r.returncode == 2 and "global.proxy.statusPort" in r.stderr
 
 
+class FakeAPI:
+    """A fake Kubernetes API server (the only fake allowed here) speaking the real JSON wire format:
+    GET returns stored objects, PATCH applies an RFC 6902 patch to them."""
+
+    def __init__(self, objects: dict[str, dict]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.objects = objects
+        self.patch_types: list[str] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, code: int, doc: dict) -> None:
+                data = json.dumps(doc).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                obj = api.objects.get(self.path.split("?")[0])
+                self._send(200, obj) if obj is not None else self._send(404, {"kind": "Status", "code": 404})
+
+            def do_PATCH(self) -> None:  # noqa: N802
+                api.patch_types.append(self.headers["Content-Type"])
+                path = self.path.split("?")[0]
+                ops = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                try:
+                    api.objects[path] = jsonpatch.apply_patch(api.objects[path], ops)
+                except (jsonpatch.JsonPatchException, KeyError) as e:
+                    return self._send(422, {"kind": "Status", "code": 422, "message": str(e)})
+                self._send(200, api.objects[path])
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def client(self):  # noqa: ANN201
+        from kubernetes import client
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return client.ApiClient(cfg)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
 def test_ca_bundle_patched_into_the_webhook_configuration() -> None:
-    """Against a fake API server speaking the real JSON wire format (the only fake allowed here)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from kubernetes import client
-
     from webhook.server import patch_webhook_ca_bundle
 
     path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/istio-sidecar-injector"
@@ -265,49 +310,43 @@ def test_ca_bundle_patched_into_the_webhook_configuration() -> None:
             "failurePolicy": "Fail", "clientConfig": {"service": {"name": "meshboot-webhook",
                                                                   "namespace": "istio-system", "path": "/inject"}},
             "namespaceSelector": {"matchLabels": {"istio-injection": "enabled"}}}
-    store = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-             "metadata": {"name": "istio-sidecar-injector", "resourceVersion": "7"},
-             "webhooks": [hook, dict(hook, name="object.sidecar-injector.istio.io")]}
-    seen: list[str] = []
-
-    class Fake(BaseHTTPRequestHandler):
-        def _send(self, code: int, doc: dict) -> None:
-            data = json.dumps(doc).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:  # noqa: N802
-            self._send(200, store) if self.path.split("?")[0] == path else self._send(404, {"kind": "Status"})
-
-        def do_PATCH(self) -> None:  # noqa: N802
-            seen.append(self.headers["Content-Type"])
-            ops = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            try:
-                store.update(jsonpatch.apply_patch(store, ops))
-            except jsonpatch.JsonPatchException as e:
-                return self._send(422, {"kind": "Status", "message": str(e)})
-            self._send(200, store)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
+    api = FakeAPI({path: {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                          "metadata": {"name": "istio-sidecar-injector", "resourceVersion": "7"},
+                          "webhooks": [hook, dict(hook, name="object.sidecar-injector.istio.io")]}})
     try:
-        cfg = client.Configuration()
-        cfg.host = f"http://127.0.0.1:{httpd.server_address[1]}"
         ca_pem, _ = pki.self_signed_serving(["meshboot-webhook.istio-system.svc"])
-        assert patch_webhook_ca_bundle(client.ApiClient(cfg), "istio-sidecar-injector", ca_pem) == 2
+        assert patch_webhook_ca_bundle(api.client(), "istio-sidecar-injector", ca_pem) == 2
     finally:
-        httpd.shutdown()
-    assert seen == ["application/json-patch+json"]
-    for w in store["webhooks"]:
+        api.close()
+    assert api.patch_types == ["application/json-patch+json"]
+    for w in api.objects[path]["webhooks"]:
         assert base64.b64decode(w["clientConfig"]["caBundle"]) == ca_pem
         assert w["clientConfig"]["service"]["path"] == "/inject" and w["failurePolicy"] == "Fail"
+
+
+@pytest.mark.parametrize("kubelets,server,want", [
+    (["v1.34.1", "v1.33.0"], None, "1.33"),
+    (["v1.34.1", "v1.29.4"], None, "1.29"),
+    ([], {"major": "1", "minor": "35+"}, "1.35"),
+])
+def test_kubernetes_version_detected_from_nodes(kubelets: list, server: dict | None, want: str) -> None:
+    from webhook.server import detect_kubernetes_version
+
+    nodes = {"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [
+        {"metadata": {"name": f"n{i}"}, "status": {"nodeInfo": {
+            "kubeletVersion": v, "architecture": "amd64", "bootID": "", "containerRuntimeVersion": "containerd://2",
+            "kernelVersion": "6", "kubeProxyVersion": v, "machineID": "", "operatingSystem": "linux",
+            "osImage": "Debian", "systemUUID": ""}}} for i, v in enumerate(kubelets)]}
+    objects = {"/api/v1/nodes": nodes}
+    if server:
+        objects["/version/"] = objects["/version"] = dict(server, gitVersion="v1.35.0", gitCommit="x",
+                                                          gitTreeState="clean", buildDate="2026-01-01T00:00:00Z",
+                                                          goVersion="go1.25", compiler="gc", platform="linux/amd64")
+    api = FakeAPI(objects)
+    try:
+        assert detect_kubernetes_version(api.client()) == want
+    finally:
+        api.close()
 
 
 def test_ca_runs_in_the_same_process(tmp_path: Path) -> None:

@@ -3,30 +3,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
+import gc
 import signal
 import sys
-import time
 
 from meshboot import constants as C
+from webhook import logs
 
 from . import add_ca_arguments
 from .config import CAConfig, ConfigError
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message and any `extra` fields."""
-
-    _SKIP = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
-               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        out.update({k: v for k, v in record.__dict__.items() if k not in self._SKIP})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +61,9 @@ async def run(args: argparse.Namespace) -> int:
         return 0
     running = await serve(cfg)
     mon = await _monitoring(args.ca_monitoring_address, args.ca_monitoring_port) if args.ca_monitoring_port else None
+    # Everything built so far lives as long as the process: keep it out of the cyclic GC's full collections.
+    gc.collect()
+    gc.freeze()
     print(f"meshboot CA serving on {cfg.address}:{running.port} root={running.root_file} ({running.source})",
           flush=True)
     stop = asyncio.Event()
@@ -91,9 +79,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logs.setup(args.log_level)          # the control plane's JSON-lines logging
     try:
         import uvloop      # what uvicorn runs the combined control plane on; grpc.aio is faster on it too
     except ImportError:

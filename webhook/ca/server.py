@@ -52,6 +52,11 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
             log.info("CSR refused", extra={"peer": context.peer(), "code": e.code.value, "reason": e.message})
             await context.abort(grpc.StatusCode[e.code.value], e.message)
             raise AssertionError("unreachable") from None   # abort() raises
+        except Exception:  # noqa: BLE001 - a bug must not leak Python internals to the caller
+            metrics.CSR_RESULTS.labels("internal_error").inc()
+            log.exception("CSR signing failed", extra={"peer": context.peer()})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error while signing; see the CA's log")
+            raise AssertionError("unreachable") from None
         metrics.SIGN_SECONDS.observe(time.perf_counter() - start)
         metrics.CSR_RESULTS.labels("issued").inc()
         if log.isEnabledFor(logging.DEBUG):
@@ -98,6 +103,7 @@ class RunningCA:
     source: str
     root_file: Path | None
     server: grpc.aio.Server | None = None
+    serving: ServingCert | None = None
     publisher: RootCertPublisher | None = None
     api_client: Any = None
     tasks: list[asyncio.Task] = field(default_factory=list)
@@ -179,7 +185,7 @@ async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
         raise OSError(f"CA: cannot listen on {host}:{cfg.port} ({e})") from None
     await server.start()
     running = RunningCA(port=port, address=cfg.address, authority=authority, source=loaded.source,
-                        root_file=root_file, server=server, api_client=api_client)
+                        root_file=root_file, server=server, serving=serving, api_client=api_client)
     metrics.expose(authority)
     running.tasks.append(asyncio.create_task(_watch_expiry(authority)))
     if cfg.publish_root_cert:

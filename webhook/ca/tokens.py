@@ -297,6 +297,7 @@ class TokenReviewVerifier:
         self.api = auth_api          # kubernetes.client.AuthenticationV1Api
         self.audiences = tuple(audiences)
         self._cache: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[Identity]] = {}
 
     def review(self, token: str) -> Identity:
         from kubernetes.client.exceptions import ApiException
@@ -332,7 +333,12 @@ class TokenReviewVerifier:
         if hit and hit[0] > now:
             self._cache.move_to_end(token)
             return hit[1]
-        ident = await asyncio.to_thread(self.review, token)
+        # One review per token at a time: concurrent CSRs from the same pod share the answer.
+        pending = self._inflight.get(token)
+        if pending is None:
+            pending = self._inflight[token] = asyncio.ensure_future(asyncio.to_thread(self.review, token))
+            pending.add_done_callback(lambda _f: self._inflight.pop(token, None))
+        ident = await asyncio.shield(pending)
         until = now + self.CACHE_SECONDS
         try:   # never cache past the token's own expiry
             exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
