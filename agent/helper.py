@@ -4,7 +4,6 @@ which lives as long as the pod, and the work runs in parallel with the agent's o
 """
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 
@@ -25,6 +24,8 @@ class Prestarted:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     async def result(self) -> bytes:
+        import asyncio  # noqa: PLC0415 — this module loads before asyncio (see cli.import_asyncio_without_tls)
+
         while self.proc.poll() is None:
             await asyncio.sleep(0.002)
         out, err = self.proc.communicate()
@@ -34,6 +35,8 @@ class Prestarted:
 
 
 async def run(args: list[str]) -> bytes:
+    import asyncio  # noqa: PLC0415
+
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     if proc.returncode != 0:

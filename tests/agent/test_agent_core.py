@@ -195,3 +195,65 @@ def test_standalone_config_is_accepted_by_envoy(tmp_path) -> None:
         r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(p), "-l", "error"],
                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_xds_wire_matches_xds_protos() -> None:
+    """Our hand-framed xDS messages against the generated classes, both ways."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+    from envoy.service.discovery.v3 import discovery_pb2 as d
+    from google.rpc import status_pb2
+
+    from agent import xdswire as w
+    raw = d.DiscoveryRequest(version_info="v1", node=base_pb2.Node(id="sidecar~1"), resource_names=["a", "b"],
+                             type_url="t", response_nonce="n1",
+                             error_detail=status_pb2.Status(code=13, message="bad")).SerializeToString()
+    r = w.decode_request(raw)
+    assert (r.version_info, r.resource_names, r.type_url, r.response_nonce) == ("v1", ["a", "b"], "t", "n1")
+    assert r.error == w.Status(13, "bad")
+    raw = d.DeltaDiscoveryRequest(node=base_pb2.Node(id="x"), type_url="t", resource_names_subscribe=["a"],
+                                  resource_names_unsubscribe=["b"], initial_resource_versions={"a": "1"},
+                                  response_nonce="n2").SerializeToString()
+    r2 = w.decode_delta_request(raw)
+    assert (r2.type_url, r2.subscribe, r2.unsubscribe, r2.response_nonce, r2.error) == ("t", ["a"], ["b"], "n2", None)
+    resp = d.DiscoveryResponse.FromString(w.response("1", "t", "n", [b"abc", b""]))
+    assert (resp.version_info, resp.type_url, resp.nonce) == ("1", "t", "n")
+    assert [(a.type_url, a.value) for a in resp.resources] == [("t", b"abc"), ("t", b"")]
+    dresp = d.DeltaDiscoveryResponse.FromString(w.delta_response("1", "t", "n", {"x": b"xyz"}, "7"))
+    assert [(x.name, x.version, x.resource.value) for x in dresp.resources] == [("x", "7", b"xyz")]
+    assert w.response_type_url(dresp.SerializeToString()) == "t"
+    s = secret_pb2.Secret.FromString(w.tls_secret("default", b"CHAIN", b"KEY"))
+    assert (s.name, s.tls_certificate.certificate_chain.inline_bytes, s.tls_certificate.private_key.inline_bytes) \
+        == ("default", b"CHAIN", b"KEY")
+    s = secret_pb2.Secret.FromString(w.root_secret("ROOTCA", b"ROOT"))
+    assert (s.name, s.validation_context.trusted_ca.inline_bytes) == ("ROOTCA", b"ROOT")
+
+
+def test_x509lite_reads_serial_and_expiry() -> None:
+    import datetime as dt
+
+    from agent import x509lite
+    from meshboot import pki
+    key = pki.generate_key("ECDSA")
+    for ttl in (dt.timedelta(hours=1), dt.timedelta(days=365 * 60)):    # UTCTime and GeneralizedTime
+        cert = pki.make_ca("t", key, ttl=ttl)
+        assert x509lite.leaf_serial_and_expiry(pki.cert_pem(cert)) == (cert.serial_number,
+                                                                        cert.not_valid_after_utc.timestamp())
+    with pytest.raises(x509lite.X509Error):
+        x509lite.leaf_serial_and_expiry(b"no cert here")
+
+
+def test_metrics_exposition_parses() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.metrics import Metrics
+    m = Metrics()
+    m.outgoing.labels("csr").inc()
+    m.sds_ack.labels("default").observe(0.003)
+    m.cert_expiry.set(42)
+    fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    assert fams["istio_agent_num_outgoing_requests"].samples[0].value == 1
+    assert fams["istio_agent_cert_expiry_seconds"].samples[0].value == 42
+    buckets = [s for s in fams["istio_agent_sds_push_ack_seconds"].samples if s.name.endswith("_bucket")]
+    assert [s.value for s in buckets if s.labels["le"] in ("0.001", "0.005", "+Inf")] == [0, 1, 1]
+    assert fams["istio_agent_process_resident_memory_bytes"].samples[0].value > 1e6

@@ -163,6 +163,11 @@ def test_identity_sds_readiness_and_ca_outage(pod: Pod) -> None:
         clients = [by_inode.get(r["peer_inode"]) for r in server_side]
         assert any(c and any(pid == envoy_pid for _, pid in c["procs"]) for c in clients), (rel, clients)
 
+    # The long-lived agent keeps heavy libraries out (they live in short helper processes): guards its RSS.
+    maps = Path(f"/proc/{agent.pid}/maps").read_text()
+    for lib in ("cryptography", "_upb", "libssl.so"):
+        assert lib not in maps, f"{lib} is loaded in the agent process"
+
     # Merged metrics: agent's own and Envoy's.
     status, body = pod.http(f"http://127.0.0.1:{C.STATUS_PORT}/stats/prometheus")
     assert status == 200 and "istio_agent_cert_expiry_seconds" in body and "envoy_server_live" in body
