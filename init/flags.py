@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 from meshboot import constants as C
+from meshboot.durations import parse_duration
 
 from .record import Record
 
@@ -88,7 +89,6 @@ _BY_LONG = {f.long: f for f in FLAGS}
 _BY_SHORT = {f.short: f for f in FLAGS if f.short}
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_bool(text: str) -> bool:
@@ -98,31 +98,6 @@ def parse_bool(text: str) -> bool:
     if text in _FALSE:
         return False
     raise ValueError(f"invalid boolean {text!r} (want true|false|1|0|t|f)")
-
-
-def parse_duration(text: str) -> float:
-    """Go's time.ParseDuration ("5s", "1m30s", "250ms", "0") in seconds."""
-    s = text.strip()
-    if s in ("0", "+0", "-0"):
-        return 0.0
-    sign = -1.0 if s.startswith("-") else 1.0
-    s = s.lstrip("+-")
-    if not s:
-        raise ValueError(f"invalid duration {text!r}")
-    total, i = 0.0, 0
-    while i < len(s):
-        j = i
-        while j < len(s) and (s[j].isdigit() or s[j] == "."):
-            j += 1
-        k = j
-        while k < len(s) and not (s[k].isdigit() or s[k] == "."):
-            k += 1
-        num, unit = s[i:j], s[j:k]
-        if not num or num == "." or unit not in _UNITS:
-            raise ValueError(f"invalid duration {text!r} (want e.g. 5s, 500ms, 1m30s)")
-        total += float(num) * _UNITS[unit]
-        i = k
-    return sign * total
 
 
 def _convert(flag: Flag, text: str) -> object:

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 import yaml
 
 from meshboot import constants as C
+from meshboot.durations import parse_duration
+from meshboot.files import stamp
 from webhook.errors import ConfigError
 
 # Istio's chart defaults for the keys the sidecar template reads, with meshboot's documented differences.
@@ -105,8 +107,6 @@ DEFAULT_MESH: dict[str, Any] = {
 
 NATIVE_MODES = ("auto", "true", "false")
 NATIVE_SIDECAR_MIN_MINOR = 33
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
-_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,15 +124,10 @@ def normalize_duration(value: Any, where: str) -> str:
     """Go/protojson durations ("1m", "1m30s", "23s") to protojson's seconds form ("60s", "90s", "23s")."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:g}s"
-    text = str(value).strip()
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ConfigError(f"{where}: invalid duration {value!r} (want e.g. 45s, 1m30s)")
+    try:
+        total = parse_duration(str(value))
+    except ValueError:
+        raise ConfigError(f"{where}: invalid duration {value!r} (want e.g. 45s, 1m30s)") from None
     return f"{total:.9f}".rstrip("0").rstrip(".") + "s"
 
 
@@ -364,13 +359,10 @@ def build_settings(values: Mapping[str, Any] | None = None, mesh: Mapping[str, A
 
 
 def _stamp(path: str | None) -> tuple | None:
+    """None for an unset path; ("missing",) for a configured file that is absent (absent ≠ unset when it appears)."""
     if not path:
         return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ("missing",)
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+    return stamp(path) or ("missing",)
 
 
 class ConfigSource:

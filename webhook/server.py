@@ -26,10 +26,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshboot import constants as C
 from meshboot import pki
+from meshboot.files import stamps
 from webhook import logs, metrics
 from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCache, review_bytes
 from webhook.config import ConfigSource, parse_kubernetes_version
 from webhook.errors import ConfigError
+from webhook.monitoring import start_monitoring
 
 log = logging.getLogger("meshboot.webhook")
 
@@ -54,14 +56,7 @@ class TLSFiles:
     stamp: tuple = ()
 
     def current_stamp(self) -> tuple:
-        out = []
-        for p in (self.cert, self.key):
-            try:
-                st = os.stat(p)
-                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+        return stamps((self.cert, self.key))
 
     def reload_if_changed(self) -> bool:
         stamp = self.current_stamp()
@@ -126,7 +121,7 @@ def create_app(state: State) -> Any:
                     log.error("the CA could not start", extra={"error": str(e)})
                     raise
             if state.monitoring and state.monitoring[1]:
-                monitor = await start_monitoring(*state.monitoring, state)
+                monitor = await start_monitoring(*state.monitoring, ready=lambda: state.ready)
             state.tasks.append(asyncio.create_task(_watch(state)))
             # Everything imported and built so far lives as long as the process: keep it out of the cyclic GC's
             # full collections, which otherwise walk it all and show up as latency spikes.
@@ -231,35 +226,6 @@ async def _watch(state: State) -> None:
                 state.tls.reload_if_changed()
         except Exception:  # noqa: BLE001 - the watcher must survive anything
             log.exception("watcher error")
-
-
-async def start_monitoring(address: str, port: int, state: State) -> asyncio.AbstractServer:
-    """Plain-HTTP /metrics and /healthz (Istio's 15014), for scrapers that do not speak the webhook's TLS."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) > 1 else ""
-            if path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest()
-            elif path in ("/healthz", "/ready", "/readyz"):
-                ok = path == "/healthz" or state.ready
-                status, ctype, body = ("200 OK" if ok else "503 Service Unavailable"), "text/plain", \
-                    (b"ok\n" if ok else b"not ready\n")
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, address, port)
 
 
 # ---- TLS material --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 
 from meshboot import constants as C
 from webhook import logs
+from webhook.monitoring import start_monitoring
 
 from . import add_ca_arguments
 from .config import CAConfig, ConfigError
@@ -24,35 +25,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _monitoring(address: str, port: int) -> asyncio.AbstractServer:
-    """A tiny HTTP/1.1 server: GET /metrics (Prometheus text), /healthz and /readyz (200 "ok")."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1").split()
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass
-            path = line[1].split("?")[0] if len(line) >= 2 else ""
-            if len(line) < 2 or line[0] != "GET":
-                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-            elif path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
-            elif path in ("/healthz", "/readyz", "/ready"):
-                status, ctype, body = "200 OK", "text/plain", b"ok\n"
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, address, port)
-
-
 async def run(args: argparse.Namespace) -> int:
     from .server import serve
     cfg = CAConfig.from_args(args)
@@ -60,7 +32,7 @@ async def run(args: argparse.Namespace) -> int:
         print("meshboot CA disabled (--ca-port 0)", flush=True)
         return 0
     running = await serve(cfg)
-    mon = await _monitoring(args.ca_monitoring_address, args.ca_monitoring_port) if args.ca_monitoring_port else None
+    mon = await start_monitoring(args.ca_monitoring_address, args.ca_monitoring_port) if args.ca_monitoring_port else None
     # Everything built so far lives as long as the process: keep it out of the cyclic GC's full collections.
     gc.collect()
     gc.freeze()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshboot import constants as C
+from meshboot.durations import parse_duration
 
 DEFAULT_CA_DNS_NAMES: tuple[str, ...] = (
     C.ISTIOD_SAN,                                       # istiod.istio-system.svc: what an agent checks by default
@@ -41,25 +42,18 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class ConfigError(ValueError):
     """A flag has a value the CA cannot use; the message names the flag."""
 
 
-def parse_duration(text: str, flag: str) -> dt.timedelta:
+def parse_ttl(text: str, flag: str) -> dt.timedelta:
     """Go-style durations as Istio's flags take them ("24h", "1h30m", "90s"; plus "d" for days)."""
-    text = text.strip()
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    if not text or pos != len(text):
-        raise ConfigError(f"{flag}: {text!r} is not a duration (examples: 24h, 90m, 3600s)")
+    try:
+        total = parse_duration(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r} is not a duration (examples: 24h, 90m, 3600s)") from None
     if total <= 0:
         raise ConfigError(f"{flag}: {text!r} must be positive")
     return dt.timedelta(seconds=total)
@@ -164,7 +158,7 @@ class CAConfig:
             ca_namespace=os.environ.get(C.ENV_POD_NAMESPACE) or C.ISTIO_NAMESPACE,
             ca_key_type=args.ca_key_type,
             trust_domain=args.trust_domain,
-            max_cert_ttl=parse_duration(args.max_workload_cert_ttl, "--max-workload-cert-ttl"),
+            max_cert_ttl=parse_ttl(args.max_workload_cert_ttl, "--max-workload-cert-ttl"),
             dns_names=tuple(dns),
             ip_sans=tuple(ips),
             jwks=args.jwks,
