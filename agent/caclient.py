@@ -100,6 +100,12 @@ class CAClient:
         self._channel = ch
         self._call = ch.unary_unary(C.CA_METHOD, request_serializer=None, response_deserializer=None)
 
+    def warm(self) -> None:
+        """Start connecting (TCP + TLS) now, while the key is being generated: the first CSR then goes out at once."""
+        if self._call is None:
+            self._dial()
+        self._channel.get_state(try_to_connect=True)  # type: ignore[union-attr]
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()

@@ -70,6 +70,7 @@ def import_asyncio_without_tls() -> None:
 
 
 def run_proxy(argv: list[str]) -> int:
+    started = time.monotonic()
     from . import log as logmod  # noqa: PLC0415
     from .config import ConfigError, Flags, build_config  # noqa: PLC0415
 
@@ -131,7 +132,7 @@ def run_proxy(argv: list[str]) -> int:
     from .sidecar import Sidecar  # noqa: PLC0415
 
     async def main() -> int:
-        return await Sidecar(cfg, launched, prestarted).run()
+        return await Sidecar(cfg, launched, prestarted, started=started).run()
 
     try:
         return asyncio.run(main())

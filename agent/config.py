@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from meshboot import constants as C
+from meshboot.durations import parse_duration as _go_duration
 
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
 
@@ -24,24 +25,17 @@ class ConfigError(ValueError):
 
 # ---- small parsers ------------------------------------------------------------------------------------------------
 
-_DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_DUR_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(text: str, where: str) -> float:
-    """Go (`1h2m3s`, `100ms`) or protojson (`5s`, `0.5s`) durations, in seconds."""
-    s = str(text).strip()
-    if s in ("0", ""):
+    """Go (`1h2m3s`, `100ms`) or protojson (`5s`, `0.5s`) durations, in seconds (meshboot.durations), ≥ 0."""
+    if str(text).strip() == "":
         return 0.0
-    pos, total = 0, 0.0
-    for m in _DUR_RE.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _DUR_UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or pos == 0:
-        raise ConfigError(f"{where}: invalid duration {text!r} (want e.g. 5s, 100ms, 1h30m)")
-    return total
+    try:
+        v = _go_duration(str(text))
+    except ValueError:
+        raise ConfigError(f"{where}: invalid duration {text!r} (want e.g. 5s, 100ms, 1h30m)") from None
+    if v < 0:
+        raise ConfigError(f"{where}: negative duration {text!r}")
+    return v
 
 
 def parse_bool(text: str | None, where: str, default: bool) -> bool:

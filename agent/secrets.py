@@ -10,13 +10,17 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from meshboot import constants as C
 
 from . import helper, keygen, x509lite
 from .config import AgentConfig
 from .log import Log
+
+if TYPE_CHECKING:
+    from .caclient import CAClient
+    from .metrics import Metrics
 
 log = Log("cache")
 
@@ -84,27 +88,28 @@ def _write_atomic(path: str, data: bytes, mode: int) -> None:
 class SecretManager:
     """Produces `default`, `ROOTCA`, `file-cert:…`, `file-root:…` and notifies subscribers of changes."""
 
-    def __init__(self, cfg: AgentConfig, ca: "object | None", metrics: "object | None" = None,
+    def __init__(self, cfg: AgentConfig, ca: "CAClient | None", metrics: "Metrics | None" = None,
                  backoff_initial: float = 0.5, backoff_max: float = 60.0,
                  prestarted: "helper.Prestarted | None" = None) -> None:
         self.cfg = cfg
         self._prestarted = prestarted
+        self._unsigned: tuple[bytes, str] | None = None
         self.ca = ca
         self.metrics = metrics
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._workload: Workload | None = None
         self._lock = asyncio.Lock()
-        self._ready = asyncio.Event()
         self._subs: set[Callable[[set[str]], None]] = set()
         self._watched: dict[str, tuple] = {}
         self._tasks: list[asyncio.Task] = []
         self._rotation: asyncio.Task | None = None
-        self._last_root: bytes | None = None
 
     # -- lifecycle --
     def start(self) -> None:
         """Warm the certificate now (before Envoy asks) and start the file poller."""
+        if self.ca is not None:
+            self.ca.warm()
         self._tasks.append(asyncio.create_task(self._warm(), name="cert-warmup"))
         self._tasks.append(asyncio.create_task(self._poll_files(), name="file-poller"))
 
@@ -117,7 +122,7 @@ class SecretManager:
             except (asyncio.CancelledError, Exception):
                 pass
         if self.ca is not None:
-            await self.ca.close()  # type: ignore[attr-defined]
+            await self.ca.close()
 
     def subscribe(self, fn: Callable[[set[str]], None]) -> Callable[[], None]:
         self._subs.add(fn)
@@ -154,9 +159,8 @@ class SecretManager:
 
     def _set(self, wl: Workload) -> None:
         self._workload = wl
-        self._ready.set()
         if self.metrics is not None:
-            self.metrics.cert_expiry.set(wl.expire - time.time())  # type: ignore[attr-defined]
+            self.metrics.cert_expiry.set(wl.expire - time.time())
         self._write_output(wl)
         if self.cfg.file_certs is None:
             delay = rotation_delay(wl.created, wl.expire, time.time(), self.cfg.grace_ratio, self.cfg.grace_jitter)
@@ -169,25 +173,30 @@ class SecretManager:
             chain_p, key_p, root_p = self.cfg.file_certs
             return self._from_pem(_read(chain_p), _read(key_p), _read(root_p), created=time.time())
         try:
-            if self._prestarted is not None:
+            if self._unsigned is not None:          # a key/CSR the CA never answered: still fresh, reuse it
+                key_pem, csr = self._unsigned
+            elif self._prestarted is not None:
                 pre, self._prestarted = self._prestarted, None
                 key_pem, csr = keygen.split_output(await pre.result())
             else:
                 key_pem, csr = await keygen.generate(self.keygen_args())
         except (OSError, RuntimeError, ValueError) as e:
             raise SecretError(f"cannot generate key and CSR: {e}") from None
+        self._unsigned = (key_pem, csr)
         m = self.metrics
         t0 = time.monotonic()
         try:
             if m is not None:
-                m.outgoing.labels("csr").inc()  # type: ignore[attr-defined]
-            issued = await self.ca.sign(csr, int(self.cfg.secret_ttl))  # type: ignore[union-attr]
+                m.outgoing.labels("csr").inc()
+            assert self.ca is not None
+            issued = await self.ca.sign(csr, int(self.cfg.secret_ttl))
         except Exception as e:
             if m is not None:
-                m.outgoing_failed.labels("csr").inc()  # type: ignore[attr-defined]
+                m.outgoing_failed.labels("csr").inc()
             raise SecretError(str(e)) from None
+        self._unsigned = None
         if m is not None:
-            m.outgoing_latency.labels("csr").observe(time.monotonic() - t0)  # type: ignore[attr-defined]
+            m.outgoing_latency.labels("csr").observe(time.monotonic() - t0)
         chain = "".join(issued.chain).encode()
         return self._from_pem(chain, key_pem, issued.chain[-1].encode(), created=issued.received)
 
@@ -219,7 +228,7 @@ class SecretManager:
             old_root = wl.root_pem
             self._set(new)
             if self.metrics is not None:
-                self.metrics.cert_rotations.inc()  # type: ignore[attr-defined]
+                self.metrics.cert_rotations.inc()
             names = {C.SDS_DEFAULT} | ({C.SDS_ROOTCA} if new.root_pem != old_root else set())
             self._notify(names)
             return

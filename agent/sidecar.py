@@ -11,8 +11,6 @@ import contextlib
 import signal
 import time
 
-from meshboot import constants as C
-
 from . import uds
 from .config import AgentConfig
 from .envoy import Admin, EnvoyProcess, active_connections
@@ -24,8 +22,12 @@ log = Log("agent")
 
 
 class Sidecar:
-    def __init__(self, cfg: AgentConfig, launched: Launched, prestarted: "dict | None" = None) -> None:
+    """One pod's agent: servers, Envoy supervision, shutdown."""
+
+    def __init__(self, cfg: AgentConfig, launched: Launched, prestarted: "dict | None" = None,
+                 started: float | None = None) -> None:
         self.cfg = cfg
+        self.started = time.monotonic() if started is None else started
         self.launched = launched
         self.prestarted = prestarted or {}
         self.metrics = Metrics()
@@ -34,7 +36,6 @@ class Sidecar:
         self.reason = ""                  # "sigterm" | "quit"
         self.skip_drain = False
         self.envoy: EnvoyProcess = launched.envoy
-        self._servers: list = []
 
     # -- control --
     def _signal(self, name: str) -> None:
@@ -79,7 +80,8 @@ class Sidecar:
         cfg = self.cfg
         t0 = time.monotonic()
         status = StatusServer(cfg, self.admin, self.metrics, on_quit=self._quit, on_drain=self._drain_request,
-                              extra_ready=grpc_bootstrap_reason(self.launched.grpc_bootstrap_path))
+                              extra_ready=grpc_bootstrap_reason(self.launched.grpc_bootstrap_path),
+                              started=self.started)
         if cfg.status_port:
             await status.start()
         loop = asyncio.get_running_loop()

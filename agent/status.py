@@ -32,7 +32,7 @@ def _is_loopback(addr: str) -> bool:
 class StatusServer:
     def __init__(self, cfg: AgentConfig, admin: Admin, metrics: "object", *,
                  on_quit: Callable[[], None], on_drain: Callable[[], Awaitable[None]],
-                 extra_ready: Callable[[], str] = lambda: "") -> None:
+                 extra_ready: Callable[[], str] = lambda: "", started: float | None = None) -> None:
         self.cfg = cfg
         self.admin = admin
         self.metrics = metrics
@@ -42,7 +42,7 @@ class StatusServer:
         self.terminating = False
         self._config_ok = False
         self._live_ok = False
-        self._started = time.monotonic()
+        self._started = time.monotonic() if started is None else started   # agent process start
         self._server: asyncio.Server | None = None
         self._last_reason = ""
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -96,6 +97,7 @@ def envoy_floor(runs: int) -> list[float]:
             out.append(ms)
     finally:
         ns.close()
+        shutil.rmtree(d, ignore_errors=True)
     return out
 
 

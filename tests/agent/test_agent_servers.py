@@ -226,8 +226,27 @@ def test_status_server_probes_metrics_and_quit(tmp_path, monkeypatch) -> None:  
            "ISTIO_PROMETHEUS_ANNOTATIONS": json.dumps({"scrape": "true", "port": str(port), "path": "/metrics"}),
            "PILOT_AGENT_MERGE_ENVOY_STATS": "false", "PROXY_CONFIG": json.dumps({"statusPort": free_port(),
                                                                                   "proxyAdminPort": free_port()})}
+    grpc_port = free_port()
+    probers["/app-health/grpc/readyz"] = {"grpc": {"port": grpc_port, "service": "app"}}
+    probers["/app-health/grpc/livez"] = {"grpc": {"port": grpc_port, "service": "down"}}
+    env["ISTIO_KUBE_APP_PROBERS"] = json.dumps(probers)
     cfg = build_config(Flags(), env, lambda p: None, os.path.exists, lambda n: None)
     quits: list[int] = []
+
+    async def health_server() -> grpc.aio.Server:
+        """grpc.health.v1.Health/Check: SERVING (1) for service "app", NOT_SERVING (2) otherwise.
+
+        HealthCheckRequest{service=1}; HealthCheckResponse{status=1 (enum)} — tiny enough to frame by hand here."""
+        async def check(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+            service = req[2:2 + req[1]].decode() if req else ""
+            return bytes([0x08, 1 if service == "app" else 2])
+
+        srv = grpc.aio.server()
+        srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}),))
+        srv.add_insecure_port(f"127.0.0.1:{grpc_port}")
+        await srv.start()
+        return srv
 
     async def go() -> None:
         async def drain() -> None:
@@ -240,7 +259,11 @@ def test_status_server_probes_metrics_and_quit(tmp_path, monkeypatch) -> None:  
         async def get(path: str, method: str = "GET") -> httpio.Response:
             return await httpio.request("127.0.0.1", sp, method, path, timeout=5)
 
+        hs = await health_server()
         try:
+            assert (await get("/app-health/grpc/readyz")).status == 200
+            assert (await get("/app-health/grpc/livez")).status == 500
+            await hs.stop(0)
             r = await get("/healthz/ready")
             assert r.status == 503 and b"Envoy admin unreachable" in r.body
             assert (await get("/app-health/app/readyz")).status == 200

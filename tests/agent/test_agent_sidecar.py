@@ -6,14 +6,12 @@ uid 1337, as in an injected pod.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -237,6 +235,7 @@ def test_standalone_permissive_traffic_probes_and_drain(pod_pair: tuple[Pod, Net
     status, err = peer_get(peer, f"http://10.99.0.1:{APP_PORT}/whoami", timeout=2)
     assert status == -1, f"new inbound connection accepted during drain: {status} {err}"
     assert pod.http(f"http://127.0.0.1:{C.STATUS_PORT}/healthz/ready")[0] == 503
+    assert pod.http(f"http://127.0.0.1:{C.ENVOY_STATUS_PORT}/healthz/ready")[0] == 503   # through Envoy's 15021
     out, _ = slow.communicate(timeout=20)
     assert out.startswith("200 slow done"), out
     rc = agent.wait(15)
@@ -262,13 +261,14 @@ def test_strict_mtls_and_rotation(pod_pair: tuple[Pod, Netns]) -> None:
 
     cert, key = pod.issue("client", uris=("spiffe://cluster.local/ns/default/sa/client",))
     root = str(pod.path("ca/root-cert.pem"))
+    before = cert_serials(pod)
     client = peer.popen([PY, str(HERE / "mtls_client.py"), "10.99.0.1", str(APP_PORT), cert, key, root],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     client.stdin.write("go\n")
     first = client.stdout.readline().split()
     assert first[:2] == ["200", "127.0.0.6"] and first[3] == "spiffe://cluster.local/ns/default/sa/web", first
     serial0 = first[2]
-    assert serial0 in cert_serials(pod)
+    assert serial0 in before | cert_serials(pod)      # Envoy's cert (it may rotate at any moment)
 
     # Rotation: Envoy gets a new certificate; the open connection keeps working.
     wait_for(lambda: serial0 not in cert_serials(pod), 20, "a rotated certificate in /certs", period=0.5)
@@ -335,3 +335,29 @@ def test_proxy_mode_forwards_ads_and_reconnects(pod: Pod, delta: bool) -> None:
     assert "upstream_listener_3" not in listeners()
     os.kill(pod.envoy_pid(), signal.SIGKILL)       # end of the run: the agent exits non-zero on Envoy's death
     assert pod.agent_proc.wait(15) == 1
+
+
+def test_sigterm_exits_on_zero_active_connections(pod_pair: tuple[Pod, Netns]) -> None:
+    """EXIT_ON_ZERO_ACTIVE_CONNECTIONS: after SIGTERM the agent waits for the in-flight request, not the whole
+    terminationDrainDuration (30 s here)."""
+    pod, peer = pod_pair
+    pod.start_ca()
+    start_app(pod)
+    install_capture(pod)
+    agent = pod.start_agent(EXIT_ON_ZERO_ACTIVE_CONNECTIONS="true", MINIMUM_DRAIN_DURATION="1s",
+                            PROXY_CONFIG=json.dumps({"terminationDrainDuration": "30s"}))
+    pod.wait_ready(30)
+    pod.wait_tcp("10.99.0.1", APP_PORT)
+    slow = peer.popen([PY, "-c", "import urllib.request;"
+                                 f"r=urllib.request.urlopen('http://10.99.0.1:{APP_PORT}/slow?s=3',timeout=20);"
+                                 "print(r.status, r.read().decode())"], stdout=subprocess.PIPE, text=True)
+    wait_for(lambda: pod.stats(r"^listener\.0\.0\.0\.0_15006\.downstream_cx_active$").get(
+        "listener.0.0.0.0_15006.downstream_cx_active", 0) >= 1, 5, "the request to be in flight")
+    t0 = time.monotonic()
+    agent.send_signal(signal.SIGTERM)
+    out, _ = slow.communicate(timeout=20)
+    assert out.startswith("200 slow done"), out
+    assert agent.wait(15) == 0, pod.log()[-2000:]
+    elapsed = time.monotonic() - t0
+    assert elapsed < 8, elapsed
+    assert "waiting for active connections" in pod.log() and "no active connections left" in pod.log()
