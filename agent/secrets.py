@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from meshboot import constants as C
+from meshboot.files import stamps
 
 from . import helper, keygen, x509lite
 from .config import AgentConfig
@@ -289,33 +290,22 @@ class SecretManager:
             raise SecretError(f"SDS {name}: {e}") from None
 
     def _watch(self, name: str, paths: tuple[str, ...]) -> None:
-        self._watched[name] = (paths, self._sig(paths))
-
-    @staticmethod
-    def _sig(paths: tuple[str, ...]) -> tuple:
-        out = []
-        for p in paths:
-            try:
-                st = os.stat(p)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+        self._watched[name] = (paths, stamps(paths))
 
     async def _poll_files(self, period: float = 1.0) -> None:
         """Poll the watched files (and file-mounted certs); kubelet's ..data swaps change inode/mtime."""
         file_paths = self.cfg.file_certs
-        last = self._sig(file_paths) if file_paths else None
+        last = stamps(file_paths) if file_paths else None
         while True:
             await asyncio.sleep(period)
             changed = set()
             for name, (paths, sig) in list(self._watched.items()):
-                new = self._sig(paths)
+                new = stamps(paths)
                 if new != sig:
                     self._watched[name] = (paths, new)
                     changed.add(name)
             if file_paths:
-                new = self._sig(file_paths)
+                new = stamps(file_paths)
                 if new != last:
                     last = new
                     try:

@@ -36,6 +36,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "secrets": ("v1", "Secret", True),
     "serviceaccounts": ("v1", "ServiceAccount", True),
     "mutatingwebhookconfigurations": ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration", False),
+    "nodes": ("v1", "Node", False),
 }
 _PATH = re.compile(
     r"^/(?:api/v1|apis/(?P<group>[a-z0-9.-]+/v1))"
@@ -100,6 +101,7 @@ class FakeKube:
     events: list[Event] = field(default_factory=list)
     requests: list[Recorded] = field(default_factory=list)
     rv: int = 100
+    version: dict[str, str] = field(default_factory=lambda: {"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake"})
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition()
@@ -287,8 +289,8 @@ class _Handler(BaseHTTPRequestHandler):
                                f"injected failure {fail}")
         if url.path == "/apis/authentication.k8s.io/v1/tokenreviews" and method == "POST":
             return self._token_review(body)
-        if url.path == "/version":
-            return self._send(200, {"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake"})
+        if url.path in ("/version", "/version/"):
+            return self._send(200, k.version)
         m = _PATH.match(url.path)
         if not m or m.group("plural") not in RESOURCES:
             return self._error(404, "NotFound", "the server could not find the requested resource")

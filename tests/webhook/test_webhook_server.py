@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -18,6 +17,7 @@ import httpx
 import jsonpatch
 import pytest
 
+from e2e.local.fakekube import FakeKube
 from meshboot import pki
 from webhook.inject import inject_pod
 from webhook_fixtures import hello_pod, review_body, settings, validate_pod
@@ -251,75 +251,23 @@ def test_bad_flags_exit_with_a_message(tmp_path: Path) -> None:
     assert r.returncode == 2 and "global.proxy.statusPort" in r.stderr
 
 
-class FakeAPI:
-    """A fake Kubernetes API server (the only fake allowed here) speaking the real JSON wire format:
-    GET returns stored objects, PATCH applies an RFC 6902 patch to them."""
-
-    def __init__(self, objects: dict[str, dict]) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.objects = objects
-        self.patch_types: list[str] = []
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _send(self, code: int, doc: dict) -> None:
-                data = json.dumps(doc).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:  # noqa: N802
-                obj = api.objects.get(self.path.split("?")[0])
-                self._send(200, obj) if obj is not None else self._send(404, {"kind": "Status", "code": 404})
-
-            def do_PATCH(self) -> None:  # noqa: N802
-                api.patch_types.append(self.headers["Content-Type"])
-                path = self.path.split("?")[0]
-                ops = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                try:
-                    api.objects[path] = jsonpatch.apply_patch(api.objects[path], ops)
-                except (jsonpatch.JsonPatchException, KeyError) as e:
-                    return self._send(422, {"kind": "Status", "code": 422, "message": str(e)})
-                self._send(200, api.objects[path])
-
-            def log_message(self, *a: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def client(self):  # noqa: ANN201
-        from kubernetes import client
-        cfg = client.Configuration()
-        cfg.host = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        return client.ApiClient(cfg)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-
-
 def test_ca_bundle_patched_into_the_webhook_configuration() -> None:
     from webhook.server import patch_webhook_ca_bundle
 
-    path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/istio-sidecar-injector"
     hook = {"name": "namespace.sidecar-injector.istio.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
             "failurePolicy": "Fail", "clientConfig": {"service": {"name": "meshboot-webhook",
                                                                   "namespace": "istio-system", "path": "/inject"}},
             "namespaceSelector": {"matchLabels": {"istio-injection": "enabled"}}}
-    api = FakeAPI({path: {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-                          "metadata": {"name": "istio-sidecar-injector", "resourceVersion": "7"},
-                          "webhooks": [hook, dict(hook, name="object.sidecar-injector.istio.io")]}})
-    try:
+    with FakeKube() as kube:
+        kube.put_object("mutatingwebhookconfigurations", {
+            "metadata": {"name": "istio-sidecar-injector"},
+            "webhooks": [hook, dict(hook, name="object.sidecar-injector.istio.io")]})
         ca_pem, _ = pki.self_signed_serving(["meshboot-webhook.istio-system.svc"])
-        assert patch_webhook_ca_bundle(api.client(), "istio-sidecar-injector", ca_pem) == 2
-    finally:
-        api.close()
-    assert api.patch_types == ["application/json-patch+json"]
-    for w in api.objects[path]["webhooks"]:
+        assert patch_webhook_ca_bundle(kube.api_client(), "istio-sidecar-injector", ca_pem) == 2
+        stored = kube.get("mutatingwebhookconfigurations", "", "istio-sidecar-injector")
+    assert [r.content_type for r in kube.recorded("PATCH")] == ["application/json-patch+json"]
+    assert stored is not None
+    for w in stored["webhooks"]:
         assert base64.b64decode(w["clientConfig"]["caBundle"]) == ca_pem
         assert w["clientConfig"]["service"]["path"] == "/inject" and w["failurePolicy"] == "Fail"
 
@@ -332,21 +280,17 @@ def test_ca_bundle_patched_into_the_webhook_configuration() -> None:
 def test_kubernetes_version_detected_from_nodes(kubelets: list, server: dict | None, want: str) -> None:
     from webhook.server import detect_kubernetes_version
 
-    nodes = {"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [
-        {"metadata": {"name": f"n{i}"}, "status": {"nodeInfo": {
-            "kubeletVersion": v, "architecture": "amd64", "bootID": "", "containerRuntimeVersion": "containerd://2",
-            "kernelVersion": "6", "kubeProxyVersion": v, "machineID": "", "operatingSystem": "linux",
-            "osImage": "Debian", "systemUUID": ""}}} for i, v in enumerate(kubelets)]}
-    objects = {"/api/v1/nodes": nodes}
-    if server:
-        objects["/version/"] = objects["/version"] = dict(server, gitVersion="v1.35.0", gitCommit="x",
-                                                          gitTreeState="clean", buildDate="2026-01-01T00:00:00Z",
-                                                          goVersion="go1.25", compiler="gc", platform="linux/amd64")
-    api = FakeAPI(objects)
-    try:
-        assert detect_kubernetes_version(api.client()) == want
-    finally:
-        api.close()
+    with FakeKube() as kube:
+        for i, v in enumerate(kubelets):
+            kube.put_object("nodes", {"metadata": {"name": f"n{i}"}, "status": {"nodeInfo": {
+                "kubeletVersion": v, "architecture": "amd64", "bootID": "", "containerRuntimeVersion": "containerd://2",
+                "kernelVersion": "6", "kubeProxyVersion": v, "machineID": "", "operatingSystem": "linux",
+                "osImage": "Debian", "systemUUID": ""}}})
+        if server:
+            kube.version = dict(server, gitVersion="v1.35.0", gitCommit="x", gitTreeState="clean",
+                                buildDate="2026-01-01T00:00:00Z", goVersion="go1.25", compiler="gc",
+                                platform="linux/amd64")
+        assert detect_kubernetes_version(kube.api_client()) == want
 
 
 def test_ca_runs_in_the_same_process(tmp_path: Path) -> None:
