@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import stat
 import sys
 import time
@@ -118,6 +119,11 @@ def run_proxy(argv: list[str]) -> int:
         return 255
     log.info("meshboot agent", version=__version__, pod=f"{cfg.pod_name}.{cfg.pod_namespace}",
              node=cfg.node_id)
+    # From here Envoy exists: a SIGTERM before asyncio's handlers are in place must not kill the agent and leave Envoy
+    # orphaned. Remember it; the sidecar acts on it as soon as it runs.
+    early_signals: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda num, _frame: early_signals.append(signal.Signals(num).name))
     from .launch import launch  # noqa: PLC0415
     try:
         launched = launch(cfg)
@@ -132,7 +138,7 @@ def run_proxy(argv: list[str]) -> int:
     from .sidecar import Sidecar  # noqa: PLC0415
 
     async def main() -> int:
-        return await Sidecar(cfg, launched, prestarted, started=started).run()
+        return await Sidecar(cfg, launched, prestarted, started=started, early_signals=early_signals).run()
 
     try:
         return asyncio.run(main())

@@ -25,8 +25,9 @@ class Sidecar:
     """One pod's agent: servers, Envoy supervision, shutdown."""
 
     def __init__(self, cfg: AgentConfig, launched: Launched, prestarted: "dict | None" = None,
-                 started: float | None = None) -> None:
+                 started: float | None = None, early_signals: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.early_signals = early_signals if early_signals is not None else []
         self.started = time.monotonic() if started is None else started
         self.launched = launched
         self.prestarted = prestarted or {}
@@ -87,6 +88,8 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signal, sig.name)
+        for name in self.early_signals:       # arrived while Envoy was starting
+            self._signal(name)
 
         ca = None if cfg.file_certs is not None else CAClient(cfg)
         secrets = SecretManager(cfg, ca, self.metrics, prestarted=self.prestarted.get("keygen"))

@@ -361,3 +361,23 @@ def test_sigterm_exits_on_zero_active_connections(pod_pair: tuple[Pod, Netns]) -
     elapsed = time.monotonic() - t0
     assert elapsed < 8, elapsed
     assert "waiting for active connections" in pod.log() and "no active connections left" in pod.log()
+
+
+def test_sigterm_while_envoy_starts_leaves_no_orphan(pod: Pod) -> None:
+    """A SIGTERM that lands right after Envoy is spawned (before the event loop's handlers exist) still shuts Envoy
+    down: the agent exits 0 and no Envoy outlives it."""
+    pod.start_ca()
+    agent = pod.start_agent()
+
+    def envoy() -> int | None:
+        try:
+            return pod.envoy_pid()
+        except (AssertionError, OSError):
+            return None
+
+    pid = wait_for(envoy, 15, "Envoy to be spawned", period=0.002)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(20) == 0, pod.log()[-2000:]
+    time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists() or "envoy" not in Path(f"/proc/{pid}/comm").read_text(), \
+        "Envoy outlived the agent"
