@@ -2,6 +2,7 @@
 
 `python tests/agent/ads_upstream.py PORT CERT KEY TOKEN_FILE GENERATION` — serves one cluster and one listener
 named `upstream_listener_<GENERATION>` (127.0.0.1:18000+GENERATION), so a test can tell a restart apart.
+Generation 0 serves a cluster and a listener Envoy must reject (NACK), i.e. Envoy runs with no accepted config.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def resources(gen: int) -> dict[str, dict[str, any_pb2.Any]]:
     cluster = cluster_pb2.Cluster(name="upstream_cluster", type=cluster_pb2.Cluster.STATIC,
                                   connect_timeout=duration_pb2.Duration(seconds=1))
     tcp = tcp_proxy_pb2.TcpProxy(stat_prefix="upstream", cluster="upstream_cluster")
+    if gen == 0:   # invalid: CLUSTER_PROVIDED needs an original-dst cluster; tcp_proxy needs a stat_prefix
+        cluster.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+        tcp = tcp_proxy_pb2.TcpProxy(cluster="upstream_cluster")
     listener = listener_pb2.Listener(
         name=f"upstream_listener_{gen}",
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1",
@@ -51,29 +55,27 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         if not ok:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing bearer token / ClusterID")
 
-    async def StreamAggregatedResources(self, it, context):  # noqa: ANN001, ANN201
+    async def _serve(self, it, context, flavour: str, respond):  # noqa: ANN001, ANN202
         await self._auth(context)
         n = 0
         async for req in it:
             if req.response_nonce or req.type_url not in self.res:
                 continue
             n += 1
-            print(f"sotw request {req.type_url.rsplit('.', 1)[-1]}", flush=True)
-            yield discovery_pb2.DiscoveryResponse(version_info="1", type_url=req.type_url, nonce=str(n),
-                                                  resources=list(self.res[req.type_url].values()))
+            print(f"{flavour} request {req.type_url.rsplit('.', 1)[-1]}", flush=True)
+            yield respond(req.type_url, str(n), self.res[req.type_url])
+
+    # grpc.aio needs async generator functions here, not functions returning one.
+    async def StreamAggregatedResources(self, it, context):  # noqa: ANN001, ANN201
+        async for r in self._serve(it, context, "sotw", lambda url, nonce, res: discovery_pb2.DiscoveryResponse(
+                version_info="1", type_url=url, nonce=nonce, resources=list(res.values()))):
+            yield r
 
     async def DeltaAggregatedResources(self, it, context):  # noqa: ANN001, ANN201
-        await self._auth(context)
-        n = 0
-        async for req in it:
-            if req.response_nonce or req.type_url not in self.res:
-                continue
-            n += 1
-            print(f"delta request {req.type_url.rsplit('.', 1)[-1]}", flush=True)
-            yield discovery_pb2.DeltaDiscoveryResponse(
-                system_version_info="1", type_url=req.type_url, nonce=str(n),
-                resources=[discovery_pb2.Resource(name=k, version="1", resource=v)
-                           for k, v in self.res[req.type_url].items()])
+        async for r in self._serve(it, context, "delta", lambda url, nonce, res: discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info="1", type_url=url, nonce=nonce,
+                resources=[discovery_pb2.Resource(name=k, version="1", resource=v) for k, v in res.items()])):
+            yield r
 
 
 async def main(port: int, cert: str, key: str, token_file: str, gen: int) -> None:

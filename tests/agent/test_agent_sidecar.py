@@ -381,3 +381,33 @@ def test_sigterm_while_envoy_starts_leaves_no_orphan(pod: Pod) -> None:
     time.sleep(0.2)
     assert not Path(f"/proc/{pid}").exists() or "envoy" not in Path(f"/proc/{pid}/comm").read_text(), \
         "Envoy outlived the agent"
+
+
+def test_15021_answers_503_until_envoy_has_accepted_config(pod: Pod) -> None:
+    """Envoy LIVE without an accepted CDS/LDS (its first push was rejected): 15021 is served and answers 503; once a
+    valid config arrives (the discovery server is replaced), 200."""
+    pod.start_ca()
+    cert, key = pod.issue("istiod", dns=(C.ISTIOD_SAN,))
+    pod.path("expected-token").write_text(pod.path(C.TOKEN_PATH).read_text())
+
+    def upstream(gen: int) -> subprocess.Popen:
+        log = open(pod.path(f"ads-{gen}.log"), "ab")
+        return pod.ns.popen([PY, str(HERE / "ads_upstream.py"), "15011", cert, key, str(pod.path("expected-token")),
+                             str(gen)], stdout=log, stderr=log, cwd=str(REPO))
+
+    bad = upstream(0)
+    pod.wait_tcp("127.0.0.1", 15011)
+    pod.start_agent(PROXY_CONFIG=json.dumps({"discoveryAddress": "localhost:15011"}))
+    url = f"http://127.0.0.1:{C.ENVOY_STATUS_PORT}/healthz/ready"
+    first = wait_for(lambda: (lambda s: s if s[0] != -1 else None)(pod.http(url, timeout=1)), 30,
+                     "Envoy to serve 15021")
+    assert first[0] == 503, first
+    rejected = pod.stats(r"^(cluster_manager\.cds|listener_manager\.lds)\.update_(rejected|success)$")
+    assert rejected.get("cluster_manager.cds.update_rejected", 0) >= 1, rejected
+    assert rejected.get("listener_manager.lds.update_success", 0) == 0, rejected
+    assert pod.http(url, timeout=1)[0] == 503
+    bad.kill()
+    bad.wait()
+    upstream(1)
+    pod.wait_ready(30)
+    assert pod.http(url, timeout=1)[0] == 200
