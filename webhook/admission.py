@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,26 +60,123 @@ def parse_url_env(path: str) -> dict[str, str]:
     return env
 
 
+try:  # the webhook extra installs orjson; without it every document takes the json module's (slower) path
+    import orjson as _orjson
+except ImportError:  # pragma: no cover
+    _orjson = None
+
+# ---- JSON: orjson where it gives exactly what the json module gives, the json module everywhere else ----------------
+
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_LONG_NUMBER = b"0" * 19   # 19+ digits in a row: maybe an integer beyond 64 bits (orjson would make it a float)
+_SHORT_NEG_EXPONENT = re.compile(rb"e-[1-9][,\]}]")   # orjson's 1e-7 (json's 1e-07)
+
+
+def _decode(body: bytes | str) -> tuple[Any, bool]:
+    """json.loads(body), and whether orjson read it: then it holds no NaN/Infinity and no integer beyond 64 bits.
+
+    orjson refuses what it reads differently (NaN, 1e400, lone surrogates, UTF-16...): the json module then reads
+    it, or raises its own error, as before."""
+    if _orjson is not None and isinstance(body, bytes) and _LONG_NUMBER not in body.translate(_DIGITS):
+        try:
+            return _orjson.loads(body), True
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(body), False
+
+
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(obj, separators=(",", ":"))
+
+
+def _encode_exact(obj: Any) -> bytes:
+    return _compact(obj).encode()
+
+
+def _encode(obj: Any) -> bytes:
+    """Byte for byte `json.dumps(obj, separators=(",", ":")).encode()`, for data without NaN/Infinity.
+
+    orjson writes the same compact JSON except for non-ASCII and DEL characters (json escapes them) and floats
+    below 1e-4 (0.00001, 1e-7 vs 1e-05, 1e-07); those, and what orjson refuses (integers beyond 64 bits), go to the
+    json module."""
+    if _orjson is not None:
+        try:
+            out = _orjson.dumps(obj)
+        except TypeError:
+            return _encode_exact(obj)
+        if out.isascii() and b"\x7f" not in out and b"0.0000" not in out and _SHORT_NEG_EXPONENT.search(out) is None:
+            return out
+    return _encode_exact(obj)
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or Infinity anywhere in `value` (orjson would write null where json writes NaN)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
+
+
+_settings_finite: dict[int, tuple[Settings, bool]] = {}
+
+# Annotations whose JSON (json.loads: NaN and Infinity allowed) the injection copies into the pod.
+_JSON_ANNOTATIONS = (C.ANNOTATION_USER_VOLUME, C.ANNOTATION_USER_VOLUME_MOUNT, C.ANNOTATION_PROXY_OVERRIDES)
+
+
+def _fast_patch(pod: dict[str, Any], settings: Settings) -> bool:
+    """Whether orjson may write this pod's patch: no NaN/Infinity can reach it from the settings or annotations.
+
+    (The pod itself was read by orjson, so it holds none.)"""
+    hit = _settings_finite.get(id(settings))
+    if hit is None or hit[0] is not settings:
+        if len(_settings_finite) >= 8:
+            _settings_finite.clear()
+        try:
+            finite = _finite(settings.values) and _finite(settings.mesh)
+        except RecursionError:  # a self-referencing YAML alias: leave it to the json module
+            finite = False
+        hit = _settings_finite[id(settings)] = (settings, finite)
+    if not hit[1]:
+        return False
+    annotations = (pod.get("metadata") or {}).get("annotations")
+    return not (isinstance(annotations, dict) and any(k in annotations for k in _JSON_ANNOTATIONS))
+
+
 def _response(api_version: str, uid: str | None, allowed: bool, patch: list | None = None,
-              message: str | None = None) -> dict[str, Any]:
+              message: str | None = None, fast: bool = False) -> dict[str, Any]:
     resp: dict[str, Any] = {"allowed": allowed}
     if uid is not None:
         resp = {"uid": uid, **resp}
     if patch is not None:
-        resp["patch"] = base64.b64encode(json.dumps(patch, separators=(",", ":")).encode()).decode()
+        resp["patch"] = base64.b64encode(_encode(patch) if fast else _encode_exact(patch)).decode()
         resp["patchType"] = "JSONPatch"
     if message is not None:
         resp["status"] = {"message": message}
     return {"apiVersion": api_version, "kind": "AdmissionReview", "response": resp}
 
 
+def _not_json(e: Exception) -> Outcome:
+    msg = f"could not decode body as an AdmissionReview: not JSON ({e})"
+    return Outcome(_response(FALLBACK_API_VERSION, None, False, message=msg), ERROR, msg)
+
+
 def review(body: bytes | str | dict, settings: Settings, path: str = "/inject") -> Outcome:
     """Decide and inject for one AdmissionReview body; always returns a response document."""
+    fast = False
     try:
-        doc = json.loads(body) if isinstance(body, (bytes, str)) else body
+        if isinstance(body, (bytes, str)):
+            doc, fast = _decode(body)
+        else:
+            doc = body
     except (ValueError, UnicodeDecodeError) as e:
-        msg = f"could not decode body as an AdmissionReview: not JSON ({e})"
-        return Outcome(_response(FALLBACK_API_VERSION, None, False, message=msg), ERROR, msg)
+        return _not_json(e)
+    return _review(doc, settings, path, fast)
+
+
+def _review(doc: Any, settings: Settings, path: str, fast: bool) -> Outcome:
+    """`review` of a decoded body; `fast`: the body was read by orjson (see `_decode`)."""
     if not isinstance(doc, dict):
         msg = "could not decode body as an AdmissionReview: want a JSON object"
         return Outcome(_response(FALLBACK_API_VERSION, None, False, message=msg), ERROR, msg)
@@ -126,7 +225,8 @@ def review(body: bytes | str | dict, settings: Settings, path: str = "/inject") 
         # Shapes the validators did not anticipate: still a clear denial, never a 500.
         msg = f"failed to process pod: unexpected pod shape ({type(e).__name__}: {e})"
         return Outcome(_response(out_version, uid, False, message=msg), ERROR, msg, label)
-    return Outcome(_response(out_version, uid, True, patch=ops), INJECTED, decision.reason, label, ops)
+    fast = fast and _fast_patch(pod, settings)
+    return Outcome(_response(out_version, uid, True, patch=ops, fast=fast), INJECTED, decision.reason, label, ops)
 
 
 class ReplicaCache:
@@ -138,7 +238,7 @@ class ReplicaCache:
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
-        self._entries: OrderedDict[tuple, tuple[str, Outcome]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[bytes, Outcome]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -147,7 +247,7 @@ class ReplicaCache:
             return None
         return settings.generation, id(settings), path, body.replace(uid.encode(), b"")
 
-    def get(self, key: tuple) -> tuple[str, Outcome] | None:
+    def get(self, key: tuple) -> tuple[bytes, Outcome] | None:
         hit = self._entries.get(key)
         if hit is not None:
             self._entries.move_to_end(key)
@@ -156,7 +256,7 @@ class ReplicaCache:
             self.misses += 1
         return hit
 
-    def put(self, key: tuple, value: tuple[str, Outcome]) -> None:
+    def put(self, key: tuple, value: tuple[bytes, Outcome]) -> None:
         self._entries[key] = value
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -165,33 +265,30 @@ class ReplicaCache:
 def review_bytes(body: bytes, settings: Settings, path: str = "/inject",
                  cache: ReplicaCache | None = None) -> tuple[bytes, Outcome]:
     """`review` as the server needs it: response bytes, with identical pods answered from `cache`."""
-    key = None
+    try:
+        doc, fast = _decode(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        outcome = _not_json(e)
+        return _encode(outcome.response), outcome
+    key = uid = None
     if cache is not None:
-        try:
-            doc = json.loads(body)
-            req = doc.get("request") if isinstance(doc, dict) else None
-            uid = req.get("uid") if isinstance(req, dict) else None
-        except (ValueError, UnicodeDecodeError):
-            uid = None
+        req = doc.get("request") if isinstance(doc, dict) else None
+        uid = req.get("uid") if isinstance(req, dict) else None
         if isinstance(uid, str):
             key = cache.key(body, uid, settings, path)
         if key is not None:
             hit = cache.get(key)
             if hit is not None:
                 template, outcome = hit
-                return template.replace(_UID_SLOT, json.dumps(uid)).encode(), outcome
-            outcome = review(doc, settings, path)
-        else:
-            outcome = review(body, settings, path)
-    else:
-        outcome = review(body, settings, path)
-    payload = json.dumps(outcome.response, separators=(",", ":"))
+                return template.replace(_UID_SLOT, json.dumps(uid).encode()), outcome
+    outcome = _review(doc, settings, path, fast)
+    payload = _encode(outcome.response)  # strings and booleans only
     if key is not None and outcome.result != ERROR:
         # The uid is the response's first field: mark it in the serialized answer for reuse.
-        template = payload.replace('"uid":' + json.dumps(uid), '"uid":' + _UID_SLOT, 1)
+        template = payload.replace(b'"uid":' + json.dumps(uid).encode(), b'"uid":' + _UID_SLOT, 1)
         cache.put(key, (template, Outcome(outcome.response, outcome.result, outcome.reason, outcome.pod)))
-    return payload.encode(), outcome
+    return payload, outcome
 
 
 _UID_MARK = "\x00uid\x00"
-_UID_SLOT = json.dumps(_UID_MARK)
+_UID_SLOT = json.dumps(_UID_MARK).encode()

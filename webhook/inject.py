@@ -27,6 +27,9 @@ CUSTOM_BOOTSTRAP_VOLUME = "custom-bootstrap-volume"
 CUSTOM_BOOTSTRAP_MOUNT = "/etc/istio/custom-bootstrap"
 AGENT_BINARY = "pilot-agent"
 _KEYED_LISTS = {"env": "name", "ports": "containerPort", "volumeMounts": "mountPath"}
+# json.dumps(x, separators=(",", ":")[, sort_keys=True]) without building an encoder per call (the same output).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+_compact_sorted = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 def json_copy(obj: Any) -> Any:
@@ -77,7 +80,7 @@ def effective_proxy_config(annotations: Mapping[str, str], settings: Settings) -
 def proxy_config_env(pc: Mapping[str, Any]) -> str:
     """PROXY_CONFIG: the effective ProxyConfig minus fields equal to the built-in defaults, as JSON plus newline."""
     diff = {k: v for k, v in pc.items() if v is not None and PROXY_CONFIG_DEFAULTS.get(k, object()) != v}
-    return json.dumps(diff, sort_keys=True, separators=(",", ":")) + "\n"
+    return _compact_sorted(diff) + "\n"
 
 
 def choices(pod: Mapping[str, Any], settings: Settings) -> Choices:
@@ -114,6 +117,11 @@ def _resources(annotations: Mapping[str, str], settings: Settings) -> dict[str, 
             if kept:
                 out[section] = kept
     return out
+
+
+def _copy_resources(resources: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Deep copy of `_resources`' result (sections of strings: two levels)."""
+    return {section: dict(values) for section, values in resources.items()}
 
 
 def _ann_or(annotations: Mapping[str, str], key: str, default: Any) -> str:
@@ -173,7 +181,7 @@ def _init_container(annotations: Mapping[str, str], settings: Settings, ch: Choi
     if md:
         c["env"] = [{"name": k, "value": md[k]} for k in sorted(md)]
     if resources:
-        c["resources"] = json_copy(resources)
+        c["resources"] = _copy_resources(resources)
     c["securityContext"] = sc
     return c
 
@@ -190,7 +198,7 @@ def _pod_ports_json(containers: list[dict[str, Any]]) -> str:
             for k in ("name", "hostPort", "containerPort", "protocol", "hostIP"):
                 if port.get(k):
                     e[k] = port[k]
-            entries.append(json.dumps(e, separators=(",", ":")))
+            entries.append(_compact(e))
     body = "".join(("    " if i == 0 else "    ,") + e + "\n" for i, e in enumerate(entries))
     return "[\n" + body + "]"
 
@@ -353,7 +361,7 @@ def _proxy_container(pod: Mapping[str, Any], annotations: Mapping[str, str], lab
         if p["startupProbe"]["enabled"]:
             c["startupProbe"] = _http_probe(1, 0, int(p["startupProbe"]["failureThreshold"]))
     if resources:
-        c["resources"] = json_copy(resources)
+        c["resources"] = _copy_resources(resources)
     if ch.native:
         c["restartPolicy"] = "Always"
     c["securityContext"] = _proxy_security_context(annotations, settings, ch)
@@ -532,7 +540,7 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
             if c is not None:
                 in_init = c is user_init or c.get("restartPolicy") == "Always"
                 saved.setdefault("initContainers" if in_init else "containers", []).append(c)
-        annotations[ANNOTATION_OVERRIDES] = json.dumps(saved, sort_keys=True, separators=(",", ":"))
+        annotations[ANNOTATION_OVERRIDES] = _compact_sorted(saved)
     if not containers:
         raise InjectionError("failed to process pod: spec.containers: the pod has no application container")
 
@@ -628,13 +636,13 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         annotations.setdefault(C.ANNOTATION_DEFAULT_LOGS_CONTAINER, app)
     annotations.update(settings.injected_annotations)
     annotations[ANNOTATION_REV] = settings.revision or "default"
-    annotations[C.ANNOTATION_STATUS] = json.dumps({
+    annotations[C.ANNOTATION_STATUS] = _compact({
         "initContainers": status_init or None,
         "containers": status_containers,
         "volumes": [v["name"] for v in volumes],
         "imagePullSecrets": [p["name"] for p in pull] or None,
         "revision": settings.revision or "default",
-    }, separators=(",", ":"))
+    })
     meta["labels"] = labels
     meta["annotations"] = annotations
     return out

@@ -14,6 +14,7 @@ PROBES = (("readinessProbe", "readyz"), ("livenessProbe", "livez"), ("startupPro
 LIFECYCLE = (("preStop", "prestopz"), ("postStart", "poststartz"))
 APP_HEALTH = "/app-health/{}/{}"
 APP_LIFECYCLE = "/app-lifecycle/{}/{}"
+_compact_sorted = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode  # json.dumps(..., those options)
 
 
 def _resolve_port(port: Any, container: dict[str, Any]) -> int | None:
@@ -118,4 +119,4 @@ def merge_probers(new: dict[str, Any], existing_json: str | None) -> dict[str, A
 
 
 def probers_json(probers: dict[str, Any]) -> str:
-    return json.dumps(probers, sort_keys=True, separators=(",", ":"))
+    return _compact_sorted(probers)

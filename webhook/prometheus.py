@@ -16,6 +16,7 @@ from webhook.errors import InjectionError
 STATS_PATH = "/stats/prometheus"
 DEFAULT_METRICS_PATH = "/metrics"
 _NON_WORD = re.compile(r"[^A-Za-z0-9_]")
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators=(",", ":"))
 
 
 def sanitize(key: str) -> str:
@@ -99,4 +100,4 @@ def apply_merge(annotations: dict[str, str], mesh: dict[str, Any]) -> str | None
     annotations[C.ANNOTATION_PROMETHEUS_PORT] = str(status_port)
     annotations[C.ANNOTATION_PROMETHEUS_PATH] = STATS_PATH
     annotations[C.ANNOTATION_PROMETHEUS_SCRAPE] = "true"
-    return json.dumps(collected, separators=(",", ":")) if collected else None
+    return _compact(collected) if collected else None
