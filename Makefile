@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# iptables and iproute2 (and wrk for bench/) from apt when running as root and missing.
+# iptables, iproute2, setpriv and openssl from apt when running as root and missing (wrk only for bench/).
 sysdeps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; \
@@ -24,6 +24,7 @@ sysdeps:
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v setpriv >/dev/null || missing="$$missing util-linux"; \
 	  command -v ss >/dev/null || missing="$$missing iproute2"; \
+	  command -v openssl >/dev/null || missing="$$missing openssl"; \
 	  if [ -n "$$missing" ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  fi; \
