@@ -103,7 +103,8 @@ def _encode(obj: Any) -> bytes:
             out = _orjson.dumps(obj)
         except TypeError:
             return _encode_exact(obj)
-        if out.isascii() and b"\x7f" not in out and b"0.0000" not in out and _SHORT_NEG_EXPONENT.search(out) is None:
+        if (out.isascii() and b"\x7f" not in out and b"0.0000" not in out
+                and (b"e-" not in out or _SHORT_NEG_EXPONENT.search(out) is None)):  # the regex only if it may match
             return out
     return _encode_exact(obj)
 

@@ -37,6 +37,8 @@ def _prune(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     pb: dict[str, Any] = {}
     for k, va in a.items():
         vb = b.get(k, _MISSING)
+        if vb is va:  # untouched subtrees are shared with the original (the common case, checked first)
+            continue
         if vb is _MISSING:
             pa[k] = va
         elif _same(va, vb):
