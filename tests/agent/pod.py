@@ -15,7 +15,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e.local.netns import Netns
+from e2e.local.netns import Netns, wait_port
 from e2e.local.tokens import Issuer
 from meshboot import constants as C
 
@@ -118,14 +118,7 @@ class Pod:
 
     # -- probes from inside the netns --
     def wait_tcp(self, host: str, port: int, timeout: float = 10) -> None:
-        code = (f"import socket,time\nd=time.time()+{timeout}\n"
-                "while True:\n"
-                f"  try: socket.create_connection(({host!r},{port}),timeout=0.5).close(); break\n"
-                "  except OSError:\n"
-                "    if time.time()>d: raise SystemExit(1)\n"
-                "    time.sleep(0.02)\n")
-        if self.ns.run([PY, "-c", code], check=False, timeout=timeout + 5).returncode != 0:
-            raise TimeoutError(f"{host}:{port} not listening in {self.ns.name}")
+        wait_port(self.ns, host, port, timeout)
 
     def http(self, url: str, method: str = "GET", timeout: float = 3.0) -> tuple[int, str]:
         """(status, body) of a request made inside the netns; status -1 on transport error."""
