@@ -113,9 +113,13 @@ def make_ca(common_name: str, key: PrivateKey, ttl: dt.timedelta = dt.timedelta(
 def issue_leaf(ca_cert: x509.Certificate, ca_key: PrivateKey, public_key: PublicKey, ttl: dt.timedelta,
                uris: Sequence[str] = (), dns_names: Sequence[str] = (), ips: Sequence[str] = (),
                common_name: str | None = None) -> x509.Certificate:
-    """A workload or serving certificate: digital signature + key encipherment, server and client auth."""
-    start = now() - dt.timedelta(minutes=1)
-    end = min(start + ttl, ca_cert.not_valid_after_utc)
+    """A workload or serving certificate: digital signature + key encipherment, server and client auth.
+
+    NotBefore is backdated a minute for peers with a slow clock; the TTL counts from now, so the holder gets what it
+    asked for (its 50 % rotation point lands where it expects)."""
+    issued = now()
+    start = issued - dt.timedelta(minutes=1)
+    end = min(issued + ttl, ca_cert.not_valid_after_utc)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]) if common_name else x509.Name([])
     sans = _sans(uris, dns_names, ips)
     builder = (x509.CertificateBuilder()

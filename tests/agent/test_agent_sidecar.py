@@ -251,8 +251,8 @@ def test_strict_mtls_and_rotation(pod_pair: tuple[Pod, Netns]) -> None:
     pod.start_ca()
     start_app(pod)
     install_capture(pod)
-    # The CA backdates certificates by a minute, so a 70 s TTL leaves ~10 s: renewal every ~5 s.
-    pod.start_agent(MESHBOOT_MTLS_MODE="STRICT", SECRET_TTL="70s")
+    # 10 s certificates: renewal every ~5 s.
+    pod.start_agent(MESHBOOT_MTLS_MODE="STRICT", SECRET_TTL="10s")
     pod.wait_ready(30)
     pod.wait_tcp("10.99.0.1", APP_PORT)
 
