@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test e2e bench sysdeps venv clean
+.PHONY: demo test fuzz e2e bench sysdeps venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: sysdeps $(STAMP)
 
 test: sysdeps $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The fuzz suites only, with MESHBOOT_FUZZ_SCALE (default 20) times make test's budget and random seeds.
+fuzz: sysdeps $(STAMP)
+	MESHBOOT_FUZZ=long $(PY) -m pytest -q -m fuzz tests
 
 e2e: $(STAMP)
 	$(PY) -m pytest -q e2e/kind

@@ -5,6 +5,7 @@ the agent's env and ProxyConfig). Kept free of imports: istio-iptables' start-up
 """
 from __future__ import annotations
 
+_DIGITS = frozenset("0123456789")   # ASCII only: float() would take "５" or "٥"
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -20,10 +21,10 @@ def parse_duration(text: str) -> float:
     total, i = 0.0, 0
     while i < len(s):
         j = i
-        while j < len(s) and (s[j].isdigit() or s[j] == "."):
+        while j < len(s) and (s[j] in _DIGITS or s[j] == "."):
             j += 1
         k = j
-        while k < len(s) and not (s[k].isdigit() or s[k] == "."):
+        while k < len(s) and not (s[k] in _DIGITS or s[k] == "."):
             k += 1
         num, unit = s[i:j], s[j:k]
         if not num or num == "." or num.count(".") > 1 or unit not in _UNITS:

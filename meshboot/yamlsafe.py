@@ -1,0 +1,77 @@
+"""YAML from tenants, parsed with aliases refused and size and depth bounded.
+
+A few hundred bytes of anchors and aliases ("billion laughs") expand to gigabytes when the parsed document is walked
+or serialized; PyYAML's safe_load builds the shared references without complaint. Go's sigs.k8s.io/yaml bounds the
+expansion; refusing aliases outright is simpler and no ProxyConfig, volume or override needs them. Depth is bounded
+so a deeply nested document cannot exhaust the parser's recursion.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+MAX_BYTES = 256 * 1024      # the API server's limit on all of an object's annotations together
+MAX_DEPTH = 64
+
+
+class YAMLRefused(ValueError):
+    """The text is not YAML we accept; the message says why, in one line, without naming Python types."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses alias nodes and documents nested deeper than MAX_DEPTH."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise YAMLRefused(f"YAML aliases (*name) are not allowed (line {mark.line + 1}, column {mark.column + 1})")
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise YAMLRefused(f"YAML nested deeper than {MAX_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load(text: str, max_bytes: int = MAX_BYTES) -> Any:
+    """One YAML document (JSON is YAML). YAMLRefused for aliases, excess size or depth, and any syntax error."""
+    if len(text) > max_bytes:
+        raise YAMLRefused(f"YAML longer than {max_bytes} bytes")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except YAMLRefused:
+        raise
+    except yaml.YAMLError as e:
+        raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
+    except (RecursionError, ValueError, TypeError, OverflowError) as e:
+        # Constructors raise these for e.g. an out-of-range timestamp or a huge float literal.
+        raise YAMLRefused(f"not valid YAML: {type(e).__name__.lower()} while building the value") from None
+    finally:
+        loader.dispose()
+
+
+def load_all(text: str, max_bytes: int = MAX_BYTES) -> list[Any]:
+    """Every document of a multi-document stream, with the same bounds as `load`."""
+    if len(text) > max_bytes:
+        raise YAMLRefused(f"YAML longer than {max_bytes} bytes")
+    loader = _BoundedLoader(text)
+    try:
+        docs = []
+        while loader.check_data():
+            docs.append(loader.get_data())
+        return docs
+    except YAMLRefused:
+        raise
+    except yaml.YAMLError as e:
+        raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
+    except (RecursionError, ValueError, TypeError, OverflowError) as e:
+        raise YAMLRefused(f"not valid YAML: {type(e).__name__.lower()} while building the value") from None
+    finally:
+        loader.dispose()
