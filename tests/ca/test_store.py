@@ -1,6 +1,7 @@
 """Where the CA comes from: Istio's plug-in layout, a generated root that survives restarts, bad bundles refused."""
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import os
 import shutil
@@ -128,3 +129,41 @@ def test_corrupt_ca_dir_is_refused_not_replaced(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path)
     assert store.load_or_create_dir(tmp_path, "ECDSA", "cluster.local").authority.root_pem != \
         loaded.authority.root_pem
+
+
+# ---- replicas sharing one root -----------------------------------------------------------------------------------
+
+def test_concurrent_replicas_converge_on_one_secret_root() -> None:
+    """Replicas starting together (both see 404, both POST) end up with ONE mesh root: the API server's create is the
+    arbiter, the losers (409 AlreadyExists) read the winner's Secret. Real threads, the real client, the fake API."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from kubernetes import client
+
+    from e2e.local.fakekube import FakeKube
+    from meshboot import constants as C
+
+    n = 4
+    path = f"/api/v1/namespaces/istio-system/secrets/{C.CA_SECRET_NAME}"
+    with FakeKube() as kube:
+        kube.add_namespace("istio-system")
+        kube.fail_next("GET", path, *([404] * n))     # every replica's first read misses: all of them generate
+        barrier = Barrier(n)
+
+        def replica(_: int) -> store.Loaded:
+            core = client.CoreV1Api(kube.api_client())
+            barrier.wait()
+            return store.load_or_create_secret(core, "istio-system", C.CA_SECRET_NAME, "ECDSA", "cluster.local")
+
+        with ThreadPoolExecutor(n) as pool:
+            loaded = list(pool.map(replica, range(n)))
+        posts = kube.recorded("POST", "/api/v1/namespaces/istio-system/secrets")
+        stored = kube.get("secrets", "istio-system", C.CA_SECRET_NAME)
+    assert len(posts) == n                                        # the race really happened
+    roots = {lo.authority.root_pem for lo in loaded}
+    assert len(roots) == 1, "replicas disagree on the mesh root"
+    assert roots == {base64.b64decode(stored["data"][C.CA_ROOT_FILE]).decode()}
+    keys = {pki.key_pem(lo.authority.key) for lo in loaded}
+    assert len(keys) == 1
+    assert sum(lo.source.startswith("new root") for lo in loaded) == 1
