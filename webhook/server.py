@@ -31,12 +31,14 @@ from starlette.types import Receive, Scope, Send
 
 from meshboot import constants as C
 from meshboot import pki
+from meshboot.durations import parse_duration
 from meshboot.files import stamps
 from webhook import logs, metrics
 from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCache, review_bytes
 from webhook.config import ConfigSource, parse_kubernetes_version
 from webhook.errors import ConfigError
 from webhook.monitoring import start_monitoring
+from webhook.serving import Bounds, ShellServer, SwappableTLS
 
 log = logging.getLogger("meshboot.webhook")
 
@@ -54,26 +56,30 @@ except Exception:  # noqa: BLE001 - any import failure only means "no CA in this
 
 @dataclass
 class TLSFiles:
-    """The serving cert/key on disk and the live SSLContext they are loaded into (reloaded in place)."""
+    """The serving cert/key on disk and the swappable TLS they are served with. A reload builds a new context and
+    swaps it in only when the pair loads: a cert written before its key, or one that doesn't match it, is never seen
+    by a client (retried every tick; logged once per version of the files)."""
 
     cert: str
     key: str
-    context: ssl.SSLContext | None = None
+    serving: SwappableTLS | None = None
     stamp: tuple = ()
+    failed: tuple = ()
 
     def current_stamp(self) -> tuple:
         return stamps((self.cert, self.key))
 
     def reload_if_changed(self) -> bool:
         stamp = self.current_stamp()
-        if stamp == self.stamp or self.context is None:
+        if stamp == self.stamp or self.serving is None:
             return False
         try:
-            # New handshakes use the new chain; open connections keep theirs.
-            self.context.load_cert_chain(self.cert, self.key)
+            self.serving.reload(self.cert, self.key)   # new handshakes get the new pair; open connections keep theirs
         except (OSError, ssl.SSLError) as e:
-            metrics.CERT_RELOADS.labels("error").inc()
-            log.warning("serving certificate reload failed; keeping the old one", extra={"error": str(e)})
+            if stamp != self.failed:
+                self.failed = stamp
+                metrics.CERT_RELOADS.labels("error").inc()
+                log.warning("serving certificate reload failed; keeping the old one", extra={"error": str(e)})
             return False  # retried on the next tick (files may be mid-write)
         self.stamp = stamp
         metrics.CERT_RELOADS.labels("ok").inc()
@@ -401,12 +407,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answers kept for identical pods (a ReplicaSet's replicas); 0 disables")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between config/cert file checks")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_serving_arguments(p)
     p.add_argument("--enable-bench-floor", action="store_true", help=argparse.SUPPRESS)
     if _HAS_CA:
         _ca.add_ca_arguments(p)
     else:
         p.add_argument("--ca-port", type=int, default=0, help="(no CA in this build)")
     return p
+
+
+def _duration(minimum: float) -> Callable[[str], float]:
+    """argparse type: a Go duration in [minimum, 1h]; argparse names the flag in its one-line refusal."""
+    def parse(text: str) -> float:
+        try:
+            seconds = parse_duration(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if not minimum <= seconds <= 3600:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range ({minimum:g}s to 1h)")
+        return seconds
+    return parse
+
+
+def _connections(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a count from 1 to 100000")
+    return int(text)
+
+
+def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
+    """Drain and connection bounds (Go duration syntax, as Istio's flags)."""
+    d = Bounds()
+    p.add_argument("--drain-duration", type=_duration(0), default=5.0,
+                   help="after SIGTERM: not ready, still serving, for this long; then stop (default 5s)")
+    p.add_argument("--tls-handshake-timeout", type=_duration(0.1), default=d.tls_handshake,
+                   help="accept -> TLS handshake done (default 10s)")
+    p.add_argument("--http-read-header-timeout", type=_duration(0.1), default=d.read_header,
+                   help="a request's first byte (or the accept) -> end of its header (default 10s)")
+    p.add_argument("--http-read-timeout", type=_duration(0.1), default=d.read,
+                   help="end of a request's header -> end of its body (default 30s)")
+    p.add_argument("--http-idle-timeout", type=_duration(0.1), default=d.idle,
+                   help="keep-alive idle between requests; keep above the API server's 90s (default 2m)")
+    p.add_argument("--max-connections", type=_connections, default=d.max_connections,
+                   help="open HTTPS connections; more are closed at once (default 1000)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,18 +496,30 @@ def main(argv: list[str] | None = None) -> int:
                   monitoring=(args.listen_address, args.monitoring_port) if args.monitoring_port else None,
                   floor_endpoint=args.enable_bench_floor,
                   cache=ReplicaCache(args.replica_cache_size) if args.replica_cache_size > 0 else None)
-    import uvicorn
-    config = uvicorn.Config(create_app(state), host=args.listen_address, port=args.port, ssl_certfile=cert,
-                            ssl_keyfile=key, log_level="warning", access_log=False, lifespan="on",
-                            log_config=None, server_header=False, date_header=False)
     try:
-        config.load()
+        serving = SwappableTLS(cert, key)
     except (OSError, ssl.SSLError) as e:
         print(f"meshboot-webhook: cannot load TLS cert/key ({cert}, {key}): {e}", file=sys.stderr)
         return 2
-    state.tls.context = config.ssl
-    state.tls.stamp = state.tls.current_stamp()
-    server = uvicorn.Server(config)
+    state.tls.serving, state.tls.stamp = serving, state.tls.current_stamp()
+    return _serve(state, args, serving)
+
+
+def _serve(state: State, args: argparse.Namespace, serving: SwappableTLS) -> int:
+    """Run uvicorn with our listener and drain until the drain (or a second signal) ends it."""
+    import uvicorn
+    bounds = Bounds(tls_handshake=args.tls_handshake_timeout, read_header=args.http_read_header_timeout,
+                    read=args.http_read_timeout, idle=args.http_idle_timeout, max_connections=args.max_connections)
+    config = uvicorn.Config(create_app(state), host=args.listen_address, port=args.port, log_level="warning",
+                            access_log=False, lifespan="on", log_config=None, server_header=False, date_header=False,
+                            timeout_keep_alive=bounds.idle, timeout_graceful_shutdown=30)  # type: ignore[arg-type]
+    config.load()
+
+    def on_drain() -> None:
+        state.ready = False
+        metrics.DRAINING.set(1)
+
+    server = ShellServer(config, tls=serving, bounds=bounds, drain_seconds=args.drain_duration, on_drain=on_drain)
     server.run()
     return 0 if server.started else 1
 
