@@ -13,7 +13,9 @@ class HelperError(RuntimeError):
 
 
 def module_argv(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
+    """Isolated (-I): the agent's env comes from the pod spec, and PYTHON* variables in it (PYTHONWARNINGS,
+    PYTHONPATH, ...) would otherwise run code in the helper before it starts (see meshboot/launchers.py)."""
+    return [sys.executable, "-I", "-m", module, *args]
 
 
 class Prestarted:

@@ -33,6 +33,7 @@ from e2e.local.kube import Container, Image, Lookup, Pod, PodSpecError
 from e2e.local.netns import Netns, bridge, call_in, plug, user_argv
 from e2e.local.tokens import Issuer
 from meshboot import constants as C
+from meshboot import launchers
 
 POD_CIDR = "10.244.0.0/24"
 NODE_NAME = "meshboot-node"
@@ -49,9 +50,13 @@ def local_images(venv_bin: Path) -> dict[str, Image]:
     pointing at the Envoy binary. The Python image has CMD python3."""
     path = f"{venv_bin}:{SYSTEM_PATH}"
     py_env = {"PATH": path, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    agent_env = {**py_env, "ENVOY_BINARY": envoy_binary(venv_bin)}
-    agent = Image(entrypoint=(str(venv_bin / "meshboot-agent"),), env=agent_env, user=C.PROXY_UID)
-    proxyv2 = Image(entrypoint=(str(venv_bin / "pilot-agent"),), env=agent_env, user=C.PROXY_UID)
+    # The image's entrypoints are isolated-Python launchers (Dockerfile.agent runs meshboot.launchers over pip's
+    # scripts); here they live beside the venv, first on the agent image's PATH (postStart `pilot-agent wait`).
+    launch_dir = venv_bin.parent / "meshboot-launchers"
+    launchers.write(str(launch_dir), str(venv_bin / "python"))
+    agent_env = {**py_env, "PATH": f"{launch_dir}:{path}", "ENVOY_BINARY": envoy_binary(venv_bin)}
+    agent = Image(entrypoint=(str(launch_dir / "meshboot-agent"),), env=agent_env, user=C.PROXY_UID)
+    proxyv2 = Image(entrypoint=(str(launch_dir / "pilot-agent"),), env=agent_env, user=C.PROXY_UID)
     python = Image(cmd=("python3",), env=py_env)
     return {"meshboot-agent": agent, "proxyv2": proxyv2, "python": python}
 

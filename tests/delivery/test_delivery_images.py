@@ -354,3 +354,21 @@ def test_build_stage_from_the_copied_files_runs_the_smoke_commands(image: str, t
     where = subprocess.run([sys.executable, "-c", f"import {sorted(installed)[0]} as m; print(m.__file__)"], env=env,
                            capture_output=True, text=True, cwd=tmp_path)
     assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+
+
+def test_agent_entrypoints_are_isolated_launchers() -> None:
+    """Dockerfile.agent rewrites every project entrypoint of the image into an isolated-Python launcher
+    (meshboot/launchers.py) after installing them and before its smoke test runs them."""
+    from meshboot import launchers
+
+    df = dockerfile("agent")
+    runs = df.final.all("RUN")
+    at = [i for i, r in enumerate(runs) if ["python", "-I", "-m", "meshboot.launchers", "/usr/local/bin",
+                                             "/usr/local/bin/python3"] in shell_commands(r.value)]
+    assert at, f"{df.path.name}: no `python -I -m meshboot.launchers /usr/local/bin /usr/local/bin/python3`"
+    smoke = [i for i, r in enumerate(runs) if any(c[0] == "meshboot-agent" for c in shell_commands(r.value))]
+    assert smoke and at[0] < smoke[0]
+    agent_scripts = {k for k, v in SCRIPTS.items() if v.split(".")[0] in ("agent", "init")}
+    assert set(launchers.ENTRYPOINTS) == agent_scripts
+    assert all(SCRIPTS[k] == f"{m}:main" for k, m in launchers.ENTRYPOINTS.items())
+    assert df.final.last("ENTRYPOINT").exec_form()[0] in launchers.ENTRYPOINTS
