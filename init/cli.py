@@ -22,10 +22,13 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_ERROR, EXIT_VALIDATION, EXIT_USAGE = 0, 1, 126, 255
 
 
-def _read(path: str) -> str | None:
+MAX_RESOLV_CONF = 64 * 1024  # the pod's resolv.conf is tenant-shaped (dnsConfig); read a bounded prefix
+
+
+def _read(path: str, limit: int = MAX_RESOLV_CONF) -> str | None:
     try:
-        with open(path) as f:
-            return f.read()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(limit)
     except OSError:
         return None
 
@@ -93,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         record_path = env.get(C.ENV_DRY_RUN_FILE_PATH, "")
         if record_path:
-            with open(record_path, "w") as f:
-                f.write(_dry_run_record(plan, cfg))
+            try:
+                with open(record_path, "w") as f:
+                    f.write(_dry_run_record(plan, cfg))
+            except OSError as e:
+                log.error(f"{C.ENV_DRY_RUN_FILE_PATH}: cannot write {record_path[:200]!r}: {e.strerror}")
+                return EXIT_ERROR
     elif not cfg.skip_rule_apply:
         code = _apply(cfg, plan, log)
         if code != EXIT_OK:

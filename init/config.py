@@ -10,12 +10,26 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 from meshboot import constants as C
+from meshboot.syntax import interface_name_error, is_ascii_digits
 
 from .record import Record
 
 REDIRECT, TPROXY = "REDIRECT", "TPROXY"
 LAYOUT_CLASSIC, LAYOUT_CURRENT = "classic", "current"
 MAX_OWNER_GROUPS_INCLUDE = 64
+# Bounds on tenant-written lists (annotations become these flags): memory, rule count and iptables-restore time stay
+# bounded. CIDR and port lists: MAX_LIST_ITEMS each; interfaces, ids and groups: MAX_SMALL_LIST each; the rules that
+# multiply (-k interfaces x -i CIDRs): MAX_PRODUCT_RULES.
+MAX_LIST_ITEMS = 4096
+MAX_SMALL_LIST = 64
+MAX_PRODUCT_RULES = 8192
+MAX_ID = 4294967294            # uid/gid: uint32 without (uid_t)-1, which iptables' owner match refuses
+MAX_U32 = 4294967295
+RESERVED_TABLES = (253, 254, 255)  # default, main, local: a "local default" route there would swallow all traffic
+SHOW_CHARS = 60
+# iptables-restore reads `"` and `\` as quoting/escapes (and we refuse `'` with them): a name holding one would be
+# applied as a different name than the one checked.
+_QUOTES = "\"'\\"
 
 
 class ConfigError(ValueError):
@@ -93,41 +107,102 @@ def split_list(value: str) -> tuple[str, ...]:
     return tuple(item for item in value.split(",") if item)
 
 
-def _ports(flag: str, value: str) -> tuple[str, ...]:
+def show(value: str) -> str:
+    """A tenant value for a message: repr'd (no newlines, no control characters) and cut to SHOW_CHARS."""
+    return repr(value) if len(value) <= SHOW_CHARS else repr(value[:SHOW_CHARS]) + f"... ({len(value)} chars)"
+
+
+def _items(flag: str, value: str, limit: int = MAX_LIST_ITEMS, what: str = "items") -> tuple[str, ...]:
+    """split_list, bounded: a list longer than `limit` items is refused before anything is built from it."""
+    if value.count(",") >= limit * 4:  # cheap pre-check: do not split a megabyte of commas
+        raise ConfigError(f"{flag}: too many {what} (at most {limit})")
     items = split_list(value)
+    if len(items) > limit:
+        raise ConfigError(f"{flag}: {len(items)} {what}, at most {limit} allowed")
+    return items
+
+
+def _uint(text: str, maximum: int) -> int | None:
+    """ASCII decimal 0..maximum, else None (int() alone takes "١٥" and "１５")."""
+    if not is_ascii_digits(text) or len(text) > 10 or int(text) > maximum:
+        return None
+    return int(text)
+
+
+def _ports(flag: str, value: str) -> tuple[str, ...]:
+    items = _items(flag, value)
     for item in items:
-        lo, colon, hi = item.partition(":")
-        ok = lo.isdigit() and int(lo) <= 65535 and (not colon or (hi.isdigit() and int(hi) <= 65535))
-        if not ok:
-            raise ConfigError(f"{flag}: invalid port {item!r} in {value!r} (want N or N:M, 0-65535)")
+        lo_s, colon, hi_s = item.partition(":")
+        lo, hi = _uint(lo_s, 65535), (_uint(hi_s, 65535) if colon else 0)
+        if lo is None or hi is None or (colon and hi < lo):
+            raise ConfigError(f"{flag}: invalid port {show(item)} (want N or N:M with N <= M, 0-65535, ASCII digits)")
     return items
 
 
 def _port(flag: str, value: str) -> str:
-    if not value.isdigit() or not 0 < int(value) <= 65535:
-        raise ConfigError(f"{flag}: invalid port {value!r} (want 1-65535)")
+    n = _uint(value, 65535)
+    if not n:
+        raise ConfigError(f"{flag}: invalid port {show(value)} (want 1-65535, ASCII digits)")
     return value
 
 
-def _names(flag: str, value: str, what: str = "interface") -> tuple[str, ...]:
-    items = split_list(value)
+def _number(flag: str, value: str, minimum: int, maximum: int, reserved: tuple[int, ...] = ()) -> str:
+    n = _uint(value, maximum)
+    if n is None or n < minimum or n in reserved:
+        extra = f", not {', '.join(map(str, reserved))}" if reserved else ""
+        raise ConfigError(f"{flag}: {show(value)} is not a decimal number from {minimum} to {maximum}{extra}")
+    return value
+
+
+def _interfaces(flag: str, value: str) -> tuple[str, ...]:
+    items = _items(flag, value, MAX_SMALL_LIST)
     for item in items:
-        if any(c.isspace() for c in item) or (what == "interface" and ("/" in item or len(item) > 15)):
-            raise ConfigError(f"{flag}: invalid {what} name {item!r}")
+        why = interface_name_error(item) or (
+            "an interface name has no quotes or backslashes" if any(c in _QUOTES for c in item) else None)
+        if why:
+            raise ConfigError(f"{flag}: invalid interface name {show(item)}: {why}")
     return items
 
 
-def _ids(flag: str, value: str) -> tuple[str, ...]:
-    items = split_list(value)
+def _groups(env_name: str, value: str) -> tuple[str, ...]:
+    """Owner groups: a gid (ASCII digits) or a group name that exists here, as iptables' owner match resolves it."""
+    items = _items(env_name, value, MAX_SMALL_LIST, "groups")
     for item in items:
-        if not item.isdigit():
-            raise ConfigError(f"{flag}: invalid id {item!r} in {value!r} (want a comma list of numbers)")
+        if is_ascii_digits(item):
+            if _uint(item, MAX_ID) is None:
+                raise ConfigError(f"{env_name}: invalid gid {show(item)} (want 0-{MAX_ID})")
+            continue
+        if not _group_exists(item):
+            raise ConfigError(f"{env_name}: invalid group {show(item)} (want a gid or the name of an existing group)")
+    return items
+
+
+def _group_exists(name: str) -> bool:
+    ok = (name.isascii() and len(name) <= 32 and name[0] != "-"
+          and all(c.isalnum() or c in "._-" for c in name))
+    if not ok:
+        return False
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _ids(flag: str, value: str) -> tuple[str, ...]:
+    items = _items(flag, value, MAX_SMALL_LIST)
+    for item in items:
+        if _uint(item, MAX_ID) is None:
+            raise ConfigError(f"{flag}: invalid id {show(item)} (want a comma list of numbers 0-{MAX_ID}, "
+                              "ASCII digits)")
     return items
 
 
 def parse_cidrs(flag: str, value: str) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
     """A CIDR list -> (v4, v6, any-loopback), canonical like Go's netip.Prefix (host bits kept)."""
-    items = split_list(value)
+    items = _items(flag, value)
     if not items:
         return (), (), False
     import ipaddress  # only when there are CIDRs: keeps the default path's imports small
@@ -137,15 +212,19 @@ def parse_cidrs(flag: str, value: str) -> tuple[tuple[str, ...], tuple[str, ...]
     loopback = False
     for item in items:
         addr_s, slash, bits_s = item.partition("/")
-        try:
-            if not slash or not bits_s.isdigit() or (len(bits_s) > 1 and bits_s[0] == "0"):
-                raise ValueError("want ADDRESS/BITS")
-            addr = ipaddress.ip_address(addr_s)
-            bits = int(bits_s)
-            if bits > addr.max_prefixlen or "%" in addr_s:
-                raise ValueError(f"prefix length out of range for {addr_s}")
-        except ValueError as e:
-            raise ConfigError(f"{flag}: invalid CIDR {item!r} in {value!r}: {e}") from None
+        why = "want ADDRESS/BITS (ASCII, no zone, no leading zeros)"
+        addr = None
+        if slash and addr_s.isascii() and "%" not in addr_s and is_ascii_digits(bits_s) and len(bits_s) <= 3 \
+                and not (len(bits_s) > 1 and bits_s[0] == "0"):
+            try:
+                addr = ipaddress.ip_address(addr_s)
+            except ValueError:
+                why = "not an IP address"
+            if addr is not None and int(bits_s) > addr.max_prefixlen:
+                addr, why = None, f"prefix length above {32 if ':' not in addr_s else 128}"
+        if addr is None:
+            raise ConfigError(f"{flag}: invalid CIDR {show(item)}: {why}")
+        bits = int(bits_s)
         if addr.version == 6 and addr.ipv4_mapped is None:
             v6.append(f"{addr.compressed}/{bits}")
             loopback = loopback or addr == ipaddress.IPv6Address("::1")
@@ -166,6 +245,8 @@ def parse_resolv_conf(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     for line in text.splitlines():
         fields = line.split()
         if len(fields) >= 2 and fields[0] == "nameserver":
+            if not fields[1].isascii() or "%" in fields[1]:
+                continue  # zoned (fe80::1%eth0) or odd: iptables cannot match it, and Istio skips it too
             try:
                 addr = ipaddress.ip_address(fields[1])
             except ValueError:
@@ -198,122 +279,28 @@ def resolve_uid(value: str, env: Mapping[str, str]) -> str:
 
 def build_config(values: Mapping[str, object], env: Mapping[str, str], host: HostInfo,
                  resolv_conf: str | None = None) -> CaptureConfig:
-    """Turn parsed flag values (init.flags.parse) + env-only variables + host facts into a CaptureConfig."""
+    """Turn parsed flag values (init.flags.parse) + env-only variables + host facts into a CaptureConfig.
+    Every value that reaches a rule is checked here; the first bad one raises ConfigError naming its flag/env."""
     v = values
     warnings: list[str] = []
-
-    def s(key: str) -> str:
-        return str(v[key])
-
-    uid_s = resolve_uid(s("proxy_uid"), env)
-    uids = _ids("-u/--proxy-uid", uid_s)
-    gids = _ids("-g/--proxy-gid", s("proxy_gid") or uid_s)
-    if not uids:
-        raise ConfigError("-u/--proxy-uid: no UID given")
-
-    mode_raw = s("istio_inbound_interception_mode")
-    mode = TPROXY if mode_raw == TPROXY else REDIRECT
-    if mode_raw not in ("", REDIRECT, TPROXY):
-        warnings.append(f"-m/--istio-inbound-interception-mode {mode_raw!r} is neither REDIRECT nor TPROXY; using REDIRECT")
-
-    inbound = s("istio_inbound_ports")
-    inbound_list = () if inbound in ("", "*") else _ports("-b/--istio-inbound-ports", inbound)
-
-    exclude_cidr = s("istio_service_exclude_cidr")
-    if exclude_cidr == "*":
-        raise ConfigError("-x/--istio-service-exclude-cidr: '*' is not allowed "
-                          "(invalid value for OUTBOUND_IP_RANGES_EXCLUDE)")
-    ex4, ex6, _ = parse_cidrs("-x/--istio-service-exclude-cidr", exclude_cidr)
-    include = s("istio_service_cidr")
-    in4, in6, in_lo = ((), (), False) if include == "*" else parse_cidrs("-i/--istio-service-cidr", include)
-
-    mark = s("istio_inbound_tproxy_mark")
-    table = s("istio_inbound_tproxy_route_table")
-    if not mark.isdigit():
-        raise ConfigError(f"-t/--istio-inbound-tproxy-mark: {mark!r} is not a decimal number")
-    if not table.isdigit():
-        raise ConfigError(f"-r/--istio-inbound-tproxy-route-table: {table!r} is not a decimal number")
-
-    groups_inc_raw = env.get(C.ENV_OUTBOUND_OWNER_GROUPS, "*")
-    groups_include = None if groups_inc_raw == "*" else _names(C.ENV_OUTBOUND_OWNER_GROUPS, groups_inc_raw, "group")
-    if groups_include is not None and len(groups_include) > MAX_OWNER_GROUPS_INCLUDE:
-        raise ConfigError(f"{C.ENV_OUTBOUND_OWNER_GROUPS}: {len(groups_include)} groups, at most "
-                          f"{MAX_OWNER_GROUPS_INCLUDE} allowed")
-    groups_exclude = _names(C.ENV_OUTBOUND_OWNER_GROUPS_EXCLUDE,
-                            env.get(C.ENV_OUTBOUND_OWNER_GROUPS_EXCLUDE, ""), "group")
-
-    loopback = env.get(C.ENV_OUTBOUND_IPV4_LOOPBACK_CIDR, "127.0.0.1/32")
-    lo4, _, _ = parse_cidrs(C.ENV_OUTBOUND_IPV4_LOOPBACK_CIDR, loopback)
-    bits = loopback.partition("/")[2]
-    if len(lo4) != 1 or not loopback.startswith("127.") or not 8 <= int(bits) <= 32:
-        raise ConfigError(f"{C.ENV_OUTBOUND_IPV4_LOOPBACK_CIDR}: {loopback!r} is not an IPv4 loopback prefix "
-                          "with a mask of 8..32")
-
-    force = s("force_iptables_binary")
+    fields = _rule_fields(v, env, warnings)
+    fields.update(_dns_fields(v, resolv_conf, warnings))
+    enable_ipv6, host_ip = decide_ipv6(host.addresses, bool(v["dual_stack"]))
+    for flag, names in (("-c/--istio-exclude-interfaces", fields["exclude_interfaces"]),
+                        ("-k/--kube-virt-interfaces", fields["kube_virt_interfaces"])):
+        for name in names:
+            if host.interfaces and name not in host.interfaces:
+                warnings.append(f"{flag}: interface {name!r} does not exist (yet) in this network namespace")
+    force = str(v["force_iptables_binary"])
     if force not in ("", "legacy", "nft"):
-        raise ConfigError(f"--force-iptables-binary: {force!r} is not one of '', legacy, nft")
+        raise ConfigError(f"--force-iptables-binary: {show(force)} is not one of '', legacy, nft")
     if v["native_nftables"]:
         raise ConfigError("--native-nftables: the native nftables implementation is not supported by "
                           "meshboot-iptables; use the iptables backends (nft or legacy)")
-
-    layout = env.get(C.ENV_IPTABLES_LAYOUT, LAYOUT_CLASSIC) or LAYOUT_CLASSIC
-    if layout not in (LAYOUT_CLASSIC, LAYOUT_CURRENT):
-        raise ConfigError(f"{C.ENV_IPTABLES_LAYOUT}: {layout!r} is not one of {LAYOUT_CLASSIC}, {LAYOUT_CURRENT}")
-
-    redirect_dns = bool(v["redirect_dns"])
-    capture_all = bool(v["capture_all_dns"])
-    dns4: tuple[str, ...] = ()
-    dns6: tuple[str, ...] = ()
-    if redirect_dns and not capture_all:
-        if resolv_conf is None:
-            raise ConfigError("--redirect-dns: cannot read /etc/resolv.conf for the DNS servers")
-        dns4, dns6 = parse_resolv_conf(resolv_conf)
-        if not dns4 and not dns6:
-            warnings.append("--redirect-dns: no nameserver in /etc/resolv.conf; DNS capture disabled")
-
-    enable_ipv6, host_ip = decide_ipv6(host.addresses, bool(v["dual_stack"]))
-
-    interfaces = host.interfaces
-    for flag, names in (("-c/--istio-exclude-interfaces", s("istio_exclude_interfaces")),
-                        ("-k/--kube-virt-interfaces", s("kube_virt_interfaces"))):
-        for name in _names(flag, names):
-            if interfaces and name not in interfaces:
-                warnings.append(f"{flag}: interface {name!r} does not exist (yet) in this network namespace")
-
     return CaptureConfig(
-        envoy_port=_port("-p/--envoy-port", s("envoy_port")),
-        inbound_capture_port=_port("-z/--inbound-capture-port", s("inbound_capture_port")),
-        inbound_tunnel_port=_port("-e/--inbound-tunnel-port", s("inbound_tunnel_port")),
-        proxy_uids=uids,
-        proxy_gids=gids,
-        mode=mode,
-        inbound_ports=inbound,
-        inbound_port_list=inbound_list,
-        inbound_exclude_ports=_ports("-d/--istio-local-exclude-ports", s("istio_local_exclude_ports")),
-        exclude_interfaces=_names("-c/--istio-exclude-interfaces", s("istio_exclude_interfaces")),
-        include_all_cidrs=include == "*",
-        include_cidrs_v4=in4,
-        include_cidrs_v6=in6,
-        include_has_loopback=in_lo,
-        exclude_cidrs_v4=ex4,
-        exclude_cidrs_v6=ex6,
-        outbound_ports=_ports("-q/--istio-outbound-ports", s("istio_outbound_ports")),
-        outbound_exclude_ports=_ports("-o/--istio-local-outbound-ports-exclude",
-                                      s("istio_local_outbound_ports_exclude")),
-        kube_virt_interfaces=_names("-k/--kube-virt-interfaces", s("kube_virt_interfaces")),
-        tproxy_mark=mark,
-        tproxy_route_table=table,
-        loopback_v4=loopback,
-        owner_groups_include=groups_include,
-        owner_groups_exclude=groups_exclude,
-        redirect_dns=redirect_dns,
-        capture_all_dns=capture_all,
-        dns_servers_v4=dns4,
-        dns_servers_v6=dns6,
-        drop_invalid=bool(v["drop_invalid"]),
+        **fields,
         enable_ipv6=enable_ipv6,
         host_ip=host_ip,
-        layout=layout,
         dry_run=bool(v["dry_run"]),
         skip_rule_apply=bool(v["skip_rule_apply"]),
         run_validation=bool(v["run_validation"]),
@@ -323,7 +310,101 @@ def build_config(values: Mapping[str, object], env: Mapping[str, str], host: Hos
         cleanup_only=bool(v["cleanup_only"]),
         force_apply=bool(v["force_apply"]),
         force_iptables_binary=force,
-        network_namespace=s("network_namespace"),
+        network_namespace=str(v["network_namespace"]),
         cni_mode=bool(v["cni_mode"]),
         warnings=tuple(warnings),
     )
+
+
+def _rule_fields(v: Mapping[str, object], env: Mapping[str, str], warnings: list[str]) -> dict[str, object]:
+    """The values that end up inside iptables rules and netlink requests, each validated."""
+    def s(key: str) -> str:
+        return str(v[key])
+
+    uid_s = resolve_uid(s("proxy_uid"), env)
+    uids = _ids("-u/--proxy-uid", uid_s)
+    gids = _ids("-g/--proxy-gid", s("proxy_gid") or uid_s)
+    if not uids:
+        raise ConfigError("-u/--proxy-uid: no UID given")
+    mode_raw = s("istio_inbound_interception_mode")
+    if mode_raw not in ("", REDIRECT, TPROXY):
+        warnings.append(f"-m/--istio-inbound-interception-mode {show(mode_raw)} is neither REDIRECT nor TPROXY; "
+                        "using REDIRECT")
+    inbound = s("istio_inbound_ports")
+    exclude_cidr = s("istio_service_exclude_cidr")
+    if exclude_cidr == "*":
+        raise ConfigError("-x/--istio-service-exclude-cidr: '*' is not allowed "
+                          "(invalid value for OUTBOUND_IP_RANGES_EXCLUDE)")
+    ex4, ex6, _ = parse_cidrs("-x/--istio-service-exclude-cidr", exclude_cidr)
+    include = s("istio_service_cidr")
+    in4, in6, in_lo = ((), (), False) if include == "*" else parse_cidrs("-i/--istio-service-cidr", include)
+    kube_virt = _interfaces("-k/--kube-virt-interfaces", s("kube_virt_interfaces"))
+    if len(kube_virt) * max(len(in4), len(in6)) > MAX_PRODUCT_RULES:
+        raise ConfigError(f"-k/--kube-virt-interfaces: {len(kube_virt)} interfaces x {max(len(in4), len(in6))} "
+                          f"CIDRs of -i/--istio-service-cidr make too many rules (at most {MAX_PRODUCT_RULES})")
+    return dict(
+        envoy_port=_port("-p/--envoy-port", s("envoy_port")),
+        inbound_capture_port=_port("-z/--inbound-capture-port", s("inbound_capture_port")),
+        inbound_tunnel_port=_port("-e/--inbound-tunnel-port", s("inbound_tunnel_port")),
+        proxy_uids=uids,
+        proxy_gids=gids,
+        mode=TPROXY if mode_raw == TPROXY else REDIRECT,
+        inbound_ports=inbound,
+        inbound_port_list=() if inbound in ("", "*") else _ports("-b/--istio-inbound-ports", inbound),
+        inbound_exclude_ports=_ports("-d/--istio-local-exclude-ports", s("istio_local_exclude_ports")),
+        exclude_interfaces=_interfaces("-c/--istio-exclude-interfaces", s("istio_exclude_interfaces")),
+        include_all_cidrs=include == "*",
+        include_cidrs_v4=in4,
+        include_cidrs_v6=in6,
+        include_has_loopback=in_lo,
+        exclude_cidrs_v4=ex4,
+        exclude_cidrs_v6=ex6,
+        outbound_ports=_ports("-q/--istio-outbound-ports", s("istio_outbound_ports")),
+        outbound_exclude_ports=_ports("-o/--istio-local-outbound-ports-exclude",
+                                      s("istio_local_outbound_ports_exclude")),
+        kube_virt_interfaces=kube_virt,
+        tproxy_mark=_number("-t/--istio-inbound-tproxy-mark", s("istio_inbound_tproxy_mark"), 1, MAX_U32),
+        tproxy_route_table=_number("-r/--istio-inbound-tproxy-route-table", s("istio_inbound_tproxy_route_table"),
+                                   1, MAX_U32, RESERVED_TABLES),
+        **_env_fields(env),
+    )
+
+
+def _env_fields(env: Mapping[str, str]) -> dict[str, object]:
+    """The env-only settings: owner groups, the IPv4 loopback CIDR, the rule layout."""
+    groups_inc_raw = env.get(C.ENV_OUTBOUND_OWNER_GROUPS, "*")
+    groups_include = None if groups_inc_raw == "*" else _groups(C.ENV_OUTBOUND_OWNER_GROUPS, groups_inc_raw)
+    if groups_include is not None and len(groups_include) > MAX_OWNER_GROUPS_INCLUDE:
+        raise ConfigError(f"{C.ENV_OUTBOUND_OWNER_GROUPS}: {len(groups_include)} groups, at most "
+                          f"{MAX_OWNER_GROUPS_INCLUDE} allowed")
+    groups_exclude = _groups(C.ENV_OUTBOUND_OWNER_GROUPS_EXCLUDE, env.get(C.ENV_OUTBOUND_OWNER_GROUPS_EXCLUDE, ""))
+    loopback = env.get(C.ENV_OUTBOUND_IPV4_LOOPBACK_CIDR, "127.0.0.1/32")
+    lo4, _, _ = parse_cidrs(C.ENV_OUTBOUND_IPV4_LOOPBACK_CIDR, loopback)
+    if len(lo4) != 1 or not lo4[0].startswith("127.") or not 8 <= int(lo4[0].partition("/")[2]) <= 32:
+        raise ConfigError(f"{C.ENV_OUTBOUND_IPV4_LOOPBACK_CIDR}: {show(loopback)} is not one IPv4 loopback prefix "
+                          "with a mask of 8..32")
+    layout = env.get(C.ENV_IPTABLES_LAYOUT, LAYOUT_CLASSIC) or LAYOUT_CLASSIC
+    if layout not in (LAYOUT_CLASSIC, LAYOUT_CURRENT):
+        raise ConfigError(f"{C.ENV_IPTABLES_LAYOUT}: {show(layout)} is not one of {LAYOUT_CLASSIC}, "
+                          f"{LAYOUT_CURRENT}")
+    return dict(loopback_v4=lo4[0], owner_groups_include=groups_include, owner_groups_exclude=groups_exclude,
+                layout=layout)
+
+
+def _dns_fields(v: Mapping[str, object], resolv_conf: str | None, warnings: list[str]) -> dict[str, object]:
+    redirect_dns = bool(v["redirect_dns"])
+    capture_all = bool(v["capture_all_dns"])
+    dns4: tuple[str, ...] = ()
+    dns6: tuple[str, ...] = ()
+    if redirect_dns and not capture_all:
+        if resolv_conf is None:
+            raise ConfigError("--redirect-dns: cannot read /etc/resolv.conf for the DNS servers")
+        dns4, dns6 = parse_resolv_conf(resolv_conf)
+        if len(dns4) + len(dns6) > MAX_SMALL_LIST:
+            warnings.append(f"--redirect-dns: {len(dns4) + len(dns6)} nameservers in /etc/resolv.conf; capturing "
+                            f"DNS to the first {MAX_SMALL_LIST} of each family only")
+            dns4, dns6 = dns4[:MAX_SMALL_LIST], dns6[:MAX_SMALL_LIST]
+        if not dns4 and not dns6:
+            warnings.append("--redirect-dns: no nameserver in /etc/resolv.conf; DNS capture disabled")
+    return dict(redirect_dns=redirect_dns, capture_all_dns=capture_all, dns_servers_v4=dns4, dns_servers_v6=dns6,
+                drop_invalid=bool(v["drop_invalid"]))

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 from meshboot import constants as C
 from meshboot.durations import parse_duration
+from meshboot.syntax import parse_port
 
 from .record import Record
 
@@ -97,19 +98,29 @@ def parse_bool(text: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"invalid boolean {text!r} (want true|false|1|0|t|f)")
+    raise ValueError("invalid boolean (want true|false|1|0|t|f)")
 
 
 def _convert(flag: Flag, text: str) -> object:
     if flag.kind == BOOL:
         return parse_bool(text)
     if flag.kind == UINT16:
-        if not text.isdigit() or int(text) > 65535:
-            raise ValueError(f"invalid port {text!r} (want 0-65535)")
-        return int(text)
+        try:
+            return parse_port(text)
+        except ValueError:
+            raise ValueError("invalid port (want 0-65535, ASCII digits)") from None
     if flag.kind == DURATION:
-        return parse_duration(text)
+        try:
+            return parse_duration(text)
+        except ValueError:
+            raise ValueError("invalid duration (want e.g. 5s, 500ms, 1m30s)") from None
     return text
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """A tenant value in a message: cut to `limit` chars and escaped, so an error stays one short line."""
+    cut = text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+    return cut if cut.isprintable() else repr(cut)[1:-1]
 
 
 def _zero(flag: Flag) -> object:
@@ -154,12 +165,12 @@ def parse(argv: list[str], env: Mapping[str, str]) -> Parsed:
             name, eq, inline = arg[2:].partition("=")
             flag = _BY_LONG.get(name)
             if flag is None:
-                raise FlagError(f"unknown flag: --{name}")
+                raise FlagError(f"unknown flag: --{_cut(name)}")
             label = f"--{name}"
         elif arg.startswith("-") and len(arg) > 1:
             flag = _BY_SHORT.get(arg[1])
             if flag is None:
-                raise FlagError(f"unknown shorthand flag: {arg[1]!r} in {arg}")
+                raise FlagError(f"unknown shorthand flag: {arg[1]!r} in {_cut(arg)}")
             rest = arg[2:]
             eq, inline = ("=", rest[1:]) if rest.startswith("=") else ("=" if rest else "", rest)
             label = f"-{flag.short}, --{flag.long}"
@@ -178,7 +189,7 @@ def parse(argv: list[str], env: Mapping[str, str]) -> Parsed:
         try:
             values[flag.key] = _convert(flag, text)
         except ValueError as e:
-            raise FlagError(f"invalid argument {text!r} for {label!r} flag: {e}") from None
+            raise FlagError(f"invalid argument {_cut(text)!r} for {label!r} flag: {e}") from None
         on_cli.add(flag.key)
     return Parsed(values, frozenset(on_cli), tuple(extra), tuple(warnings))
 

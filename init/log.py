@@ -27,7 +27,9 @@ class Logger:
             elif scope in ("default", "all", "iptables"):
                 level = lvl
         if level not in LEVELS:
-            raise ValueError(f"invalid log level {level!r} in --log_output_level={output_level!r}")
+            shown = output_level if len(output_level) <= 60 else output_level[:60] + "..."
+            raise ValueError(f"--log_output_level: invalid log level in {shown!r} "
+                             f"(want {'|'.join(sorted(LEVELS))}, or scope:level,...)")
         return cls(level, as_json)
 
     def enabled(self, level: str) -> bool:

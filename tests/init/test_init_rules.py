@@ -142,8 +142,8 @@ def test_loopback_in_include_drops_the_app_to_self_return() -> None:
 
 
 def test_owner_groups_include_and_exclude() -> None:
-    inc = v4(env={"ISTIO_OUTBOUND_OWNER_GROUPS": "java,1001"})
-    assert "-A ISTIO_OUTPUT -m owner ! --gid-owner java -m owner ! --gid-owner 1001 -j RETURN" in inc
+    inc = v4(env={"ISTIO_OUTBOUND_OWNER_GROUPS": "daemon,1001"})  # a name must exist, as iptables resolves it
+    assert "-A ISTIO_OUTPUT -m owner ! --gid-owner daemon -m owner ! --gid-owner 1001 -j RETURN" in inc
     exc = v4(env={"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "888,999"})
     i = exc.index("-A ISTIO_OUTPUT -m owner --gid-owner 888 -j RETURN")
     assert exc[i + 1:i + 3] == ["-A ISTIO_OUTPUT -m owner --gid-owner 999 -j RETURN",
