@@ -45,7 +45,7 @@ def node_metadata(cfg: AgentConfig) -> dict[str, Any]:
         if k.startswith(C.ISTIO_METAJSON_PREFIX):
             try:
                 val = json.loads(v)
-            except ValueError:
+            except (ValueError, RecursionError):   # best effort, as in Istio; deep nesting is a RecursionError
                 continue
             key = k[len(C.ISTIO_METAJSON_PREFIX):]
             if isinstance(val, dict) and isinstance(meta.get(key), dict):

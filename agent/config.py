@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from meshboot import constants as C
+from meshboot import yamlsafe
 from meshboot.durations import parse_duration as _go_duration
 
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
@@ -21,6 +22,22 @@ NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
 
 class ConfigError(ValueError):
     """One bad or missing input, with what and where."""
+
+
+MAX_TEXT = yamlsafe.MAX_BYTES       # any one structured input (the API server's cap on all annotations together)
+MAX_DEPTH = yamlsafe.MAX_DEPTH
+
+
+def show(v: Any, limit: int = 64) -> str:
+    """A value quoted for an error message, cut short: tenants choose it, and the message goes to the log."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 128:
+        return "<a very large integer>"
+    r = repr(v) if isinstance(v, (str, int, float, bool)) or v is None else f"<{_kind(v)}>"
+    return r if len(r) <= limit else r[:limit] + "…"
+
+
+def _kind(v: Any) -> str:
+    return {dict: "object", list: "list"}.get(type(v), "value")
 
 
 # ---- small parsers ------------------------------------------------------------------------------------------------
@@ -32,9 +49,9 @@ def parse_duration(text: str, where: str) -> float:
     try:
         v = _go_duration(str(text))
     except ValueError:
-        raise ConfigError(f"{where}: invalid duration {text!r} (want e.g. 5s, 100ms, 1h30m)") from None
+        raise ConfigError(f"{where}: invalid duration {show(text)} (want e.g. 5s, 100ms, 1h30m)") from None
     if v < 0:
-        raise ConfigError(f"{where}: negative duration {text!r}")
+        raise ConfigError(f"{where}: negative duration {show(text)}")
     return v
 
 
@@ -46,14 +63,14 @@ def parse_bool(text: str | None, where: str, default: bool) -> bool:
         return True
     if t in ("0", "f", "false", "no", "off"):
         return False
-    raise ConfigError(f"{where}: invalid boolean {text!r}")
+    raise ConfigError(f"{where}: invalid boolean {show(text)}")
 
 
 def parse_int(text: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
     try:
         v = int(str(text).strip())
     except ValueError:
-        raise ConfigError(f"{where}: invalid integer {text!r}") from None
+        raise ConfigError(f"{where}: invalid integer {show(text)}") from None
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise ConfigError(f"{where}: {v} out of range [{lo}, {hi}]")
     return v
@@ -63,7 +80,7 @@ def parse_float(text: str, where: str, lo: float = 0.0, hi: float = 1.0) -> floa
     try:
         v = float(text)
     except ValueError:
-        raise ConfigError(f"{where}: invalid number {text!r}") from None
+        raise ConfigError(f"{where}: invalid number {show(text)}") from None
     if not lo <= v <= hi:
         raise ConfigError(f"{where}: {v} out of range [{lo}, {hi}]")
     return v
@@ -86,23 +103,56 @@ def parse_downward_api(text: str) -> dict[str, str]:
     return out
 
 
+def _too_deep(data: Any, limit: int = MAX_DEPTH) -> bool:
+    """Nesting deeper than `limit` (iterative: the check itself must not recurse)."""
+    todo = [(data, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return True
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def load_json(text: str, where: str) -> Any:
+    """Bounded JSON: size, depth (json.loads recurses, so a deep document is a RecursionError, not a ValueError)."""
+    if len(text) > MAX_TEXT:
+        raise ConfigError(f"{where}: longer than {MAX_TEXT} bytes")
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: invalid JSON: {str(e)[:120]}") from None
+    if _too_deep(data):
+        raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    return data
+
+
 def _load_structured(text: str, where: str) -> dict:
-    """JSON, else YAML (PyYAML imported only when needed)."""
+    """JSON, else YAML through meshboot.yamlsafe (aliases refused, size and depth bounded)."""
     text = text.strip()
     if not text:
         return {}
+    if len(text) > MAX_TEXT:
+        raise ConfigError(f"{where}: longer than {MAX_TEXT} bytes")
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = load_json(text, where)
+    except ConfigError as e:
+        if "invalid JSON" not in str(e):
+            raise
         try:
-            import yaml  # noqa: PLC0415 — rarely needed, keep startup light
-            data = yaml.safe_load(text)
-        except Exception as e:  # yaml.YAMLError and friends
-            raise ConfigError(f"{where}: neither JSON nor YAML: {e}") from None
+            data = yamlsafe.load(text)
+        except yamlsafe.YAMLRefused as y:
+            msg = str(y)[:200]
+            if msg.startswith("not valid YAML"):
+                raise ConfigError(f"{where}: neither JSON nor YAML: {msg[len('not valid YAML: '):]}") from None
+            raise ConfigError(f"{where}: {msg}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: want an object, got {type(data).__name__}")
+        raise ConfigError(f"{where}: want an object, got {_kind(data)}")
     return data
 
 
@@ -145,7 +195,7 @@ def merge_proxy_config(base: dict, overlay: dict, where: str) -> dict:
 def validate_proxy_config(pc: dict, where: str) -> None:
     for k in _STR_FIELDS & pc.keys():
         if not isinstance(pc[k], str):
-            raise ConfigError(f"{where}: ProxyConfig.{k} must be a string, got {pc[k]!r}")
+            raise ConfigError(f"{where}: ProxyConfig.{k} must be a string, got {show(pc[k])}")
     for k in _DUR_FIELDS & pc.keys():
         parse_duration(pc[k], f"{where}: ProxyConfig.{k}")
     for k in _INT_FIELDS & pc.keys():
@@ -165,7 +215,7 @@ def validate_proxy_config(pc: dict, where: str) -> None:
 def _split_host_port(addr: str, where: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not host:
-        raise ConfigError(f"{where}: {addr!r} is not host:port")
+        raise ConfigError(f"{where}: {show(addr)} is not host:port")
     return host.strip("[]"), parse_int(port, where, 1, 65535)
 
 
@@ -186,36 +236,50 @@ class AppProbe:
 
 
 def parse_app_probers(text: str, where: str = C.ENV_APP_PROBERS) -> dict[str, AppProbe]:
+    """The injector's rewritten probes (from the tenant's pod spec): path → probe, each field type-checked."""
     if not text.strip():
         return {}
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{where}: invalid JSON: {e}") from None
+    data = load_json(text, where)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: want an object of path → probe")
     out: dict[str, AppProbe] = {}
     for key, spec in data.items():
         if not _PROBE_KEY.match(key):
-            raise ConfigError(f"{where}: invalid prober path {key!r}")
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{where}[{key}]: want an object")
-        kinds = [k for k in ("httpGet", "tcpSocket", "grpc") if spec.get(k) is not None]
-        if len(kinds) != 1:
-            raise ConfigError(f"{where}[{key}]: want exactly one of httpGet, tcpSocket, grpc")
-        kind = kinds[0]
-        body = spec[kind]
-        port = body.get("port")
-        if not isinstance(port, int) or isinstance(port, bool):
-            raise ConfigError(f"{where}[{key}].{kind}.port: want an integer port, got {port!r}")
-        parse_int(port, f"{where}[{key}].{kind}.port", 1, 65535)
-        timeout = float(spec.get("timeoutSeconds") or 0)
-        path = str(body.get("path") or "/")
-        headers = tuple((str(h.get("name", "")), str(h.get("value", ""))) for h in body.get("httpHeaders") or [])
-        out[key] = AppProbe(kind=kind, port=port, path=path if path.startswith("/") else "/" + path,
-                            scheme=str(body.get("scheme") or "HTTP").upper(), headers=headers,
-                            service=str(body.get("service") or ""), timeout=timeout)
+            raise ConfigError(f"{where}: invalid prober path {show(key)}")
+        out[key] = _app_probe(spec, f"{where}[{show(key)[1:-1]}]")
     return out
+
+
+def _want(v: Any, types: tuple[type, ...], where: str, what: str) -> Any:
+    if not isinstance(v, types) or isinstance(v, bool) and bool not in types:
+        raise ConfigError(f"{where}: want {what}, got {show(v)}")
+    return v
+
+
+def _app_probe(spec: Any, where: str) -> AppProbe:
+    _want(spec, (dict,), where, "an object")
+    kinds = [k for k in ("httpGet", "tcpSocket", "grpc") if spec.get(k) is not None]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: want exactly one of httpGet, tcpSocket, grpc")
+    kind = kinds[0]
+    body = _want(spec[kind], (dict,), f"{where}.{kind}", "an object")
+    port = body.get("port")
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise ConfigError(f"{where}.{kind}.port: want an integer port, got {show(port)}")
+    parse_int(port, f"{where}.{kind}.port", 1, 65535)
+    timeout = _want(spec.get("timeoutSeconds") or 0, (int, float), f"{where}.timeoutSeconds", "a number of seconds")
+    if not 0 <= timeout <= 3600:
+        raise ConfigError(f"{where}.timeoutSeconds: {show(timeout)} out of range [0, 3600]")
+    path = _want(body.get("path") or "/", (str,), f"{where}.{kind}.path", "a string")
+    headers = []
+    for h in _want(body.get("httpHeaders") or [], (list,), f"{where}.{kind}.httpHeaders", "a list"):
+        h = _want(h, (dict,), f"{where}.{kind}.httpHeaders", "objects with name and value")
+        headers.append((_want(h.get("name", ""), (str,), f"{where}.{kind}.httpHeaders.name", "a string"),
+                        _want(h.get("value", ""), (str,), f"{where}.{kind}.httpHeaders.value", "a string")))
+    scheme = _want(body.get("scheme") or "HTTP", (str,), f"{where}.{kind}.scheme", "a string")
+    service = _want(body.get("service") or "", (str,), f"{where}.{kind}.service", "a string")
+    return AppProbe(kind=kind, port=port, path=path if path.startswith("/") else "/" + path,
+                    scheme=scheme.upper(), headers=tuple(headers), service=service, timeout=float(timeout))
 
 
 @dataclass(frozen=True)
@@ -229,19 +293,17 @@ def parse_prometheus_annotations(text: str | None, status_port: int,
     """None = no app scrape; else the app targets to merge into /stats/prometheus."""
     if text is None:
         return None
-    try:
-        data = json.loads(text) if text.strip() else {}
-    except ValueError as e:
-        raise ConfigError(f"{where}: invalid JSON: {e}") from None
+    data = _want(load_json(text, where) if text.strip() else {}, (dict,), where, "an object")
     if str(data.get("scrape", "true")).lower() == "false":
         return None
     raw = data.get("targets") or [{"port": data.get("port", "80"), "path": data.get("path", "/metrics")}]
     out = []
-    for t in raw:
+    for t in _want(raw, (list,), f"{where}: targets", "a list"):
+        t = _want(t, (dict,), f"{where}: targets", "objects with port and path")
         port = parse_int(t.get("port", "80"), f"{where}: port", 1, 65535)
         if port == status_port or port in C.RESERVED_PORTS:
             raise ConfigError(f"{where}: port {port} is reserved for the proxy")
-        out.append(ScrapeTarget(port, str(t.get("path") or "/metrics")))
+        out.append(ScrapeTarget(port, str(_want(t.get("path") or "/metrics", (str,), f"{where}: path", "a string"))))
     return tuple(out)
 
 
@@ -365,9 +427,9 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
                  exists: Callable[[str], bool], which: Callable[[str], str | None]) -> AgentConfig:
     """Everything the agent needs, validated. `read(path)` returns the file's text or None if absent."""
     if flags.node_type not in NODE_TYPES:
-        raise ConfigError(f"proxy type {flags.node_type!r}: want one of {', '.join(NODE_TYPES)}")
+        raise ConfigError(f"proxy type {show(flags.node_type)}: want one of {', '.join(NODE_TYPES)}")
     if flags.node_type != "sidecar":
-        raise ConfigError(f"proxy type {flags.node_type!r} is not supported by meshboot (sidecar only)")
+        raise ConfigError(f"proxy type {show(flags.node_type)} is not supported by meshboot (sidecar only)")
 
     def need(name: str) -> str:
         v = environ.get(name, "").strip()
@@ -406,7 +468,7 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
         try:
             ips.append(str(ipaddress.ip_address(env[C.ENV_INSTANCE_IP].strip())))
         except ValueError:
-            raise ConfigError(f"env {C.ENV_INSTANCE_IP}: {env[C.ENV_INSTANCE_IP]!r} is not an IP address") from None
+            raise ConfigError(f"env {C.ENV_INSTANCE_IP}: {show(env[C.ENV_INSTANCE_IP])} is not an IP address") from None
     if not ips:
         ips.append("127.0.0.1")
     domain = flags.domain or f"{pod_ns}.svc.cluster.local"
@@ -477,15 +539,15 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
 
     ecc = env.get(C.ENV_ECC_SIGNATURE_ALGORITHM, "")
     if ecc not in ("", "ECDSA"):
-        raise ConfigError(f"env {C.ENV_ECC_SIGNATURE_ALGORITHM}: {ecc!r}, want ECDSA or empty")
+        raise ConfigError(f"env {C.ENV_ECC_SIGNATURE_ALGORITHM}: {show(ecc)}, want ECDSA or empty")
     curve = env.get(C.ENV_ECC_CURVE) or "P256"
     if curve not in ("P256", "P384"):
-        raise ConfigError(f"env {C.ENV_ECC_CURVE}: {curve!r}, want P256 or P384")
+        raise ConfigError(f"env {C.ENV_ECC_CURVE}: {show(curve)}, want P256 or P384")
     rsa_bits = parse_int(env.get(C.ENV_RSA_KEY_SIZE) or 2048, f"env {C.ENV_RSA_KEY_SIZE}", 2048, 8192)
 
     mtls = (env.get(C.ENV_MTLS_MODE) or C.MTLS_PERMISSIVE).upper()
     if mtls not in (C.MTLS_PERMISSIVE, C.MTLS_STRICT):
-        raise ConfigError(f"env {C.ENV_MTLS_MODE}: {mtls!r}, want PERMISSIVE or STRICT")
+        raise ConfigError(f"env {C.ENV_MTLS_MODE}: {show(mtls)}, want PERMISSIVE or STRICT")
 
     concurrency = flags.concurrency or int(pc.get("concurrency") or 0)
     if not concurrency and env.get(C.ENV_CPU_LIMIT):
