@@ -80,6 +80,12 @@ def add_ca_arguments(parser: argparse.ArgumentParser) -> None:
                    help="key type of a generated root CA")
     g.add_argument("--trust-domain", default=C.DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain of issued identities")
     g.add_argument("--max-workload-cert-ttl", default="24h", help="upper bound on a workload certificate's lifetime")
+    g.add_argument("--workload-cert-ttl", default="24h",
+                   help="lifetime when a request asks for none (validity_duration <= 0), as istiod's "
+                        "DEFAULT_WORKLOAD_CERT_TTL; capped at --max-workload-cert-ttl")
+    g.add_argument("--min-workload-cert-ttl", default="10m",
+                   help="refuse (FAILED_PRECONDITION) rather than issue a certificate that the CA's own expiry "
+                        "would cut shorter than this")
     g.add_argument("--ca-dns-names", default=",".join(DEFAULT_CA_DNS_NAMES),
                    help="comma-separated DNS names (and IP addresses) of the CA's serving certificate")
     g.add_argument("--jwks", default="", help="JWKS file or URL of the service-account token issuer")
@@ -104,6 +110,8 @@ class CAConfig:
     ca_key_type: str = "ECDSA"
     trust_domain: str = C.DEFAULT_TRUST_DOMAIN
     max_cert_ttl: dt.timedelta = dt.timedelta(hours=24)
+    default_cert_ttl: dt.timedelta = dt.timedelta(hours=24)
+    min_cert_ttl: dt.timedelta = dt.timedelta(minutes=10)
     dns_names: tuple[str, ...] = tuple(n for n in DEFAULT_CA_DNS_NAMES if not _is_ip(n))
     ip_sans: tuple[str, ...] = tuple(n for n in DEFAULT_CA_DNS_NAMES if _is_ip(n))
     jwks: str = ""
@@ -149,6 +157,11 @@ class CAConfig:
             raise ConfigError(f"--issuer-pem: {args.issuer_pem} is not a file")
         if args.jwks and not args.jwks.startswith(("http://", "https://")) and not Path(args.jwks).is_file():
             raise ConfigError(f"--jwks: {args.jwks} is neither a URL nor a file")
+        max_ttl = parse_ttl(args.max_workload_cert_ttl, "--max-workload-cert-ttl")
+        min_ttl = parse_ttl(args.min_workload_cert_ttl, "--min-workload-cert-ttl")
+        if min_ttl > max_ttl:
+            raise ConfigError(f"--min-workload-cert-ttl: {args.min_workload_cert_ttl} is longer than "
+                              f"--max-workload-cert-ttl {args.max_workload_cert_ttl}")
         return cls(
             port=args.ca_port,
             address=args.ca_address,
@@ -158,7 +171,9 @@ class CAConfig:
             ca_namespace=os.environ.get(C.ENV_POD_NAMESPACE) or C.ISTIO_NAMESPACE,
             ca_key_type=args.ca_key_type,
             trust_domain=args.trust_domain,
-            max_cert_ttl=parse_ttl(args.max_workload_cert_ttl, "--max-workload-cert-ttl"),
+            max_cert_ttl=max_ttl,
+            default_cert_ttl=min(parse_ttl(args.workload_cert_ttl, "--workload-cert-ttl"), max_ttl),
+            min_cert_ttl=min_ttl,
             dns_names=tuple(dns),
             ip_sans=tuple(ips),
             jwks=args.jwks,

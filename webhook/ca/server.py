@@ -20,10 +20,10 @@ import grpc
 from meshboot import constants as C
 from meshboot import pki
 
-from . import ca_pb2, ca_pb2_grpc, metrics, store
+from . import ca_pb2, metrics, store
 from .config import CAConfig
 from .publisher import RootCertPublisher
-from .signer import Authority, Policy, Refused, sign
+from .signer import Authority, Code, Policy, Refused, sign
 from .tokens import Authenticator, Chain, LocalVerifier, TokenReviewVerifier, bearer_token
 
 log = logging.getLogger("meshboot.ca")
@@ -32,7 +32,35 @@ SERVING_TTL = dt.timedelta(days=90)
 EXPIRY_CHECK_SECONDS = 3600.0
 
 
-class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
+MAX_CONCURRENT_RPCS = 256          # in-flight CreateCertificate calls; beyond: RESOURCE_EXHAUSTED at once
+MAX_METADATA_BYTES = 16 * 1024     # request headers (the token is one of them); beyond: RESOURCE_EXHAUSTED
+HANDSHAKE_TIMEOUT_MS = 10_000      # a connection that does not finish TLS in 10 s is closed
+
+
+class Undecodable:
+    """What the request deserializer hands over for bytes that are not an IstioCertificateRequest: grpc would
+    otherwise answer UNKNOWN with the protobuf exception's class name."""
+
+
+UNDECODABLE = Undecodable()
+
+
+def decode_request(data: bytes) -> ca_pb2.IstioCertificateRequest | Undecodable:
+    """Parse a request; never raises (bad wire format, invalid UTF-8 in csr, nesting past protobuf's limit)."""
+    try:
+        return ca_pb2.IstioCertificateRequest.FromString(data)
+    except Exception:  # noqa: BLE001 - DecodeError, RecursionError, ...: all mean "not a valid request"
+        return UNDECODABLE
+
+
+def _message_fields(request: ca_pb2.IstioCertificateRequest | Undecodable) -> tuple[str, int]:
+    if isinstance(request, Undecodable):
+        raise Refused(Code.INVALID_ARGUMENT, "malformed request: the message is not a valid "
+                      "istio.v1.auth.IstioCertificateRequest (protobuf wire format, UTF-8 csr)", "request_malformed")
+    return request.csr, request.validity_duration
+
+
+class CertificateService:
     """CreateCertificate: authenticate the token, check the CSR against it, sign."""
 
     def __init__(self, authority: Authority, policy: Policy, authenticator: Authenticator) -> None:
@@ -40,13 +68,22 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
         self.policy = policy
         self.authenticator = authenticator
 
-    async def CreateCertificate(self, request: ca_pb2.IstioCertificateRequest,  # noqa: N802 - gRPC method name
+    def add_to(self, server: grpc.aio.Server) -> None:
+        """Register under Istio's exact names, with a request decoder that turns garbage into a refusal."""
+        handler = grpc.unary_unary_rpc_method_handler(
+            self.CreateCertificate, request_deserializer=decode_request,
+            response_serializer=ca_pb2.IstioCertificateResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            C.CA_SERVICE, {C.CA_METHOD.rsplit("/", 1)[1]: handler}),))
+
+    async def CreateCertificate(self, request: ca_pb2.IstioCertificateRequest | Undecodable,  # noqa: N802
                                 context: grpc.aio.ServicerContext) -> ca_pb2.IstioCertificateResponse:
         start = time.perf_counter()
         try:
+            csr, validity = _message_fields(request)
             token = bearer_token(context.invocation_metadata() or ())
             identity = await self.authenticator.authenticate(token)
-            chain = sign(self.authority, self.policy, identity, request.csr, request.validity_duration)
+            chain = sign(self.authority, self.policy, identity, csr, validity)
         except Refused as e:
             metrics.CSR_RESULTS.labels(e.reason).inc()
             log.info("CSR refused", extra={"peer": context.peer(), "code": e.code.value, "reason": e.message})
@@ -160,6 +197,19 @@ def write_root(cfg: CAConfig, authority: Authority) -> Path | None:
     return path
 
 
+def new_grpc_server() -> grpc.aio.Server:
+    """The gRPC server with its bounds set: message and header size, in-flight calls, TLS handshake time. (No
+    per-connection stream limit: grpc clients open streams before they see it and get UNAVAILABLE.)"""
+    return grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=[
+        ("grpc.max_receive_message_length", C.CA_MAX_REQUEST_BYTES),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+
+
 async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
     """Start the CA in the running loop; `cfg.port` 0 binds an ephemeral port (the CLI maps 0 to "disabled")."""
     if api_client is None and cfg.uses_kubernetes:
@@ -169,15 +219,11 @@ async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
     authority = loaded.authority
     root_file = await asyncio.to_thread(write_root, cfg, authority)
     authenticator = await asyncio.to_thread(build_authenticator, cfg, api_client)
-    service = CertificateService(authority, Policy(cfg.trust_domain, cfg.max_cert_ttl), authenticator)
+    policy = Policy(cfg.trust_domain, cfg.max_cert_ttl, cfg.default_cert_ttl, cfg.min_cert_ttl)
+    service = CertificateService(authority, policy, authenticator)
     serving = ServingCert(authority, cfg.dns_names, cfg.ip_sans)
-
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", C.CA_MAX_REQUEST_BYTES),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ])
-    ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(service, server)
+    server = new_grpc_server()
+    service.add_to(server)
     host = f"[{cfg.address}]" if ":" in cfg.address else cfg.address
     try:
         port = server.add_secure_port(f"{host}:{cfg.port}", serving.credentials())

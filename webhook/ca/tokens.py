@@ -33,6 +33,8 @@ ALLOWED_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "
 LEEWAY_SECONDS = 60                # clock skew allowed on exp/nbf, as the API server allows
 JWKS_REFRESH_INTERVAL = 30.0       # at most one re-fetch of a JWKS URL per interval (on an unknown kid)
 SA_TOKEN_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+MAX_TOKEN_BYTES = 8 * 1024         # projected service-account tokens are ~1-2 KB
+MAX_JWKS_BYTES = 1024 * 1024       # a JWKS document read from --jwks URL
 
 
 class Authenticator(Protocol):
@@ -47,7 +49,10 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str:
     """The token from `authorization: Bearer <token>`; refused when absent or of another scheme."""
     for key, value in metadata:
         if key.lower() == "authorization":
-            text = value.decode() if isinstance(value, bytes) else value
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            if len(text) > MAX_TOKEN_BYTES:
+                raise _unauth(f"token too large: the authorization header is {len(text)} bytes, at most "
+                              f"{MAX_TOKEN_BYTES} allowed", "token_malformed")
             scheme, _, token = text.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise _unauth("the authorization header must be 'Bearer <service-account token>'", "no_token")
@@ -148,15 +153,24 @@ def keyset_from_pem(data: bytes, where: str) -> KeySet:
 def _header(token: str) -> dict[str, Any]:
     """The JOSE header, read directly: PyJWT's decode reads it again, and one full pass per token is enough."""
     head, dot, _ = token.partition(".")
+    if not dot:
+        raise _unauth("malformed token: not a JWT (no '.' separators)", "token_malformed")
     try:
-        if not dot:
-            raise ValueError("not a JWT (no '.' separators)")
         header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _unauth(f"malformed token: {e}", "token_malformed") from None
+    except (ValueError, RecursionError):    # bad base64, bad UTF-8, bad or absurdly nested JSON
+        raise _unauth("malformed token: the JWT header is not base64url-encoded JSON", "token_malformed") from None
+    if not isinstance(header, dict):
+        raise _unauth("malformed token: the JWT header is not a JSON object", "token_malformed")
+    for name in ("alg", "kid"):
+        if name in header and not isinstance(header[name], str):
+            raise _unauth(f"malformed token: JWT header field {name} must be a string", "token_malformed")
     return header
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A caller-supplied value quoted in a refusal, bounded."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def verify_token(token: str, keys: KeySet, audiences: Sequence[str], issuer: str = "",
@@ -165,13 +179,13 @@ def verify_token(token: str, keys: KeySet, audiences: Sequence[str], issuer: str
     header = _header(token)
     alg = header.get("alg")
     if alg not in ALLOWED_ALGS:
-        raise _unauth(f"token algorithm {alg!r} not accepted (want one of {', '.join(ALLOWED_ALGS)})",
+        raise _unauth(f"token algorithm {_short(alg)} not accepted (want one of {', '.join(ALLOWED_ALGS)})",
                       "token_malformed")
     kid = header.get("kid")
     if kid and kid in keys.by_kid:
         candidates = [keys.by_kid[kid]]
     elif kid and not keys.anonymous:
-        raise _unauth(f"token signed by an unknown issuer key (kid {kid!r} is not in the trusted keys)",
+        raise _unauth(f"token signed by an unknown issuer key (kid {_short(kid)} is not in the trusted keys)",
                       "token_unknown_key")
     else:
         candidates = keys.anonymous or list(keys.by_kid.values())
@@ -193,19 +207,19 @@ def verify_token(token: str, keys: KeySet, audiences: Sequence[str], issuer: str
             raise _unauth(f"token not valid yet (not before {_when(nbf)})", "token_not_yet_valid") from None
         except jwt.InvalidAudienceError:
             aud = jwt.decode(token, options={"verify_signature": False}).get("aud")
-            raise _unauth(f"token audience {aud!r} is not one of the accepted audiences {list(audiences)}",
+            raise _unauth(f"token audience {_short(aud)} is not one of the accepted audiences {list(audiences)}",
                           "token_audience") from None
         except jwt.InvalidIssuerError:
             iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
-            raise _unauth(f"token issuer {iss!r} is not the expected {issuer!r}", "token_issuer") from None
+            raise _unauth(f"token issuer {_short(iss)} is not the expected {issuer!r}", "token_issuer") from None
         except jwt.MissingRequiredClaimError as e:
-            raise _unauth(f"token is missing the {e.claim!r} claim", "token_malformed") from None
+            raise _unauth(f"token is missing the {_short(e.claim)} claim", "token_malformed") from None
         except (jwt.InvalidKeyError, jwt.InvalidAlgorithmError):
             continue       # key of another type than the token's algorithm: try the next one
         except jwt.InvalidTokenError as e:
-            raise _unauth(f"invalid token: {e}", "token_malformed") from None
+            raise _unauth(f"invalid token: {str(e)[:200]}", "token_malformed") from None
     if claims is None:
-        which = f"issuer key {kid!r}" if kid and kid in keys.by_kid else "any trusted issuer key"
+        which = f"issuer key {_short(kid)}" if kid and kid in keys.by_kid else "any trusted issuer key"
         raise _unauth(f"token signature does not verify with {which} (forged or re-signed token)",
                       "token_signature")
     return identity_from_claims(claims)
@@ -215,7 +229,7 @@ def _when(ts: Any) -> str:
     try:
         return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).isoformat(timespec="seconds")
     except (TypeError, ValueError, OverflowError):
-        return repr(ts)
+        return _short(ts)
 
 
 def fetch_jwks(url: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -230,7 +244,10 @@ def fetch_jwks(url: str, timeout: float = 5.0) -> dict[str, Any]:
             headers["Authorization"] = f"Bearer {token.read_text().strip()}"
     req = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:  # noqa: S310 - operator-given URL
-        return json.loads(resp.read())
+        body = resp.read(MAX_JWKS_BYTES + 1)
+    if len(body) > MAX_JWKS_BYTES:
+        raise ValueError(f"JWKS document larger than {MAX_JWKS_BYTES} bytes")
+    return json.loads(body)
 
 
 class LocalVerifier:
