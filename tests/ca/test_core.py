@@ -214,6 +214,18 @@ def test_flags_defaults_and_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert cfg.ca_key_type == "RSA" and cfg.audiences == ("istio-ca",)
     assert "istiod.istio-system.svc" in config.DEFAULT_CA_DNS_NAMES and "127.0.0.1" in config.DEFAULT_CA_DNS_NAMES
     assert parse("--ca-port", "0").port == 0                                   # disabled: no verifier needed
+    assert cfg.default_cert_ttl == dt.timedelta(minutes=90)                      # 24h default, capped at the max
+    assert cfg.min_cert_ttl == dt.timedelta(minutes=10)
+
+
+@pytest.mark.parametrize("requested,expected", [
+    (3600, dt.timedelta(hours=1)), (0, dt.timedelta(hours=12)), (-1, dt.timedelta(hours=12)),
+    (-(2**63), dt.timedelta(hours=12)), (2**63 - 1, dt.timedelta(hours=48)), (10**14, dt.timedelta(hours=48)),
+    (48 * 3600 + 1, dt.timedelta(hours=48)), (1, dt.timedelta(seconds=1)),
+])
+def test_lifetime_clamps_without_overflow(requested: int, expected: dt.timedelta) -> None:
+    policy = Policy(TD, max_ttl=dt.timedelta(hours=48), default_ttl=dt.timedelta(hours=12))
+    assert signer.lifetime(requested, policy) == expected
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -221,6 +233,9 @@ def test_flags_defaults_and_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (("--token-review", "--max-workload-cert-ttl", "soon"), "--max-workload-cert-ttl: 'soon' is not a duration"),
     (("--token-review", "--ca-dns-names", "bad name!"), "--ca-dns-names: 'bad name!'"),
     (("--token-review", "--ca-port", "70000"), "--ca-port: 70000"),
+    (("--token-review", "--min-workload-cert-ttl", "2h", "--max-workload-cert-ttl", "1h"),
+     "--min-workload-cert-ttl: 2h is longer than --max-workload-cert-ttl 1h"),
+    (("--token-review", "--workload-cert-ttl=0s"), "--workload-cert-ttl"),
     ((), "no token verifier"),
 ])
 def test_flag_errors_name_the_flag(argv, words, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,3 +261,37 @@ def test_expiry_warnings(authority) -> None:
                              pki.make_ca("s", k, ttl=dt.timedelta(days=365)))
     s_end = short.cert.not_valid_after_utc.timestamp()
     assert metrics.expiry_warnings(short, s_end - 72 * 86400) and not metrics.expiry_warnings(short, s_end - 74 * 86400)
+
+
+def test_leaf_cut_warning_and_log(caplog: pytest.LogCaptureFixture) -> None:
+    k = pki.generate_key()
+    cert = pki.make_ca("s", k, ttl=dt.timedelta(days=2))
+    auth = signer.Authority(cert, k, cert)
+    policy = Policy(TD, max_ttl=dt.timedelta(hours=24), min_ttl=dt.timedelta(minutes=10))
+    end = auth.not_after.timestamp()
+    assert metrics.leaf_cut_warning(auth, policy, end - 25 * 3600) is None
+    assert metrics.leaf_cut_warning(auth, policy, end - 3600).level == logging.WARNING     # type: ignore[union-attr]
+    assert metrics.leaf_cut_warning(auth, policy, end - 60).level == logging.ERROR         # type: ignore[union-attr]
+    assert metrics.check_interval(auth, policy, end - 25 * 3600, 3600) == 3600
+    assert metrics.check_interval(auth, policy, end - 3600, 3600) == 150
+    short = signer.Authority(pki.make_ca("s", k, ttl=dt.timedelta(minutes=8)), k,
+                             pki.make_ca("s", k, ttl=dt.timedelta(minutes=8)))
+    with caplog.at_level(logging.WARNING, logger="meshboot.ca"):
+        metrics.log_expiry(short, policy)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("refusing CSRs" in m and short.not_after.isoformat(timespec="seconds") in m for m in errors), errors
+
+
+def test_signer_refuses_leaf_cut_below_minimum() -> None:
+    k = pki.generate_key()
+    cert = pki.make_ca("s", k, ttl=dt.timedelta(minutes=8))          # ~3 minutes left
+    auth = signer.Authority(cert, k, cert)
+    policy = Policy(TD, min_ttl=dt.timedelta(minutes=10))
+    with pytest.raises(Refused) as err:
+        signer.sign(auth, policy, ALICE, csr(sans=[x509.UniformResourceIdentifier(ALICE_ID)]), 3600)
+    assert err.value.code == Code.FAILED_PRECONDITION and err.value.reason == "ca_expiring"
+    assert "about to expire" in err.value.message
+    chain = signer.sign(auth, Policy(TD, min_ttl=dt.timedelta(minutes=1)), ALICE,
+                        csr(sans=[x509.UniformResourceIdentifier(ALICE_ID)]), 3600)
+    leaf = pki.load_certs(chain[0].encode())[0]
+    assert leaf.not_valid_after_utc <= cert.not_valid_after_utc                          # cut at the CA's end

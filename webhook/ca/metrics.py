@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from prometheus_client import Counter, Gauge, Histogram
 
-from .signer import Authority
+from .signer import Authority, Policy
 
 log = logging.getLogger("meshboot.ca")
 
@@ -70,7 +70,18 @@ def _check(what: str, cert: x509.Certificate, now: float) -> list[ExpiryWarning]
     return []
 
 
-def log_expiry(authority: Authority) -> None:
+def leaf_cut_warning(authority: Authority, policy: Policy, now: float) -> ExpiryWarning | None:
+    """Once the chain ends within `max_ttl`, leaves are cut at the CA's notAfter (WARNING); within `min_ttl` the CA
+    refuses to sign (ERROR). Both mean: rotate the CA now (pure)."""
+    left = authority.not_after.timestamp() - now
+    if left < policy.min_ttl.total_seconds():
+        return ExpiryWarning("chain", left, logging.ERROR)
+    if left < policy.max_ttl.total_seconds():
+        return ExpiryWarning("chain", left, logging.WARNING)
+    return None
+
+
+def log_expiry(authority: Authority, policy: Policy | None = None) -> None:
     for w in expiry_warnings(authority, time.time()):
         if w.seconds_left <= 0:
             log.log(w.level, f"CA {w.what} has expired: workloads can no longer get valid certificates",
@@ -78,3 +89,19 @@ def log_expiry(authority: Authority) -> None:
         else:
             log.log(w.level, f"CA {w.what} expires soon: rotate it",
                     extra={"days_left": round(w.seconds_left / 86400, 1)})
+    cut = leaf_cut_warning(authority, policy, time.time()) if policy else None
+    if cut is not None:
+        what = ("refusing CSRs (FAILED_PRECONDITION): workload certificates would be shorter than "
+                "--min-workload-cert-ttl" if cut.level == logging.ERROR else
+                "workload certificates are cut short at the CA's notAfter (below --max-workload-cert-ttl)")
+        log.log(cut.level, f"CA chain expires at {authority.not_after.isoformat(timespec='seconds')}: {what}; "
+                "rotate the CA", extra={"seconds_left": int(cut.seconds_left)})
+
+
+def check_interval(authority: Authority, policy: Policy, now: float, normal: float) -> float:
+    """Check hourly; once leaves are being cut, every min_ttl/4 (at least 10 s) so the log keeps up."""
+    left = authority.not_after.timestamp() - now
+    if left < policy.max_ttl.total_seconds():
+        return max(10.0, min(normal, policy.min_ttl.total_seconds() / 4))
+    return normal
+

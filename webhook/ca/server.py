@@ -233,7 +233,7 @@ async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
     running = RunningCA(port=port, address=cfg.address, authority=authority, source=loaded.source,
                         root_file=root_file, server=server, serving=serving, api_client=api_client)
     metrics.expose(authority)
-    running.tasks.append(asyncio.create_task(_watch_expiry(authority)))
+    running.tasks.append(asyncio.create_task(_watch_expiry(authority, policy)))
     if cfg.publish_root_cert:
         from .kube import core_v1
         running.publisher = RootCertPublisher(core_v1(api_client), authority.root_pem)
@@ -243,7 +243,7 @@ async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
     return running
 
 
-async def _watch_expiry(authority: Authority) -> None:
+async def _watch_expiry(authority: Authority, policy: Policy) -> None:
     while True:
-        metrics.log_expiry(authority)
-        await asyncio.sleep(EXPIRY_CHECK_SECONDS)
+        metrics.log_expiry(authority, policy)
+        await asyncio.sleep(metrics.check_interval(authority, policy, time.time(), EXPIRY_CHECK_SECONDS))
