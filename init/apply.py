@@ -13,11 +13,12 @@ from .record import Record, factory
 from . import backend as B
 from .config import CaptureConfig
 from .log import Logger
-from .rules import V4, V6, Plan, RuleSet
+from .rules import V4, V6, Plan, Rule, RuleSet
 from .state import (LiveState, builtin_rules, cleanup_text, is_partial_apply, parse_save, replace_text,
                     rollback_text, structural_drift, tables_of)
 
 APPLY, NOTHING, REPLACE, CLEANUP = "apply", "nothing", "replace", "cleanup"
+MAX_REPORTED = 5  # missing rules named in a drift error: the message stays one short line
 
 
 class DriftError(RuntimeError):
@@ -59,7 +60,7 @@ def decide(cfg: CaptureConfig, plan: Plan, log: Logger) -> list[Action]:
         live = parse_save(text)
         planned = _planned(plan, fam)
         if cfg.cleanup_only:
-            present = [r for r in builtin_rules(planned) if r.table in live.tables and B.check(b, r.check_args())]
+            present = _present(b, [r for r in builtin_rules(planned) if r.table in live.tables], live)
             ctext = cleanup_text(live, present)
             actions.append(Action(fam, CLEANUP if ctext else NOTHING, b, live, ctext))
             continue
@@ -69,20 +70,19 @@ def decide(cfg: CaptureConfig, plan: Plan, log: Logger) -> list[Action]:
         drift = structural_drift(planned, live)
         if drift and is_partial_apply(planned, live):
             log.info("completing a partially applied rule set", family=f"IPv{fam}", drift="; ".join(drift))
-            present = [r for r in builtin_rules(planned) if B.check(b, r.check_args())]
+            present = _present(b, builtin_rules(planned), live)
             actions.append(Action(fam, REPLACE, b, live, replace_text(planned, live, present), drift,
                                   len(planned.rules)))
             continue
         if not drift:
-            drift = [f"rule missing: -t {r.table} {r.restore_line()}" for r in planned.rules
-                     if not B.check(b, r.check_args())]
+            drift = _missing(b, planned, live)
         if drift and not cfg.reconcile:
             drifted.append(f"IPv{fam}: " + "; ".join(drift))
             continue
         if not drift and not cfg.force_apply:
             actions.append(Action(fam, NOTHING, b, live))
             continue
-        present = [r for r in builtin_rules(planned) if B.check(b, r.check_args())]
+        present = _present(b, builtin_rules(planned), live)
         actions.append(Action(fam, REPLACE, b, live, replace_text(planned, live, present), drift,
                               len(planned.rules)))
     if drifted:
@@ -90,6 +90,44 @@ def decide(cfg: CaptureConfig, plan: Plan, log: Logger) -> list[Action]:
                          + " / ".join(drifted) + "); nothing was changed. Rerun with --reconcile to replace "
                          "them, or --cleanup-only to remove them")
     return actions
+
+
+def _unmatched(rules: list[Rule], live: LiveState, family: int) -> list[Rule]:
+    """The rules whose `iptables-save` form (init/canon.py) is not in the live save, each live rule matching one
+    planned rule at most. One save answers for thousands of rules; only these need asking the kernel."""
+    from .canon import canonical
+
+    have: dict[tuple[str, str, str], int] = {}
+    for t in live.tables.values():
+        for chain, specs in t.chains.items():
+            for spec in specs:
+                key = (t.name, chain, spec)
+                have[key] = have.get(key, 0) + 1
+    out: list[Rule] = []
+    for r in rules:
+        key = (r.table, r.chain, canonical(r.spec, family))
+        if have.get(key, 0) > 0:
+            have[key] -= 1
+        else:
+            out.append(r)
+    return out
+
+
+def _present(b: B.Backend, rules: list[Rule], live: LiveState) -> list[Rule]:
+    """The rules the kernel holds: found in the save, or (the rest) confirmed by a batched -C."""
+    unknown = _unmatched(rules, live, b.family)
+    held = B.check_all(b, [r.check_args() for r in unknown])
+    absent = {id(r) for r, ok in zip(unknown, held) if not ok}
+    return [r for r in rules if id(r) not in absent]
+
+
+def _missing(b: B.Backend, planned: RuleSet, live: LiveState) -> list[str]:
+    """Planned rules the kernel lacks, at most MAX_REPORTED of them; when the save shows them all, no extra
+    command runs at all."""
+    unknown = _unmatched(planned.rules, live, b.family)
+    held = B.check_all(b, [r.check_args() for r in unknown], max_missing=MAX_REPORTED)
+    out = [f"rule missing: -t {r.table} {r.restore_line()}" for r, ok in zip(unknown, held) if not ok]
+    return out + (["(more may differ)"] if len(out) >= MAX_REPORTED else [])
 
 
 def execute(actions: list[Action], log: Logger) -> None:

@@ -235,19 +235,79 @@ def save(b: Backend) -> str:
     return res.stdout
 
 
-def restore(b: Backend, text: str, noflush: bool = True) -> None:
-    """Feed text to `-restore`, retrying while another process holds the xtables lock (exit 4)."""
-    argv = [b.restore] + (["--noflush"] if noflush else []) + (["--wait=30"] if b.wait else [])
+def _restore_run(argv: list[str], text: str) -> Result:
+    """Run a `-restore`, retrying while another process holds the xtables lock (exit 4)."""
     for attempt in range(LOCK_RETRIES):
         res = _run(argv, stdin=text)
-        if res.returncode == 0:
-            return
         lock = res.returncode == 4 and ("lock" in res.stderr or "Resource temporarily" in res.stderr)
         if not lock or attempt == LOCK_RETRIES - 1:
-            break
+            return res
         time.sleep(0.05 * 2 ** attempt)
-    msg = res.stderr.strip().replace("\n", " | ")
-    raise BackendError(f"{' '.join(argv)} failed (exit {res.returncode}): {msg}")
+    return res
+
+
+def restore(b: Backend, text: str, noflush: bool = True) -> None:
+    """Feed text to `-restore` (lock-busy retried); BackendError with iptables' message on failure."""
+    argv = [b.restore] + (["--noflush"] if noflush else []) + (["--wait=30"] if b.wait else [])
+    res = _restore_run(argv, text)
+    if res.returncode != 0:
+        msg = res.stderr.strip().replace("\n", " | ")
+        raise BackendError(f"{' '.join(argv)} failed (exit {res.returncode}): {msg}")
+
+
+def check_all(b: Backend, checks: list[list[str]], max_missing: int = 0) -> list[bool]:
+    """Which of these `-t T -C CHAIN spec` checks hold, with one `-restore` of `-C` lines per missing rule plus one,
+    instead of one `iptables -C` process per rule (a rerun with 2,000 rules took 34 s that way).
+
+    The restore stops at the first check that fails and names its line; the checks before it held, so the next
+    round starts after it. Legacy evaluates `-C` under --test; nf_tables only at commit, which a batch of checks
+    leaves unchanged. With max_missing > 0 the rest counts as present once that many are missing.
+    """
+    present = [True] * len(checks)
+    order = sorted(range(len(checks)), key=lambda i: (checks[i][1], i))  # grouped by table, stable
+    argv = [b.restore, "--noflush"] + (["--test", "--wait=30"] if b.legacy else [])
+    start, missing = 0, 0
+    while start < len(order):
+        lines, at = _check_lines(checks, order, start)
+        res = _restore_run(argv, "\n".join(lines) + "\n")
+        if res.returncode == 0:
+            break
+        pos = at.get(_failed_line(res.stderr))
+        if pos is None:  # not a "line N failed": ask rule by rule, as before
+            for i in order[start:]:
+                present[i] = check(b, checks[i])
+            break
+        present[order[pos]] = False
+        missing += 1
+        if max_missing and missing >= max_missing:
+            break
+        start = pos + 1
+    return present
+
+
+def _check_lines(checks: list[list[str]], order: list[int], start: int) -> tuple[list[str], dict[int, int]]:
+    """Restore input for order[start:], and restore line number -> position in `order`."""
+    lines: list[str] = []
+    at: dict[int, int] = {}
+    table = None
+    for pos in range(start, len(order)):
+        args = checks[order[pos]]          # ["-t", table, "-C", chain, *spec]
+        if args[1] != table:
+            if table is not None:
+                lines.append("COMMIT")
+            table = args[1]
+            lines.append(f"*{table}")
+        lines.append(" ".join(args[2:]))
+        at[len(lines)] = pos
+    lines.append("COMMIT")
+    return lines, at
+
+
+def _failed_line(stderr: str) -> int:
+    """N from iptables-restore's "line N failed", or -1."""
+    _, found, rest = stderr.partition("line ")
+    digits = rest.split(" ", 1)[0]
+    return int(digits) if found and digits.isascii() and digits.isdigit() and " failed" in rest else -1
 
 
 def check(b: Backend, args: list[str]) -> bool:

@@ -115,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _apply(cfg: CaptureConfig, plan: Plan, log: Logger) -> int:
+    """Apply the rules and routes while holding the network namespace's lock (init/lock.py: concurrent runs)."""
+    from . import lock
+
+    try:
+        held = lock.acquire()
+    except (lock.LockTimeout, OSError) as e:
+        log.error(f"cannot lock the network namespace: {e}")
+        return EXIT_ERROR
+    try:
+        return _apply_locked(cfg, plan, log)
+    finally:
+        held.close()
+
+
+def _apply_locked(cfg: CaptureConfig, plan: Plan, log: Logger) -> int:
     from . import apply, backend
 
     try:
