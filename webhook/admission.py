@@ -14,15 +14,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshboot import constants as C
-from webhook.config import Settings
+from webhook.config import Settings, shown
 from webhook.errors import InjectionError
-from webhook.inject import ENV_NETWORK, inject_pod
+from webhook.inject import ENV_NETWORK, inject_pod, validate_pod_shape
 from webhook.patch import make_patch
 from webhook.policy import Decision, decide
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 FALLBACK_API_VERSION = "admission.k8s.io/v1beta1"
 INJECTED, SKIPPED, ERROR = "injected", "skipped", "error"
+# Bounds on every answer: the whole AdmissionReview response (patch included), the echoed uid (Kubernetes sends a
+# 36-character UUID), a denial's message, and how deeply the request body may nest (a Pod is ~15 levels deep).
+MAX_RESPONSE_BYTES = 1024 * 1024
+MAX_UID_CHARS = 256
+MAX_MESSAGE_CHARS = 4096
+MAX_BODY_DEPTH = 64
+_ENVELOPE_BYTES = 1024      # apiVersion, kind, uid, allowed, patchType around the base64 patch
 
 
 @dataclass
@@ -82,7 +89,23 @@ def _decode(body: bytes | str) -> tuple[Any, bool]:
             return _orjson.loads(body), True
         except _orjson.JSONDecodeError:
             pass
-    return json.loads(body), False
+    try:
+        return json.loads(body), False
+    except RecursionError:  # the json module recurses per level; deeper than orjson's 1024 is refused anyway
+        raise ValueError(f"nested deeper than {MAX_BODY_DEPTH} levels") from None
+
+
+def _too_deep(value: Any, limit: int = MAX_BODY_DEPTH) -> bool:
+    """Whether `value` nests deeper than `limit`: every later step (diff, copy, encode) recurses per level."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        for child in (v.values() if type(v) is dict else v):
+            if type(child) is dict or type(child) is list:
+                stack.append((child, d + 1))
+    return False
 
 
 _compact = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(obj, separators=(",", ":"))
@@ -145,15 +168,18 @@ def _fast_patch(pod: dict[str, Any], settings: Settings) -> bool:
     return not (isinstance(annotations, dict) and any(k in annotations for k in _JSON_ANNOTATIONS))
 
 
-def _response(api_version: str, uid: str | None, allowed: bool, patch: list | None = None,
-              message: str | None = None, fast: bool = False) -> dict[str, Any]:
+def _response(api_version: str, uid: str | None, allowed: bool, patch: str | None = None,
+              message: str | None = None) -> dict[str, Any]:
+    """The AdmissionReview answer; `patch` already base64; a message longer than MAX_MESSAGE_CHARS is cut."""
     resp: dict[str, Any] = {"allowed": allowed}
     if uid is not None:
         resp = {"uid": uid, **resp}
     if patch is not None:
-        resp["patch"] = base64.b64encode(_encode(patch) if fast else _encode_exact(patch)).decode()
+        resp["patch"] = patch
         resp["patchType"] = "JSONPatch"
     if message is not None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS - 40] + f" ... ({len(message)} characters in all)"
         resp["status"] = {"message": message}
     return {"apiVersion": api_version, "kind": "AdmissionReview", "response": resp}
 
@@ -161,6 +187,30 @@ def _response(api_version: str, uid: str | None, allowed: bool, patch: list | No
 def _not_json(e: Exception) -> Outcome:
     msg = f"could not decode body as an AdmissionReview: not JSON ({e})"
     return Outcome(_response(FALLBACK_API_VERSION, None, False, message=msg), ERROR, msg)
+
+
+def _patch_b64(ops: list[dict[str, Any]], fast: bool, pod: dict[str, Any]) -> str:
+    """The patch as base64, or InjectionError when the answer would exceed MAX_RESPONSE_BYTES."""
+    raw = _encode(ops) if fast else _encode_exact(ops)
+    size = (len(raw) + 2) // 3 * 4
+    if size > MAX_RESPONSE_BYTES - _ENVELOPE_BYTES:
+        raise InjectionError(f"failed to process pod: the injection patch would be {size} bytes, over the "
+                             f"{MAX_RESPONSE_BYTES}-byte limit on an answer; {_culprit(pod)}")
+    return base64.b64encode(raw).decode()
+
+
+# Annotations whose values the injection copies into the patch (env, args, volumes, containers).
+_COPIED = frozenset(v for k, v in vars(C).items() if k.startswith("ANNOTATION_") and isinstance(v, str))
+
+
+def _culprit(pod: dict[str, Any]) -> str:
+    """The tenant input that made the patch large: the largest copied annotation, else the pod's own spec."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    sizes = {k: len(v) for k, v in annotations.items() if k in _COPIED or k.startswith(C.ANNOTATION_READINESS_PREFIX)}
+    if sizes and max(sizes.values()) >= 4096:
+        key = max(sizes, key=sizes.__getitem__)
+        return f"shrink annotation '{key}' ({sizes[key]} characters)"
+    return "shrink request.object.spec (the pod's containers are copied into the patch)"
 
 
 def review(body: bytes | str | dict, settings: Settings, path: str = "/inject") -> Outcome:
@@ -186,30 +236,50 @@ def _review(doc: Any, settings: Settings, path: str, fast: bool) -> Outcome:
     out_version = api_version if api_ok else FALLBACK_API_VERSION
     request = doc.get("request")
     uid = request.get("uid") if isinstance(request, dict) and isinstance(request.get("uid"), str) else None
+    long_uid = uid is not None and len(uid) > MAX_UID_CHARS
+    if long_uid:
+        uid = None
 
     def fail(msg: str) -> Outcome:
         return Outcome(_response(out_version, uid, False, message=msg), ERROR, msg)
 
     if doc.get("kind") != "AdmissionReview":
-        return fail(f"could not decode body as an AdmissionReview: kind is {doc.get('kind')!r}, want AdmissionReview")
+        return fail(f"could not decode body as an AdmissionReview: kind is {shown(doc.get('kind'))}, want "
+                    "AdmissionReview")
     if not api_ok:
-        return fail(f"could not decode body as an AdmissionReview: apiVersion {api_version!r} is not one of "
+        return fail(f"could not decode body as an AdmissionReview: apiVersion {shown(api_version)} is not one of "
                     f"{', '.join(API_VERSIONS)}")
     if not isinstance(request, dict):
         return fail("could not decode body as an AdmissionReview: the request field is missing")
+    if long_uid:
+        return fail(f"could not decode body as an AdmissionReview: request.uid is longer than {MAX_UID_CHARS} "
+                    "characters")
+    if _too_deep(request):
+        return fail(f"could not decode body as an AdmissionReview: request nested deeper than {MAX_BODY_DEPTH} "
+                    "levels")
+    return _review_pod(request, settings, path, fast, out_version, uid)
+
+
+def _review_pod(request: dict[str, Any], settings: Settings, path: str, fast: bool, out_version: str,
+                uid: str | None) -> Outcome:
+    """The pod part of `_review`: shape, policy, injection, patch; every refusal names the field."""
+    def fail(msg: str, label: str = "") -> Outcome:
+        return Outcome(_response(out_version, uid, False, message=msg), ERROR, msg, label)
+
     pod = request.get("object")
     if not isinstance(pod, dict):
         return fail("failed to process pod: request.object is missing or not a JSON object")
-    namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or ""
-    if not isinstance(namespace, str):
-        return fail("failed to process pod: request.namespace: want a string")
     if pod.get("metadata") is not None and not isinstance(pod.get("metadata"), dict):
         return fail("failed to process pod: request.object.metadata: want a JSON object")
     meta = pod.get("metadata") or {}
-    label = f"{namespace}/{meta.get('name') or meta.get('generateName') or ''}"
+    namespace = request.get("namespace") or meta.get("namespace") or ""
+    if not isinstance(namespace, str):
+        return fail("failed to process pod: request.namespace: want a string")
+    label = f"{namespace}/{shown(meta.get('name') or meta.get('generateName') or '')[1:-1]}"
     try:
         if not isinstance(pod.get("spec"), dict):
             raise InjectionError("failed to process pod: request.object.spec is missing (a Pod needs containers)")
+        validate_pod_shape(pod)
         decision: Decision = decide(pod, namespace, settings)
         if not decision.inject:
             return Outcome(_response(out_version, uid, True), SKIPPED, decision.reason, label)
@@ -220,21 +290,23 @@ def _review(doc: Any, settings: Settings, path: str, fast: bool) -> Outcome:
                 original["metadata"]["namespace"] = namespace
         final = inject_pod(original, settings, namespace=namespace, url_env=parse_url_env(path))
         ops = make_patch(original, final)
+        patch = _patch_b64(ops, fast and _fast_patch(pod, settings), pod)
     except InjectionError as e:
-        return Outcome(_response(out_version, uid, False, message=str(e)), ERROR, str(e), label)
-    except (TypeError, AttributeError, KeyError, ValueError) as e:
-        # Shapes the validators did not anticipate: still a clear denial, never a 500.
-        msg = f"failed to process pod: unexpected pod shape ({type(e).__name__}: {e})"
-        return Outcome(_response(out_version, uid, False, message=msg), ERROR, msg, label)
-    fast = fast and _fast_patch(pod, settings)
-    return Outcome(_response(out_version, uid, True, patch=ops, fast=fast), INJECTED, decision.reason, label, ops)
+        return fail(str(e), label)
+    except (TypeError, AttributeError, KeyError, ValueError, RecursionError):
+        # A shape the validators did not anticipate (a bug): still one clear denial, never a 500 or a traceback.
+        return fail("failed to process pod: request.object has a shape the injector cannot read", label)
+    return Outcome(_response(out_version, uid, True, patch=patch), INJECTED, decision.reason, label, ops)
 
 
 class ReplicaCache:
-    """Answers for pods already seen, keyed by the whole request minus its uid (and the config generation).
+    """Answers for pods already seen, keyed by the decoded review with only `request.uid` taken out (and the config
+    generation and path).
 
     A ReplicaSet's replicas reach the webhook as identical objects (generateName, no name yet), so a scale-up or
     rollout of N replicas costs one injection and N-1 lookups. Bounded LRU; only bodies are stored (bytes).
+    The uid is removed structurally, never by searching the body's bytes: a uid chosen to equal a substring of
+    another pod's request (an image name, say) must not make two different requests share a key.
     """
 
     def __init__(self, size: int = 256) -> None:
@@ -243,10 +315,20 @@ class ReplicaCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, body: bytes, uid: str, settings: Settings, path: str) -> tuple | None:
-        if self.size <= 0 or len(uid) < 8:
+    def key(self, doc: dict[str, Any], settings: Settings, path: str, fast: bool) -> tuple | None:
+        """The review re-encoded without request.uid: equal keys mean equal decoded requests, hence equal answers.
+
+        `fast` (orjson read the body: no NaN, no huge integers) picks orjson, else the json module, which keeps
+        NaN apart from null; it is part of the key, so the two encodings never meet."""
+        request = doc["request"]
+        if self.size <= 0:
             return None
-        return settings.generation, id(settings), path, body.replace(uid.encode(), b"")
+        rest = {**doc, "request": {k: v for k, v in request.items() if k != "uid"}}
+        try:
+            canon = _orjson.dumps(rest) if fast and _orjson is not None else _encode_exact(rest)
+        except (TypeError, ValueError, RecursionError):  # too deep, or not encodable: answer without the cache
+            return None
+        return settings.generation, id(settings), path, fast, canon
 
     def get(self, key: tuple) -> tuple[bytes, Outcome] | None:
         hit = self._entries.get(key)
@@ -275,8 +357,8 @@ def review_bytes(body: bytes, settings: Settings, path: str = "/inject",
     if cache is not None:
         req = doc.get("request") if isinstance(doc, dict) else None
         uid = req.get("uid") if isinstance(req, dict) else None
-        if isinstance(uid, str):
-            key = cache.key(body, uid, settings, path)
+        if isinstance(uid, str) and len(uid) <= MAX_UID_CHARS:
+            key = cache.key(doc, settings, path, fast)
         if key is not None:
             hit = cache.get(key)
             if hit is not None:
@@ -287,7 +369,8 @@ def review_bytes(body: bytes, settings: Settings, path: str = "/inject",
     if key is not None and outcome.result != ERROR:
         # The uid is the response's first field: mark it in the serialized answer for reuse.
         template = payload.replace(b'"uid":' + json.dumps(uid).encode(), b'"uid":' + _UID_SLOT, 1)
-        cache.put(key, (template, Outcome(outcome.response, outcome.result, outcome.reason, outcome.pod)))
+        if template != payload:
+            cache.put(key, (template, Outcome(outcome.response, outcome.result, outcome.reason, outcome.pod)))
     return payload, outcome
 
 

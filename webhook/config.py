@@ -18,6 +18,7 @@ import yaml
 from meshboot import constants as C
 from meshboot.durations import parse_duration
 from meshboot.files import stamp
+from meshboot.syntax import is_ascii_digits
 from webhook.errors import ConfigError
 
 # Istio's chart defaults for the keys the sidecar template reads, with meshboot's documented differences.
@@ -106,6 +107,9 @@ DEFAULT_MESH: dict[str, Any] = {
 }
 
 NATIVE_MODES = ("auto", "true", "false")
+# Operator files (values, mesh config, injector config) may use YAML aliases, but are bounded in size: a ConfigMap
+# holds at most 1 MiB, so a larger file is a mistake or an attack.
+MAX_CONFIG_FILE_BYTES = 1024 * 1024
 NATIVE_SIDECAR_MIN_MINOR = 33
 
 
@@ -135,7 +139,7 @@ def parse_kubernetes_version(text: str | None) -> tuple[int, int] | None:
     """'1.33', 'v1.33.2', '1.33+' -> (1, 33); None or '' -> None (unknown)."""
     if not text:
         return None
-    m = re.match(r"^v?(\d+)\.(\d+)", str(text).strip())
+    m = re.match(r"^v?([0-9]+)\.([0-9]+)", str(text).strip())
     if not m:
         raise ConfigError(f"kubernetes version {text!r}: want MAJOR.MINOR, e.g. 1.33")
     return int(m.group(1)), int(m.group(2))
@@ -189,11 +193,17 @@ class Settings:
 def _load_yaml(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+            text = f.read(MAX_CONFIG_FILE_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+    if len(text) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_FILE_BYTES} bytes")
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from None
+    except (RecursionError, ValueError, TypeError, OverflowError):
+        raise ConfigError(f"{path}: not valid YAML/JSON: a value cannot be built (too deep, or out of range)") from None
 
 
 def _unwrap_configmap(doc: Any, key: str, path: str) -> Any:
@@ -238,22 +248,30 @@ def _check(cond: bool, where: str, msg: str) -> None:
         raise ConfigError(f"{where}: {msg}")
 
 
+def shown(value: Any, limit: int = 64) -> str:
+    """A value as it may appear in a message: repr'd, cut to `limit` characters, so an echo stays small."""
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else "a " + {
+        dict: "mapping", list: "list"}.get(type(value), "value of another kind")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _coerce_int(d: dict[str, Any], key: str, where: str, lo: int = 0, hi: int = 2**31 - 1) -> None:
     v = d.get(key)
-    if isinstance(v, str) and v.strip().isdigit():
+    if isinstance(v, str) and is_ascii_digits(v.strip()) and len(v.strip()) <= 20:
         v = d[key] = int(v)
-    _check(_is_int(v) and lo <= v <= hi, f"{where}.{key}", f"want an integer in {lo}..{hi}, got {v!r}")
+    _check(_is_int(v) and lo <= v <= hi, f"{where}.{key}", f"want an integer in {lo}..{hi} (ASCII digits), got "
+           f"{shown(v)}")
 
 
 def _coerce_bool(d: dict[str, Any], key: str, where: str) -> None:
     v = d.get(key)
     if isinstance(v, str) and v.lower() in ("true", "false"):
         v = d[key] = v.lower() == "true"
-    _check(isinstance(v, bool), f"{where}.{key}", f"want true or false, got {v!r}")
+    _check(isinstance(v, bool), f"{where}.{key}", f"want true or false, got {shown(v)}")
 
 
 def _validate_values(values: dict[str, Any], src: str) -> None:
@@ -300,6 +318,11 @@ def _validate_mesh(mesh: dict[str, Any], src: str) -> None:
 
 _PC_DURATIONS = ("drainDuration", "terminationDrainDuration", "parentShutdownDuration", "discoveryRefreshDelay",
                  "connectTimeout", "fileFlushInterval")
+# ProxyConfig's integer fields (int32 / Int32Value in Istio's proto) and their ranges.
+_PC_INTS = {"statusPort": (0, 65535), "proxyAdminPort": (0, 65535), "concurrency": (0, 2**31 - 1),
+            "statNameLength": (0, 2**31 - 1)}
+# Kubernetes' env var names (C_IDENTIFIER-ish, as the API server validates them): proxyMetadata keys become env names.
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 
 
 def normalize_proxy_config(pc: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -308,18 +331,31 @@ def normalize_proxy_config(pc: Mapping[str, Any], where: str) -> dict[str, Any]:
     for k in _PC_DURATIONS:
         if k in out and out[k] is not None:
             out[k] = normalize_duration(out[k], f"{where}.{k}")
-    if "statusPort" in out:
-        _coerce_int(out, "statusPort", where, 0, 65535)
+    for k, (lo, hi) in _PC_INTS.items():
+        if k in out:
+            _coerce_int(out, k, where, lo, hi)
     if "interceptionMode" in out:
         _check(out["interceptionMode"] in ("REDIRECT", "TPROXY", "NONE"), f"{where}.interceptionMode",
                f"want REDIRECT, TPROXY or NONE, got {out['interceptionMode']!r}")
     if "holdApplicationUntilProxyStarts" in out:
         _coerce_bool(out, "holdApplicationUntilProxyStarts", where)
+    image = out.get("image")
+    _check(image is None or (isinstance(image, Mapping) and isinstance(image.get("imageType", ""), str)),
+           f"{where}.image", "want a mapping with a string imageType")
     md = out.get("proxyMetadata")
     if md is not None:
         _check(isinstance(md, Mapping), f"{where}.proxyMetadata", "want a map of strings")
-        out["proxyMetadata"] = {str(k): "" if v is None else str(v) for k, v in md.items()}
+        for k, v in md.items():
+            _check(isinstance(k, str) and bool(_ENV_NAME.match(k)) and len(k) <= 253, f"{where}.proxyMetadata",
+                   f"{shown(k)} is not an environment variable name")
+            _check(not isinstance(v, (Mapping, list)), f"{where}.proxyMetadata.{k}", "want a string")
+        out["proxyMetadata"] = {str(k): "" if v is None else _scalar_text(v) for k, v in md.items()}
     return out
+
+
+def _scalar_text(v: Any) -> str:
+    """proxyMetadata values as Go's YAML-to-string would write them: booleans lower-case."""
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
 
 def _selectors(raw: Any, where: str) -> tuple[dict, ...]:

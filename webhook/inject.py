@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from meshboot import constants as C
 from webhook import annotations as ann_mod
 from webhook import probes, prometheus
-from webhook.config import PROXY_CONFIG_DEFAULTS, Settings
+from webhook.config import PROXY_CONFIG_DEFAULTS, Settings, shown
 from webhook.errors import InjectionError
 from webhook.workloads import DeployMeta, pod_deploy_meta
 
@@ -64,12 +64,16 @@ def image_name(hub: str, name: str, tag: str, variant: str) -> str:
     return f"{hub}/{name}:{tag}"
 
 
-def effective_proxy_config(annotations: Mapping[str, str], settings: Settings) -> dict[str, Any]:
-    """mesh defaultConfig <- proxy.istio.io/config annotation (field-wise; proxyMetadata merged)."""
+def effective_proxy_config(annotations: Mapping[str, str], settings: Settings,
+                           parsed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """mesh defaultConfig <- proxy.istio.io/config annotation (field-wise; proxyMetadata merged). `parsed`: the
+    annotations already parsed by `annotations.validate` (YAML is parsed once)."""
     pc = dict(settings.default_proxy_config)
     raw = annotations.get(C.ANNOTATION_PROXY_CONFIG)
     if raw:
-        over = ann_mod.parse_proxy_config_annotation(raw)
+        over = (parsed or {}).get(C.ANNOTATION_PROXY_CONFIG)
+        if over is None:
+            over = ann_mod.parse_proxy_config_annotation(raw)
         md = {**(pc.get("proxyMetadata") or {}), **(over.get("proxyMetadata") or {})}
         pc.update(over)
         if md:
@@ -83,10 +87,10 @@ def proxy_config_env(pc: Mapping[str, Any]) -> str:
     return _compact_sorted(diff) + "\n"
 
 
-def choices(pod: Mapping[str, Any], settings: Settings) -> Choices:
+def choices(pod: Mapping[str, Any], settings: Settings, parsed: Mapping[str, Any] | None = None) -> Choices:
     meta = pod.get("metadata") or {}
     annotations = meta.get("annotations") or {}
-    pc = effective_proxy_config(annotations, settings)
+    pc = effective_proxy_config(annotations, settings, parsed)
     mode = annotations.get(C.ANNOTATION_INTERCEPTION_MODE) or pc.get("interceptionMode") or "REDIRECT"
     if C.ANNOTATION_NATIVE_SIDECAR in annotations:
         native = annotations[C.ANNOTATION_NATIVE_SIDECAR] != "false"
@@ -412,35 +416,79 @@ def merge_user_container(injected: dict[str, Any], user: dict[str, Any]) -> dict
 
 # ---- the pipeline ----------------------------------------------------------------------------------------------
 
-def _validate_pod(pod: Any) -> None:
+def _fail(where: str, want: str) -> InjectionError:
+    return InjectionError(f"failed to process pod: {where}: {want}")
+
+
+def _validate_meta(meta: Any) -> None:
+    """The metadata fields the injector reads, with the types Kubernetes gives them."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise _fail("metadata", "want an object")
+    for key in ("name", "generateName", "namespace"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise _fail(f"metadata.{key}", "want a string")
+    for key in ("labels", "annotations"):
+        m = meta.get(key)
+        if m is not None and not (isinstance(m, dict) and all(isinstance(v, str) for v in m.values())):
+            raise _fail(f"metadata.{key}", "want a map of strings")
+    refs = meta.get("ownerReferences")
+    if refs is not None and not (isinstance(refs, list) and all(isinstance(r, dict) for r in refs)):
+        raise _fail("metadata.ownerReferences", "want a list of objects")
+
+
+# Lists of objects inside a container, and the key each element must have as a string (None: any object).
+_CONTAINER_LISTS = {"env": "name", "ports": None, "volumeMounts": "mountPath"}
+
+
+def _validate_container(c: Any, where: str) -> None:
+    if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c.get("name"):
+        raise _fail(where, "want a container with a name")
+    for key, named in _CONTAINER_LISTS.items():
+        lst = c.get(key)
+        if lst is None:
+            continue
+        if not isinstance(lst, list):
+            raise _fail(f"{where}.{key}", "want a list")
+        for i, item in enumerate(lst):
+            if not isinstance(item, dict) or (named and not isinstance(item.get(named), str)):
+                raise _fail(f"{where}.{key}[{i}]", f"want an object{f' with a string {named}' if named else ''}")
+            port = item.get("containerPort") if key == "ports" else None
+            if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
+                raise _fail(f"{where}.{key}[{i}].containerPort", "want a number")
+    for key in ("securityContext", "lifecycle", "readinessProbe", "livenessProbe", "startupProbe", "resources"):
+        if c.get(key) is not None and not isinstance(c[key], dict):
+            raise _fail(f"{where}.{key}", "want an object")
+
+
+def validate_pod_shape(pod: Any) -> None:
+    """Every field the injector reads has the shape Kubernetes gives it, so nothing later meets a surprise type."""
     if not isinstance(pod, dict):
         raise InjectionError("failed to process pod: the object is not a Pod (want a JSON object)")
     if pod.get("kind") not in (None, "Pod"):
-        raise InjectionError(f"failed to process pod: object kind is {pod.get('kind')!r}, want Pod")
-    meta = pod.get("metadata")
-    if meta is not None and not isinstance(meta, dict):
-        raise InjectionError("failed to process pod: metadata: want an object")
-    for key in ("labels", "annotations"):
-        m = (meta or {}).get(key)
-        if m is not None and not (isinstance(m, dict) and all(isinstance(v, str) for v in m.values())):
-            raise InjectionError(f"failed to process pod: metadata.{key}: want a map of strings")
+        raise _fail("kind", f"is {shown(pod.get('kind'))}, want Pod")
+    _validate_meta(pod.get("metadata"))
     spec = pod.get("spec")
     if not isinstance(spec, dict):
-        raise InjectionError("failed to process pod: spec: missing (a Pod needs spec.containers)")
+        raise _fail("spec", "missing (a Pod needs spec.containers)")
     for key in ("containers", "initContainers"):
         lst = spec.get(key)
         if lst is None and key == "initContainers":
             continue
         if not isinstance(lst, list) or (key == "containers" and not lst):
-            raise InjectionError(f"failed to process pod: spec.{key}: want a non-empty list of containers")
+            raise _fail(f"spec.{key}", "want a non-empty list of containers")
         for i, c in enumerate(lst):
-            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c.get("name"):
-                raise InjectionError(f"failed to process pod: spec.{key}[{i}]: want a container with a name")
-            for pkey in ("ports", "env", "volumeMounts"):
-                if c.get(pkey) is not None and not isinstance(c[pkey], list):
-                    raise InjectionError(f"failed to process pod: spec.{key}[{i}].{pkey}: want a list")
-    if spec.get("volumes") is not None and not isinstance(spec["volumes"], list):
-        raise InjectionError("failed to process pod: spec.volumes: want a list")
+            _validate_container(c, f"spec.{key}[{i}]")
+    for key in ("volumes", "imagePullSecrets"):
+        lst = spec.get(key)
+        if lst is None:
+            continue
+        if not isinstance(lst, list):
+            raise _fail(f"spec.{key}", "want a list")
+        for i, item in enumerate(lst):
+            if not isinstance(item, dict) or not isinstance(item.get("name", ""), str):
+                raise _fail(f"spec.{key}[{i}]", "want an object with a string name")
 
 
 def _env_value(container: Mapping[str, Any] | None, name: str) -> str | None:
@@ -457,15 +505,17 @@ def _pop_named(lst: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return None
 
 
+def _annotation(parse: Any, value: str, key: str) -> Any:
+    """`parse(value)`, its ValueError as an InjectionError naming the annotation."""
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise InjectionError(f"failed to process pod: annotation {key}: {e}") from None
+
+
 def _strip(pod: dict[str, Any], annotations: dict[str, str], status_port: int) -> dict[str, str | None]:
     """Undo a previous injection recorded in the status annotation; returns env values worth carrying over."""
-    raw = annotations.pop(C.ANNOTATION_STATUS)
-    try:
-        status = json.loads(raw)
-        if not isinstance(status, dict):
-            raise ValueError
-    except ValueError:
-        raise InjectionError(f"failed to process pod: annotation {C.ANNOTATION_STATUS}: not valid JSON: {raw!r}")
+    status = _annotation(ann_mod.parse_status, annotations.pop(C.ANNOTATION_STATUS), C.ANNOTATION_STATUS)
     spec = pod["spec"]
     carried: dict[str, str | None] = {}
     for key in ("containers", "initContainers"):
@@ -487,10 +537,7 @@ def _strip(pod: dict[str, Any], annotations: dict[str, str], status_port: int) -
             del annotations[k]
     overrides = annotations.get(ANNOTATION_OVERRIDES)
     if overrides:
-        try:
-            saved = json.loads(overrides)
-        except ValueError:
-            raise InjectionError(f"failed to process pod: annotation {ANNOTATION_OVERRIDES}: not valid JSON")
+        saved = _annotation(ann_mod.parse_overrides, overrides, ANNOTATION_OVERRIDES)
         for key in ("containers", "initContainers"):
             for c in saved.get(key) or []:
                 spec.setdefault(key, []).append(c)
@@ -506,7 +553,7 @@ def canonical_name(labels: Mapping[str, str], dm: DeployMeta) -> str:
 def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | None = None,
                deploy_meta: DeployMeta | None = None, url_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The injected pod (a new object). Raises InjectionError for invalid pods or annotations."""
-    _validate_pod(pod)
+    validate_pod_shape(pod)
     # Copy only what gets modified (the input is never mutated; untouched subtrees are shared with it).
     out: dict[str, Any] = dict(pod)
     meta = out["metadata"] = dict(pod.get("metadata") or {})
@@ -522,8 +569,8 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         meta["namespace"] = ns
     annotations: dict[str, str] = dict(meta.get("annotations") or {})
     labels: dict[str, str] = dict(meta.get("labels") or {})
-    ann_mod.validate(annotations)
-    ch = choices(out, settings)
+    parsed = ann_mod.validate(annotations)
+    ch = choices(out, settings, parsed)
 
     carried: dict[str, str | None] = {}
     if C.ANNOTATION_STATUS in annotations:
@@ -565,7 +612,7 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         run_as = (user_proxy.get("securityContext") or {}).get("runAsUser")
         if ch.interception_mode == "TPROXY":
             proxy.setdefault("securityContext", {})["runAsUser"] = 0
-        elif init is not None and isinstance(run_as, int) and run_as:
+        elif init is not None and isinstance(run_as, int) and not isinstance(run_as, bool) and run_as > 0:
             init["args"][init["args"].index("-u") + 1] = str(run_as)
     if user_init is not None and init is not None:
         init = merge_user_container(init, user_init)

@@ -181,6 +181,11 @@ class InjectEndpoint:
     """POST /inject[/...]: one AdmissionReview in, one out, as a raw ASGI app (the same answers as a FastAPI route
     with `Request` and `Response`, without their per-request machinery)."""
 
+    # The answer to a bug in the injector: fixed text, so no exception detail or Python name reaches the API server.
+    INTERNAL_ERROR = json.dumps({"apiVersion": FALLBACK_API_VERSION, "kind": "AdmissionReview", "response": {
+        "allowed": False, "status": {"message": "failed to process pod: internal error in the injector (details "
+                                                "are in its log); the request was not changed"}}}).encode()
+
     def __init__(self, state: State) -> None:
         self.state = state
 
@@ -201,12 +206,10 @@ class InjectEndpoint:
         start = time.perf_counter()
         try:
             payload, outcome = review_bytes(body, state.source.settings, _request_path(scope), state.cache)
-        except Exception as e:  # noqa: BLE001 - a bug must still be an answer, never a 500
+        except Exception:  # noqa: BLE001 - a bug must still be an answer, never a 500 (details in the log only)
             log.exception("injection failed unexpectedly")
             metrics.FAILURES.labels("internal").inc()
-            payload = json.dumps({"apiVersion": FALLBACK_API_VERSION, "kind": "AdmissionReview", "response": {
-                "allowed": False, "status": {"message": f"internal error in the injector: {e}"}}}).encode()
-            return await _send(send, 200, payload, _JSON_BYTES)
+            return await _send(send, 200, self.INTERNAL_ERROR, _JSON_BYTES)
         metrics.LATENCY.observe(time.perf_counter() - start)
         metrics.SUCCESS.inc()
         if outcome.result == INJECTED:

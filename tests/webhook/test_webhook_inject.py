@@ -408,7 +408,7 @@ def test_invalid_annotations(key: str, value: str, reason: str) -> None:
         inject_pod(pod, settings())
     msg = str(e.value)
     assert msg.startswith("failed to run injection template: 1 error occurred:\n\t* ")
-    assert f"for annotation '{key}'" in msg and reason in msg and value in msg
+    assert f"for annotation '{key}'" in msg and reason in msg and repr(value) in msg, "the value echoed, escaped"
 
 
 def test_several_invalid_annotations_reported_together() -> None:
