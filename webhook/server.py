@@ -38,7 +38,7 @@ from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCa
 from webhook.config import ConfigSource, parse_kubernetes_version
 from webhook.errors import ConfigError
 from webhook.monitoring import start_monitoring
-from webhook.serving import Bounds, ShellServer, SwappableTLS
+from webhook.serving import Bounds, ShellServer, SwappableTLS, quiet_disconnects
 
 log = logging.getLogger("meshboot.webhook")
 
@@ -357,6 +357,32 @@ def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
     return len(ops) // 2
 
 
+def _mesh_ca_serving_cert(args: argparse.Namespace) -> tuple[str, str] | None:
+    """--serving-cert=mesh-ca: a certificate signed by the mesh CA (renewed at half-life), caBundle = the mesh root,
+    so every replica patches the same value. None (after one line on stderr) when it cannot be made."""
+    from webhook.ca import webhook_cert
+    out_dir = args.self_signed_dir or tempfile.mkdtemp(prefix="meshboot-webhook-")
+    try:
+        mesh = webhook_cert.prepare(args, out_dir)
+    except Exception as e:  # noqa: BLE001 - bad flags, bad CA material, no API: one line, no traceback
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"meshboot-webhook: --serving-cert=mesh-ca: {detail}", file=sys.stderr)
+        return None
+    mesh.start()
+    if args.webhook_config_name:
+        if mesh.api_client is None:
+            log.warning("--webhook-config-name ignored: no Kubernetes API")
+        else:
+            try:
+                n = patch_webhook_ca_bundle(mesh.api_client, args.webhook_config_name, mesh.bundle)
+                log.info("patched caBundle with the mesh root",
+                         extra={"webhook_config": args.webhook_config_name, "webhooks": n})
+            except Exception as e:  # noqa: BLE001 - report, keep serving (every replica patches the same root)
+                log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name,
+                                                             "error": str(e)})
+    return mesh.cert, mesh.key
+
+
 def detect_kubernetes_version(api_client: Any) -> str | None:
     """For native sidecars in `auto` mode: the oldest kubelet among the nodes (Istio wants every node >= 1.33).
 
@@ -414,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-bench-floor", action="store_true", help=argparse.SUPPRESS)
     if _HAS_CA:
         _ca.add_ca_arguments(p)
+        from webhook.ca import webhook_cert
+        webhook_cert.add_arguments(p)   # --serving-cert self-signed|mesh-ca, --serving-cert-ttl
     else:
         p.add_argument("--ca-port", type=int, default=0, help="(no CA in this build)")
     return p
@@ -476,8 +504,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshboot-webhook: {e}", file=sys.stderr)
         return 2
     metrics.CONFIG_GENERATION.set(source.generation)
+    if args.tls_cert and getattr(args, "serving_cert", "self-signed") == "mesh-ca":
+        print("meshboot-webhook: --serving-cert=mesh-ca and --tls-cert/--tls-key: choose one", file=sys.stderr)
+        return 2
     if args.tls_cert:
         cert, key = args.tls_cert, args.tls_key
+    elif getattr(args, "serving_cert", "self-signed") == "mesh-ca":
+        pair = _mesh_ca_serving_cert(args)
+        if pair is None:
+            return 2
+        cert, key = pair
     else:
         out_dir = args.self_signed_dir or tempfile.mkdtemp(prefix="meshboot-webhook-")
         cert, key, ca_pem = self_signed(args.service_name, args.service_namespace, out_dir, args.ca_bundle_out)
@@ -513,7 +549,7 @@ def _serve(state: State, args: argparse.Namespace, serving: SwappableTLS) -> int
     import uvicorn
     bounds = Bounds(tls_handshake=args.tls_handshake_timeout, read_header=args.http_read_header_timeout,
                     read=args.http_read_timeout, idle=args.http_idle_timeout, max_connections=args.max_connections)
-    config = uvicorn.Config(create_app(state), host=args.listen_address, port=args.port, log_level="warning",
+    config = uvicorn.Config(quiet_disconnects(create_app(state)), host=args.listen_address, port=args.port, log_level="warning",
                             access_log=False, lifespan="on", log_config=None, server_header=False, date_header=False,
                             timeout_keep_alive=bounds.idle, timeout_graceful_shutdown=30)  # type: ignore[arg-type]
     config.load()

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from webhook import metrics
@@ -65,6 +67,17 @@ class SwappableTLS:
     def reload(self, cert: str, key: str) -> None:
         """Build and check a new context first; swap only when it loaded (else raise, nothing changed)."""
         self.current = server_context(cert, key)
+
+
+def quiet_disconnects(app: ASGIApp) -> ASGIApp:
+    """A client gone mid-body (or closed by a read bound) leaves no one to answer: end the request quietly instead of
+    uvicorn's "Exception in ASGI application" traceback, which any client could otherwise print at will."""
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await app(scope, receive, send)
+        except ClientDisconnect:
+            metrics.CONNECTIONS_CLOSED.labels("client_gone").inc()
+    return wrapped
 
 
 _STATUS_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
@@ -176,7 +189,8 @@ class ShellServer(uvicorn.Server):
             return BoundedHttpProtocol(config=config, server_state=self.server_state, app_state=self.lifespan.state,
                                        _loop=_loop, bounds=self.bounds, draining=self.draining)
 
-        tls = {"ssl": self.tls.listen, "ssl_handshake_timeout": self.bounds.tls_handshake} if self.tls else {}
+        tls = {"ssl": self.tls.listen, "ssl_handshake_timeout": self.bounds.tls_handshake,
+               "ssl_shutdown_timeout": self.bounds.tls_handshake} if self.tls else {}
         try:
             server = await loop.create_server(create_protocol, host=config.host, port=config.port,
                                               backlog=config.backlog, **tls)
