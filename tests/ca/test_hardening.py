@@ -188,6 +188,8 @@ def _token_with_header(header: object) -> str:
     ({"alg": "RS256", "kid": ["a", "list"]}, "kid"),
     ({"alg": "RS256", "kid": {"a": 1}}, "kid"),
     ({"alg": ["RS256"]}, "alg"),
+    ({"alg": "ES256"}, "signature does not verify"),            # ES256 against the issuer's RSA key
+    ({"alg": "ES256", "kid": ""}, "signature does not verify"),
 ])
 def test_odd_jwt_header_fields_are_unauthenticated(ca: CA, header: object, words: str) -> None:
     err = refusal(lambda: ca.create(csr_for(), _token_with_header(header)))

@@ -191,7 +191,7 @@ def verify_token(token: str, keys: KeySet, audiences: Sequence[str], issuer: str
         candidates = keys.anonymous or list(keys.by_kid.values())
     options = {"require": ["exp"], "verify_aud": True}
     claims: dict[str, Any] | None = None
-    for key in candidates:
+    for key in [k for k in candidates if _fits(alg, k)]:
         try:
             claims = jwt.decode(token, key, algorithms=[alg], audience=list(audiences), issuer=issuer or None,
                                 leeway=LEEWAY_SECONDS, options=options)  # type: ignore[arg-type]
@@ -214,8 +214,8 @@ def verify_token(token: str, keys: KeySet, audiences: Sequence[str], issuer: str
             raise _unauth(f"token issuer {_short(iss)} is not the expected {issuer!r}", "token_issuer") from None
         except jwt.MissingRequiredClaimError as e:
             raise _unauth(f"token is missing the {_short(e.claim)} claim", "token_malformed") from None
-        except (jwt.InvalidKeyError, jwt.InvalidAlgorithmError):
-            continue       # key of another type than the token's algorithm: try the next one
+        except (jwt.InvalidKeyError, jwt.InvalidAlgorithmError, TypeError, ValueError):
+            continue       # a key PyJWT cannot use for this token (it raises TypeError for some): try the next
         except jwt.InvalidTokenError as e:
             raise _unauth(f"invalid token: {str(e)[:200]}", "token_malformed") from None
     if claims is None:
@@ -223,6 +223,13 @@ def verify_token(token: str, keys: KeySet, audiences: Sequence[str], issuer: str
         raise _unauth(f"token signature does not verify with {which} (forged or re-signed token)",
                       "token_signature")
     return identity_from_claims(claims)
+
+
+def _fits(alg: str, key: Any) -> bool:
+    """Only keys of the algorithm's family are tried: PyJWT raises TypeError for an RSA key given to ES256."""
+    if alg.startswith("ES"):
+        return isinstance(key, ec.EllipticCurvePublicKey)
+    return isinstance(key, rsa.RSAPublicKey)
 
 
 def _when(ts: Any) -> str:
