@@ -188,6 +188,28 @@ def test_jwks_url_refreshed_on_unknown_kid(monkeypatch: pytest.MonkeyPatch) -> N
         httpd.shutdown()
 
 
+def test_jwks_url_larger_than_bound_is_refused() -> None:
+    body = json.dumps(Issuer().jwks()).encode() + b" " * (2 * tokens.MAX_JWKS_BYTES)
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a) -> None:
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ValueError, match=f"larger than {tokens.MAX_JWKS_BYTES} bytes"):
+            tokens.LocalVerifier(("istio-ca",), jwks=f"http://127.0.0.1:{httpd.server_address[1]}/jwks")
+    finally:
+        httpd.shutdown()
+
+
 def test_bad_jwks_file(tmp_path: Path) -> None:
     f = tmp_path / "jwks.json"
     f.write_text('{"nope": 1}')

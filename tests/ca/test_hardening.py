@@ -2,6 +2,7 @@
 message naming what is wrong, never INTERNAL/UNKNOWN, never a Python class name; the CA keeps serving."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -19,7 +20,8 @@ from e2e.local.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
 from webhook.ca import ca_pb2
-from webhook.ca.server import serve
+from webhook.ca.server import MAX_CONCURRENT_RPCS, CertificateService, new_grpc_server, serve
+from webhook.ca.signer import Identity, Policy
 
 from .conftest import CA, Loop, ca_config
 
@@ -276,3 +278,44 @@ def test_concurrent_requests_are_all_answered(ca: CA) -> None:
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
     assert codes.count(grpc.StatusCode.OK) > 0
     still_serving(ca)
+
+
+class SlowAuthenticator:
+    """Stands for a slow API server behind TokenReview: every answer takes 0.5 s."""
+
+    async def authenticate(self, token: str) -> Identity:
+        await asyncio.sleep(0.5)
+        return Identity("ns-a", "sa-a")
+
+
+def test_in_flight_limit_answers_resource_exhausted_plainly(ca: CA, loop: Loop) -> None:
+    service = CertificateService(ca.running.authority, Policy(TD), SlowAuthenticator())
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = new_grpc_server()
+        service.add_to(server)
+        port = server.add_secure_port("127.0.0.1:0", ca.running.serving.credentials())  # type: ignore[union-attr]
+        await server.start()
+        return server, port
+    server, port = loop.run(start())
+    creds = grpc.ssl_channel_credentials(ca.root_pem.encode())
+    ch = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", C.ISTIOD_SAN)])
+    try:
+        call = ch.unary_unary(C.CA_METHOD)
+        body = ca_pb2.IstioCertificateRequest(csr=csr_for(), validity_duration=3600).SerializeToString()
+        futures = [call.future(body, metadata=[("authorization", "Bearer x")], timeout=20)
+                   for _ in range(MAX_CONCURRENT_RPCS + 100)]
+        codes, details = [], set()
+        for f in futures:
+            try:
+                f.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                details.add(e.details())
+    finally:
+        ch.close()
+        loop.run(server.stop(0))
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
+    assert codes.count(grpc.StatusCode.OK) >= MAX_CONCURRENT_RPCS // 2
+    assert details == {"Concurrent RPC limit exceeded!"}, details
