@@ -76,6 +76,16 @@ def test_token_review_refusals(kube: FakeKube, issuer: Issuer, loop: Loop, case:
         assert "invalid bearer token" in err.value.message
 
 
+@pytest.mark.parametrize("token", ["garbage", "a.b", "a.b.c.d", "bm90IGpzb24.e30.c2ln", "WzFd.e30.c2ln"])
+def test_token_review_not_asked_for_tokens_that_are_not_jwts(kube: FakeKube, loop: Loop, token: str) -> None:
+    v = TokenReviewVerifier(client.AuthenticationV1Api(kube.api_client()), ("istio-ca",))
+    before = len(kube.recorded("POST", "/apis/authentication.k8s.io/v1/tokenreviews"))
+    with pytest.raises(Refused) as err:
+        loop.run(v.authenticate(token))
+    assert err.value.reason == "token_malformed" and err.value.message.startswith("malformed token")
+    assert len(kube.recorded("POST", "/apis/authentication.k8s.io/v1/tokenreviews")) == before
+
+
 def test_ca_with_token_review_signs_over_grpc(kube: FakeKube, issuer: Issuer, loop: Loop, tmp_path) -> None:
     kube.add_namespace("shop")
     cfg = ca_config(tmp_path, issuer, jwks="", token_review=True, publish_root_cert=True)

@@ -352,6 +352,9 @@ class TokenReviewVerifier:
         return identity_from_claims({"sub": username})
 
     async def authenticate(self, token: str) -> Identity:
+        if token.count(".") != 2:      # not even a JWT: refused here, without costing the API server a review
+            raise _unauth("malformed token: not a JWT (header.payload.signature)", "token_malformed")
+        _header(token)
         now = time.monotonic()
         hit = self._cache.get(token)
         if hit and hit[0] > now:
