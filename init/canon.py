@@ -14,6 +14,8 @@ import _socket
 
 BASE = ("-s", "-d", "-i", "-o", "-p")
 _MARK_OPTS = frozenset({"--mark"})
+_IMPLICIT = "-m\x00"  # marks an implicit protocol match until it is printed
+_PORT_OPTS = frozenset({"--dport", "--sport", "--dports"})
 _FULL = "0xffffffff"
 
 
@@ -26,6 +28,21 @@ def _net(value: str, family: int) -> str:
     raw = int.from_bytes(_socket.inet_pton(fam, addr), "big")
     mask = ((1 << width) - 1) ^ ((1 << (width - bits)) - 1)
     return f"{_socket.inet_ntop(fam, (raw & mask).to_bytes(width // 8, 'big'))}/{bits}"
+
+
+def _num(value: str) -> str:
+    """A decimal as iptables prints it (no leading zeros)."""
+    return str(int(value)) if value.isascii() and value.isdigit() else value
+
+
+def _ports(value: str) -> str:
+    """Port, N:M range or comma list as -save prints it: N:N is N."""
+    out = []
+    for item in value.split(","):
+        lo, colon, hi = item.partition(":")
+        lo, hi = _num(lo), _num(hi)
+        out.append(f"{lo}:{hi}" if colon and lo != hi else lo)
+    return ",".join(out)
 
 
 def _hex(value: str) -> str:
@@ -47,14 +64,14 @@ def _target(tokens: list[str], family: int) -> list[str]:
     """`-j TARGET opts` as -save prints it."""
     name, opts = tokens[0], tokens[1:]
     if name == "REDIRECT" and len(opts) == 2 and opts[0] in ("--to-port", "--to-ports"):
-        return [name, "--to-ports", opts[1]]
+        return [name, "--to-ports", _num(opts[1])]
     if name == "MARK" and len(opts) == 2 and opts[0] == "--set-mark":
         return [name, "--set-xmark", f"{_hex(opts[1])}/{_FULL}"]
     if name == "CONNMARK" and opts in (["--save-mark"], ["--restore-mark"]):
         return [name, opts[0], "--nfmask", _FULL, "--ctmask", _FULL]
     if name == "TPROXY" and len(opts) == 4 and opts[0] == "--tproxy-mark" and opts[2] == "--on-port":
         mark, _, mask = opts[1].partition("/")
-        return [name, "--on-port", opts[3], "--on-ip", "0.0.0.0" if family == 4 else "::",
+        return [name, "--on-port", _num(opts[3]), "--on-ip", "0.0.0.0" if family == 4 else "::",
                 "--tproxy-mark", f"{_hex(mark)}/{mask or _FULL}"]
     return tokens
 
@@ -80,17 +97,28 @@ def canonical(spec: tuple[str, ...], family: int) -> str:
             current = [f"-m {value}"]
             matches.append(current)
         elif tok == "-j":
-            return " ".join([*(base[k] for k in BASE if k in base), *(" ".join(m) for m in matches),
-                             "-j", *_target(list(spec[i + 1:]), family)])
+            return " ".join([*_head(base, matches), "-j", *_target(list(spec[i + 1:]), family)])
         else:
             if current is None:  # --dport/--sport right after -p: iptables loads the protocol's match
-                current = [f"-m {base.get('-p', '').split()[-1]}"]
+                current = [f"{_IMPLICIT}{base.get('-p', '').split()[-1]}"]
                 matches.append(current)
             if tok in _MARK_OPTS:
                 value = _hex(value)
             elif tok == "--gid-owner":
                 value = _gid(value)
-            current.append(f"{neg}{tok} {value}")
+            elif tok in _PORT_OPTS:
+                value = _ports(value)
+            elif tok == "--uid-owner":
+                value = _num(value)
+            if not (tok in ("--dport", "--sport") and value == "0:65535" and not neg):  # the default: not printed
+                current.append(f"{neg}{tok} {value}")
         neg = ""
         i += 2
-    return " ".join([*(base[k] for k in BASE if k in base), *(" ".join(m) for m in matches)])
+    return " ".join(_head(base, matches))
+
+
+def _head(base: dict[str, str], matches: list[list[str]]) -> list[str]:
+    """Base fields in -save order, then the matches. An implicit protocol match left without options (a port range
+    0:65535, which -save omits) is dropped too, as iptables-nft prints it (legacy keeps `-m tcp`: -C decides)."""
+    kept = [m for m in matches if len(m) > 1 or not m[0].startswith(_IMPLICIT)]
+    return [*(base[k] for k in BASE if k in base), *(" ".join(m).replace(_IMPLICIT, "-m ", 1) for m in kept)]

@@ -123,8 +123,9 @@ def _items(flag: str, value: str, limit: int = MAX_LIST_ITEMS, what: str = "item
 
 
 def _uint(text: str, maximum: int) -> int | None:
-    """ASCII decimal 0..maximum, else None (int() alone takes "١٥" and "１５")."""
-    if not is_ascii_digits(text) or len(text) > 10 or int(text) > maximum:
+    """ASCII decimal 0..maximum without leading zeros, else None (int() alone takes "١٥" and "１５"; iptables
+    reads "080" as a service name and fails)."""
+    if not is_ascii_digits(text) or len(text) > 10 or (len(text) > 1 and text[0] == "0") or int(text) > maximum:
         return None
     return int(text)
 
@@ -135,14 +136,14 @@ def _ports(flag: str, value: str) -> tuple[str, ...]:
         lo_s, colon, hi_s = item.partition(":")
         lo, hi = _uint(lo_s, 65535), (_uint(hi_s, 65535) if colon else 0)
         if lo is None or hi is None or (colon and hi < lo):
-            raise ConfigError(f"{flag}: invalid port {show(item)} (want N or N:M with N <= M, 0-65535, ASCII digits)")
+            raise ConfigError(f"{flag}: invalid port {show(item)} (want N or N:M with N <= M, 0-65535, ASCII digits, no leading zeros)")
     return items
 
 
 def _port(flag: str, value: str) -> str:
     n = _uint(value, 65535)
     if not n:
-        raise ConfigError(f"{flag}: invalid port {show(value)} (want 1-65535, ASCII digits)")
+        raise ConfigError(f"{flag}: invalid port {show(value)} (want 1-65535, ASCII digits, no leading zeros)")
     return value
 
 
@@ -150,7 +151,8 @@ def _number(flag: str, value: str, minimum: int, maximum: int, reserved: tuple[i
     n = _uint(value, maximum)
     if n is None or n < minimum or n in reserved:
         extra = f", not {', '.join(map(str, reserved))}" if reserved else ""
-        raise ConfigError(f"{flag}: {show(value)} is not a decimal number from {minimum} to {maximum}{extra}")
+        raise ConfigError(f"{flag}: {show(value)} is not a decimal number from {minimum} to {maximum}{extra} "
+                          "(ASCII digits, no leading zeros)")
     return value
 
 
@@ -196,7 +198,7 @@ def _ids(flag: str, value: str) -> tuple[str, ...]:
     for item in items:
         if _uint(item, MAX_ID) is None:
             raise ConfigError(f"{flag}: invalid id {show(item)} (want a comma list of numbers 0-{MAX_ID}, "
-                              "ASCII digits)")
+                              "ASCII digits, no leading zeros)")
     return items
 
 

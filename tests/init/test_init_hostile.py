@@ -69,7 +69,8 @@ def test_bad_interface_names_are_refused(flag: str, label: str, name: str) -> No
 
 @pytest.mark.parametrize("flag, value", [("-u", "4294967295"), ("-g", "99999999999999999999999"),
                                          ("-t", "0"), ("-t", "4294967296"), ("-r", "0"), ("-r", "254"),
-                                         ("-b", "100:50"), ("-q", "65536")])
+                                         ("-b", "100:50"), ("-q", "65536"),
+                                         ("-d", "080"), ("-u", "01337"), ("-p", "015001")])
 def test_out_of_range_numbers_are_refused(flag: str, value: str) -> None:
     with pytest.raises(ConfigError) as e:
         config("-m", "TPROXY", "-b", "*", flag, value)
