@@ -85,7 +85,7 @@ class CAClient:
 
         cfg = self.cfg
         options = [("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),
-                   ("grpc.max_receive_message_length", 2**31 - 1), ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.max_receive_message_length", 1 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 2000), ("grpc.min_reconnect_backoff_ms", 100)]
         if cfg.ca_plaintext:
             ch = grpc.aio.insecure_channel(cfg.ca_addr, options=options)

@@ -19,28 +19,69 @@ def module_argv(module: str, *args: str) -> list[str]:
 
 
 class Prestarted:
-    """A helper started before the event loop exists (at agent start); `await result()` when its output is due."""
+    """A helper started before the event loop exists (at agent start); `await result()` when its output is due.
 
-    def __init__(self, args: list[str]) -> None:
+    With `stdin=True` the helper waits for its input (e.g. certcheck.py, whose imports are done by then)."""
+
+    def __init__(self, args: list[str], stdin: bool = False) -> None:
         self.args = args
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    async def result(self) -> bytes:
+    async def result(self, data: bytes = b"", timeout: float = 60.0) -> bytes:
         import asyncio  # noqa: PLC0415 — this module loads before asyncio (see cli.import_asyncio_without_tls)
+        import time  # noqa: PLC0415
 
+        deadline = time.monotonic() + timeout
+        if self.proc.stdin is not None:
+            stdin, self.proc.stdin = self.proc.stdin, None     # communicate() below must not touch it
+            await _feed(stdin, data, deadline)
         while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                raise HelperError(f"{' '.join(self.args[2:4])} took longer than {timeout:.0f}s")
             await asyncio.sleep(0.002)
         out, err = self.proc.communicate()
         if self.proc.returncode != 0:
-            raise HelperError(f"{' '.join(self.args[1:3])} failed: {err.decode(errors='replace').strip()}")
+            raise HelperError(f"{' '.join(self.args[2:4])} failed: {err.decode(errors='replace').strip()[-500:]}")
         return out
 
 
-async def run(args: list[str]) -> bytes:
+async def _feed(pipe, data: bytes, deadline: float) -> None:  # noqa: ANN001
+    """Write all of `data` without blocking the loop (the pipe holds 64 KiB), then close it."""
+    import asyncio  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    fd = pipe.fileno()
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    try:
+        while view and time.monotonic() < deadline:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                await asyncio.sleep(0.002)
+    except BrokenPipeError:
+        pass
+    finally:
+        pipe.close()
+
+
+async def run(args: list[str], data: bytes | None = None, timeout: float = 60.0) -> bytes:
+    """Run a helper to completion (stdin = `data`), killed after `timeout` seconds."""
     import asyncio  # noqa: PLC0415
 
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(data), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise HelperError(f"{' '.join(args[2:4])} took longer than {timeout:.0f}s") from None
     if proc.returncode != 0:
-        raise HelperError(f"{' '.join(args[1:3])} failed: {err.decode(errors='replace').strip()}")
+        raise HelperError(f"{' '.join(args[2:4])} failed: {err.decode(errors='replace').strip()[-500:]}")
     return out

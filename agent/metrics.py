@@ -151,6 +151,9 @@ class Metrics:
                                           ("request_type",))
         self.cert_expiry = Gauge("istio_agent_cert_expiry_seconds",
                                  "Seconds until the workload certificate expires, when it was issued.")
+        self.cert_refused = Counter("istio_agent_certificate_refused",
+                                    "Chains from the CA refused before serving (expired, not_yet_valid, untrusted, "
+                                    "key_mismatch, identity, unparseable).", ("reason",))
         self.cert_rotations = Counter("istio_agent_cert_rotations", "Workload certificate renewals.")
         self.sds_pushes = Counter("istio_agent_sds_pushes", "SDS responses sent to Envoy.", ("resource",))
         self.sds_ack = Histogram("istio_agent_sds_push_ack_seconds", "Time from an SDS push to Envoy's ACK.",

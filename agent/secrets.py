@@ -6,6 +6,7 @@ writes `OUTPUT_CERTS`. Subscribers (the SDS streams) are told which resource nam
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from meshboot import constants as C
 from meshboot.files import stamps
 
-from . import helper, keygen, x509lite
+from . import certcheck, helper, keygen, x509lite
 from .config import AgentConfig
 from .log import Log
 
@@ -30,8 +31,35 @@ SYSTEM_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/c
                      "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem", "/etc/ssl/cert.pem")
 
 
+MIN_ROTATION_DELAY = 1.0     # a chain that lives only seconds (CA certificate about to expire) is not renewed faster
+
+
 class SecretError(RuntimeError):
     """A secret cannot be produced (bad file, CA failure)."""
+
+
+class CertRefused(SecretError):
+    """The CA answered with a chain the agent will not serve (certcheck.KINDS names why)."""
+
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(f"{kind}: {why}")
+        self.kind = kind
+
+
+class Backoff:
+    """Exponential back-off with jitter: initial·2ⁿ capped at `maximum`, each delay × U(0.75, 1.25) (≤ maximum), so
+    pods refused at the same moment (a CA certificate that just expired) do not come back in step."""
+
+    def __init__(self, initial: float, maximum: float, rand: Callable[[], float] = random.random) -> None:
+        self.initial, self.maximum, self.rand, self.n = initial, maximum, rand, 0
+
+    def next(self) -> float:
+        d = min(self.maximum, self.initial * 2 ** self.n)
+        self.n = min(self.n + 1, 60)
+        return min(self.maximum, d * (0.75 + 0.5 * self.rand()))
+
+    def reset(self) -> None:
+        self.n = 0
 
 
 @dataclass(frozen=True)
@@ -91,9 +119,15 @@ class SecretManager:
 
     def __init__(self, cfg: AgentConfig, ca: "CAClient | None", metrics: "Metrics | None" = None,
                  backoff_initial: float = 0.5, backoff_max: float = 60.0,
-                 prestarted: "helper.Prestarted | None" = None) -> None:
+                 prestarted: "helper.Prestarted | None" = None, prestarted_check: "helper.Prestarted | None" = None,
+                 refused_initial: float = 1.0, refused_max: float = 300.0) -> None:
         self.cfg = cfg
         self._prestarted = prestarted
+        self._prestarted_check = prestarted_check
+        self._ca_backoff = Backoff(backoff_initial, backoff_max)
+        self._refused_backoff = Backoff(refused_initial, refused_max)
+        self.last_error = ""
+        self._ready = asyncio.Event()          # set when the first workload certificate is served
         self._unsigned: tuple[bytes, str] | None = None
         self.ca = ca
         self.metrics = metrics
@@ -115,6 +149,9 @@ class SecretManager:
         self._tasks.append(asyncio.create_task(self._poll_files(), name="file-poller"))
 
     async def close(self) -> None:
+        for pre in (self._prestarted, self._prestarted_check):
+            if pre is not None and pre.proc.poll() is None:
+                pre.proc.kill()
         for t in [*self._tasks, *([self._rotation] if self._rotation else [])]:
             t.cancel()
         for t in self._tasks:
@@ -139,18 +176,47 @@ class SecretManager:
 
     # -- generation --
     async def _warm(self) -> None:
-        delay = self.backoff_initial
         while True:
             try:
-                await self.get_workload()
+                await self._produce()
                 return
-            except SecretError as e:
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 — the warm-up must outlive any one failure
+                delay = self._retry_delay(e if isinstance(e, SecretError) else SecretError(f"internal error: {e}"))
                 log.warn("failed to get the workload certificate, will retry", error=str(e),
                          retry_in=f"{delay:.1f}s")
-                await asyncio.sleep(delay * random.uniform(0.9, 1.1))
-                delay = min(self.backoff_max, delay * 2)
+                await asyncio.sleep(delay)
+
+    def _retry_delay(self, e: SecretError) -> float:
+        """Refused chains back off 1 s → 5 min (the CA answers, but wrongly); CA failures 0.5 s → 60 s."""
+        self.last_error = str(e)
+        return (self._refused_backoff if isinstance(e, CertRefused) else self._ca_backoff).next()
+
+    def not_ready_reason(self) -> str:
+        """"" while a valid workload certificate is served, else why not (readiness answers 503 with it)."""
+        if self.cfg.file_certs is not None:
+            return ""
+        wl = self._workload
+        if wl is None:
+            why = f": {self.last_error}" if self.last_error else ""
+            return f"no valid workload certificate yet{why}"
+        if time.time() >= wl.expire:
+            why = f"; renewal failing: {self.last_error}" if self.last_error else ""
+            return f"workload certificate expired{why}"
+        return ""
 
     async def get_workload(self) -> Workload:
+        """The served certificate. From the CA, the warm-up task (and its back-off) alone asks for it: an SDS
+        request waits for it instead of calling the CA itself (Envoy's retries must not bypass the back-off)."""
+        if self._workload is not None:
+            return self._workload
+        if self.cfg.file_certs is None and self._tasks:
+            await self._ready.wait()
+            return self._workload  # type: ignore[return-value]
+        return await self._produce()
+
+    async def _produce(self) -> Workload:
         if self._workload is not None:
             return self._workload
         async with self._lock:
@@ -160,11 +226,16 @@ class SecretManager:
 
     def _set(self, wl: Workload) -> None:
         self._workload = wl
+        self._ready.set()
+        self.last_error = ""
+        self._ca_backoff.reset()
+        self._refused_backoff.reset()
         if self.metrics is not None:
             self.metrics.cert_expiry.set(wl.expire - time.time())
         self._write_output(wl)
         if self.cfg.file_certs is None:
-            delay = rotation_delay(wl.created, wl.expire, time.time(), self.cfg.grace_ratio, self.cfg.grace_jitter)
+            delay = max(MIN_ROTATION_DELAY, rotation_delay(wl.created, wl.expire, time.time(), self.cfg.grace_ratio,
+                                                           self.cfg.grace_jitter))
             self._rotation = asyncio.get_running_loop().create_task(self._rotate_after(delay, wl))
             log.info("workload certificate ready", serial=f"{wl.serial:x}", ttl=f"{wl.expire - wl.created:.0f}s",
                      rotate_in=f"{delay:.1f}s")
@@ -195,11 +266,39 @@ class SecretManager:
             if m is not None:
                 m.outgoing_failed.labels("csr").inc()
             raise SecretError(str(e)) from None
-        self._unsigned = None
         if m is not None:
             m.outgoing_latency.labels("csr").observe(time.monotonic() - t0)
         chain = "".join(issued.chain).encode()
-        return self._from_pem(chain, key_pem, issued.chain[-1].encode(), created=issued.received)
+        wl = self._from_pem(chain, key_pem, issued.chain[-1].encode(), created=issued.received)
+        await self._check_issued(wl)
+        self._unsigned = None                   # the key is used now; the next request gets a fresh one
+        return wl
+
+    async def _check_issued(self, wl: Workload) -> None:
+        """The chain matches our key, chains to the trust root, is valid now and names our SPIFFE ID (certcheck.py,
+        in a helper process). Refused: logged, counted, CertRefused (the caller backs off and keeps the key)."""
+        roots = wl.root_pem
+        if self.cfg.ca_root_file:              # the mesh root we were given, not whatever the CA calls its root
+            roots = _read(self.cfg.ca_root_file)
+        req = json.dumps({"chain": wl.chain_pem.decode("ascii", "replace"), "key": wl.key_pem.decode("ascii"),
+                          "roots": roots.decode("ascii", "replace")}).encode()
+        pre, self._prestarted_check = self._prestarted_check, None
+        try:
+            if pre is not None:
+                out = await pre.result(req, timeout=30)
+            else:
+                out = await helper.run(certcheck.argv(self.cfg.spiffe_id), req, timeout=30)
+        except (OSError, helper.HelperError) as e:
+            raise SecretError(f"cannot check the issued certificate: {e}") from None
+        verdict = out.decode(errors="replace").strip()
+        if verdict.startswith("ok"):
+            return
+        kind, _, why = verdict.removeprefix("refused ").partition(": ")
+        kind = kind if kind in certcheck.KINDS else "unparseable"
+        if self.metrics is not None:
+            self.metrics.cert_refused.labels(kind).inc()
+        log.error("refusing the certificate the CA issued", reason=kind, error=why[:300], serial=f"{wl.serial:x}")
+        raise CertRefused(kind, why[:300])
 
     def keygen_args(self) -> list[str]:
         c = self.cfg
@@ -217,14 +316,13 @@ class SecretManager:
 
     async def _rotate_after(self, delay: float, wl: Workload) -> None:
         await asyncio.sleep(delay)
-        backoff = self.backoff_initial
         while self._workload is wl:
             try:
                 new = await self._generate()
             except SecretError as e:
+                backoff = self._retry_delay(e)
                 log.warn("certificate renewal failed, will retry", error=str(e), retry_in=f"{backoff:.1f}s")
                 await asyncio.sleep(backoff)
-                backoff = min(self.backoff_max, backoff * 2)
                 continue
             old_root = wl.root_pem
             self._set(new)

@@ -39,6 +39,7 @@ class StatusServer:
         self.on_quit = on_quit
         self.on_drain = on_drain
         self.extra_ready = extra_ready       # "" = ok, else the reason (e.g. grpc bootstrap missing)
+        self.cert_ready: Callable[[], str] = lambda: ""   # SecretManager.not_ready_reason, once it exists
         self.terminating = False
         self._config_ok = False
         self._live_ok = False
@@ -58,6 +59,9 @@ class StatusServer:
         """"" when ready, else why not (pilot-agent's checks, evaluated per request)."""
         if self.terminating:
             return "server is terminated"
+        cert = self.cert_ready()
+        if cert:
+            return cert
         if not (self._config_ok and self._live_ok):
             try:
                 st = await self.admin.state()

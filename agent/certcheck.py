@@ -1,0 +1,146 @@
+"""Is a chain the CA issued fit to serve? Run in a helper process (helper.py): `python -I -m agent.certcheck ID`.
+
+The agent serves only a chain that (1) matches the private key it generated, (2) chains to the trust root, (3) is
+valid now (every certificate's NotBefore/NotAfter), (4) names exactly the agent's SPIFFE identity in its URI SAN.
+OpenSSL decides 1–3 the way a TLS peer will: an in-memory TLS handshake between two SSLObjects over MemoryBIOs,
+the server holding the issued chain + our key, the client trusting only the root (no hostname check). (4) comes from
+the verified peer certificate. Python's `ssl` loads the system OpenSSL (~4.6 MB RSS): that is why this runs in a
+short helper process and not in the agent (cli.import_asyncio_without_tls), like keygen.py.
+
+stdin: JSON {"chain": PEM, "key": PEM, "roots": PEM}; stdout: one line, `ok <serial hex>` or `refused <kind>: <why>`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# The reason kinds, also the `reason` label of istio_agent_certificate_refused_total.
+KINDS = ("unparseable", "key_mismatch", "expired", "not_yet_valid", "untrusted", "identity")
+
+
+class Refused(ValueError):
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(f"{kind}: {why}")
+        self.kind = kind
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An in-memory file (the root filesystem is read-only in the pod; load_cert_chain wants a path)."""
+    fd = os.memfd_create(name)
+    os.write(fd, data)
+    return fd
+
+
+def _verify_kind(message: str) -> str:
+    m = message.lower()
+    if "expired" in m:
+        return "expired"
+    if "not yet valid" in m:
+        return "not_yet_valid"
+    return "untrusted"
+
+
+def _handshake(server, client) -> None:  # noqa: ANN001 — ssl.SSLObject, ssl imported lazily
+    """Pump both SSLObjects' records across until the client is done (or one side fails)."""
+    import ssl  # noqa: PLC0415
+
+    c_in, c_out, s_in, s_out = client._in, client._out, server._in, server._out  # type: ignore[attr-defined]
+    c_done = s_done = False
+    for _ in range(20):
+        for obj, attr in ((client.obj, "c"), (server.obj, "s")):
+            if (c_done if attr == "c" else s_done):
+                continue
+            try:
+                obj.do_handshake()
+                if attr == "c":
+                    c_done = True
+                else:
+                    s_done = True
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if c_done and s_done:
+            return
+    raise Refused("untrusted", "TLS handshake with the issued chain did not complete")
+
+
+class _End:
+    def __init__(self, ctx, server_side: bool) -> None:  # noqa: ANN001
+        import ssl  # noqa: PLC0415
+
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side)
+
+
+def check(chain_pem: bytes, key_pem: bytes, roots_pem: bytes, spiffe_id: str) -> str:
+    """The leaf's serial (hex) if the chain is fit to serve for `spiffe_id`; else raises Refused naming why."""
+    import ssl  # noqa: PLC0415
+
+    if b"-----BEGIN CERTIFICATE-----" not in chain_pem or b"-----BEGIN CERTIFICATE-----" not in roots_pem:
+        raise Refused("unparseable", "no certificate in the chain or in the trust root")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    fds = [_memfd("chain", chain_pem), _memfd("key", key_pem)]
+    try:
+        server_ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    except ssl.SSLError as e:
+        kind = "key_mismatch" if "KEY_VALUES_MISMATCH" in str(e) else "unparseable"
+        why = "the certificate is not for the agent's private key" if kind == "key_mismatch" else e.reason or str(e)
+        raise Refused(kind, why) from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    try:
+        client_ctx.load_verify_locations(cadata=roots_pem.decode("ascii", "replace"))
+    except ssl.SSLError as e:
+        raise Refused("unparseable", f"trust root: {e.reason or e}") from None
+    client, server = _End(client_ctx, False), _End(server_ctx, True)
+    try:
+        _handshake(server, client)
+    except ssl.SSLCertVerificationError as e:
+        raise Refused(_verify_kind(e.verify_message), f"chain does not verify against the trust root: "
+                                                        f"{e.verify_message}") from None
+    except ssl.SSLError as e:
+        raise Refused("untrusted", f"TLS handshake with the issued chain failed: {e.reason or e}") from None
+    peer = client.obj.getpeercert() or {}
+    uris = [v for k, v in peer.get("subjectAltName", ()) if k == "URI"]
+    if uris != [spiffe_id]:
+        raise Refused("identity", f"certificate is for {', '.join(uris)[:200] or 'no URI SAN'}, want {spiffe_id}")
+    return str(peer.get("serialNumber", "")).lower()
+
+
+MAX_INPUT = 1 << 20
+
+
+def argv(spiffe_id: str) -> list[str]:
+    from . import helper  # noqa: PLC0415
+
+    return helper.module_argv("agent.certcheck", spiffe_id)
+
+
+def main(args: list[str]) -> int:
+    """Imports first, then wait for the input: a prestarted checker answers as soon as the CA has."""
+    import ssl  # noqa: F401, PLC0415
+
+    (spiffe_id,) = args
+    raw = sys.stdin.buffer.read(MAX_INPUT + 1)
+    if not raw:                       # the agent stopped before any chain arrived
+        return 0
+    if len(raw) > MAX_INPUT:
+        print(f"refused unparseable: issued chain larger than {MAX_INPUT} bytes")
+        return 0
+    req = json.loads(raw)
+    try:
+        serial = check(req["chain"].encode(), req["key"].encode(), req["roots"].encode(), spiffe_id)
+    except Refused as e:
+        print(f"refused {e}")
+        return 0
+    print(f"ok {serial}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
