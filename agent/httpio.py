@@ -29,7 +29,8 @@ class Request:
 
 
 REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}
+           405: "Method Not Allowed", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def _dechunk(data: bytes) -> bytes:
@@ -96,39 +97,83 @@ async def request(host: str, port: int, method: str = "GET", path: str = "/", *,
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-async def serve(handler: Handler, host: str, port: int) -> asyncio.Server:
-    """An HTTP/1.1 server answering one request per connection."""
+MAX_HEAD = 16 * 1024         # request line + headers: a probe or a scrape sends a few hundred bytes
+MAX_BODY = 64 * 1024         # the status endpoints take no body worth more (POST /quitquitquit, /drain: none)
+READ_TIMEOUT = 10.0          # accept -> whole request (head and body) received
+WRITE_TIMEOUT = 10.0         # the answer must be taken by then
+MAX_CONNECTIONS = 128        # kubelet probes and scrapes: a handful at a time; more are closed at once
+
+
+class _Refused(Exception):
+    """A request refused before the handler: the status and the one-line reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_request(reader: asyncio.StreamReader, peer: str) -> Request:
+    """One request off the wire, bounded in size (the reader's limit is MAX_HEAD)."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise _Refused(431, f"request head larger than {MAX_HEAD} bytes") from None
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    length = headers.get("content-length") or "0"
+    if not (length.isascii() and length.isdigit()):
+        raise _Refused(400, f"invalid Content-Length {length[:40]!r}")
+    if int(length) > MAX_BODY:
+        raise _Refused(413, f"Content-Length {int(length) if len(length) < 20 else length[:20] + '...'} over the "
+                            f"{MAX_BODY} byte limit")
+    body = await reader.readexactly(int(length)) if int(length) else b""
+    path, _, query = target.partition("?")
+    return Request(method, path, query, headers, body, peer)
+
+
+async def serve(handler: Handler, host: str, port: int, *, read_timeout: float = READ_TIMEOUT,
+                max_connections: int = MAX_CONNECTIONS) -> asyncio.Server:
+    """An HTTP/1.1 server answering one request per connection: the request must arrive whole within
+    `read_timeout` and fit the size limits, at most `max_connections` are open at once."""
+    open_connections = 0
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+        nonlocal open_connections
+        open_connections += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = lines[0].split(" ", 2)
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                if ":" in line:
-                    k, v = line.split(":", 1)
-                    headers[k.strip().lower()] = v.strip()
-            n = int(headers.get("content-length") or 0)
-            body = await reader.readexactly(n) if n else b""
-            path, _, query = target.partition("?")
-            resp = await handler(Request(method, path, query, headers, body, peer[0] if peer else ""))
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
-            writer.close()
-            return
-        except Exception as e:  # a handler bug must not kill the server
-            resp = Response(500, {"content-type": "text/plain"}, f"internal error: {e}".encode())
-        hdrs = {"content-type": "text/plain; charset=utf-8", **resp.headers,
-                "content-length": str(len(resp.body)), "connection": "close"}
-        out = f"HTTP/1.1 {resp.status} {REASONS.get(resp.status, 'Status')}\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
-        try:
-            writer.write(out.encode("latin-1") + (b"" if method == "HEAD" else resp.body))
-            await writer.drain()
-        except ConnectionError:
+            if open_connections <= max_connections:
+                await _answer(handler, reader, writer, read_timeout)
+        except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
+            open_connections -= 1
             writer.close()
 
-    return await asyncio.start_server(on_conn, host, port, reuse_address=True)
+    return await asyncio.start_server(on_conn, host, port, reuse_address=True, limit=MAX_HEAD)
+
+
+async def _answer(handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  read_timeout: float) -> None:
+    peer = writer.get_extra_info("peername")
+    method = "GET"
+    try:
+        req = await asyncio.wait_for(_read_request(reader, peer[0] if peer else ""), read_timeout)
+        method = req.method
+        resp = await handler(req)
+    except _Refused as e:
+        resp = Response(e.status, {}, f"{e}\n".encode())
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
+        return   # nothing whole was asked (or the client left): close without a word
+    except Exception:  # noqa: BLE001 - a handler bug must not kill the server, nor show its internals
+        resp = Response(500, {}, b"internal error in the status server\n")
+    hdrs = {"content-type": "text/plain; charset=utf-8", **resp.headers,
+            "content-length": str(len(resp.body)), "connection": "close"}
+    out = f"HTTP/1.1 {resp.status} {REASONS.get(resp.status, 'Status')}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
+    writer.write(out.encode("latin-1") + (b"" if method == "HEAD" else resp.body))
+    await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)

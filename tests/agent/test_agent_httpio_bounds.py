@@ -1,0 +1,105 @@
+"""The agent's status server (15020/15021) under hostile clients on a real socket: silent and drip-fed connections,
+a huge Content-Length, a trickled body, an oversized head and too many connections are closed within their bound,
+with one clear 4xx when the request says too much; probes keep working afterwards."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Iterator
+
+import pytest
+
+from agent import httpio
+
+BOUND, SLACK, CAP = 1.0, 1.5, 4
+
+
+async def _ok(req: httpio.Request) -> httpio.Response:
+    return httpio.Response(200, {}, b"ok %d\n" % len(req.body))
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(httpio.serve(_ok, "127.0.0.1", 0, read_timeout=BOUND, max_connections=CAP))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield server.sockets[0].getsockname()[1]
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    server.close()
+    loop.close()
+
+
+def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    t0, data = time.monotonic(), b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data, time.monotonic() - t0
+
+
+def _drip(port: int, first: bytes, byte: bytes) -> tuple[bytes, float]:
+    """Send `first`, then `byte` every 0.2 s until the server answers or closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.settimeout(0.2)
+        t0, data = time.monotonic(), b""
+        s.sendall(first)
+        for _ in range(50):
+            try:
+                s.sendall(byte)
+                data = s.recv(4096)
+                break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        return data, time.monotonic() - t0
+
+
+def test_silent_connection_closed(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        data, took = _until_closed(s)
+    assert data == b"" and took < BOUND + SLACK
+
+
+@pytest.mark.parametrize("first,byte", [
+    (b"GET /healthz/ready HTTP/1.1\r\n", b"x"),                                   # drip-fed head
+    (b"POST /quitquitquit HTTP/1.1\r\ncontent-length: 60000\r\n\r\n", b"x"),      # trickled body
+])
+def test_slow_requests_closed_within_the_bound(port: int, first: bytes, byte: bytes) -> None:
+    data, took = _drip(port, first, byte)
+    assert took < BOUND + SLACK and b"ok" not in data
+
+
+@pytest.mark.parametrize("raw,status,words", [
+    (b"POST /drain HTTP/1.1\r\ncontent-length: 99999999999999\r\n\r\n", b"413", b"Content-Length"),
+    (b"POST /drain HTTP/1.1\r\ncontent-length: -5\r\n\r\n", b"400", b"Content-Length"),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"431", b"16384"),
+])
+def test_oversized_requests_refused_at_once(port: int, raw: bytes, status: bytes, words: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        data, took = _until_closed(s)
+    assert data.startswith(b"HTTP/1.1 " + status) and words in data and took < BOUND / 2, data[:200]
+
+
+def test_connections_beyond_the_cap_closed_at_once(port: int) -> None:
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(CAP)]
+    try:
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            extra.sendall(b"GET /healthz/ready HTTP/1.1\r\n\r\n")
+            data, took = _until_closed(extra)
+        assert data == b"" and took < BOUND / 2
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.1)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /x HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc")
+        assert _until_closed(s)[0].startswith(b"HTTP/1.1 200 OK")
