@@ -102,3 +102,16 @@ def test_every_rule_shape_is_found_in_one_save(pod: Netns, layout: str) -> None:
             live = parse_save(pod.run([f"{tool}-save"]).stdout)
             assert [r.restore_line() for r in _unmatched(rs.rules, live, family)] == [], (family, layout)
         assert pod.run([TOOL, "--cleanup-only"], check=False).returncode == 0
+
+
+def test_lock_is_exclusive_times_out_with_one_line_and_is_freed_on_close() -> None:
+    from init import lock
+
+    name = b"\0meshboot-iptables-test-" + os.urandom(4).hex().encode()
+    held = lock.acquire(name=name)
+    t0 = time.monotonic()
+    with pytest.raises(lock.LockTimeout, match="held its lock for more than 0.3s; nothing was changed"):
+        lock.acquire(wait=0.3, name=name)
+    assert time.monotonic() - t0 >= 0.3
+    held.close()
+    lock.acquire(wait=0.3, name=name).close()
