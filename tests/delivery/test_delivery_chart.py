@@ -34,6 +34,7 @@ def scenarios(provided: tuple[bytes, pki.KeyPair]) -> dict[str, dict[str, Any]]:
                             "certificates.provided.caBundle": ca_pem.decode(),
                             "certificates.certManager.issuerRef": {"kind": "ClusterIssuer", "name": "x"}},
         "istiod": {"istiod.address": ISTIOD},
+        "self-managed": {"certificates.mode": "self-managed"},
         "renamed": {"fullnameOverride": "injector", "mutatingWebhook.failurePolicy": "Ignore",
                     "mutatingWebhook.timeoutSeconds": 5, "sidecarInjectorWebhook.enableNamespacesByDefault": True,
                     "global.hub": "registry.example.com/mesh", "global.tag": "1.2.3",
@@ -61,7 +62,7 @@ def _workload(r: Rendered) -> tuple[dict[str, Any], dict[str, Any]]:
 # ---- lint, render, validate ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["default", "cert-manager-hpa", "provided-inline", "provided-secret", "istiod",
-                                  "renamed"])
+                                  "self-managed", "renamed"])
 def test_lint_strict(helm: Any, all_values: dict[str, dict[str, Any]], name: str) -> None:
     out = lint(all_values[name])
     assert "0 chart(s) failed" in out
@@ -69,7 +70,7 @@ def test_lint_strict(helm: Any, all_values: dict[str, dict[str, Any]], name: str
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("name", ["default", "cert-manager-hpa", "provided-inline", "provided-secret", "istiod",
-                                  "renamed"])
+                                  "self-managed", "renamed"])
 def test_every_document_validates(helm: Any, all_values: dict[str, dict[str, Any]], name: str,
                                   kube_version: str) -> None:
     namespace = "mesh-system" if name == "renamed" else "istio-system"
@@ -180,20 +181,48 @@ def test_webhook_reaches_the_admission_port_through_the_service(default: Rendere
 
 # ---- serving certificate modes --------------------------------------------------------------------------------
 
-def test_self_managed_certificate_flags(default: Rendered) -> None:
+def test_mesh_ca_certificate_flags(default: Rendered) -> None:
+    """Default: the serving certificate comes from the mesh CA; the server patches the caBundle (the mesh root)."""
     _, c = _workload(default)
     args = arg_map(c["args"])
+    assert args["serving-cert"] == "mesh-ca"
+    assert args["serving-cert-ttl"] == "24h"
     assert args["webhook-config-name"] == default.one("MutatingWebhookConfiguration")["metadata"]["name"]
     assert "tls-cert" not in args and "tls-key" not in args
-    mounts = [m["mountPath"] for m in c["volumeMounts"]]
-    assert any(str(args["ca-bundle-out"]).startswith(m + "/") for m in mounts), "ca bundle must go to a writable mount"
+    writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
+    for flag in ("ca-bundle-out", "self-signed-dir"):
+        assert any(str(args[flag]).startswith(m + "/") for m in writable), f"--{flag} must go to a writable mount"
 
 
-def test_self_managed_refuses_several_replicas(helm: Any) -> None:
-    with pytest.raises(RenderError, match="single replica"):
-        render({"webhook.replicaCount": 2})
-    with pytest.raises(RenderError, match="single replica"):
-        render({"autoscaling.enabled": True})
+def _single_replica_recreate(r: Rendered) -> None:
+    dep, c = _workload(r)
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    args = arg_map(c["args"])
+    assert "serving-cert" not in args and "tls-cert" not in args     # the self-signed default of the server
+    assert args["webhook-config-name"] == r.one("MutatingWebhookConfiguration")["metadata"]["name"]
+    # A PDB that never blocks a node drain of the one replica.
+    pdb = r.one("PodDisruptionBudget")["spec"]
+    assert pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb
+
+
+def test_self_managed_runs_one_replica_with_recreate(helm: Any, all_values: dict[str, dict[str, Any]]) -> None:
+    """A per-replica self-signed CA can only ever be trusted for one replica: one replica, Recreate, whatever
+    replicaCount says; autoscaling is refused with one message naming the values."""
+    _single_replica_recreate(render(all_values["self-managed"]))
+    _single_replica_recreate(render({**all_values["self-managed"], "webhook.replicaCount": 3}))
+    with pytest.raises(RenderError, match="autoscaling.enabled.*certificates.mode"):
+        render({**all_values["self-managed"], "autoscaling.enabled": True})
+
+
+def test_istiod_without_meshboot_ca_falls_back_to_self_managed(helm: Any,
+                                                               all_values: dict[str, dict[str, Any]]) -> None:
+    """istiod.address turns meshboot's CA off, so there is no mesh root to sign with: the default mode falls back to
+    the per-replica self-signed CA, hence one replica with Recreate (the NOTES say so)."""
+    _single_replica_recreate(render(all_values["istiod"]))
+    notes = render_notes({"istiod.address": ISTIOD})
+    assert "self-managed" in notes and "1 replica" in notes
+    with pytest.raises(RenderError, match="autoscaling.enabled"):
+        render({"istiod.address": ISTIOD, "autoscaling.enabled": True})
 
 
 def _tls_volume_secret(r: Rendered) -> tuple[str, dict[str, Any]]:
@@ -257,6 +286,54 @@ def test_cert_manager_certificate_feeds_the_deployment_and_the_ca_injector(
     assert hpa["spec"]["scaleTargetRef"]["name"] == r.one("Deployment")["metadata"]["name"]
     pdb = r.one("PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1 and "maxUnavailable" not in pdb["spec"]
+
+
+# ---- rollouts that drop no admissions ---------------------------------------------------------------------------
+
+def test_default_is_safe_for_rolling_two_replicas(default: Rendered) -> None:
+    """Like istiod: 2 replicas, a surge-only rolling update, a PDB that keeps one, readiness that drops (503) on
+    SIGTERM while the server keeps serving for the drain, and a grace period that covers drain + one last request."""
+    dep, c = _workload(default)
+    spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    pdb = default.one("PodDisruptionBudget")["spec"]
+    assert pdb["minAvailable"] == 1 and "maxUnavailable" not in pdb
+    probe = c["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/readyz" and probe["httpGet"]["scheme"] == "HTTPS"
+    drain = float(str(arg_map(c["args"])["drain-duration"]).rstrip("s"))
+    # The endpoints controller sees the 503 within period x failureThreshold; the drain must outlast that.
+    assert probe["periodSeconds"] * probe["failureThreshold"] + 2 <= drain
+    timeout = default.one("MutatingWebhookConfiguration")["webhooks"][0]["timeoutSeconds"]
+    assert pod["terminationGracePeriodSeconds"] >= drain + timeout
+    # Replicas spread across nodes when the scheduler can (preferred, never blocking).
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in spread["labelSelector"]["matchLabels"].items())
+
+
+def test_rolling_update_in_every_shared_certificate_mode(helm: Any, all_values: dict[str, dict[str, Any]]) -> None:
+    for name in ("cert-manager-hpa", "provided-inline", "provided-secret"):
+        spec = render(all_values[name]).one("Deployment")["spec"]
+        assert spec["strategy"]["type"] == "RollingUpdate", name
+        assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, name
+
+
+def test_grace_period_shorter_than_the_drain_is_refused(helm: Any) -> None:
+    with pytest.raises(RenderError, match="webhook.terminationGracePeriodSeconds"):
+        render({"webhook.terminationGracePeriodSeconds": 5})
+    with pytest.raises(RenderError, match="webhook.drainDurationSeconds"):
+        render({"webhook.drainDurationSeconds": 1})
+
+
+def test_user_spread_and_affinity_replace_the_default(helm: Any) -> None:
+    own = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "meshboot"}}}]
+    pod = render({"webhook.topologySpreadConstraints": own}).one("Deployment")["spec"]["template"]["spec"]
+    assert pod["topologySpreadConstraints"] == own
+    pod = render({"webhook.spreadAcrossNodes": False}).one("Deployment")["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in pod
 
 
 # ---- RBAC -----------------------------------------------------------------------------------------------------

@@ -70,6 +70,25 @@ app.kubernetes.io/component: control-plane
 {{- if and .Values.ca.enabled (not .Values.istiod.address) -}}true{{- end -}}
 {{- end -}}
 
+{{/* The serving-certificate mode in effect: mesh-ca needs meshboot's CA, and falls back to self-managed without it. */}}
+{{- define "meshboot.certMode" -}}
+{{- if and (eq .Values.certificates.mode "mesh-ca") (not (include "meshboot.caEnabled" .)) -}}
+self-managed
+{{- else -}}
+{{- .Values.certificates.mode -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A per-replica self-signed CA can be trusted for one replica only: 1 replica, Recreate. */}}
+{{- define "meshboot.singleReplica" -}}
+{{- if eq (include "meshboot.certMode" .) "self-managed" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The server patches the webhook configuration's caBundle itself (with its own CA, or the mesh root). */}}
+{{- define "meshboot.patchesCABundle" -}}
+{{- if has (include "meshboot.certMode" .) (list "self-managed" "mesh-ca") -}}true{{- end -}}
+{{- end -}}
+
 {{/* CA_ADDR the injector writes into sidecars. */}}
 {{- define "meshboot.caAddress" -}}
 {{- if .Values.istiod.address -}}
@@ -103,10 +122,17 @@ app.kubernetes.io/component: control-plane
 {{/* One clear error for combinations the schema cannot express. */}}
 {{- define "meshboot.validate" -}}
 {{- $mode := .Values.certificates.mode -}}
-{{- if eq $mode "self-managed" -}}
-{{- if or (gt (int .Values.webhook.replicaCount) 1) .Values.autoscaling.enabled -}}
-{{- fail "certificates.mode=self-managed runs a single replica (each replica would patch its own CA into the webhook configuration): use certificates.mode=cert-manager or provided to run webhook.replicaCount > 1 or autoscaling" -}}
+{{- if and (include "meshboot.singleReplica" .) .Values.autoscaling.enabled -}}
+{{- fail (printf "autoscaling.enabled needs a serving certificate all replicas share, but certificates.mode is %s%s (a CA of each replica's own, one replica only): use certificates.mode=mesh-ca with meshboot's CA, cert-manager or provided" $mode (ternary " (mesh-ca falls back to self-managed: istiod.address is set or ca.enabled is false)" "" (eq $mode "mesh-ca"))) -}}
 {{- end -}}
+{{- $w := .Values.webhook -}}
+{{- $detect := add (mul $w.readinessProbe.periodSeconds $w.readinessProbe.failureThreshold) 2 -}}
+{{- if lt (int $w.drainDurationSeconds) (int $detect) -}}
+{{- fail (printf "webhook.drainDurationSeconds=%v is too short: the endpoints controller needs up to webhook.readinessProbe.periodSeconds x failureThreshold + 2 = %v s to take a stopping replica out of the Service" $w.drainDurationSeconds $detect) -}}
+{{- end -}}
+{{- $need := add $w.drainDurationSeconds .Values.mutatingWebhook.timeoutSeconds -}}
+{{- if lt (int $w.terminationGracePeriodSeconds) (int $need) -}}
+{{- fail (printf "webhook.terminationGracePeriodSeconds=%v must be at least webhook.drainDurationSeconds + mutatingWebhook.timeoutSeconds = %v (the drain, then the last admissions in flight)" $w.terminationGracePeriodSeconds $need) -}}
 {{- end -}}
 {{- if eq $mode "provided" -}}
 {{- if not .Values.certificates.provided.caBundle -}}
