@@ -43,7 +43,10 @@ def load(text: str, max_bytes: int = MAX_BYTES) -> Any:
     """One YAML document (JSON is YAML). YAMLRefused for aliases, excess size or depth, and any syntax error."""
     if len(text) > max_bytes:
         raise YAMLRefused(f"YAML longer than {max_bytes} bytes")
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)  # the reader checks for non-printable characters here
+    except yaml.YAMLError as e:
+        raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
     try:
         return loader.get_single_data()
     except YAMLRefused:
@@ -61,7 +64,10 @@ def load_all(text: str, max_bytes: int = MAX_BYTES) -> list[Any]:
     """Every document of a multi-document stream, with the same bounds as `load`."""
     if len(text) > max_bytes:
         raise YAMLRefused(f"YAML longer than {max_bytes} bytes")
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)
+    except yaml.YAMLError as e:
+        raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
     try:
         docs = []
         while loader.check_data():

@@ -284,7 +284,9 @@ def _review_pod(request: dict[str, Any], settings: Settings, path: str, fast: bo
         if not decision.inject:
             return Outcome(_response(out_version, uid, True), SKIPPED, decision.reason, label)
         original = dict(pod)  # the decoded pod as the patch base: managedFields dropped, namespace filled
-        if "managedFields" in meta or (namespace and not meta.get("namespace")):
+        if pod.get("metadata") is None:
+            original.pop("metadata", None)  # the patch adds /metadata whole: valid on a null or a missing member
+        elif "managedFields" in meta or (namespace and not meta.get("namespace")):
             original["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
             if namespace and not meta.get("namespace"):
                 original["metadata"]["namespace"] = namespace

@@ -89,11 +89,21 @@ class Injector:
             template["spec"] = injected["spec"]
 
 
+# The input is the user's own manifests (YAML aliases allowed, as kubectl allows them), bounded in size.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
 def run(stream: TextIO, where: str, injector: Injector) -> list[Any]:
+    text = stream.read(MAX_INPUT_BYTES + 1)
+    if len(text) > MAX_INPUT_BYTES:
+        raise InjectionError(f"{where}: larger than {MAX_INPUT_BYTES} bytes")
     try:
-        docs = list(yaml.safe_load_all(stream))
+        docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as e:
         raise InjectionError(f"{where}: not valid YAML: {e}") from None
+    except (RecursionError, ValueError, TypeError, OverflowError):
+        raise InjectionError(f"{where}: not valid YAML: a value cannot be built (nested too deeply, or out of "
+                             "range)") from None
     for i, doc in enumerate(docs):
         if doc is None:
             continue
@@ -138,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         print(f"meshboot-inject: {args.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    except UnicodeDecodeError:
+        print(f"meshboot-inject: {args.filename}: not UTF-8 text", file=sys.stderr)
         return 1
     for w in injector.warnings:
         print(f"meshboot-inject: warning: {w}", file=sys.stderr)

@@ -44,14 +44,16 @@ def merge_enabled(annotations: dict[str, str], mesh: dict[str, Any]) -> bool:
     return bool(mesh.get("enablePrometheusMerge", True))
 
 
-def _check_port(port: str, status_port: int) -> None:
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise InjectionError(f"failed to process pod: invalid prometheus scrape configuration: port {port!r} is not "
-                             "a number in 1-65535")
+def _check_port(port: str, status_port: int, key: str) -> None:
+    """`key`: the annotation the port came from, named in the message."""
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
+        raise InjectionError(f"failed to process pod: invalid prometheus scrape configuration in annotation {key}: "
+                             f"port {port[:16]!r} is not a number in 1-65535")
     p = int(port)
     if p == status_port or p in C.RESERVED_PORTS:
-        raise InjectionError(f"failed to process pod: invalid prometheus scrape configuration: port {p} is reserved "
-                             f"for Istio (reserved: {', '.join(str(x) for x in sorted(C.RESERVED_PORTS))})")
+        raise InjectionError(f"failed to process pod: invalid prometheus scrape configuration in annotation {key}: "
+                             f"port {p} is reserved for Istio (reserved: "
+                             f"{', '.join(str(x) for x in sorted(C.RESERVED_PORTS))})")
 
 
 def _targets(raw: str, status_port: int) -> list[dict[str, str]]:
@@ -62,7 +64,7 @@ def _targets(raw: str, status_port: int) -> list[dict[str, str]]:
             continue
         port, _, path = item.partition(":")
         port = port.strip()
-        _check_port(port, status_port)
+        _check_port(port, status_port, C.ANNOTATION_PROMETHEUS_SCRAPE_TARGETS)
         out.append({"port": port, "path": path.strip() or DEFAULT_METRICS_PATH})
     return out
 
@@ -85,7 +87,7 @@ def apply_merge(annotations: dict[str, str], mesh: dict[str, Any]) -> str | None
     if targets:
         port, path = targets[0]["port"], targets[0]["path"]
     elif port is not None:
-        _check_port(port.strip(), status_port)
+        _check_port(port.strip(), status_port, C.ANNOTATION_PROMETHEUS_PORT)
     if scrape is not None:
         collected["scrape"] = scrape
     if path is not None:

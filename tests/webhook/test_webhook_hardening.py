@@ -103,11 +103,21 @@ def test_deeply_nested_body_is_refused() -> None:
 def test_patch_over_the_bound_is_refused_naming_the_annotation() -> None:
     """Within Kubernetes' 256 KiB of annotations: proxyMetadata lands three times in the patch (PROXY_CONFIG and two
     env lists) and userVolume once, each non-ASCII character as a 6-byte escape, then base64: a ~1.3 MB answer."""
-    pc = "proxyMetadata:\n  A: " + "é" * 16_000 + "\n"
-    volume = json.dumps({"v": {"emptyDir": {}, "x": "é" * 110_000}}, ensure_ascii=False)
+    pc = "proxyMetadata:\n  A: " + "é" * 8_000 + "\n"
+    volume = json.dumps({"v": {"emptyDir": {}, "x": "é" * 120_000}}, ensure_ascii=False)
     pod = _pod_with({PC: pc, "sidecar.istio.io/userVolume": volume})
     _refused(pod, "sidecar.istio.io/userVolume", str(MAX_RESPONSE_BYTES))
     assert MAX_RESPONSE_BYTES == 1024 * 1024
+
+
+@pytest.mark.parametrize("text", ["x: [" + ",".join(["1"] * 4000) + "]", "x:\n" + "- 1\n" * 2000,
+                                  "".join(f"k{i}: 1\n" for i in range(1000))])
+def test_worst_case_proxy_config_yaml_answers_in_time(text: str) -> None:
+    """PyYAML parses in pure Python; the annotation's size bound (8 KiB) is what keeps the answer under 1 s."""
+    assert 7000 < len(text) <= 8192
+    resp, took, _ = _review(_pod_with({PC: text}))
+    assert resp["allowed"] is True and took < 1.0, (took, resp.get("status"))
+    _refused(_pod_with({PC: text + "#" * 8192}), PC, "longer than 8192")
 
 
 def test_patch_over_the_bound_from_the_pod_itself_names_the_spec() -> None:
@@ -251,3 +261,13 @@ def test_inject_endpoint_catch_all_hides_the_exception(monkeypatch: pytest.Monke
     assert sent[0]["status"] == 200
     msg = json.loads(sent[1]["body"])["response"]["status"]["message"]
     assert "secret internal detail" not in msg and "KeyError" not in msg and "injector" in msg
+
+
+def test_cli_deep_yaml_input_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from webhook import cli
+
+    f = tmp_path / "deep.yaml"
+    f.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert cli.main(["-f", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(f) in err and "nested" in err and "Error" not in err, err
