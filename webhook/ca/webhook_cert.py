@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -162,6 +163,17 @@ class MeshServingCert:
                 self.renew_at = time.time() + min(RETRY_SECONDS, self.ttl / 4)
 
 
+def _api_answer(e: Any) -> str:
+    """`403 Forbidden: <the Status message>` from a kubernetes ApiException, one line, bounded."""
+    message = ""
+    try:
+        message = str(json.loads(e.body or "{}").get("message", ""))
+    except (ValueError, TypeError, AttributeError):
+        pass
+    text = f"the API server answered {e.status} {e.reason or ''}".rstrip() + (f": {message}" if message else "")
+    return " ".join(text.split())[:300]
+
+
 def prepare(args: argparse.Namespace, directory: str) -> MeshServingCert:
     """Load the mesh CA exactly as the CA does (plug-in certs, the shared Secret, or the CA directory), issue the
     first certificate and write it. Raises ConfigError / CABundleError / OSError / NoKubernetes, each one line."""
@@ -175,7 +187,13 @@ def prepare(args: argparse.Namespace, directory: str) -> MeshServingCert:
         from .kube import api_client as make_client
         api_client = make_client()
     from .server import load_authority
-    loaded = load_authority(cfg, api_client)
+    try:
+        loaded = load_authority(cfg, api_client)
+    except Exception as e:
+        if getattr(e, "status", None) is None:     # not an API answer (ApiException): CABundleError, OSError...
+            raise
+        raise ConfigError(f"loading the mesh CA from secret {cfg.ca_namespace}/{cfg.ca_secret}: {_api_answer(e)}") \
+            from None
     names = service_dns_names(args.service_name, args.service_namespace)
     cert = MeshServingCert(loaded.authority, names, ttl, Path(directory), api_client)
     cert.renew()
