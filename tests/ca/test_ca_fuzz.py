@@ -115,7 +115,7 @@ def test_csr_text_and_validity(client: Client, csr: str, validity: int) -> None:
     assert code != grpc.StatusCode.OK
 
 
-@budget(80)
+@budget(60)
 @given(name=st.sampled_from(KEY_NAMES), sans=st.lists(SAN, max_size=40), validity=INT64)
 def test_real_csrs_with_odd_keys_names_and_validity(client: Client, name: str, sans: list[x509.GeneralName],
                                                     validity: int) -> None:
@@ -158,7 +158,7 @@ JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(m
 ALG = st.sampled_from(["RS256", "ES256", "PS512", "none", "HS256"])
 
 
-@budget(100)
+@budget(80)
 @given(token=st.one_of(HEADER_TEXT,
                        st.builds(_jwt, st.one_of(JSON, st.fixed_dictionaries({"alg": ALG | JSON, "kid": JSON}),
                                                  st.fixed_dictionaries({"alg": ALG, "kid": st.text(max_size=30)})),
