@@ -3,7 +3,7 @@ the kernel rule by rule: `iptables -C` per rule made a rerun with 2,000 excluded
 `-C` is quadratic even when batched in one restore.
 
 The canonical form covers the rule shapes init/rules.py writes (iptables 1.8 save format): base fields in the order
--s -d -i -o -p, addresses masked to their network, the implicit `-m tcp`/`-m udp` of --dport/--sport, marks in hex,
+-s -d -i -o -p, addresses masked to their network (a /0 omitted), the implicit `-m tcp`/`-m udp` of --dport/--sport, marks in hex,
 MARK/CONNMARK/TPROXY/REDIRECT options as the kernel reports them, group names as gids. It is a fast path, not the
 judge: a rule whose canonical form is not found in the save is then checked with `-C` (init/backend.check_all), so
 a save format this module does not predict costs time, never a wrong answer.
@@ -14,7 +14,6 @@ import _socket
 
 BASE = ("-s", "-d", "-i", "-o", "-p")
 _MARK_OPTS = frozenset({"--mark"})
-_IMPLICIT = "-m\x00"  # marks an implicit protocol match until it is printed
 _PORT_OPTS = frozenset({"--dport", "--sport", "--dports"})
 _FULL = "0xffffffff"
 
@@ -91,7 +90,9 @@ def canonical(spec: tuple[str, ...], family: int) -> str:
             continue
         value = spec[i + 1] if i + 1 < n else ""
         if tok in BASE:
-            base[tok] = f"{neg}{tok} {_net(value, family) if tok in ('-s', '-d') else value}"
+            shown = _net(value, family) if tok in ("-s", "-d") else value
+            if neg or not shown.endswith("/0"):  # -d 0.0.0.0/0 (any address) is not printed
+                base[tok] = f"{neg}{tok} {shown}"
             current = None
         elif tok == "-m":
             current = [f"-m {value}"]
@@ -100,7 +101,7 @@ def canonical(spec: tuple[str, ...], family: int) -> str:
             return " ".join([*_head(base, matches), "-j", *_target(list(spec[i + 1:]), family)])
         else:
             if current is None:  # --dport/--sport right after -p: iptables loads the protocol's match
-                current = [f"{_IMPLICIT}{base.get('-p', '').split()[-1]}"]
+                current = [f"-m {base.get('-p', '').split()[-1]}"]
                 matches.append(current)
             if tok in _MARK_OPTS:
                 value = _hex(value)
@@ -111,14 +112,12 @@ def canonical(spec: tuple[str, ...], family: int) -> str:
             elif tok == "--uid-owner":
                 value = _num(value)
             if not (tok in ("--dport", "--sport") and value == "0:65535" and not neg):  # the default: not printed
-                current.append(f"{neg}{tok} {value}")
+                current.append(f"{neg}{tok} {value}")  # (the `-m tcp` stays)
         neg = ""
         i += 2
     return " ".join(_head(base, matches))
 
 
 def _head(base: dict[str, str], matches: list[list[str]]) -> list[str]:
-    """Base fields in -save order, then the matches. An implicit protocol match left without options (a port range
-    0:65535, which -save omits) is dropped too, as iptables-nft prints it (legacy keeps `-m tcp`: -C decides)."""
-    kept = [m for m in matches if len(m) > 1 or not m[0].startswith(_IMPLICIT)]
-    return [*(base[k] for k in BASE if k in base), *(" ".join(m).replace(_IMPLICIT, "-m ", 1) for m in kept)]
+    """Base fields in -save order, then the matches in the order given."""
+    return [*(base[k] for k in BASE if k in base), *(" ".join(m) for m in matches)]

@@ -88,7 +88,8 @@ def test_every_rule_shape_is_found_in_one_save(pod: Netns, layout: str) -> None:
     from init.state import parse_save
 
     cfg = config("-m", "TPROXY", "-b", "*", "-d", "15090,15021", "-i", "10.0.0.1/8,fd00::5/64,::ffff:1.2.3.4/120",
-                 "-x", "192.168.1.1/32,fe80::1:0:0:0/10", "-c", "veth0,eth+", "-k", "veth9", "-q", "80,81:90",
+                 "-x", "192.168.1.1/32,fe80::1:0:0:0/10,0.0.0.0/0,::/0", "-c", "veth0,eth+", "-k", "veth9",
+                 "-q", "80,81:90,7:7,0:65535",
                  "-o", "22", "-u", "1337,1338", "-g", "5", "--redirect-dns", "--drop-invalid", "--dual-stack",
                  env={"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "daemon,5", "MESHBOOT_IPTABLES_LAYOUT": layout},
                  addresses=("10.99.0.1", "fd00:99::1"), resolv="nameserver 10.96.0.10\nnameserver fd00::a\n")
