@@ -116,3 +116,22 @@ def test_lock_is_exclusive_times_out_with_one_line_and_is_freed_on_close() -> No
     assert time.monotonic() - t0 >= 0.3
     held.close()
     lock.acquire(wait=0.3, name=name).close()
+
+
+@pytest.mark.parametrize("binary", ["legacy", "nft"])
+def test_batched_check_names_the_missing_rules_on_both_backends(pod: Netns, binary: str) -> None:
+    """The -C fallback (rules the save lookup did not find): one restore, then one per missing rule."""
+    from init.backend import Backend
+
+    args = [*DEFAULT_ARGS, f"--force-iptables-binary={binary}"]
+    assert pod.run([TOOL, *args], check=False).returncode == 0
+    b = Backend(4, f"iptables-{binary}", binary == "legacy", binary == "legacy")
+    checks = [["-t", "nat", "-C", "ISTIO_OUTPUT", "-d", "127.0.0.1/32", "-j", "RETURN"],
+              ["-t", "nat", "-C", "ISTIO_OUTPUT", "-d", "10.1.0.0/16", "-j", "RETURN"],
+              ["-t", "nat", "-C", "ISTIO_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"],
+              ["-t", "nat", "-C", "ISTIO_OUTPUT", "-d", "10.2.0.0/16", "-j", "RETURN"],
+              ["-t", "nat", "-C", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15020", "-j", "RETURN"]]
+    script = ("import json, sys\nfrom init.backend import Backend, check_all\n"
+              f"print(json.dumps(check_all(Backend(*{[b.family, b.cmd, b.legacy, b.wait]!r}), {checks!r})))")
+    out = pod.run([sys.executable, "-c", script]).stdout
+    assert out.strip() == "[true, false, true, false, true]"
