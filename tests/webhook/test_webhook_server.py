@@ -40,7 +40,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "webhook.server", "--listen-address", "127.0.0.1", "--port", str(self.port),
              "--monitoring-port", str(self.mon_port), "--ca-port", str(ca_port), "--poll-interval", "0.2",
-             "--kubernetes-version", "1.33", *args],
+             "--kubernetes-version", "1.33", "--drain-duration", "0s", *args],  # args may set a drain
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.base = f"https://127.0.0.1:{self.port}"
 
