@@ -90,13 +90,17 @@ def write_pair(directory: Path, cert_pem: bytes, key_pem: bytes) -> tuple[str, s
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    _symlink_atomic(version.name, directory / "..data")
+    data = directory / "..data"
+    previous = os.readlink(data) if data.is_symlink() else None
+    _symlink_atomic(version.name, data)
     for name in (CERT_FILE, KEY_FILE):
         link = directory / name
         if not (link.is_symlink() and os.readlink(link) == f"..data/{name}"):
             _symlink_atomic(f"..data/{name}", link)
+    # The previous version stays until the next swap: its inodes cannot be reused by this one, so the reader's stat
+    # stamp (inode, mtime, size) always changes, even for a same-size certificate written within one clock tick.
     for old in directory.glob("..v.*"):
-        if old.name != version.name:
+        if old.name not in (version.name, previous):
             shutil.rmtree(old, ignore_errors=True)
     return str(directory / CERT_FILE), str(directory / KEY_FILE)
 
