@@ -41,8 +41,8 @@ def decode_response(data: bytes) -> list[str]:
     """`cert_chain` elements in order (leaf first, root last); unknown fields skipped."""
     try:
         return [v.decode() for f, _, v in fields(data) if f == 1 and isinstance(v, bytes)]
-    except WireError as e:
-        raise CAError(f"malformed CA response: {e}") from None
+    except (WireError, UnicodeDecodeError) as e:
+        raise CAError(f"malformed CA response: {str(e)[:100]}") from None
 
 
 # ---- shell --------------------------------------------------------------------------------------------------------

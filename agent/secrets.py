@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import random
+import stat
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -92,12 +93,29 @@ def rotation_delay(created: float, expire: float, now: float, ratio: float, jitt
     return max(0.0, expire - r * (expire - created) - now)
 
 
-def _read(path: str) -> bytes:
+MAX_SECRET_FILE = 2 << 20    # a CA bundle is ~200 KiB; SDS names (file-root:<path>) come from XDS config
+
+
+def _read(path: str, limit: int = MAX_SECRET_FILE) -> bytes:
+    """A regular file of at most `limit` bytes. SDS `file-cert:`/`file-root:` paths come from XDS config, which
+    tenants shape (DestinationRule caCertificates): /dev/zero or a FIFO must not hang or fill the agent."""
+    shown = path if len(path) <= 200 else path[:200] + "…"
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:
+        raise SecretError(f"{shown}: {getattr(e, 'strerror', None) or 'invalid path'}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SecretError(f"{shown}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
     except OSError as e:
-        raise SecretError(f"{path}: {e.strerror}") from None
+        raise SecretError(f"{shown}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise SecretError(f"{shown}: larger than {limit} bytes")
+    return data
 
 
 def _write_atomic(path: str, data: bytes, mode: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .pbwire import fields, ld, ld_always
+from .pbwire import WireError, fields, ld, ld_always
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
@@ -18,13 +18,23 @@ class Status:
     message: str = ""
 
 
-def _status(buf: bytes) -> Status:
-    st = Status()
+def _str(v: bytes) -> str:
+    """A proto3 string: UTF-8 or the message is malformed (as protobuf's own parser decides)."""
+    try:
+        return v.decode()
+    except UnicodeDecodeError:
+        raise WireError("string field is not valid UTF-8") from None
+
+
+def _status(buf: bytes, st: "Status | None" = None) -> Status:
+    """google.rpc.Status; a repeated occurrence merges into the earlier one, as protobuf merges sub-messages."""
+    st = st or Status()
     for f, _, v in fields(buf):
         if f == 1 and isinstance(v, int):
-            st.code = v
+            v &= 0xFFFFFFFF                   # int32: the low 32 bits, signed (negatives travel as 64-bit)
+            st.code = v - 2**32 if v >= 2**31 else v
         elif f == 2 and isinstance(v, bytes):
-            st.message = v.decode()
+            st.message = _str(v)
     return st
 
 
@@ -43,15 +53,15 @@ def decode_request(buf: bytes) -> DiscoveryRequest:
         if not isinstance(v, bytes):
             continue
         if f == 1:
-            r.version_info = v.decode()
+            r.version_info = _str(v)
         elif f == 3:
-            r.resource_names.append(v.decode())
+            r.resource_names.append(_str(v))
         elif f == 4:
-            r.type_url = v.decode()
+            r.type_url = _str(v)
         elif f == 5:
-            r.response_nonce = v.decode()
+            r.response_nonce = _str(v)
         elif f == 6:
-            r.error = _status(v)
+            r.error = _status(v, r.error)
     return r
 
 
@@ -70,15 +80,15 @@ def decode_delta_request(buf: bytes) -> DeltaDiscoveryRequest:
         if not isinstance(v, bytes):
             continue
         if f == 2:
-            r.type_url = v.decode()
+            r.type_url = _str(v)
         elif f == 3:
-            r.subscribe.append(v.decode())
+            r.subscribe.append(_str(v))
         elif f == 4:
-            r.unsubscribe.append(v.decode())
+            r.unsubscribe.append(_str(v))
         elif f == 6:
-            r.response_nonce = v.decode()
+            r.response_nonce = _str(v)
         elif f == 7:
-            r.error = _status(v)
+            r.error = _status(v, r.error)
     return r
 
 
@@ -105,7 +115,7 @@ def response_type_url(buf: bytes) -> str:
     """type_url (field 4) of a DiscoveryResponse or DeltaDiscoveryResponse, for the proxy's forwarding rule."""
     for f, _, v in fields(buf):
         if f == 4 and isinstance(v, bytes):
-            return v.decode()
+            return _str(v)
     return ""
 
 

@@ -146,10 +146,14 @@ def test_certcheck_accepts_a_good_chain(mesh: Mesh) -> None:
 
 
 def test_backoff_is_exponential_bounded_and_jittered() -> None:
-    b = Backoff(1.0, 300.0)
-    delays = [b.next() for _ in range(14)]
-    assert 0.75 <= delays[0] <= 1.25 and 1.5 <= delays[1] <= 2.5 and max(delays) <= 300.0
-    assert delays[-1] >= 225.0 and len({round(d, 6) for d in delays[-4:]}) > 1
+    low = Backoff(1.0, 300.0, rand=lambda: 0.0)
+    assert [low.next() for _ in range(11)] == [0.75 * 2 ** n for n in range(9)] + [225.0, 225.0]
+    high = Backoff(1.0, 300.0, rand=lambda: 1.0)
+    assert [high.next() for _ in range(3)] == [1.25, 2.5, 5.0] and max(high.next() for _ in range(50)) == 300.0
+    high.reset()
+    assert high.next() == 1.25
+    spread = {round(Backoff(1.0, 300.0).next(), 6) for _ in range(20)}
+    assert len(spread) > 10 and min(spread) >= 0.75 and max(spread) <= 1.25
 
 
 def test_agent_refuses_bad_chains_reports_why_and_backs_off(mesh: Mesh, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
