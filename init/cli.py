@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     for w in parsed.env_warnings:
         log.warn(w)
     if parsed.extra_args:
-        log.warn("ignoring positional arguments", args=" ".join(parsed.extra_args))
+        shown = " ".join(parsed.extra_args)
+        log.warn("ignoring positional arguments", count=len(parsed.extra_args),
+                 args=shown if len(shown) <= 200 else shown[:200] + "...")
 
     from . import netinfo
 
