@@ -23,6 +23,11 @@ def sanitize(key: str) -> str:
     return _NON_WORD.sub("_", key)
 
 
+def _find_key(annotations: dict[str, str], sanitized: str) -> str | None:
+    """The annotation key that sanitizes to `sanitized` (e.g. prometheus_io/port for prometheus_io_port)."""
+    return next((k for k in annotations if sanitize(k) == sanitized), None)
+
+
 def _find(annotations: dict[str, str], sanitized: str) -> str | None:
     for k, v in annotations.items():
         if sanitize(k) == sanitized:
@@ -87,7 +92,7 @@ def apply_merge(annotations: dict[str, str], mesh: dict[str, Any]) -> str | None
     if targets:
         port, path = targets[0]["port"], targets[0]["path"]
     elif port is not None:
-        _check_port(port.strip(), status_port, C.ANNOTATION_PROMETHEUS_PORT)
+        _check_port(port.strip(), status_port, _find_key(annotations, "prometheus_io_port") or "prometheus.io/port")
     if scrape is not None:
         collected["scrape"] = scrape
     if path is not None:

@@ -271,3 +271,29 @@ def test_cli_deep_yaml_input_is_one_line_not_a_traceback(tmp_path: Path, capsys:
     assert cli.main(["-f", str(f)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(f) in err and "nested" in err and "Error" not in err, err
+
+
+def test_deep_flow_yaml_in_proxy_config_costs_no_more_than_flat_yaml() -> None:
+    """PyYAML's scanner walks every open flow collection's possible key for each token (up to 1024 of them): deep
+    '[[[[' cost ~100 times a flat scalar of the same size (0.5 s quiet, 2 s under load) before the depth was
+    counted first. Compared with flat YAML of the same length, so the test holds on a loaded machine."""
+    from meshboot import yamlsafe
+
+    deep = '{"a": ' + "[" * 4000 + "]" * 4000 + "}"
+    flat = 'a: "' + "x" * (len(deep) - 5) + '"'
+
+    def cost(text: str) -> float:
+        start = time.perf_counter()
+        try:
+            yamlsafe.load(text)
+        except yamlsafe.YAMLRefused:
+            pass
+        return time.perf_counter() - start
+
+    deep_cost, flat_cost = min(cost(deep) for _ in range(3)), min(cost(flat) for _ in range(3))
+    assert deep_cost < 3 * flat_cost + 0.01, (deep_cost, flat_cost)
+    _refused(_pod_with({PC: deep}), PC, "nested deeper")
+
+
+def test_prometheus_refusal_names_the_key_as_spelled() -> None:
+    _refused(_pod_with({"prometheus_io/port": "15000"}), "prometheus_io/port", "reserved")
