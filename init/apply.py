@@ -105,7 +105,11 @@ def _unmatched(rules: list[Rule], live: LiveState, family: int) -> list[Rule]:
                 have[key] = have.get(key, 0) + 1
     out: list[Rule] = []
     for r in rules:
-        key = (r.table, r.chain, canonical(r.spec, family))
+        try:
+            key = (r.table, r.chain, canonical(r.spec, family))
+        except (ValueError, OSError, IndexError):  # a shape canon.py does not know: let -C decide
+            out.append(r)
+            continue
         if have.get(key, 0) > 0:
             have[key] -= 1
         else:

@@ -101,7 +101,7 @@ def canonical(spec: tuple[str, ...], family: int) -> str:
             return " ".join([*_head(base, matches), "-j", *_target(list(spec[i + 1:]), family)])
         else:
             if current is None:  # --dport/--sport right after -p: iptables loads the protocol's match
-                current = [f"-m {base.get('-p', '').split()[-1]}"]
+                current = [f"-m {(base.get('-p') or 'tcp').split()[-1]}"]
                 matches.append(current)
             if tok in _MARK_OPTS:
                 value = _hex(value)
