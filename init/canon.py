@@ -3,7 +3,8 @@ the kernel rule by rule: `iptables -C` per rule made a rerun with 2,000 excluded
 `-C` is quadratic even when batched in one restore.
 
 The canonical form covers the rule shapes init/rules.py writes (iptables 1.8 save format): base fields in the order
--s -d -i -o -p, addresses masked to their network (a /0 omitted), the implicit `-m tcp`/`-m udp` of --dport/--sport, marks in hex,
+-s -d -i -o -p, addresses masked to their network (a /0 omitted), the implicit `-m tcp`/`-m udp` of
+--dport/--sport, marks in hex,
 MARK/CONNMARK/TPROXY/REDIRECT options as the kernel reports them, group names as gids. It is a fast path, not the
 judge: a rule whose canonical form is not found in the save is then checked with `-C` (init/backend.check_all), so
 a save format this module does not predict costs time, never a wrong answer.

@@ -136,7 +136,8 @@ def _ports(flag: str, value: str) -> tuple[str, ...]:
         lo_s, colon, hi_s = item.partition(":")
         lo, hi = _uint(lo_s, 65535), (_uint(hi_s, 65535) if colon else 0)
         if lo is None or hi is None or (colon and hi < lo):
-            raise ConfigError(f"{flag}: invalid port {show(item)} (want N or N:M with N <= M, 0-65535, ASCII digits, no leading zeros)")
+            raise ConfigError(f"{flag}: invalid port {show(item)} "
+                              "(want N or N:M with N <= M, 0-65535, ASCII digits, no leading zeros)")
     return items
 
 
