@@ -436,6 +436,10 @@ def _validate_meta(meta: Any) -> None:
     refs = meta.get("ownerReferences")
     if refs is not None and not (isinstance(refs, list) and all(isinstance(r, dict) for r in refs)):
         raise _fail("metadata.ownerReferences", "want a list of objects")
+    for i, ref in enumerate(refs or []):
+        for key in ("apiVersion", "kind", "name"):  # they name the workload in ISTIO_META_OWNER and WORKLOAD_NAME
+            if not isinstance(ref.get(key, ""), str):
+                raise _fail(f"metadata.ownerReferences[{i}].{key}", "want a string")
 
 
 # Lists of objects inside a container, and the key each element must have as a string (None: any object).
@@ -531,8 +535,8 @@ def _strip(pod: dict[str, Any], annotations: dict[str, str], status_port: int) -
         names = set(status.get(key) or [])
         if names and spec.get(field):
             spec[field] = [v for v in spec[field] if v.get("name") not in names]
-    if prometheus._find(annotations, "prometheus_io_port") == str(status_port):
-        for k in [k for k in annotations if prometheus.sanitize(k) in
+    if prometheus.written_by_merge(annotations, status_port):  # only what the merge wrote: a user's own
+        for k in [k for k in annotations if prometheus.sanitize(k) in  # prometheus_io/port: 15020 stays
                   ("prometheus_io_scrape", "prometheus_io_port", "prometheus_io_path")]:
             del annotations[k]
     overrides = annotations.get(ANNOTATION_OVERRIDES)

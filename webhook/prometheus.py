@@ -35,6 +35,13 @@ def _find(annotations: dict[str, str], sanitized: str) -> str | None:
     return None
 
 
+def written_by_merge(annotations: dict[str, str], status_port: int) -> bool:
+    """Whether the pod carries exactly the three annotations `apply_merge` writes (re-injection removes them)."""
+    return (annotations.get(C.ANNOTATION_PROMETHEUS_PORT) == str(status_port)
+            and annotations.get(C.ANNOTATION_PROMETHEUS_PATH) == STATS_PATH
+            and annotations.get(C.ANNOTATION_PROMETHEUS_SCRAPE) == "true")
+
+
 def scrape_enabled(annotations: dict[str, str]) -> bool:
     v = _find(annotations, "prometheus_io_scrape")
     return True if v is None else parse_go_bool(v) is not False
@@ -82,13 +89,15 @@ def apply_merge(annotations: dict[str, str], mesh: dict[str, Any]) -> str | None
     status_port = int((mesh.get("defaultConfig") or {}).get("statusPort") or C.STATUS_PORT)
     if not (scrape_enabled(annotations) and merge_enabled(annotations, mesh)):
         return None
+    # Checked before the already-merged shortcut, so a re-injection (which strips the merge's own annotations)
+    # refuses exactly what the first injection refused.
+    targets = _targets(annotations.get(C.ANNOTATION_PROMETHEUS_SCRAPE_TARGETS, ""), status_port)
     if _find(annotations, "prometheus_io_port") == str(status_port):
         return None
     collected: dict[str, Any] = {}
     scrape = _find(annotations, "prometheus_io_scrape")
     path = _find(annotations, "prometheus_io_path")
     port = _find(annotations, "prometheus_io_port")
-    targets = _targets(annotations.get(C.ANNOTATION_PROMETHEUS_SCRAPE_TARGETS, ""), status_port)
     if targets:
         port, path = targets[0]["port"], targets[0]["path"]
     elif port is not None:

@@ -219,6 +219,8 @@ def test_ascii_numbers_in_proxy_config_still_work(value: str) -> None:
     (lambda p: p["spec"].__setitem__("imagePullSecrets", [1]), "spec.imagePullSecrets[0]"),
     (lambda p: p["metadata"].__setitem__("name", 7), "metadata.name"),
     (lambda p: p["metadata"].__setitem__("ownerReferences", 7), "metadata.ownerReferences"),
+    (lambda p: p["metadata"].update(generateName="x-", ownerReferences=[
+        {"controller": True, "kind": {"a": "b" * 100_000}, "name": "n"}]), "metadata.ownerReferences[0].kind"),
     (lambda p: p["metadata"].__setitem__("labels", ["a"]), "metadata.labels"),
     (lambda p: p["metadata"].__setitem__("annotations", {"sidecar.istio.io/status": '{"volumes": [{}]}'}),
      "sidecar.istio.io/status"),
@@ -297,3 +299,22 @@ def test_deep_flow_yaml_in_proxy_config_costs_no_more_than_flat_yaml() -> None:
 
 def test_prometheus_refusal_names_the_key_as_spelled() -> None:
     _refused(_pod_with({"prometheus_io/port": "15000"}), "prometheus_io/port", "reserved")
+
+
+@pytest.mark.parametrize("annotations", [{"prometheus_io/port": "15020"},
+                                         {"prometheus.istio.io/scrape-targets": "15000",
+                                          "prometheus.io/port": "15020", "prometheus.io/path": "/stats/prometheus",
+                                          "prometheus.io/scrape": "true"}])
+def test_reinjection_with_the_status_port_as_scrape_port_is_idempotent(annotations: dict[str, str]) -> None:
+    """Found by the fuzz suite: a user's own scrape port equal to the status port was stripped on re-injection as
+    if the merge had written it (the second answer differed), and reserved scrape targets were refused only then."""
+    s = settings()
+    first, _, _ = _review(_pod_with(annotations))
+    if not first["allowed"]:
+        assert "prometheus.istio.io/scrape-targets" in first["status"]["message"]
+        return
+    once = jsonpatch.apply_patch(_pod_with(annotations), json.loads(base64.b64decode(first["patch"])))
+    payload, _ = review_bytes(review_body(once), s)
+    again = json.loads(payload)["response"]
+    assert again["allowed"] is True, again
+    assert jsonpatch.apply_patch(once, json.loads(base64.b64decode(again["patch"]))) == once
