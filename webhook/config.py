@@ -212,10 +212,14 @@ def _unwrap_configmap(doc: Any, key: str, path: str) -> Any:
         data = doc.get("data") or {}
         if key not in data:
             raise ConfigError(f"{path}: ConfigMap has no data.{key}")
+        if not isinstance(data[key], str):
+            raise ConfigError(f"{path}: data.{key}: want a string holding YAML/JSON")
         try:
             return yaml.safe_load(data[key])
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: data.{key} is not valid YAML/JSON: {e}") from e
+            raise ConfigError(f"{path}: data.{key} is not valid YAML/JSON: {e}") from None
+        except (RecursionError, ValueError, TypeError, OverflowError):
+            raise ConfigError(f"{path}: data.{key} is not valid YAML/JSON: a value cannot be built") from None
     return doc
 
 

@@ -461,6 +461,8 @@ def _validate_container(c: Any, where: str) -> None:
             port = item.get("containerPort") if key == "ports" else None
             if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
                 raise _fail(f"{where}.{key}[{i}].containerPort", "want a number")
+            if key == "env" and not isinstance(item.get("value", ""), str):
+                raise _fail(f"{where}.{key}[{i}].value", "want a string")
     for key in ("securityContext", "lifecycle", "readinessProbe", "livenessProbe", "startupProbe", "resources"):
         if c.get(key) is not None and not isinstance(c[key], dict):
             raise _fail(f"{where}.{key}", "want an object")

@@ -9,11 +9,14 @@ import json
 from typing import Any
 
 from meshboot import constants as C
+from meshboot import jsonsafe
+from meshboot.syntax import is_ascii_digits
 
 PROBES = (("readinessProbe", "readyz"), ("livenessProbe", "livez"), ("startupProbe", "startupz"))
 LIFECYCLE = (("preStop", "prestopz"), ("postStart", "poststartz"))
 APP_HEALTH = "/app-health/{}/{}"
 APP_LIFECYCLE = "/app-lifecycle/{}/{}"
+_PROBERS_DEPTH = 8   # {url: {httpGet: {httpHeaders: [{name, value}]}}}: five levels
 _compact_sorted = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode  # json.dumps(..., those options)
 
 
@@ -21,7 +24,7 @@ def _resolve_port(port: Any, container: dict[str, Any]) -> int | None:
     if isinstance(port, int) and not isinstance(port, bool):
         return port
     if isinstance(port, str):
-        if port.isdigit():
+        if is_ascii_digits(port) and len(port) <= 5:   # "８０" and "²" are names, and match none
             return int(port)
         for p in container.get("ports") or []:
             if p.get("name") == port:
@@ -109,9 +112,9 @@ def merge_probers(new: dict[str, Any], existing_json: str | None) -> dict[str, A
     """On re-injection the existing env value wins key by key (its probes were rewritten already)."""
     if not existing_json:
         return new
-    try:
-        old = json.loads(existing_json)
-    except ValueError:
+    try:  # the pod's own env on re-injection: tenant text, bounded in size and depth
+        old = jsonsafe.load(existing_json, max_depth=_PROBERS_DEPTH)
+    except jsonsafe.JSONRefused:
         return new
     if not isinstance(old, dict):
         return new

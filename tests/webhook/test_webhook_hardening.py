@@ -318,3 +318,36 @@ def test_reinjection_with_the_status_port_as_scrape_port_is_idempotent(annotatio
     again = json.loads(payload)["response"]
     assert again["allowed"] is True, again
     assert jsonpatch.apply_patch(once, json.loads(base64.b64decode(again["patch"]))) == once
+
+
+@pytest.mark.parametrize("value", ["[" * 20_000 + "]" * 20_000, '{"/app-health/a/readyz": ' * 3000 + "1" + "}" * 3000])
+def test_deep_app_probers_env_on_reinjection_is_bounded(value: str) -> None:
+    """On re-injection the pod's own istio-proxy env ISTIO_KUBE_APP_PROBERS is parsed (json.loads: RecursionError)."""
+    pod = _pod_with({"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'})
+    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "x",
+                                      "env": [{"name": "ISTIO_KUBE_APP_PROBERS", "value": value}]})
+    resp, took, size = _review(pod)
+    assert took < 1.0 and size < MAX_RESPONSE_BYTES
+    assert resp["allowed"] is True, resp
+
+
+def test_env_values_must_be_strings() -> None:
+    pod = hello_pod()
+    pod["spec"]["containers"][0]["env"] = [{"name": "A", "value": {"x": 1}}]
+    _refused(pod, "spec.containers[0].env[0].value")
+
+
+@pytest.mark.parametrize("port", ["²", "８０"])
+def test_probe_ports_with_non_ascii_digits_are_names_not_numbers(port: str) -> None:
+    pod = hello_pod()
+    pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = port
+    resp, _, _ = _review(pod)
+    assert resp["allowed"] is True, resp
+    probers = [e for c in _patched_containers(pod, resp) for e in c.get("env") or []
+               if e["name"] == "ISTIO_KUBE_APP_PROBERS"]
+    assert not probers or '"port":80' not in probers[0]["value"]
+
+
+def _patched_containers(pod: dict[str, Any], resp: dict[str, Any]) -> list[dict[str, Any]]:
+    patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(resp["patch"])))
+    return patched["spec"].get("initContainers", []) + patched["spec"]["containers"]
