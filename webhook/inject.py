@@ -504,6 +504,13 @@ def _env_value(container: Mapping[str, Any] | None, name: str) -> str | None:
     return None
 
 
+def _env_default(env: list[dict[str, Any]], name: str, value: str) -> None:
+    """Append `name`, unless the user's own istio-proxy already sets it (theirs wins, as in Istio's merge): a second
+    entry would be carried into the next re-injection and the pod would change every time."""
+    if not any(e.get("name") == name for e in env):
+        env.append({"name": name, "value": value})
+
+
 def _pop_named(lst: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     for i, c in enumerate(lst):
         if c.get("name") == name:
@@ -639,7 +646,7 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
     prom_env = prometheus.apply_merge(annotations, settings.mesh)
     prom_env = prom_env or carried.get(C.ENV_PROMETHEUS_ANNOTATIONS)
     if prom_env:
-        env.append({"name": C.ENV_PROMETHEUS_ANNOTATIONS, "value": prom_env})
+        _env_default(env, C.ENV_PROMETHEUS_ANNOTATIONS, prom_env)
 
     # Place the containers (native: init side; classic: app side, first when the app waits for the proxy).
     if ch.native:
@@ -663,7 +670,7 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         probers = probes.rewrite_app_probes(spec, probe_port)
         probers = probes.merge_probers(probers, carried.get(C.ENV_APP_PROBERS))
         if probers:
-            env.append({"name": C.ENV_APP_PROBERS, "value": probes.probers_json(probers)})
+            _env_default(env, C.ENV_APP_PROBERS, probes.probers_json(probers))
 
     volumes = _volumes(out, annotations, settings)
     vnames = {v["name"] for v in volumes}

@@ -351,3 +351,19 @@ def test_probe_ports_with_non_ascii_digits_are_names_not_numbers(port: str) -> N
 def _patched_containers(pod: dict[str, Any], resp: dict[str, Any]) -> list[dict[str, Any]]:
     patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(resp["patch"])))
     return patched["spec"].get("initContainers", []) + patched["spec"]["containers"]
+
+
+def test_users_own_probers_env_is_not_duplicated_and_reinjection_is_stable() -> None:
+    """Found by the fuzz suite: a user istio-proxy setting ISTIO_KUBE_APP_PROBERS got a second entry appended, and
+    re-injection carried the user's one into both."""
+    s = settings()
+    pod = hello_pod()
+    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "auto", "env": [
+        {"name": "ISTIO_KUBE_APP_PROBERS", "value": '{"/x":{"tcpSocket":{"port":1}}}'}]})
+    resp, _, _ = _review(pod)
+    once = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(resp["patch"])))
+    payload, _ = review_bytes(review_body(once), s)
+    twice = jsonpatch.apply_patch(once, json.loads(base64.b64decode(json.loads(payload)["response"]["patch"])))
+    assert twice == once
+    proxy = next(c for c in once["spec"]["initContainers"] if c["name"] == "istio-proxy")
+    assert [e["name"] for e in proxy["env"]].count("ISTIO_KUBE_APP_PROBERS") == 1
