@@ -548,6 +548,8 @@ def _strip(pod: dict[str, Any], annotations: dict[str, str], status_port: int) -
         for k in [k for k in annotations if prometheus.sanitize(k) in  # prometheus_io/port: 15020 stays
                   ("prometheus_io_scrape", "prometheus_io_port", "prometheus_io_path")]:
             del annotations[k]
+    else:  # the app's own scrape settings were never moved into the env: nothing to carry
+        carried.pop(C.ENV_PROMETHEUS_ANNOTATIONS, None)
     overrides = annotations.get(ANNOTATION_OVERRIDES)
     if overrides:
         saved = _annotation(ann_mod.parse_overrides, overrides, ANNOTATION_OVERRIDES)
@@ -644,7 +646,8 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         env += [{"name": k, "value": moved[k]} for k in sorted(moved)]
 
     prom_env = prometheus.apply_merge(annotations, settings.mesh)
-    prom_env = prom_env or carried.get(C.ENV_PROMETHEUS_ANNOTATIONS)
+    # Re-injection: the app's original prometheus.io/* survive only in the old env (the merge overwrote them).
+    prom_env = carried.get(C.ENV_PROMETHEUS_ANNOTATIONS) or prom_env
     if prom_env:
         _env_default(env, C.ENV_PROMETHEUS_ANNOTATIONS, prom_env)
 

@@ -367,3 +367,15 @@ def test_users_own_probers_env_is_not_duplicated_and_reinjection_is_stable() -> 
     assert twice == once
     proxy = next(c for c in once["spec"]["initContainers"] if c["name"] == "istio-proxy")
     assert [e["name"] for e in proxy["env"]].count("ISTIO_KUBE_APP_PROBERS") == 1
+
+
+def test_reinjection_keeps_the_apps_original_scrape_settings() -> None:
+    """Found by the fuzz suite: with scrape-targets set, re-injection recomputed ISTIO_PROMETHEUS_ANNOTATIONS from
+    annotations the first merge had overwritten, losing the app's original prometheus.io/scrape."""
+    s = settings()
+    pod = _pod_with({"prometheus.io/scrape": "", "prometheus.istio.io/scrape-targets": "8080"})
+    resp, _, _ = _review(pod)
+    once = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(resp["patch"])))
+    payload, _ = review_bytes(review_body(once), s)
+    twice = jsonpatch.apply_patch(once, json.loads(base64.b64decode(json.loads(payload)["response"]["patch"])))
+    assert twice == once
