@@ -14,6 +14,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
 
 # The reason kinds, also the `reason` label of istio_agent_certificate_refused_total.
 KINDS = ("unparseable", "key_mismatch", "expired", "not_yet_valid", "untrusted", "identity")
@@ -41,37 +45,37 @@ def _verify_kind(message: str) -> str:
     return "untrusted"
 
 
-def _handshake(server, client) -> None:  # noqa: ANN001 — ssl.SSLObject, ssl imported lazily
-    """Pump both SSLObjects' records across until the client is done (or one side fails)."""
-    import ssl  # noqa: PLC0415
-
-    c_in, c_out, s_in, s_out = client._in, client._out, server._in, server._out  # type: ignore[attr-defined]
-    c_done = s_done = False
-    for _ in range(20):
-        for obj, attr in ((client.obj, "c"), (server.obj, "s")):
-            if (c_done if attr == "c" else s_done):
-                continue
-            try:
-                obj.do_handshake()
-                if attr == "c":
-                    c_done = True
-                else:
-                    s_done = True
-            except ssl.SSLWantReadError:
-                pass
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-        if c_done and s_done:
-            return
-    raise Refused("untrusted", "TLS handshake with the issued chain did not complete")
-
-
 class _End:
-    def __init__(self, ctx, server_side: bool) -> None:  # noqa: ANN001
+    """One side of the in-memory connection: an SSLObject over an incoming and an outgoing MemoryBIO."""
+
+    def __init__(self, ctx: "ssl.SSLContext", server_side: bool) -> None:
         import ssl  # noqa: PLC0415
 
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        self.done = False
+
+    def step(self) -> None:
+        import ssl  # noqa: PLC0415
+
+        if not self.done:
+            try:
+                self.obj.do_handshake()
+                self.done = True
+            except ssl.SSLWantReadError:
+                pass
+
+
+def _handshake(server: _End, client: _End) -> None:
+    """Pump records between the two ends until both finish (a TLS 1.3 handshake takes 2–3 round trips)."""
+    for _ in range(10):
+        client.step()
+        server.step()
+        server.incoming.write(client.outgoing.read())
+        client.incoming.write(server.outgoing.read())
+        if client.done and server.done:
+            return
+    raise Refused("untrusted", "TLS handshake with the issued chain did not complete")
 
 
 def check(chain_pem: bytes, key_pem: bytes, roots_pem: bytes, spiffe_id: str) -> str:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from meshboot import constants as C
-from meshboot import yamlsafe
 from meshboot.durations import parse_duration as _go_duration
 
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
@@ -24,8 +23,8 @@ class ConfigError(ValueError):
     """One bad or missing input, with what and where."""
 
 
-MAX_TEXT = yamlsafe.MAX_BYTES       # any one structured input (the API server's cap on all annotations together)
-MAX_DEPTH = yamlsafe.MAX_DEPTH
+MAX_TEXT = 256 * 1024     # any one structured input: meshboot.yamlsafe's bound (the API server's cap on annotations)
+MAX_DEPTH = 64            # as meshboot.yamlsafe; that module (PyYAML, ~1 MB RSS) is imported only for YAML input
 
 
 def show(v: Any, limit: int = 64) -> str:
@@ -142,6 +141,8 @@ def _load_structured(text: str, where: str) -> dict:
     except ConfigError as e:
         if "invalid JSON" not in str(e):
             raise
+        from meshboot import yamlsafe  # noqa: PLC0415 — rarely needed, keep the agent's footprint small
+
         try:
             data = yamlsafe.load(text)
         except yamlsafe.YAMLRefused as y:

@@ -137,11 +137,11 @@ class SecretManager:
 
     def __init__(self, cfg: AgentConfig, ca: "CAClient | None", metrics: "Metrics | None" = None,
                  backoff_initial: float = 0.5, backoff_max: float = 60.0,
-                 prestarted: "helper.Prestarted | None" = None, prestarted_check: "helper.Prestarted | None" = None,
+                 prestarted: "helper.Prestarted | None" = None,
                  refused_initial: float = 1.0, refused_max: float = 300.0) -> None:
         self.cfg = cfg
         self._prestarted = prestarted
-        self._prestarted_check = prestarted_check
+        self._checker: helper.Prestarted | None = None    # certcheck.py, started when a CSR goes out
         self._ca_backoff = Backoff(backoff_initial, backoff_max)
         self._refused_backoff = Backoff(refused_initial, refused_max)
         self.last_error = ""
@@ -167,7 +167,7 @@ class SecretManager:
         self._tasks.append(asyncio.create_task(self._poll_files(), name="file-poller"))
 
     async def close(self) -> None:
-        for pre in (self._prestarted, self._prestarted_check):
+        for pre in (self._prestarted, self._checker):
             if pre is not None and pre.proc.poll() is None:
                 pre.proc.kill()
         for t in [*self._tasks, *([self._rotation] if self._rotation else [])]:
@@ -279,10 +279,16 @@ class SecretManager:
             if m is not None:
                 m.outgoing.labels("csr").inc()
             assert self.ca is not None
+            if self._checker is None or self._checker.proc.poll() is not None:
+                # the checker's start-up (Python + ssl) overlaps the CA call instead of following it
+                self._checker = helper.Prestarted(certcheck.argv(self.cfg.spiffe_id), stdin=True)
             issued = await self.ca.sign(csr, int(self.cfg.secret_ttl))
         except Exception as e:
             if m is not None:
                 m.outgoing_failed.labels("csr").inc()
+            if self._checker is not None:       # no chain to check: do not keep a process waiting out a CA outage
+                self._checker.proc.kill()
+                self._checker = None
             raise SecretError(str(e)) from None
         if m is not None:
             m.outgoing_latency.labels("csr").observe(time.monotonic() - t0)
@@ -300,12 +306,11 @@ class SecretManager:
             roots = _read(self.cfg.ca_root_file)
         req = json.dumps({"chain": wl.chain_pem.decode("ascii", "replace"), "key": wl.key_pem.decode("ascii"),
                           "roots": roots.decode("ascii", "replace")}).encode()
-        pre, self._prestarted_check = self._prestarted_check, None
+        pre, self._checker = self._checker, None
         try:
-            if pre is not None:
-                out = await pre.result(req, timeout=30)
-            else:
-                out = await helper.run(certcheck.argv(self.cfg.spiffe_id), req, timeout=30)
+            if pre is None:
+                pre = helper.Prestarted(certcheck.argv(self.cfg.spiffe_id), stdin=True)
+            out = await pre.result(req, timeout=30)
         except (OSError, helper.HelperError) as e:
             raise SecretError(f"cannot check the issued certificate: {e}") from None
         verdict = out.decode(errors="replace").strip()

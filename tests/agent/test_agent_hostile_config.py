@@ -60,3 +60,18 @@ def test_metajson_that_cannot_be_parsed_is_skipped() -> None:
     cfg = cfg_of({"ISTIO_METAJSON_LABELS": DEEP_JSON, "ISTIO_METAJSON_X": '{"a": 1}'})
     meta = bootstrap.node_metadata(cfg)
     assert meta["X"] == {"a": 1} and "LABELS" not in meta or isinstance(meta["LABELS"], dict)
+
+
+def test_bounds_are_yamlsafe_bounds_and_yaml_loads_only_for_yaml() -> None:
+    """The agent keeps PyYAML out of its process unless a YAML input needs it (the 40 MB RSS budget)."""
+    import subprocess
+    import sys
+
+    from agent import config
+    from meshboot import yamlsafe
+
+    assert (config.MAX_TEXT, config.MAX_DEPTH) == (yamlsafe.MAX_BYTES, yamlsafe.MAX_DEPTH)
+    code = ("import sys; from tests.agent.test_agent_core import cfg_of; cfg_of({'PROXY_CONFIG': '{}'}); "
+            "print('yaml' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
