@@ -16,7 +16,7 @@ from typing import Any
 from meshboot import constants as C
 from webhook.config import Settings, shown
 from webhook.errors import InjectionError
-from webhook.inject import ENV_NETWORK, inject_pod, validate_pod_shape
+from webhook.inject import ENV_NETWORK, inject_pod, validate_meta_shape
 from webhook.patch import make_patch
 from webhook.policy import Decision, decide
 
@@ -93,6 +93,16 @@ def _decode(body: bytes | str) -> tuple[Any, bool]:
         return json.loads(body), False
     except RecursionError:  # the json module recurses per level; deeper than orjson's 1024 is refused anyway
         raise ValueError(f"nested deeper than {MAX_BODY_DEPTH} levels") from None
+
+
+def _openers(body: Any) -> int:
+    """How many arrays and objects a JSON text can open: a bound on its depth (C speed; most pods have < 64).
+    Not text (an already decoded body): no bound known."""
+    if isinstance(body, bytes):
+        return body.count(b"[") + body.count(b"{")
+    if isinstance(body, str):
+        return body.count("[") + body.count("{")
+    return MAX_BODY_DEPTH + 1
 
 
 def _too_deep(value: Any, limit: int = MAX_BODY_DEPTH) -> bool:
@@ -223,11 +233,12 @@ def review(body: bytes | str | dict, settings: Settings, path: str = "/inject") 
             doc = body
     except (ValueError, UnicodeDecodeError) as e:
         return _not_json(e)
-    return _review(doc, settings, path, fast)
+    return _review(doc, settings, path, fast, _openers(body) <= MAX_BODY_DEPTH)
 
 
-def _review(doc: Any, settings: Settings, path: str, fast: bool) -> Outcome:
-    """`review` of a decoded body; `fast`: the body was read by orjson (see `_decode`)."""
+def _review(doc: Any, settings: Settings, path: str, fast: bool, shallow: bool = False) -> Outcome:
+    """`review` of a decoded body; `fast`: the body was read by orjson (see `_decode`); `shallow`: the body has too
+    few brackets to nest deeper than MAX_BODY_DEPTH (`_openers`), so the depth walk is skipped."""
     if not isinstance(doc, dict):
         msg = "could not decode body as an AdmissionReview: want a JSON object"
         return Outcome(_response(FALLBACK_API_VERSION, None, False, message=msg), ERROR, msg)
@@ -254,7 +265,7 @@ def _review(doc: Any, settings: Settings, path: str, fast: bool) -> Outcome:
     if long_uid:
         return fail(f"could not decode body as an AdmissionReview: request.uid is longer than {MAX_UID_CHARS} "
                     "characters")
-    if _too_deep(request):
+    if not shallow and _too_deep(request):
         return fail(f"could not decode body as an AdmissionReview: request nested deeper than {MAX_BODY_DEPTH} "
                     "levels")
     return _review_pod(request, settings, path, fast, out_version, uid)
@@ -279,7 +290,7 @@ def _review_pod(request: dict[str, Any], settings: Settings, path: str, fast: bo
     try:
         if not isinstance(pod.get("spec"), dict):
             raise InjectionError("failed to process pod: request.object.spec is missing (a Pod needs containers)")
-        validate_pod_shape(pod)
+        validate_meta_shape(pod.get("metadata"))  # what the policy reads; inject_pod checks the rest
         decision: Decision = decide(pod, namespace, settings)
         if not decision.inject:
             return Outcome(_response(out_version, uid, True), SKIPPED, decision.reason, label)
@@ -366,7 +377,7 @@ def review_bytes(body: bytes, settings: Settings, path: str = "/inject",
             if hit is not None:
                 template, outcome = hit
                 return template.replace(_UID_SLOT, json.dumps(uid).encode()), outcome
-    outcome = _review(doc, settings, path, fast)
+    outcome = _review(doc, settings, path, fast, _openers(body) <= MAX_BODY_DEPTH)
     payload = _encode(outcome.response)  # strings and booleans only
     if key is not None and outcome.result != ERROR:
         # The uid is the response's first field: mark it in the serialized answer for reuse.

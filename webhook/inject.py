@@ -420,7 +420,7 @@ def _fail(where: str, want: str) -> InjectionError:
     return InjectionError(f"failed to process pod: {where}: {want}")
 
 
-def _validate_meta(meta: Any) -> None:
+def validate_meta_shape(meta: Any) -> None:
     """The metadata fields the injector reads, with the types Kubernetes gives them."""
     if meta is None:
         return
@@ -474,7 +474,7 @@ def validate_pod_shape(pod: Any) -> None:
         raise InjectionError("failed to process pod: the object is not a Pod (want a JSON object)")
     if pod.get("kind") not in (None, "Pod"):
         raise _fail("kind", f"is {shown(pod.get('kind'))}, want Pod")
-    _validate_meta(pod.get("metadata"))
+    validate_meta_shape(pod.get("metadata"))
     spec = pod.get("spec")
     if not isinstance(spec, dict):
         raise _fail("spec", "missing (a Pod needs spec.containers)")
