@@ -15,7 +15,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from webhook.admission import MAX_RESPONSE_BYTES, ReplicaCache, review, review_bytes
+from webhook.admission import MAX_RESPONSE_BYTES, ReplicaCache, review_bytes
 from webhook_fixtures import hello_pod, review_body, settings
 
 ROOT = Path(__file__).resolve().parents[2]
