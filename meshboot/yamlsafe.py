@@ -8,7 +8,7 @@ so a deeply nested document cannot exhaust the parser's recursion.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -57,6 +57,21 @@ class _BoundedLoader(yaml.SafeLoader):
 
 def load(text: str, max_bytes: int = MAX_BYTES) -> Any:
     """One YAML document (JSON is YAML). YAMLRefused for aliases, excess size or depth, and any syntax error."""
+    return _parse(text, max_bytes, lambda loader: loader.get_single_data())
+
+
+def load_all(text: str, max_bytes: int = MAX_BYTES) -> list[Any]:
+    """Every document of a multi-document stream, with the same bounds as `load`."""
+    def every(loader: _BoundedLoader) -> list[Any]:
+        docs = []
+        while loader.check_data():
+            docs.append(loader.get_data())
+        return docs
+    return _parse(text, max_bytes, every)
+
+
+def _parse(text: str, max_bytes: int, read: Callable[[_BoundedLoader], Any]) -> Any:
+    """The bounds checked before PyYAML sees the text, then `read(loader)` with every failure as YAMLRefused."""
     if len(text) > max_bytes:
         raise YAMLRefused(f"YAML longer than {max_bytes} bytes")
     if _bracket_depth(text) > MAX_DEPTH:
@@ -66,38 +81,13 @@ def load(text: str, max_bytes: int = MAX_BYTES) -> Any:
     except yaml.YAMLError as e:
         raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
     try:
-        return loader.get_single_data()
+        return read(loader)
     except YAMLRefused:
         raise
     except yaml.YAMLError as e:
         raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
     except (RecursionError, ValueError, TypeError, OverflowError) as e:
         # Constructors raise these for e.g. an out-of-range timestamp or a huge float literal.
-        raise YAMLRefused(f"not valid YAML: {type(e).__name__.lower()} while building the value") from None
-    finally:
-        loader.dispose()
-
-
-def load_all(text: str, max_bytes: int = MAX_BYTES) -> list[Any]:
-    """Every document of a multi-document stream, with the same bounds as `load`."""
-    if len(text) > max_bytes:
-        raise YAMLRefused(f"YAML longer than {max_bytes} bytes")
-    if _bracket_depth(text) > MAX_DEPTH:
-        raise YAMLRefused(f"YAML nested deeper than {MAX_DEPTH} levels")
-    try:
-        loader = _BoundedLoader(text)
-    except yaml.YAMLError as e:
-        raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
-    try:
-        docs = []
-        while loader.check_data():
-            docs.append(loader.get_data())
-        return docs
-    except YAMLRefused:
-        raise
-    except yaml.YAMLError as e:
-        raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
-    except (RecursionError, ValueError, TypeError, OverflowError) as e:
         raise YAMLRefused(f"not valid YAML: {type(e).__name__.lower()} while building the value") from None
     finally:
         loader.dispose()

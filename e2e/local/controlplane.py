@@ -77,6 +77,7 @@ class ControlPlane:
                 "--values", str(d / "values.yaml"),
                 "--kubernetes-version", kubernetes_version,
                 "--log-level", "warning",
+                "--drain-duration", "0s",   # one replica and no endpoints controller: nothing to drain for
                 "--ca-port", str(C.CA_PORT), "--ca-address", "0.0.0.0",
                 "--ca-dir", str(ca_dir), "--plugin-certs", str(d / "no-plugin-certs"),
                 "--jwks", str(d / "jwks.json"), "--trust-domain", C.DEFAULT_TRUST_DOMAIN,

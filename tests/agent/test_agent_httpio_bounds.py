@@ -3,15 +3,14 @@ a huge Content-Length, a trickled body, an oversized head and too many connectio
 with one clear 4xx when the request says too much; probes keep working afterwards."""
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 import time
 from typing import Iterator
 
 import pytest
 
 from agent import httpio
+from tests.sockets import drip, serve_in_thread, until_closed
 
 BOUND, SLACK, CAP = 1.0, 1.5, 4
 
@@ -22,48 +21,13 @@ async def _ok(req: httpio.Request) -> httpio.Response:
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(httpio.serve(_ok, "127.0.0.1", 0, read_timeout=BOUND, max_connections=CAP))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield server.sockets[0].getsockname()[1]
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    server.close()
-    loop.close()
-
-
-def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
-    t0, data = time.monotonic(), b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data, time.monotonic() - t0
-
-
-def _drip(port: int, first: bytes, byte: bytes) -> tuple[bytes, float]:
-    """Send `first`, then `byte` every 0.2 s until the server answers or closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.settimeout(0.2)
-        t0, data = time.monotonic(), b""
-        s.sendall(first)
-        for _ in range(50):
-            try:
-                s.sendall(byte)
-                data = s.recv(4096)
-                break
-            except TimeoutError:
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        return data, time.monotonic() - t0
+    with serve_in_thread(lambda: httpio.serve(_ok, "127.0.0.1", 0, read_timeout=BOUND, max_connections=CAP)) as p:
+        yield p
 
 
 def test_silent_connection_closed(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        data, took = _until_closed(s)
+        data, took = until_closed(s)
     assert data == b"" and took < BOUND + SLACK
 
 
@@ -72,7 +36,7 @@ def test_silent_connection_closed(port: int) -> None:
     (b"POST /quitquitquit HTTP/1.1\r\ncontent-length: 60000\r\n\r\n", b"x"),      # trickled body
 ])
 def test_slow_requests_closed_within_the_bound(port: int, first: bytes, byte: bytes) -> None:
-    data, took = _drip(port, first, byte)
+    data, took = drip(port, first, byte)
     assert took < BOUND + SLACK and b"ok" not in data
 
 
@@ -84,7 +48,7 @@ def test_slow_requests_closed_within_the_bound(port: int, first: bytes, byte: by
 def test_oversized_requests_refused_at_once(port: int, raw: bytes, status: bytes, words: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(raw)
-        data, took = _until_closed(s)
+        data, took = until_closed(s)
     assert data.startswith(b"HTTP/1.1 " + status) and words in data and took < BOUND / 2, data[:200]
 
 
@@ -94,7 +58,7 @@ def test_connections_beyond_the_cap_closed_at_once(port: int) -> None:
         time.sleep(0.1)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
             extra.sendall(b"GET /healthz/ready HTTP/1.1\r\n\r\n")
-            data, took = _until_closed(extra)
+            data, took = until_closed(extra)
         assert data == b"" and took < BOUND / 2
     finally:
         for s in held:
@@ -102,4 +66,4 @@ def test_connections_beyond_the_cap_closed_at_once(port: int) -> None:
     time.sleep(0.1)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"POST /x HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc")
-        assert _until_closed(s)[0].startswith(b"HTTP/1.1 200 OK")
+        assert until_closed(s)[0].startswith(b"HTTP/1.1 200 OK")

@@ -3,15 +3,14 @@ head, an oversized head and too many connections are closed within their bound, 
 request came; no traceback is logged; the port keeps answering probes afterwards."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
-import threading
 import time
 from typing import Iterator
 
 import pytest
 
+from tests.sockets import ask, drip, serve_in_thread, until_closed
 from webhook.monitoring import MAX_HEAD, start_monitoring
 
 BOUND, SLACK, CAP = 1.0, 1.5, 4
@@ -19,55 +18,20 @@ BOUND, SLACK, CAP = 1.0, 1.5, 4
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(start_monitoring("127.0.0.1", 0, lambda: True, header_timeout=BOUND,
-                                                      max_connections=CAP))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield server.sockets[0].getsockname()[1]
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    server.close()
-    loop.close()
-
-
-def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
-    t0, data = time.monotonic(), b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data, time.monotonic() - t0
-
-
-def _ask(port: int, raw: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(raw)
-        return _until_closed(s)[0]
+    with serve_in_thread(lambda: start_monitoring("127.0.0.1", 0, lambda: True, header_timeout=BOUND,
+                                                  max_connections=CAP)) as p:
+        yield p
 
 
 def test_silent_connection_closed(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        data, took = _until_closed(s)
+        data, took = until_closed(s)
     assert data == b"" and took < BOUND + SLACK
 
 
 def test_drip_fed_head_closed_with_408(port: int) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.settimeout(0.3)
-        t0, data = time.monotonic(), b""
-        s.sendall(b"GET /metrics HTTP/1.1\r\n")
-        for _ in range(30):                      # a whole header line every 0.3 s: each line is quick
-            try:
-                s.sendall(b"x-slow: 1\r\n")
-                data = s.recv(4096)
-                break
-            except TimeoutError:
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        took = time.monotonic() - t0
+    # a whole header line every 0.3 s: each line is quick, the head as a whole is not
+    data, took = drip(port, b"GET /metrics HTTP/1.1\r\n", b"x-slow: 1\r\n", every=0.3, times=30)
     assert took < BOUND + SLACK
     assert data.startswith(b"HTTP/1.1 408 ") and b"within 1s" in data
 
@@ -76,7 +40,7 @@ def test_oversized_head_refused_without_traceback(port: int, caplog: pytest.LogC
     caplog.set_level(logging.DEBUG)
     for raw in (b"GET /" + b"a" * (MAX_HEAD * 4) + b" HTTP/1.1\r\n\r\n",
                 b"GET /healthz HTTP/1.1\r\n" + b"x-a: b\r\n" * (MAX_HEAD // 8 + 10) + b"\r\n"):
-        data = _ask(port, raw)
+        data = ask(port, raw)
         assert data.startswith(b"HTTP/1.1 431 ") and str(MAX_HEAD).encode() in data, data[:200]
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()], caplog.text
 
@@ -87,17 +51,17 @@ def test_connections_beyond_the_cap_closed_at_once(port: int) -> None:
         time.sleep(0.1)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
             extra.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
-            data, took = _until_closed(extra)
+            data, took = until_closed(extra)
         assert data == b"" and took < BOUND / 2
     finally:
         for s in held:
             s.close()
     time.sleep(0.1)
-    assert _ask(port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    assert ask(port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 ")
 
 
 def test_good_requests_still_answered(port: int) -> None:
-    data = _ask(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+    data = ask(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200 ") and b"# HELP" in data
-    assert _ask(port, b"HEAD /readyz HTTP/1.1\r\n\r\n").endswith(b"\r\n\r\n")
-    assert _ask(port, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+    assert ask(port, b"HEAD /readyz HTTP/1.1\r\n\r\n").endswith(b"\r\n\r\n")
+    assert ask(port, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")

@@ -1,0 +1,62 @@
+"""Raw-socket clients for the bounds tests of the small HTTP servers (the agent's status server, the monitoring port):
+run a server in a thread, read until the server closes, drip-feed a request."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from typing import Awaitable, Callable, Iterator
+
+
+@contextlib.contextmanager
+def serve_in_thread(start: Callable[[], Awaitable[asyncio.AbstractServer]]) -> Iterator[int]:
+    """Start the server `start()` returns on its own loop in a thread; yield its port; stop it."""
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.close()
+
+
+def until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    t0, data = time.monotonic(), b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data, time.monotonic() - t0
+
+
+def ask(port: int, raw: bytes) -> bytes:
+    """Send `raw` on a new connection; the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        return until_closed(s)[0]
+
+
+def drip(port: int, first: bytes, byte: bytes, every: float = 0.2, times: int = 50) -> tuple[bytes, float]:
+    """Send `first`, then `byte` every `every` seconds until the server answers or closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.settimeout(every)
+        t0, data = time.monotonic(), b""
+        s.sendall(first)
+        for _ in range(times):
+            try:
+                s.sendall(byte)
+                data = s.recv(4096)
+                break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        return data, time.monotonic() - t0
