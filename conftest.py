@@ -1,1 +1,1 @@
-"""Repository root on sys.path so tests can import the shared local-pod helpers in e2e/local."""
+"""Repository root on sys.path so tests, benches and the pod runner import the test support package `testing/`."""

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from e2e.local.netns import Netns, user_argv  # noqa: E402
+from testing.netns import Netns, user_argv  # noqa: E402
 from meshboot import constants as C  # noqa: E402
 from tests.agent.pod import PY, Pod, envoy_binary  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""CA signing throughput and latency: 50 concurrent grpc.aio clients over TLS against `python -m webhook.ca`.
+"""CA signing throughput and latency: 50 concurrent grpc.aio clients over TLS against `python -m ca`.
 
 The CA runs as its own process pinned to one core (CPU 0); the clients run in separate processes pinned to the
 other cores, so they do not measure themselves. CSRs and tokens are made up front and reused, but the CA still
@@ -54,7 +54,7 @@ def client_proc(port: int, root: str, csrs: list[str], tokens: list[str], inflig
     import grpc
 
     from meshboot import constants as C
-    from webhook.ca import ca_pb2, ca_pb2_grpc
+    from ca import ca_pb2, ca_pb2_grpc
 
     async def main() -> tuple[list[float], int]:
         ch = grpc.aio.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(root.encode()),
@@ -146,13 +146,13 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2)
     args = ap.parse_args()
 
-    from e2e.local.tokens import Issuer
+    from testing.tokens import Issuer
     issuer = Issuer()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ca-"))
     (tmp / "jwks.json").write_text(json.dumps(issuer.jwks()))
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "webhook.ca", "--ca-port", str(port), "--ca-address", "127.0.0.1",
+        [sys.executable, "-m", "ca", "--ca-port", str(port), "--ca-address", "127.0.0.1",
          "--ca-dir", str(tmp / "ca"), "--plugin-certs", "", "--jwks", str(tmp / "jwks.json"),
          "--issuer", issuer.issuer, "--ca-monitoring-port", "0"],
         cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},

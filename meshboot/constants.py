@@ -159,7 +159,7 @@ ENV_GOMEMLIMIT = "GOMEMLIMIT"
 # ---- metrics names shared by dashboards --------------------------------------------------------------------------
 METRIC_INJECTION_TIME = "sidecar_injection_time_seconds"
 
-# ---- control plane: workload CA (webhook/ca) ---------------------------------------------------------------------
+# ---- control plane: workload CA (ca) ---------------------------------------------------------------------
 WEBHOOK_SERVICE = "meshboot-webhook"              # the control plane's Service name (chart)
 MONITORING_PORT = 15014                           # istiod's monitoring port: plain HTTP /metrics, /healthz
 PLUGIN_CERTS_DIR = "/etc/cacerts"                 # operator-provided CA (Istio's plug-in layout)

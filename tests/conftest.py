@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from e2e.local.netns import Netns, have_root
+from testing.netns import Netns, have_root
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2e.local.netns import pair, wait_port
+from testing.netns import pair, wait_port
 
 
 def test_pair_carries_tcp_and_user_switch(root_required: None) -> None:

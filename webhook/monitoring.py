@@ -1,6 +1,6 @@
 """Plain-HTTP /metrics, /healthz and /readyz (istiod's 15014), for scrapers and probes that don't speak TLS.
 
-Shared by `meshboot-webhook` and the standalone `python -m webhook.ca`; a few lines of asyncio instead of a second
+Shared by `meshboot-webhook` and the standalone `python -m ca`; a few lines of asyncio instead of a second
 web framework instance. One request per connection, bounded: the request head must arrive whole within
 `header_timeout` and fit in `MAX_HEAD` bytes, the answer must be taken within `write_timeout`, and at most
 `max_connections` are open at once (more are closed at once).

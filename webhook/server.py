@@ -47,8 +47,8 @@ MONITORING_PORT = C.MONITORING_PORT
 JSON = "application/json"
 _JSON_BYTES = JSON.encode()
 
-try:  # the CA lives in webhook/ca (built separately); the injector runs without it
-    from webhook import ca as _ca
+try:  # the CA lives in ca (built separately); the injector runs without it
+    import ca as _ca
     _HAS_CA = callable(getattr(_ca, "add_ca_arguments", None)) and callable(getattr(_ca, "start_ca", None))
 except Exception:  # noqa: BLE001 - any import failure only means "no CA in this process"
     _ca, _HAS_CA = None, False
@@ -360,7 +360,7 @@ def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
 def _mesh_ca_serving_cert(args: argparse.Namespace) -> tuple[str, str] | None:
     """--serving-cert=mesh-ca: a certificate signed by the mesh CA (renewed at half-life), caBundle = the mesh root,
     so every replica patches the same value. None (after one line on stderr) when it cannot be made."""
-    from webhook.ca import webhook_cert
+    from ca import webhook_cert
     out_dir = args.self_signed_dir or tempfile.mkdtemp(prefix="meshboot-webhook-")
     try:
         mesh = webhook_cert.prepare(args, out_dir)
@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-bench-floor", action="store_true", help=argparse.SUPPRESS)
     if _HAS_CA:
         _ca.add_ca_arguments(p)
-        from webhook.ca import webhook_cert
+        from ca import webhook_cert
         webhook_cert.add_arguments(p)   # --serving-cert self-signed|mesh-ca, --serving-cert-ttl
     else:
         p.add_argument("--ca-port", type=int, default=0, help="(no CA in this build)")

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from e2e.local.controlplane import Admission, ControlPlane
 from e2e.local.kubelet import Kubelet, Node, PodRun, local_images, start_pods
-from e2e.local.tokens import Issuer
+from testing.tokens import Issuer
 from meshboot import constants as C
 
 

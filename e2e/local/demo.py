@@ -10,7 +10,7 @@ import sys
 import time
 
 from e2e.local import scenario
-from e2e.local.netns import have_root
+from testing.netns import have_root
 from meshboot import constants as C
 
 

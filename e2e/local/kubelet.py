@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 from e2e.local import kube
 from e2e.local.kube import Container, Image, Lookup, Pod, PodSpecError
-from e2e.local.netns import Netns, bridge, call_in, plug, user_argv
-from e2e.local.tokens import Issuer
+from testing.netns import Netns, bridge, call_in, plug, user_argv
+from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import launchers
 

@@ -1,5 +1,5 @@
 """A pod stand-in for agent tests and the bench: a netns, a temp dir laid out like the istio-proxy container's
-filesystem (token, root cert, pod info), the real CA (`python -m webhook.ca`) inside the netns on 127.0.0.1:15012,
+filesystem (token, root cert, pod info), the real CA (`python -m ca`) inside the netns on 127.0.0.1:15012,
 and the agent run as uid 1337 with the env the injector sets.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e.local.netns import Netns, wait_port
-from e2e.local.tokens import Issuer
+from testing.netns import Netns, wait_port
+from testing.tokens import Issuer
 from meshboot import constants as C
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ class Pod:
     def start_ca(self, wait: bool = True) -> None:
         log = open(self.path("ca.log"), "ab")
         self.ca_proc = self.ns.popen(
-            [PY, "-m", "webhook.ca", "--ca-port", str(C.CA_PORT), "--ca-address", "127.0.0.1", "--ca-dir",
+            [PY, "-m", "ca", "--ca-port", str(C.CA_PORT), "--ca-address", "127.0.0.1", "--ca-dir",
              str(self.path("ca")), "--jwks", str(self.path("jwks.json")), "--trust-domain", C.DEFAULT_TRUST_DOMAIN,
              "--max-workload-cert-ttl", "24h", "--ca-monitoring-port", "0"],
             cwd=str(REPO), stdout=log, stderr=log)

@@ -119,7 +119,7 @@ def test_rotation_delay_is_half_life_with_jitter() -> None:
 
 def test_ca_wire_format_matches_istio_proto() -> None:
     """Our hand encoding is decoded by protoc-generated classes from Istio's ca.proto (the CA's), and back."""
-    ca_pb2 = pytest.importorskip("webhook.ca.ca_pb2")
+    ca_pb2 = pytest.importorskip("ca.ca_pb2")
     req = ca_pb2.IstioCertificateRequest.FromString(caclient.encode_request("-----CSR-----\n", 86400, "signer-x"))
     assert req.csr == "-----CSR-----\n" and req.validity_duration == 86400
     assert dict(req.metadata) == {"CertSigner": "signer-x"}

@@ -31,7 +31,7 @@ from agent.secrets import SecretManager
 from meshboot import constants as C
 from meshboot import pki
 from tests.agent.test_agent_servers import free_port, write_pair
-from tests.fuzzing import budget
+from testing.fuzzing import budget
 
 pytestmark = pytest.mark.fuzz
 

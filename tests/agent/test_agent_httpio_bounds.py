@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from agent import httpio
-from tests.sockets import drip, serve_in_thread, until_closed
+from testing.sockets import drip, serve_in_thread, until_closed
 
 BOUND, SLACK, CAP = 1.0, 1.5, 4
 

@@ -1,4 +1,4 @@
-"""The agent for real: real CA (webhook.ca) over gRPC+TLS, real Envoy, real sockets, capture rules in a netns.
+"""The agent for real: real CA (ca) over gRPC+TLS, real Envoy, real sockets, capture rules in a netns.
 
 Every test runs its pod in its own network namespace (the well-known ports are fixed) with the agent and Envoy as
 uid 1337, as in an injected pod.
@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from e2e.local.netns import Netns, pair
+from testing.netns import Netns, pair
 from meshboot import constants as C
 from tests.agent.pod import PY, REPO, Pod
 

@@ -18,15 +18,13 @@ from hypothesis import strategies as st
 
 from meshboot import constants as C
 from meshboot import pki
-from tests.fuzzing import budget
-from webhook.ca import ca_pb2
+from testing.fuzzing import budget
+from ca import ca_pb2
 
-from .conftest import CA
-from .test_hardening import PYTHON_WORDS, _rsa_key_with_exponent
+from testing.ca_harness import CA, ME, PYTHON_WORDS, rsa_key_with_exponent
 
 pytestmark = pytest.mark.fuzz
 
-ME = C.spiffe_id("ns-a", "sa-a", C.DEFAULT_TRUST_DOMAIN)
 DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
               grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.FAILED_PRECONDITION}
@@ -77,9 +75,9 @@ KEY_NAMES = ("ecdsa", "p384", "rsa", "rsa-e3", "rsa-e33bits", "rsa-hugee")
 def key(name: str) -> object:
     """Made on first use: RSA generation would otherwise cost every `make test` run at collection time."""
     return {"ecdsa": lambda: pki.generate_key(), "p384": lambda: pki.generate_key(curve="P384"),
-            "rsa": lambda: pki.generate_key("RSA"), "rsa-e3": lambda: _rsa_key_with_exponent(2),
-            "rsa-e33bits": lambda: _rsa_key_with_exponent(33),
-            "rsa-hugee": lambda: _rsa_key_with_exponent(2000)}[name]()
+            "rsa": lambda: pki.generate_key("RSA"), "rsa-e3": lambda: rsa_key_with_exponent(2),
+            "rsa-e33bits": lambda: rsa_key_with_exponent(33),
+            "rsa-hugee": lambda: rsa_key_with_exponent(2000)}[name]()
 
 
 def _csr(key: object, sans: list[x509.GeneralName]) -> str:

@@ -1,4 +1,4 @@
-"""`python -m webhook.ca` as the agent and the local pod runner use it: on 15012 inside a fresh network namespace."""
+"""`python -m ca` as the agent and the local pod runner use it: on 15012 inside a fresh network namespace."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from e2e.local.netns import Netns, wait_port
-from e2e.local.tokens import Issuer
+from testing.netns import Netns, wait_port
+from testing.tokens import Issuer
 from meshboot import constants as C
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ CLIENT = textwrap.dedent("""
     import json, sys, urllib.request
     import grpc
     from meshboot import constants as C, pki
-    from webhook.ca import ca_pb2, ca_pb2_grpc
+    from ca import ca_pb2, ca_pb2_grpc
     root, token = open(sys.argv[1]).read(), sys.argv[2]
     # What the agent does with CA_ADDR=localhost:15012: TLS, server name istiod.istio-system.svc, root from file.
     ch = grpc.secure_channel("localhost:15012", grpc.ssl_channel_credentials(root.encode()),
@@ -45,7 +45,7 @@ def test_standalone_ca_on_15012_in_netns(netns: Netns, tmp_path: Path) -> None:
     (tmp_path / "client.py").write_text(CLIENT)
     ca_dir = tmp_path / "ca"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = netns.popen([sys.executable, "-m", "webhook.ca", "--ca-dir", str(ca_dir), "--plugin-certs",
+    proc = netns.popen([sys.executable, "-m", "ca", "--ca-dir", str(ca_dir), "--plugin-certs",
                         str(tmp_path / "no-cacerts"), "--jwks", str(tmp_path / "jwks.json"), "--log-level", "info"],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     assert proc.stdout is not None
@@ -69,7 +69,7 @@ def test_bad_flags_exit_2_with_one_clear_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "webhook.ca", "--ca-dir", str(tmp_path), "--ca-port", "15012"],
+    r = subprocess.run([sys.executable, "-m", "ca", "--ca-dir", str(tmp_path), "--ca-port", "15012"],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["meshboot CA: no token verifier: give --jwks FILE|URL, --issuer-pem "
@@ -79,7 +79,7 @@ def test_bad_flags_exit_2_with_one_clear_line(tmp_path: Path) -> None:
     bad.mkdir()
     (bad / "ca-cert.pem").write_text("junk")
     (tmp_path / "j.json").write_text(json.dumps(Issuer().jwks()))
-    r = subprocess.run([sys.executable, "-m", "webhook.ca", "--ca-dir", str(tmp_path / "d"), "--ca-port", "1",
+    r = subprocess.run([sys.executable, "-m", "ca", "--ca-dir", str(tmp_path / "d"), "--ca-port", "1",
                         "--plugin-certs", str(bad), "--jwks", str(tmp_path / "j.json")],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 2 and f"{bad}/ca-cert.pem" in r.stderr and not (tmp_path / "d").exists()

@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from e2e.local.tokens import Issuer
+from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
-from webhook.ca import config, metrics, signer, store, tokens
-from webhook.ca.signer import Code, Identity, Policy, Refused
+from ca import config, metrics, signer, store, tokens
+from ca.signer import Code, Identity, Policy, Refused
 
 TD = "cluster.local"
 ALICE = Identity("ns-a", "alice")

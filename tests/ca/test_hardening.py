@@ -6,33 +6,21 @@ import asyncio
 import base64
 import datetime as dt
 import json
-import math
 from pathlib import Path
 from typing import Iterator
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import REGISTRY
 
-from e2e.local.tokens import Issuer
+from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
-from webhook.ca import ca_pb2
-from webhook.ca.server import MAX_CONCURRENT_RPCS, CertificateService, new_grpc_server, serve
-from webhook.ca.signer import Identity, Policy
+from ca import ca_pb2
+from ca.server import MAX_CONCURRENT_RPCS, CertificateService, new_grpc_server, serve
+from ca.signer import Identity, Policy
 
-from .conftest import CA, Loop, ca_config
-
-TD = C.DEFAULT_TRUST_DOMAIN
-ME = C.spiffe_id("ns-a", "sa-a", TD)
-PYTHON_WORDS = ("Traceback", "Error:", "Exception", "DecodeError", "<class", "unhashable", "RecursionError")
-
-
-def csr_for(uris=(ME,), dns=(), key=None) -> str:
-    key = key or pki.generate_key()
-    return pki.csr_pem(pki.make_csr(key, uris=uris, dns_names=dns)).decode()
+from testing.ca_harness import CA, PYTHON_WORDS, TD, Loop, ca_config, csr_for, rsa_key_with_exponent
 
 
 def lifetime(chain: list[str]) -> dt.timedelta:
@@ -139,27 +127,16 @@ def test_raw_well_formed_request_is_served(ca: CA) -> None:
 
 # ---- CSR costs ----------------------------------------------------------------------------------------------------
 
-def _rsa_key_with_exponent(e_bits: int, n_bits: int = 2048) -> rsa.RSAPrivateKey:
-    base = rsa.generate_private_key(65537, n_bits).private_numbers()
-    p, q = base.p, base.q
-    phi = (p - 1) * (q - 1)
-    e = (1 << (e_bits - 1)) + 1
-    while math.gcd(e, phi) != 1:
-        e += 2
-    d = pow(e, -1, phi)
-    numbers = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), rsa.RSAPublicNumbers(e, p * q))
-    return numbers.private_key(unsafe_skip_rsa_key_validation=True)
-
 
 def test_rsa_public_exponent_above_2_32_is_refused(ca: CA) -> None:
-    csr = csr_for(key=_rsa_key_with_exponent(2048))
+    csr = csr_for(key=rsa_key_with_exponent(2048))
     err = refusal(lambda: ca.create(csr, ca.issuer.token("ns-a", "sa-a")))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "public exponent" in err.details() and "2^32" in err.details(), err.details()
     # a 33-bit exponent is refused, a 32-bit one (like Go accepts) is signed
     with pytest.raises(grpc.RpcError):
-        ca.create(csr_for(key=_rsa_key_with_exponent(34)), ca.issuer.token("ns-a", "sa-a"))
-    assert ca.create(csr_for(key=_rsa_key_with_exponent(32)), ca.issuer.token("ns-a", "sa-a"))
+        ca.create(csr_for(key=rsa_key_with_exponent(34)), ca.issuer.token("ns-a", "sa-a"))
+    assert ca.create(csr_for(key=rsa_key_with_exponent(32)), ca.issuer.token("ns-a", "sa-a"))
 
 
 def test_many_sans_refused_with_a_bounded_message(ca: CA) -> None:

@@ -11,18 +11,17 @@ import grpc
 import pytest
 from kubernetes import client
 
-from e2e.local.fakekube import FakeKube, jwks_token_reviewer
-from e2e.local.tokens import Issuer
+from testing.fakekube import FakeKube, jwks_token_reviewer
+from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
-from webhook.ca import store
-from webhook.ca.publisher import RootCertPublisher
-from webhook.ca.server import serve
-from webhook.ca.signer import Code, Identity, Refused
-from webhook.ca.tokens import TokenReviewVerifier
+from ca import store
+from ca.publisher import RootCertPublisher
+from ca.server import serve
+from ca.signer import Code, Identity, Refused
+from ca.tokens import TokenReviewVerifier
 
-from .conftest import CA, Loop, ca_config
-from .test_service import csr_for
+from testing.ca_harness import CA, Loop, ca_config, csr_for
 
 CM = C.ROOT_CERT_CONFIGMAP
 
@@ -198,7 +197,7 @@ def test_secret_create_race_reads_the_winner(kube: FakeKube) -> None:
 
 def test_local_keys_then_token_review(kube: FakeKube, issuer: Issuer, loop: Loop, tmp_path) -> None:
     """--jwks with --token-review: local keys first; a token they cannot place goes to the API server."""
-    from webhook.ca.tokens import Chain, LocalVerifier
+    from ca.tokens import Chain, LocalVerifier
     other = Issuer()
     (tmp_path / "other.json").write_text(__import__("json").dumps(other.jwks()))
     chain = Chain([LocalVerifier(("istio-ca",), jwks=str(tmp_path / "other.json")),

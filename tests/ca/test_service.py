@@ -12,19 +12,11 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import REGISTRY
 
-from e2e.local.tokens import Issuer
+from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
 
-from .conftest import CA, Loop
-
-TD = C.DEFAULT_TRUST_DOMAIN
-ME = C.spiffe_id("ns-a", "sa-a", TD)
-
-
-def csr_for(uris=(ME,), dns=(), kind: str = "ECDSA", bits: int = 2048, curve: str = "P256") -> str:
-    key = pki.generate_key(kind, rsa_bits=bits, curve=curve)
-    return pki.csr_pem(pki.make_csr(key, uris=uris, dns_names=dns)).decode()
+from testing.ca_harness import CA, ME, TD, Loop, csr_for
 
 
 def verify_chain(chain: list[str]) -> x509.Certificate:
@@ -172,7 +164,7 @@ def test_start_ca_on_uvloop_like_the_webhook_server(issuer: Issuer, tmp_path) ->
 
     import uvloop
 
-    from webhook.ca import add_ca_arguments, start_ca
+    from ca import add_ca_arguments, start_ca
     (tmp_path / "jwks.json").write_text(json.dumps(issuer.jwks()))
     p = argparse.ArgumentParser()
     add_ca_arguments(p)
@@ -182,8 +174,8 @@ def test_start_ca_on_uvloop_like_the_webhook_server(issuer: Issuer, tmp_path) ->
         assert lp.run(disabled()) is None
         args = p.parse_args(["--ca-port", "0", "--ca-dir", str(tmp_path / "ca"), "--jwks", str(tmp_path / "jwks.json"),
                              "--plugin-certs", ""])
-        from webhook.ca.config import CAConfig
-        from webhook.ca.server import serve
+        from ca.config import CAConfig
+        from ca.server import serve
         running = lp.run(serve(CAConfig.from_args(args)))          # port 0 here = ephemeral (tests only)
         try:
             ca = CA(running, issuer, CAConfig.from_args(args))
@@ -196,7 +188,7 @@ def test_start_ca_on_uvloop_like_the_webhook_server(issuer: Issuer, tmp_path) ->
 
 
 def test_internal_error_is_internal_without_python_details(ca: CA, monkeypatch: pytest.MonkeyPatch) -> None:
-    import webhook.ca.server as server
+    import ca.server as server
 
     def broken(*a: object, **k: object) -> list[str]:
         raise KeyError("secret detail")

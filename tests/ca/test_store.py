@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from e2e.local.tokens import Issuer
+from testing.tokens import Issuer
 from meshboot import pki
-from webhook.ca import store
-from webhook.ca.server import serve
+from ca import store
+from ca.server import serve
 
-from .conftest import CA, Loop, ca_config
-from .test_service import ME, csr_for
+from testing.ca_harness import CA, ME, Loop, ca_config, csr_for
 
 
 def plugin_layout(directory: Path, chain_file_has_root: bool = True) -> tuple[x509.Certificate, x509.Certificate]:
@@ -141,7 +140,7 @@ def test_concurrent_replicas_converge_on_one_secret_root() -> None:
 
     from kubernetes import client
 
-    from e2e.local.fakekube import FakeKube
+    from testing.fakekube import FakeKube
     from meshboot import constants as C
 
     n = 4

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from e2e.local.fakekube import FakeKube
-from e2e.local.tokens import Issuer
+from testing.fakekube import FakeKube
+from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
 from meshboot.files import stamps
-from webhook.ca import store, webhook_cert
-from webhook.ca.store import bundle_from_pems
+from ca import store, webhook_cert
+from ca.store import bundle_from_pems
 
 ROOT = Path(__file__).resolve().parents[2]
 

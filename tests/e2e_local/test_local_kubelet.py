@@ -12,7 +12,7 @@ from pathlib import Path
 import jwt
 
 from e2e.local.kubelet import Kubelet, Node, http_get, local_images, start_pods
-from e2e.local.tokens import Issuer
+from testing.tokens import Issuer
 
 SHOW = """\
 import json, os, sys

@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 
 from e2e.local import observe, scenario
-from e2e.local.netns import have_root
+from testing.netns import have_root
 from meshboot import constants as C
 
 PODS = ("pod-a", "pod-b")

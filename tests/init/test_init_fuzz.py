@@ -20,7 +20,7 @@ from init.apply import _unmatched
 from init.config import ConfigError, HostInfo
 from init.rules import build
 from init.state import parse_save
-from tests.fuzzing import budget
+from testing.fuzzing import budget
 
 pytestmark = pytest.mark.fuzz
 

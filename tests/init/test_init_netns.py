@@ -1,6 +1,6 @@
 """meshboot-iptables for real: rules installed in fresh network namespaces, and real connections through them.
 
-Topology (e2e.local.netns.pair): "pod" 10.99.0.1 / fd00:99::1 <-veth-> "peer" 10.99.0.2 / fd00:99::2.
+Topology (testing.netns.pair): "pod" 10.99.0.1 / fd00:99::1 <-veth-> "peer" 10.99.0.2 / fd00:99::2.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from init_helpers import DEFAULT_ARGS, SEED_004_NAT, save_lines
 
-from e2e.local.netns import Netns, pair
+from testing.netns import Netns, pair
 
 BIN = Path(sys.executable).parent
 PROXY_UID = 1337

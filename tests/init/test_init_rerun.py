@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from init_helpers import DEFAULT_ARGS, SEED_004_NAT, save_lines
 
-from e2e.local.netns import Netns, pair
+from testing.netns import Netns, pair
 
 BIN = Path(sys.executable).parent
 TOOL = str(BIN / "meshboot-iptables")

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshboot import constants as C
-from tests.fuzzing import budget
+from testing.fuzzing import budget
 from webhook.admission import MAX_RESPONSE_BYTES, ReplicaCache, review_bytes
 from webhook_fixtures import hello_pod, review_body, settings
 

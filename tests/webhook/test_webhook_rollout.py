@@ -36,8 +36,8 @@ from typing import Iterator
 
 import pytest
 
-from e2e.local.fakekube import FakeKube
-from e2e.local.tokens import Issuer
+from testing.fakekube import FakeKube
+from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
 from test_webhook_server import ROOT, free_port

@@ -17,7 +17,7 @@ import httpx
 import jsonpatch
 import pytest
 
-from e2e.local.fakekube import FakeKube
+from testing.fakekube import FakeKube
 from meshboot import pki
 from webhook.inject import inject_pod
 from webhook_fixtures import hello_pod, review_body, settings, validate_pod
@@ -294,11 +294,11 @@ def test_kubernetes_version_detected_from_nodes(kubelets: list, server: dict | N
 
 
 def test_ca_runs_in_the_same_process(tmp_path: Path) -> None:
-    """With --ca-port set, the CA (webhook/ca) starts and stops in the server's own loop, like istiod."""
-    pytest.importorskip("webhook.ca")
+    """With --ca-port set, the CA (ca) starts and stops in the server's own loop, like istiod."""
+    pytest.importorskip("ca")
     import json as _json
 
-    from e2e.local.tokens import Issuer
+    from testing.tokens import Issuer
 
     (tmp_path / "jwks.json").write_text(_json.dumps(Issuer().jwks()))
     ca_port = free_port()

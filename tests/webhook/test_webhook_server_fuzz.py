@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from test_webhook_server import Server
-from tests.fuzzing import budget
+from testing.fuzzing import budget
 
 pytestmark = pytest.mark.fuzz
 

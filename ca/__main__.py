@@ -1,4 +1,4 @@
-"""`python -m webhook.ca`: the workload CA alone (for the local pod runner and agent tests), with health+metrics."""
+"""`python -m ca`: the workload CA alone (for the local pod runner and agent tests), with health+metrics."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ from .config import CAConfig, ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m webhook.ca", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ca", description=__doc__)
     add_ca_arguments(p)
     p.add_argument("--ca-monitoring-port", type=int, default=C.MONITORING_PORT,
                    help="plain HTTP /metrics, /healthz, /readyz (0 disables)")

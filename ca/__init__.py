@@ -1,8 +1,8 @@
 """Workload CA speaking Istio's IstioCertificateService (CreateCertificate) over gRPC+TLS, in the control plane.
 
 The webhook server adds the flags with `add_ca_arguments(parser)` and runs the CA in its own asyncio loop with
-`stop = await start_ca(args)` ... `await stop()`. `python -m webhook.ca` runs it alone. This module imports
-nothing heavy, so `webhook.ca.ca_pb2` stays cheap to import for clients.
+`stop = await start_ca(args)` ... `await stop()`. `python -m ca` runs it alone. This module imports
+nothing heavy, so `ca.ca_pb2` stays cheap to import for clients.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ async def start_ca(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     """Start the CA in the running loop from parsed flags; returns the coroutine function that stops it.
 
     `--ca-port 0` disables the CA (the returned stopper does nothing). Bad flags raise `ConfigError`; unusable CA
-    material raises `webhook.ca.store.CABundleError`; both say what and where.
+    material raises `ca.store.CABundleError`; both say what and where.
     """
     cfg = CAConfig.from_args(args)
     if cfg.port == 0:

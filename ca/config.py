@@ -64,7 +64,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def add_ca_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the CA's flags (a group of their own) to the control plane's parser or to `python -m webhook.ca`."""
+    """Add the CA's flags (a group of their own) to the control plane's parser or to `python -m ca`."""
     g = parser.add_argument_group("workload CA (Istio's IstioCertificateService)")
     g.add_argument("--ca-port", type=int, default=C.CA_PORT,
                    help="gRPC+TLS port of the CA (0 disables the CA)")

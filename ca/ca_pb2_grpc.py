@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from webhook.ca import ca_pb2 as webhook_dot_ca_dot_ca__pb2
+from ca import ca_pb2 as ca_dot_ca__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in webhook/ca/ca_pb2_grpc.py depends on'
+        + ' but the generated code in ca/ca_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class IstioCertificateServiceStub:
         """
         self.CreateCertificate = channel.unary_unary(
                 '/istio.v1.auth.IstioCertificateService/CreateCertificate',
-                request_serializer=webhook_dot_ca_dot_ca__pb2.IstioCertificateRequest.SerializeToString,
-                response_deserializer=webhook_dot_ca_dot_ca__pb2.IstioCertificateResponse.FromString,
+                request_serializer=ca_dot_ca__pb2.IstioCertificateRequest.SerializeToString,
+                response_deserializer=ca_dot_ca__pb2.IstioCertificateResponse.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,8 @@ def add_IstioCertificateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateCertificate': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCertificate,
-                    request_deserializer=webhook_dot_ca_dot_ca__pb2.IstioCertificateRequest.FromString,
-                    response_serializer=webhook_dot_ca_dot_ca__pb2.IstioCertificateResponse.SerializeToString,
+                    request_deserializer=ca_dot_ca__pb2.IstioCertificateRequest.FromString,
+                    response_serializer=ca_dot_ca__pb2.IstioCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,8 +84,8 @@ class IstioCertificateService:
             request,
             target,
             '/istio.v1.auth.IstioCertificateService/CreateCertificate',
-            webhook_dot_ca_dot_ca__pb2.IstioCertificateRequest.SerializeToString,
-            webhook_dot_ca_dot_ca__pb2.IstioCertificateResponse.FromString,
+            ca_dot_ca__pb2.IstioCertificateRequest.SerializeToString,
+            ca_dot_ca__pb2.IstioCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,
