@@ -44,3 +44,17 @@ def interface_name_error(name: str) -> str | None:
         if ch in "/:" or ch.isspace() or ord(ch) < 32 or ord(ch) == 127:
             return "an interface name has no '/', ':', whitespace or control characters"
     return None
+
+
+_GO_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
+_GO_FALSE = frozenset(("0", "f", "F", "FALSE", "false", "False"))
+
+
+def parse_go_bool(text: str) -> bool | None:
+    """Go's strconv.ParseBool, which Istio uses for every boolean flag, env var and annotation: exactly these
+    spellings ("yes", "on" and surrounding space are refused); None when `text` is not one of them."""
+    if text in _GO_TRUE:
+        return True
+    if text in _GO_FALSE:
+        return False
+    return None
