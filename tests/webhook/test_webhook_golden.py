@@ -1,0 +1,66 @@
+"""Golden files for the injector: testdata/inject/<case>.yaml in, <case>.golden.yaml (the injected pod, sorted keys)
+out, for a table of pods and settings. A change to the injected shape shows up as a diff of these files in review;
+`REFRESH_GOLDEN=1 pytest tests/webhook/test_webhook_golden.py` rewrites them."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from webhook_fixtures import settings
+
+from testing.golden import TESTDATA, check
+from webhook.inject import inject_pod
+
+INJECT = TESTDATA / "inject"
+CLASSIC = {"kubernetes_version": "1.29"}
+NO_HOLD = {"global": {"proxy": {"holdApplicationUntilProxyStarts": False}}}
+# case -> the settings it is injected with (webhook_fixtures.settings: Kubernetes 1.33, i.e. native sidecars).
+CASES: dict[str, dict[str, Any]] = {
+    "plain-deployment": {},
+    "traffic-annotations": {},
+    "proxy-config": {},
+    "native-sidecars": {},
+    "classic-sidecars": CLASSIC,
+    "native-annotation-off": {},
+    "hold-off": {**CLASSIC, "values": NO_HOLD},
+    "user-overrides": {},
+    "user-volumes": {},
+    "probes": {},
+    "prometheus-merge": {},
+    "tproxy": {},
+    "interception-none": {},
+    "reinject": {},
+}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (PROXY_CONFIG, ISTIO_META_POD_PORTS) as `|` blocks, readable in review."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def render(pod: dict[str, Any]) -> str:
+    return yaml.dump(pod, Dumper=_Dumper, sort_keys=True, width=120, default_flow_style=False)
+
+
+def test_every_input_has_a_case() -> None:
+    inputs = {p.name.removesuffix(".yaml") for p in INJECT.glob("*.yaml") if not p.name.endswith(".golden.yaml")}
+    assert inputs == set(CASES)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_injected_pod_matches_golden(case: str) -> None:
+    pod = yaml.safe_load((INJECT / f"{case}.yaml").read_text())
+    check(INJECT / f"{case}.golden.yaml", render(inject_pod(pod, settings(**CASES[case]))))
+
+
+def test_reinjection_golden_is_its_input() -> None:
+    """The re-injection input is an injected pod: injecting it again changes nothing."""
+    pod = yaml.safe_load((INJECT / "reinject.yaml").read_text())
+    assert inject_pod(pod, settings()) == pod
