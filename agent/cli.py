@@ -105,14 +105,15 @@ def run_proxy(argv: list[str]) -> int:
         log.error(f"invalid configuration: {e}")
         return 255
     # Helpers started now run in parallel with everything below: the key + CSR, and the standalone config.
-    from . import helper, keygen  # noqa: PLC0415
+    from . import helper  # noqa: PLC0415
+    from .identity import keygen  # noqa: PLC0415
     prestarted: dict[str, helper.Prestarted] = {}
     try:
         if cfg.file_certs is None:
             prestarted["keygen"] = helper.Prestarted(keygen.argv(cfg.key_kind, cfg.rsa_bits, cfg.ecc_curve,
                                                                  cfg.pkcs8, cfg.spiffe_id))
         if cfg.standalone:
-            prestarted["standalone"] = helper.Prestarted(helper.module_argv("agent.standalone", cfg.trust_domain,
+            prestarted["standalone"] = helper.Prestarted(helper.module_argv("agent.xds.standalone", cfg.trust_domain,
                                                                             cfg.mtls_mode))
     except OSError as e:
         log.error(f"cannot start a helper process ({sys.executable}): {e}")

@@ -73,9 +73,9 @@ class Sidecar:
 
     # -- run --
     async def run(self) -> int:
-        from .caclient import CAClient  # noqa: PLC0415
-        from .sds import serve as serve_sds  # noqa: PLC0415
-        from .secrets import SecretManager  # noqa: PLC0415
+        from .identity.caclient import CAClient  # noqa: PLC0415
+        from .identity.sds import serve as serve_sds  # noqa: PLC0415
+        from .identity.secrets import SecretManager  # noqa: PLC0415
         from .status import StatusServer, grpc_bootstrap_reason  # noqa: PLC0415
 
         cfg = self.cfg
@@ -168,12 +168,13 @@ class Sidecar:
 
         cfg = self.cfg
         if cfg.standalone:
-            from . import ads, helper  # noqa: PLC0415
+            from . import helper  # noqa: PLC0415
+            from .xds import ads  # noqa: PLC0415
             pre = self.prestarted.get("standalone") or helper.Prestarted(
-                helper.module_argv("agent.standalone", cfg.trust_domain, cfg.mtls_mode))
+                helper.module_argv("agent.xds.standalone", cfg.trust_domain, cfg.mtls_mode))
             service = ads.StandaloneADS(asyncio.ensure_future(ads.load_resources(pre)))
         else:
-            from .xdsproxy import XdsProxy  # noqa: PLC0415
+            from .xds.proxy import XdsProxy  # noqa: PLC0415
             service = XdsProxy(cfg, self.metrics)
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000),
                                           ("grpc.max_receive_message_length", 4 * 1024 * 1024),

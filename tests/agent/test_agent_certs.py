@@ -17,13 +17,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent import certcheck
-from agent.caclient import CAClient
+from agent.identity import certcheck
+from agent.identity.caclient import CAClient
 from agent.config import Flags, build_config
 from agent.envoy import Admin
 from agent.metrics import Metrics
-from agent.pbwire import fields, ld
-from agent.secrets import Backoff, SecretManager
+from agent.xds.wire import fields, ld
+from agent.identity.secrets import Backoff, SecretManager
 from agent.status import StatusServer
 from meshboot import constants as C
 from meshboot import pki

@@ -6,9 +6,10 @@ import subprocess
 
 import pytest
 
-from agent import bootstrap, caclient, envoy as envoymod
+from agent import bootstrap, envoy as envoymod
+from agent.identity import caclient
 from agent.config import AppProbe, ConfigError, Flags, build_config, parse_duration, parse_downward_api
-from agent.secrets import rotation_delay
+from agent.identity.secrets import rotation_delay
 from meshboot import constants as C
 from tests.agent.pod import envoy_binary
 
@@ -178,7 +179,7 @@ def test_standalone_config_is_accepted_by_envoy(tmp_path) -> None:
     """The standalone listeners/clusters, converted from the protos, validate as static resources."""
     from google.protobuf import json_format
 
-    from agent import standalone
+    from agent.xds import standalone
     for mode in ("PERMISSIVE", "STRICT"):
         lst = standalone.listeners("cluster.local", mode)
         inbound = lst[1]
@@ -204,7 +205,7 @@ def test_xds_wire_matches_xds_protos() -> None:
     from envoy.service.discovery.v3 import discovery_pb2 as d
     from google.rpc import status_pb2
 
-    from agent import xdswire as w
+    from agent.xds import wire as w
     raw = d.DiscoveryRequest(version_info="v1", node=base_pb2.Node(id="sidecar~1"), resource_names=["a", "b"],
                              type_url="t", response_nonce="n1",
                              error_detail=status_pb2.Status(code=13, message="bad")).SerializeToString()
@@ -232,7 +233,7 @@ def test_xds_wire_matches_xds_protos() -> None:
 def test_x509lite_reads_serial_and_expiry() -> None:
     import datetime as dt
 
-    from agent import x509lite
+    from agent.identity import x509lite
     from meshboot import pki
     key = pki.generate_key("ECDSA")
     for ttl in (dt.timedelta(hours=1), dt.timedelta(days=365 * 60)):    # UTCTime and GeneralizedTime

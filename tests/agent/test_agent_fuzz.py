@@ -20,14 +20,15 @@ from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import caclient, xdswire
-from agent.ads import SERVICE as ADS_SERVICE
-from agent.ads import StandaloneADS
+from agent.identity import caclient
+from agent.xds import wire as xdswire
+from agent.xds.ads import SERVICE as ADS_SERVICE
+from agent.xds.ads import StandaloneADS
 from agent.config import ConfigError, Flags, build_config
-from agent.pbwire import WireError
-from agent.sds import SERVICE as SDS_SERVICE
-from agent.sds import serve as serve_sds
-from agent.secrets import SecretManager
+from agent.xds.wire import WireError
+from agent.identity.sds import SERVICE as SDS_SERVICE
+from agent.identity.sds import serve as serve_sds
+from agent.identity.secrets import SecretManager
 from meshboot import constants as C
 from meshboot import pki
 from tests.agent.test_agent_servers import free_port, write_pair

@@ -23,8 +23,8 @@ from agent import httpio
 from agent.config import Flags, build_config
 from agent.envoy import Admin
 from agent.metrics import Metrics
-from agent.sds import serve as serve_sds
-from agent.secrets import SecretManager
+from agent.identity.sds import serve as serve_sds
+from agent.identity.secrets import SecretManager
 from agent.status import StatusServer
 from meshboot import constants as C
 from meshboot import pki

@@ -2,7 +2,7 @@
 
 First request (no nonce) → all requested names; stale nonce → ignored; ACK → nothing, unless names were added;
 empty name list → unsubscribe; NACK → logged. Secret changes from the `SecretManager` push the changed names to
-every stream subscribed to them; the push → ACK time is recorded. Messages are encoded by xdswire.py.
+every stream subscribed to them; the push → ACK time is recorded. Messages are encoded by wire.py.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import grpc
 
 from meshboot import constants as C
 
-from . import uds, xdswire
-from .log import Log
+from .. import uds
+from ..log import Log
+from ..xds import wire
 from .secrets import RootSecret, SecretError, SecretManager, TlsSecret
 
 log = Log("sds")
@@ -28,8 +29,8 @@ _versions = itertools.count(1)
 
 def encode_secret(name: str, value: TlsSecret | RootSecret) -> bytes:
     if isinstance(value, TlsSecret):
-        return xdswire.tls_secret(name, value.chain_pem, value.key_pem)
-    return xdswire.root_secret(name, value.ca_pem)
+        return wire.tls_secret(name, value.chain_pem, value.key_pem)
+    return wire.root_secret(name, value.ca_pem)
 
 
 class SDSService:
@@ -49,7 +50,7 @@ class SDSService:
         resources = [encode_secret(n, await self.secrets.get(n)) for n in names]
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         version, nonce = f"{now}/{next(_versions)}", os.urandom(16).hex()
-        return version, nonce, xdswire.response(version, C.SDS_TYPE_URL, nonce, resources)
+        return version, nonce, wire.response(version, C.SDS_TYPE_URL, nonce, resources)
 
     async def stream_secrets(self, request_iterator: AsyncIterator[bytes],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -58,7 +59,7 @@ class SDSService:
         async def reader() -> None:
             try:
                 async for raw in request_iterator:
-                    q.put_nowait(("req", xdswire.decode_request(raw)))
+                    q.put_nowait(("req", wire.decode_request(raw)))
             except Exception:  # client went away, or garbage
                 pass
             q.put_nowait(("eof", None))
@@ -78,7 +79,7 @@ class SDSService:
                     if not send:
                         continue
                 else:
-                    req: xdswire.DiscoveryRequest = item
+                    req: wire.DiscoveryRequest = item
                     if req.error is not None and req.error.code:
                         log.warn("Envoy rejected secret", names=",".join(req.resource_names),
                                  error=req.error.message)

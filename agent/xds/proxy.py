@@ -5,7 +5,7 @@ TLS verified with the mesh root, `authorization: Bearer <token>` (re-read per st
 `XDS_HEADER_*` headers. Upstream responses of Envoy types are forwarded; an upstream error ends Envoy's stream
 with that error so Envoy reconnects; while the upstream is down, the new stream waits for it (gRPC reconnect
 back-off, capped) instead of failing Envoy fast. Messages are forwarded as bytes; only a response's type URL is
-read (xdswire.py).
+read (wire.py).
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import AsyncIterator
 
 import grpc
 
-from . import xdswire
-from .caclient import call_metadata, read_token
-from .config import AgentConfig
-from .log import Log
+from ..config import AgentConfig
+from ..identity.caclient import call_metadata, read_token
+from ..log import Log
+from . import wire
 
 log = Log("xdsproxy")
 
@@ -89,7 +89,7 @@ class XdsProxy:
                  delta=method == DELTA)
         try:
             async for resp in call:
-                type_url = xdswire.response_type_url(resp)
+                type_url = wire.response_type_url(resp)
                 if not forwardable(type_url):
                     log.error("dropping response of unknown type", type=type_url)
                     continue

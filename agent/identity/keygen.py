@@ -1,4 +1,4 @@
-"""Key + CSR generation in a helper process (helper.py): `python -m agent.keygen KIND BITS CURVE PKCS8 URI`.
+"""Key + CSR generation in a helper process (helper.py): `python -m agent.identity.keygen KIND BITS CURVE PKCS8 URI`.
 
 `cryptography` adds ~9 MB RSS to whoever imports it, while the agent needs a key only twice a day. The first
 helper starts with the agent, so RSA key generation runs in parallel with the agent's start-up instead of holding
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from . import helper
+from .. import helper
 
 
 def argv(kind: str, rsa_bits: int, curve: str, pkcs8: bool, uri: str) -> list[str]:
-    return helper.module_argv("agent.keygen", kind, str(rsa_bits), curve, "1" if pkcs8 else "0", uri)
+    return helper.module_argv("agent.identity.keygen", kind, str(rsa_bits), curve, "1" if pkcs8 else "0", uri)
 
 
 def split_output(out: bytes) -> tuple[bytes, str]:

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Callable
 from meshboot import constants as C
 from meshboot.files import stamps
 
-from . import certcheck, helper, keygen, x509lite
-from .config import AgentConfig
-from .log import Log
+from .. import helper
+from ..config import AgentConfig
+from ..log import Log
+from . import certcheck, keygen, x509lite
 
 if TYPE_CHECKING:
     from .caclient import CAClient
-    from .metrics import Metrics
+    from ..metrics import Metrics
 
 log = Log("cache")
 

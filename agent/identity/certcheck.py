@@ -1,4 +1,4 @@
-"""Is a chain the CA issued fit to serve? Run in a helper process (helper.py): `python -I -m agent.certcheck ID`.
+"""Is a chain the CA issued fit to serve? Run in a helper process (helper.py): `python -I -m agent.identity.certcheck ID`.
 
 The agent serves only a chain that (1) matches the private key it generated, (2) chains to the trust root, (3) is
 valid now (every certificate's NotBefore/NotAfter), (4) names exactly the agent's SPIFFE identity in its URI SAN.
@@ -120,9 +120,9 @@ MAX_INPUT = 1 << 20
 
 
 def argv(spiffe_id: str) -> list[str]:
-    from . import helper  # noqa: PLC0415
+    from .. import helper  # noqa: PLC0415
 
-    return helper.module_argv("agent.certcheck", spiffe_id)
+    return helper.module_argv("agent.identity.certcheck", spiffe_id)
 
 
 def main(args: list[str]) -> int:

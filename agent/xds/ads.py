@@ -1,7 +1,7 @@
 """The agent's own ADS server for standalone mode: serves the resources the standalone helper built (SotW and Delta).
 
 The resources arrive serialized from standalone.py (built there from xds-protos types) and never change, so there
-is one version; messages are framed by xdswire.py.
+is one version; messages are framed by wire.py.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import AsyncIterator
 
 import grpc
 
-from . import xdswire
-from .helper import Prestarted
-from .log import Log
+from ..helper import Prestarted
+from ..log import Log
+from . import wire
 
 log = Log("xds")
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
@@ -57,7 +57,7 @@ class StandaloneADS:
                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         sent: dict[str, str] = {}
         async for raw in request_iterator:
-            req = xdswire.decode_request(raw)
+            req = wire.decode_request(raw)
             if req.error is not None and req.error.code:
                 log.error("Envoy rejected config", type=req.type_url, error=req.error.message)
                 continue
@@ -70,13 +70,13 @@ class StandaloneADS:
             names = req.resource_names or list(res)
             nonce = str(next(self._nonce))
             sent[req.type_url] = nonce
-            yield xdswire.response(VERSION, req.type_url, nonce, [res[n] for n in names if n in res])
+            yield wire.response(VERSION, req.type_url, nonce, [res[n] for n in names if n in res])
 
     async def delta(self, request_iterator: AsyncIterator[bytes],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         sent: set[str] = set()
         async for raw in request_iterator:
-            req = xdswire.decode_delta_request(raw)
+            req = wire.decode_delta_request(raw)
             if req.error is not None and req.error.code:
                 log.error("Envoy rejected config", type=req.type_url, error=req.error.message)
                 continue
@@ -84,5 +84,5 @@ class StandaloneADS:
             if req.type_url not in all_res or req.type_url in sent:
                 continue
             sent.add(req.type_url)
-            yield xdswire.delta_response(VERSION, req.type_url, str(next(self._nonce)), all_res[req.type_url],
+            yield wire.delta_response(VERSION, req.type_url, str(next(self._nonce)), all_res[req.type_url],
                                          VERSION)

@@ -1,6 +1,6 @@
 """Client for Istio's CA protocol: `/istio.v1.auth.IstioCertificateService/CreateCertificate` (reference/agent.md §2).
 
-The three message fields are encoded with protobuf's wire format by hand (pbwire.py; the agent image carries no
+The three message fields are encoded with protobuf's wire format by hand (xds/wire.py; the agent image carries no
 control-plane code and no generated CA stubs): `IstioCertificateRequest{csr=1, validity_duration=3, metadata=4 (Struct)}` and
 `IstioCertificateResponse{cert_chain=1 (repeated string)}`. The shell is a grpc.aio unary call over TLS verified
 with the mesh root, bearer token re-read on every call, `ClusterID` header, and Istio's retry policy.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from meshboot import constants as C
 
-from .config import AgentConfig
-from .log import Log
-from .pbwire import WireError, fields, ld, ld_always, vint
+from ..config import AgentConfig
+from ..log import Log
+from ..xds.wire import WireError, fields, ld, ld_always, vint
 
 log = Log("ca")
 

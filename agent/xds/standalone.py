@@ -5,7 +5,7 @@ Built from xds-protos message types (so Envoy's schema checks it):
 - `virtualInbound` 0.0.0.0:15006 — original destination + TLS inspector; an mTLS chain (SDS `default` / `ROOTCA`,
   client certificate required, SPIFFE ID in the trust domain) and, in PERMISSIVE mode, a plaintext chain; both
   to `InboundPassthroughCluster` (source 127.0.0.6); loops to 15001/15006 go to `BlackHoleCluster`.
-Built in a helper process (`python -m agent.standalone TRUST_DOMAIN MODE`, see helper.py) so that these message
+Built in a helper process (`python -m agent.xds.standalone TRUST_DOMAIN MODE`, see helper.py) so that these message
 modules stay out of the long-lived agent; ads.py serves the serialized result.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def encode(res: dict[str, dict[str, any_pb2.Any]]) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m agent.standalone TRUST_DOMAIN MTLS_MODE`: print the serialized resources (see ads.py)."""
+    """`python -m agent.xds.standalone TRUST_DOMAIN MTLS_MODE`: print the serialized resources (see ads.py)."""
     trust_domain, mode = argv
     sys.stdout.buffer.write(encode(resources(trust_domain, mode)))
     return 0
