@@ -1,7 +1,8 @@
 """SDS server for Envoy on the workload socket: `StreamSecrets` (SotW) with pilot-agent's request semantics (§3).
 
-First request (no nonce) → all requested names; stale nonce → ignored; ACK → nothing, unless names were added;
-empty name list → unsubscribe; NACK → logged. Secret changes from the `SecretManager` push the changed names to
+Which request gets an answer is the rule shared with ADS (xds/rules.py): first request (no nonce) → all
+requested names; stale nonce → ignored; ACK → nothing, unless names were added; empty name list → unsubscribe;
+NACK → logged. Secret changes from the `SecretManager` push the changed names to
 every stream subscribed to them; the push → ACK time is recorded. Messages are encoded by wire.py.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from meshboot import constants as C
 
 from .. import uds
 from ..log import Log
-from ..xds import wire
+from ..xds import rules, wire
 from .secrets import RootSecret, SecretError, SecretManager, TlsSecret
 
 log = Log("sds")
@@ -66,8 +67,7 @@ class SDSService:
 
         task = asyncio.create_task(reader())
         unsubscribe = self.secrets.subscribe(lambda names: q.put_nowait(("push", names)))
-        subscribed: set[str] = set()
-        last_nonce = ""
+        state = rules.Sent()
         pushed: dict[str, tuple[float, list[str]]] = {}   # nonce → (push time, names) for ACK timing
         try:
             while True:
@@ -75,42 +75,21 @@ class SDSService:
                 if kind == "eof":
                     return
                 if kind == "push":
-                    send = sorted(set(item) & subscribed)
-                    if not send:
-                        continue
+                    send = sorted(set(item) & state.subscribed)
                 else:
-                    req: wire.DiscoveryRequest = item
-                    if req.error is not None and req.error.code:
-                        log.warn("Envoy rejected secret", names=",".join(req.resource_names),
-                                 error=req.error.message)
-                        continue
-                    names_now = set(req.resource_names)
-                    if req.response_nonce and req.response_nonce in pushed:
-                        t_push, acked = pushed.pop(req.response_nonce)
-                        took = time.monotonic() - t_push
-                        if self.metrics is not None:
-                            for n in acked:
-                                self.metrics.sds_ack.labels(n).observe(took)  # type: ignore[attr-defined]
-                        log.debug("secret ACKed", names=",".join(acked), ms=f"{took * 1e3:.1f}")
-                    if not names_now:
-                        subscribed = set()
-                        continue
-                    if not req.response_nonce:
-                        send = sorted(names_now)
-                    elif req.response_nonce != last_nonce:
-                        continue
-                    else:
-                        send = sorted(names_now - subscribed)
-                    subscribed = names_now
-                    if not send:
-                        continue
+                    self._record_ack(item, pushed)
+                    d = self._decide(item, state)
+                    state = rules.Sent(state.nonce, d.subscribed)
+                    send = sorted(d.send)
+                if not send:
+                    continue
                 try:
                     version, nonce, resp = await self._response(send)
                 except SecretError as e:
                     log.warn("cannot produce secret, closing the stream", names=",".join(send), error=str(e))
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
                     return
-                last_nonce = nonce
+                state = rules.Sent(nonce, state.subscribed)
                 pushed = {nonce: (time.monotonic(), send)}
                 if self.metrics is not None:
                     for n in send:
@@ -120,6 +99,28 @@ class SDSService:
         finally:
             unsubscribe()
             task.cancel()
+
+    @staticmethod
+    def _decide(req: wire.DiscoveryRequest, state: rules.Sent) -> rules.Decision:
+        """The shared ACK/NACK rule (xds/rules.py); SDS names are not a wildcard, so none means unsubscribe."""
+        nacked = req.error is not None and bool(req.error.code)
+        d = rules.should_respond(req.response_nonce, frozenset(req.resource_names), nacked, state, wildcard=False)
+        if d.kind == rules.NACK and req.error is not None:
+            log.warn("Envoy rejected secret", names=",".join(req.resource_names), error=req.error.message)
+        return d
+
+    def _record_ack(self, req: wire.DiscoveryRequest, pushed: dict[str, tuple[float, list[str]]]) -> None:
+        """The push → ACK time of the names last sent, once, when Envoy answers that response without an error."""
+        if req.error is not None and req.error.code:
+            return
+        if not req.response_nonce or req.response_nonce not in pushed:
+            return
+        t_push, acked = pushed.pop(req.response_nonce)
+        took = time.monotonic() - t_push
+        if self.metrics is not None:
+            for n in acked:
+                self.metrics.sds_ack.labels(n).observe(took)  # type: ignore[attr-defined]
+        log.debug("secret ACKed", names=",".join(acked), ms=f"{took * 1e3:.1f}")
 
     async def delta_secrets(self, request_iterator: AsyncIterator[bytes],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

@@ -1,7 +1,8 @@
 """The agent's own ADS server for standalone mode: serves the resources the standalone helper built (SotW and Delta).
 
 The resources arrive serialized from standalone.py (built there from xds-protos types) and never change, so there
-is one version; messages are framed by wire.py.
+is one version; messages are framed by wire.py, and which request gets an answer is rules.py's rule (shared with
+SDS).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import grpc
 
 from ..helper import Prestarted
 from ..log import Log
-from . import wire
+from . import rules, wire
 
 log = Log("xds")
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
@@ -55,34 +56,51 @@ class StandaloneADS:
 
     async def sotw(self, request_iterator: AsyncIterator[bytes],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        sent: dict[str, str] = {}
+        state: dict[str, rules.Sent] = {}            # per type URL
         async for raw in request_iterator:
             req = wire.decode_request(raw)
-            if req.error is not None and req.error.code:
-                log.error("Envoy rejected config", type=req.type_url, error=req.error.message)
+            d = self._decide(req.type_url, req.response_nonce, frozenset(req.resource_names), req.error, state)
+            if d is None:
                 continue
-            if req.response_nonce and req.response_nonce == sent.get(req.type_url):
-                continue   # ACK
             all_res = await self.resources()
             if req.type_url not in all_res:
                 continue
             res = all_res[req.type_url]
-            names = req.resource_names or list(res)
             nonce = str(next(self._nonce))
-            sent[req.type_url] = nonce
-            yield wire.response(VERSION, req.type_url, nonce, [res[n] for n in names if n in res])
+            state[req.type_url] = rules.Sent(nonce, d.subscribed)
+            yield wire.response(VERSION, req.type_url, nonce, list(_pick(res, d.send).values()))
 
     async def delta(self, request_iterator: AsyncIterator[bytes],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        sent: set[str] = set()
+        state: dict[str, rules.Sent] = {}
         async for raw in request_iterator:
             req = wire.decode_delta_request(raw)
-            if req.error is not None and req.error.code:
-                log.error("Envoy rejected config", type=req.type_url, error=req.error.message)
+            last = state.get(req.type_url, rules.Sent())
+            names = rules.delta_subscription(last.subscribed, req.subscribe, req.unsubscribe)
+            d = self._decide(req.type_url, req.response_nonce, names, req.error, state)
+            if d is None:
                 continue
             all_res = await self.resources()
-            if req.type_url not in all_res or req.type_url in sent:
+            if req.type_url not in all_res:
                 continue
-            sent.add(req.type_url)
-            yield wire.delta_response(VERSION, req.type_url, str(next(self._nonce)), all_res[req.type_url],
-                                         VERSION)
+            nonce = str(next(self._nonce))
+            state[req.type_url] = rules.Sent(nonce, d.subscribed)
+            yield wire.delta_response(VERSION, req.type_url, nonce, _pick(all_res[req.type_url], d.send), VERSION)
+
+    @staticmethod
+    def _decide(type_url: str, nonce: str, names: frozenset[str], error: "wire.Status | None",
+                state: dict[str, rules.Sent]) -> "rules.Decision | None":
+        """The shared ACK/NACK rule (rules.py), LDS/CDS being wildcards; None when nothing is to be sent."""
+        last = state.get(type_url, rules.Sent())
+        d = rules.should_respond(nonce, names, error is not None and bool(error.code), last, wildcard=True)
+        if d.kind == rules.NACK and error is not None:
+            log.error("Envoy rejected config", type=type_url, error=error.message)
+        if d.kind != rules.RESPOND:
+            state[type_url] = rules.Sent(last.nonce, d.subscribed)
+            return None
+        return d
+
+
+def _pick(res: dict[str, bytes], names: frozenset[str]) -> dict[str, bytes]:
+    """The resources asked for; no names, or "*" (a wildcard request), means all of them."""
+    return dict(res) if not names or "*" in names else {n: res[n] for n in sorted(names) if n in res}
