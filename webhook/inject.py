@@ -565,11 +565,9 @@ def canonical_name(labels: Mapping[str, str], dm: DeployMeta) -> str:
     return name[:63].strip("-_.")
 
 
-def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | None = None,
-               deploy_meta: DeployMeta | None = None, url_env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The injected pod (a new object). Raises InjectionError for invalid pods or annotations."""
-    validate_pod_shape(pod)
-    # Copy only what gets modified (the input is never mutated; untouched subtrees are shared with it).
+def _writable_copy(pod: Mapping[str, Any], namespace: str | None) -> dict[str, Any]:
+    """A copy of only what injection modifies (the input is never mutated; untouched subtrees are shared with it),
+    with managedFields dropped and the namespace filled in."""
     out: dict[str, Any] = dict(pod)
     meta = out["metadata"] = dict(pod.get("metadata") or {})
     meta.pop("managedFields", None)
@@ -582,16 +580,13 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
     ns = meta.get("namespace") or namespace or ""
     if ns and not meta.get("namespace"):
         meta["namespace"] = ns
-    annotations: dict[str, str] = dict(meta.get("annotations") or {})
-    labels: dict[str, str] = dict(meta.get("labels") or {})
-    parsed = ann_mod.validate(annotations)
-    ch = choices(out, settings, parsed)
+    return out
 
-    carried: dict[str, str | None] = {}
-    if C.ANNOTATION_STATUS in annotations:
-        mesh_status_port = int(settings.default_proxy_config.get("statusPort") or C.STATUS_PORT)
-        carried = _strip(out, annotations, mesh_status_port)
 
+def _take_user_containers(spec: dict[str, Any], annotations: dict[str, str]
+                          ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Pop the user's own istio-proxy / istio-init out of the pod, recording them in proxy.istio.io/overrides the
+    first time (Istio's overwritten containers), so a re-injection can apply them again."""
     containers: list[dict[str, Any]] = spec["containers"]
     inits: list[dict[str, Any]] = spec.get("initContainers") or []
     user_proxy = _pop_named(containers, C.PROXY_CONTAINER) or _pop_named(inits, C.PROXY_CONTAINER)
@@ -605,21 +600,33 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         annotations[ANNOTATION_OVERRIDES] = _compact_sorted(saved)
     if not containers:
         raise InjectionError("failed to process pod: spec.containers: the pod has no application container")
+    return user_proxy, user_init
 
-    dm = deploy_meta or pod_deploy_meta(out, ns)
+
+def _render_sidecar(pod: dict[str, Any], annotations: Mapping[str, str], labels: Mapping[str, str],
+                    settings: Settings, ch: Choices, dm: DeployMeta
+                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The template: istio-proxy, and istio-init unless interception is NONE, with their images and resources."""
     g = settings.g
     proxy_name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or settings.proxy["image"]
     init_name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or g["proxy_init"]["image"]
     variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
                or (ch.proxy_config.get("image") or {}).get("imageType") or g.get("variant") or "")
     resources = _resources(annotations, settings)
-
-    proxy = _proxy_container(out, annotations, labels, settings, ch, dm,
-                             image_name(g["hub"], proxy_name, g["tag"], variant), resources, containers)
+    proxy = _proxy_container(pod, annotations, labels, settings, ch, dm,
+                             image_name(g["hub"], proxy_name, g["tag"], variant), resources, pod["spec"]["containers"])
     init = None
     if ch.interception_mode != "NONE":
         init = _init_container(annotations, settings, ch,
                                image_name(g["hub"], init_name, g["tag"], variant), resources)
+    return proxy, init
+
+
+def reapply_overwritten_containers(proxy: dict[str, Any], init: dict[str, Any] | None,
+                                   user_proxy: dict[str, Any] | None, user_init: dict[str, Any] | None,
+                                   ch: Choices) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Istio's reapplyOverwrittenContainers: the user's istio-proxy / istio-init on top of the injected ones. A user
+    runAsUser on istio-proxy becomes istio-init's -u (its traffic is the proxy's); TPROXY keeps the proxy root."""
     if user_proxy is not None:
         proxy = merge_user_container(proxy, user_proxy)
         if ch.native:
@@ -631,27 +638,15 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
             init["args"][init["args"].index("-u") + 1] = str(run_as)
     if user_init is not None and init is not None:
         init = merge_user_container(init, user_init)
+    return proxy, init
 
-    # ---- post-processing on the proxy env: cluster/network from values and URL, prometheus, probers ----
-    env = proxy["env"]
-    moved: dict[str, str] = {}
-    if g["multiCluster"].get("clusterName"):
-        moved[C.ENV_CLUSTER_ID] = str(g["multiCluster"]["clusterName"])
-    if g.get("network"):
-        moved[ENV_NETWORK] = str(g["network"])
-    for k, v in (url_env or {}).items():
-        moved[k] = v
-    if moved:
-        env[:] = [e for e in env if e.get("name") not in moved]
-        env += [{"name": k, "value": moved[k]} for k in sorted(moved)]
 
-    prom_env = prometheus.apply_merge(annotations, settings.mesh)
-    # Re-injection: the app's original prometheus.io/* survive only in the old env (the merge overwrote them).
-    prom_env = carried.get(C.ENV_PROMETHEUS_ANNOTATIONS) or prom_env
-    if prom_env:
-        _env_default(env, C.ENV_PROMETHEUS_ANNOTATIONS, prom_env)
-
-    # Place the containers (native: init side; classic: app side, first when the app waits for the proxy).
+def reorder_pod(spec: dict[str, Any], proxy: dict[str, Any], init: dict[str, Any] | None,
+                inits: list[dict[str, Any]], ch: Choices) -> tuple[list[str], list[str] | None]:
+    """Istio's reorderPod: native sidecars go to the init side (istio-init, istio-proxy, then the user's); classic
+    puts istio-proxy in containers, first when the app waits for the proxy, and istio-init after the user's inits.
+    Returns the injected names for the status annotation (init containers, containers)."""
+    containers: list[dict[str, Any]] = spec["containers"]
     if ch.native:
         spec["initContainers"] = ([init] if init else []) + [proxy] + inits
         status_init = ([C.INIT_CONTAINER] if init else []) + [C.PROXY_CONTAINER]
@@ -663,7 +658,38 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         status_containers = [C.PROXY_CONTAINER]
     if not spec["initContainers"]:
         del spec["initContainers"]
+    return status_init, status_containers
 
+
+def _overwrite_cluster_info(env: list[dict[str, Any]], settings: Settings,
+                            url_env: Mapping[str, str] | None) -> dict[str, str]:
+    """Cluster and network from the values and the webhook URL (/inject/cluster/<c>/net/<n>) replace the rendered
+    ones, appended sorted (Istio's overwriteClusterInfo). Returns what was moved."""
+    g = settings.g
+    moved: dict[str, str] = {}
+    if g["multiCluster"].get("clusterName"):
+        moved[C.ENV_CLUSTER_ID] = str(g["multiCluster"]["clusterName"])
+    if g.get("network"):
+        moved[ENV_NETWORK] = str(g["network"])
+    for k, v in (url_env or {}).items():
+        moved[k] = v
+    if moved:
+        env[:] = [e for e in env if e.get("name") not in moved]
+        env += [{"name": k, "value": moved[k]} for k in sorted(moved)]
+    return moved
+
+
+def post_process_pod(spec: dict[str, Any], env: list[dict[str, Any]], annotations: dict[str, str],
+                     settings: Settings, carried: Mapping[str, str | None],
+                     url_env: Mapping[str, str] | None) -> dict[str, str]:
+    """Istio's postProcessPod on the placed pod: cluster info into istio-proxy's env, the prometheus merge, the app
+    probes rewritten to the agent. `carried`: env a previous injection held (re-injection). Returns the moved env."""
+    moved = _overwrite_cluster_info(env, settings, url_env)
+    prom_env = prometheus.apply_merge(annotations, settings.mesh)
+    # Re-injection: the app's original prometheus.io/* survive only in the old env (the merge overwrote them).
+    prom_env = carried.get(C.ENV_PROMETHEUS_ANNOTATIONS) or prom_env
+    if prom_env:
+        _env_default(env, C.ENV_PROMETHEUS_ANNOTATIONS, prom_env)
     rewrite = ann_mod.parse_go_bool(annotations.get(C.ANNOTATION_REWRITE_PROBES, ""))
     if rewrite is None:
         rewrite = bool(settings.values["sidecarInjectorWebhook"]["rewriteAppHTTPProbe"])
@@ -674,38 +700,78 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         probers = probes.merge_probers(probers, carried.get(C.ENV_APP_PROBERS))
         if probers:
             _env_default(env, C.ENV_APP_PROBERS, probes.probers_json(probers))
+    return moved
 
-    volumes = _volumes(out, annotations, settings)
+
+def _merge_volumes(pod: dict[str, Any], annotations: Mapping[str, str], settings: Settings
+                   ) -> tuple[list[str], list[str]]:
+    """The injected volumes and image pull secrets first, the pod's own (not named like ours) after; returns the
+    injected names of each for the status annotation."""
+    spec = pod["spec"]
+    volumes = _volumes(pod, annotations, settings)
     vnames = {v["name"] for v in volumes}
     spec["volumes"] = volumes + [v for v in spec.get("volumes") or [] if v.get("name") not in vnames]
-    pull = [{"name": str(s if isinstance(s, str) else s.get("name"))} for s in g.get("imagePullSecrets") or []]
+    pull = [{"name": str(s if isinstance(s, str) else s.get("name"))} for s in settings.g.get("imagePullSecrets") or []]
     if pull:
         pnames = {p["name"] for p in pull}
         spec["imagePullSecrets"] = pull + [s for s in spec.get("imagePullSecrets") or []
                                            if s.get("name") not in pnames]
+    return [v["name"] for v in volumes], [p["name"] for p in pull]
 
-    # ---- metadata ----
+
+def apply_metadata(meta: dict[str, Any], labels: dict[str, str], annotations: dict[str, str], settings: Settings,
+                   ch: Choices, dm: DeployMeta, app: str | None, network: str | None, status: str) -> None:
+    """Istio's applyMetadata: the mesh labels (tlsMode, canonical name/revision, tunnel, network), the default
+    container for kubectl, the configured injected annotations, the revision and `status` (what was injected)."""
     labels.setdefault(C.LABEL_SECURITY_TLS_MODE, "istio")
     labels[C.LABEL_CANONICAL_NAME] = canonical_name(labels, dm)
     labels.setdefault(C.LABEL_CANONICAL_REVISION, labels.get("app.kubernetes.io/version") or labels.get("version")
                       or "latest")
     if (ch.proxy_config.get("proxyMetadata") or {}).get("ISTIO_META_ENABLE_HBONE") == "true":
         labels.setdefault(LABEL_TUNNEL, "http")
-    if moved.get(ENV_NETWORK):
-        labels.setdefault(LABEL_NETWORK, moved[ENV_NETWORK])
-    app = next((c["name"] for c in spec["containers"] if c.get("name") != C.PROXY_CONTAINER), None)
+    if network:
+        labels.setdefault(LABEL_NETWORK, network)
     if app:
         annotations.setdefault(C.ANNOTATION_DEFAULT_CONTAINER, app)
         annotations.setdefault(C.ANNOTATION_DEFAULT_LOGS_CONTAINER, app)
     annotations.update(settings.injected_annotations)
     annotations[ANNOTATION_REV] = settings.revision or "default"
-    annotations[C.ANNOTATION_STATUS] = _compact({
-        "initContainers": status_init or None,
-        "containers": status_containers,
-        "volumes": [v["name"] for v in volumes],
-        "imagePullSecrets": [p["name"] for p in pull] or None,
-        "revision": settings.revision or "default",
-    })
+    annotations[C.ANNOTATION_STATUS] = status
     meta["labels"] = labels
     meta["annotations"] = annotations
+
+
+def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | None = None,
+               deploy_meta: DeployMeta | None = None, url_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The injected pod (a new object). Raises InjectionError for invalid pods or annotations.
+
+    Istio's injectPod order: undo a previous injection, render the template, reapply the user's overrides, place
+    the containers, post-process, merge the volumes, then the metadata that records what was injected."""
+    validate_pod_shape(pod)
+    out = _writable_copy(pod, namespace)
+    meta, spec = out["metadata"], out["spec"]
+    annotations: dict[str, str] = dict(meta.get("annotations") or {})
+    labels: dict[str, str] = dict(meta.get("labels") or {})
+    ch = choices(out, settings, ann_mod.validate(annotations))
+    carried: dict[str, str | None] = {}
+    if C.ANNOTATION_STATUS in annotations:
+        mesh_status_port = int(settings.default_proxy_config.get("statusPort") or C.STATUS_PORT)
+        carried = _strip(out, annotations, mesh_status_port)
+    inits: list[dict[str, Any]] = spec.get("initContainers") or []
+    user_proxy, user_init = _take_user_containers(spec, annotations)
+    dm = deploy_meta or pod_deploy_meta(out, meta.get("namespace") or "")
+    proxy, init = _render_sidecar(out, annotations, labels, settings, ch, dm)
+    proxy, init = reapply_overwritten_containers(proxy, init, user_proxy, user_init, ch)
+    status_init, status_containers = reorder_pod(spec, proxy, init, inits, ch)
+    moved = post_process_pod(spec, proxy["env"], annotations, settings, carried, url_env)
+    volume_names, pull_names = _merge_volumes(out, annotations, settings)
+    status = _compact({
+        "initContainers": status_init or None,
+        "containers": status_containers,
+        "volumes": volume_names,
+        "imagePullSecrets": pull_names or None,
+        "revision": settings.revision or "default",
+    })
+    app = next((c["name"] for c in spec["containers"] if c.get("name") != C.PROXY_CONTAINER), None)
+    apply_metadata(meta, labels, annotations, settings, ch, dm, app, moved.get(ENV_NETWORK), status)
     return out
