@@ -123,21 +123,56 @@ def build(cfg: CaptureConfig) -> Plan:
     return Plan(build_family(cfg, V4), build_family(cfg, V6) if cfg.enable_ipv6 else RuleSet(V6))
 
 
-def build_family(cfg: CaptureConfig, family: int) -> RuleSet:
-    """One family's rules in Istio's emission order (reference/iptables.md §2.2 steps 1-23)."""
-    rs = RuleSet(family)
-    v4 = family == V4
-    lo = cfg.loopback_v4 if v4 else "::1/128"
-    src6 = f"{C.INBOUND_PASSTHROUGH_SRC_V4}/32" if v4 else f"{C.INBOUND_PASSTHROUGH_SRC_V6}/128"
-    host_bits = "/32" if v4 else "/128"
-    tun = cfg.inbound_tunnel_port
-    classic = cfg.layout == LAYOUT_CLASSIC
-    dns = cfg.dns
-    servers = cfg.dns_servers_v4 if v4 else cfg.dns_servers_v6
-    include_cidrs = cfg.include_cidrs_v4 if v4 else cfg.include_cidrs_v6
-    exclude_cidrs = cfg.exclude_cidrs_v4 if v4 else cfg.exclude_cidrs_v6
+class Family(Record):
+    """The per-family values a rule uses: loopback, the inbound passthrough source, host bits, DNS servers, CIDRs."""
 
-    # 1, 2 (+1b): excluded interfaces are never captured.
+    family: int
+    lo: str
+    passthrough_src: str
+    host_bits: str
+    dns_servers: tuple[str, ...]
+    include_cidrs: tuple[str, ...]
+    exclude_cidrs: tuple[str, ...]
+
+
+def family_values(cfg: CaptureConfig, family: int) -> Family:
+    if family == V4:
+        return Family(family, cfg.loopback_v4, f"{C.INBOUND_PASSTHROUGH_SRC_V4}/32", "/32", cfg.dns_servers_v4,
+                      cfg.include_cidrs_v4, cfg.exclude_cidrs_v4)
+    return Family(family, "::1/128", f"{C.INBOUND_PASSTHROUGH_SRC_V6}/128", "/128", cfg.dns_servers_v6,
+                  cfg.include_cidrs_v6, cfg.exclude_cidrs_v6)
+
+
+def build_family(cfg: CaptureConfig, family: int) -> RuleSet:
+    """One family's rules in Istio's emission order (reference/iptables.md §2.2 steps 1-23); each helper emits a
+    run of consecutive steps, so the order of the calls is the order of the rules."""
+    rs = RuleSet(family)
+    fam = family_values(cfg, family)
+    _excluded_interfaces(rs, cfg)                                       # 1-3
+    if cfg.drop_invalid:                                                # 4, 5
+        rs.a(MANGLE, "PREROUTING", f"-m conntrack --ctstate INVALID -j {DROP_CHAIN}")
+        rs.a(MANGLE, DROP_CHAIN, "-j DROP")
+    rs.a(NAT, INBOUND, f"-p tcp --dport {cfg.inbound_tunnel_port} -j RETURN")       # 6, 7, 8
+    rs.a(NAT, REDIRECT_CHAIN, f"-p tcp -j REDIRECT --to-ports {cfg.envoy_port}")
+    rs.a(NAT, IN_REDIRECT, f"-p tcp -j REDIRECT --to-ports {cfg.inbound_capture_port}")
+    if cfg.inbound_ports:                                               # 9-11
+        if cfg.tproxy:
+            _tproxy_inbound(rs, cfg, fam.lo)
+        else:
+            _inbound(rs, cfg)
+    _proxy_traffic(rs, cfg, fam)                                        # 12-16
+    _owner_groups(rs, cfg)                                              # 17
+    if cfg.dns:                                                         # 18
+        _dns(rs, cfg, fam.dns_servers, fam.host_bits)
+    _outbound(rs, cfg, fam)                                             # 19-22
+    if cfg.tproxy:                                                      # 23
+        _tproxy_marks(rs, cfg, fam.lo, fam.passthrough_src)
+    return rs
+
+
+def _excluded_interfaces(rs: RuleSet, cfg: CaptureConfig) -> None:
+    """Steps 1, 2 (+1b): excluded interfaces are never captured; 3: traffic arriving on virtual interfaces is
+    outbound, not inbound."""
     for nic in cfg.exclude_interfaces:
         rs.a(NAT, "PREROUTING", f"-i {nic} -j RETURN")
         rs.a(NAT, "OUTPUT", f"-o {nic} -j RETURN")
@@ -145,40 +180,32 @@ def build_family(cfg: CaptureConfig, family: int) -> RuleSet:
         for nic in cfg.exclude_interfaces:
             rs.a(MANGLE, "PREROUTING", f"-i {nic} -j RETURN")
             rs.a(MANGLE, "OUTPUT", f"-o {nic} -j RETURN")
-    # 3: traffic arriving on virtual interfaces is outbound, not inbound.
     for nic in cfg.kube_virt_interfaces:
         rs.i(NAT, "PREROUTING", 1, f"-i {nic} -j RETURN")
-    # 4, 5
-    if cfg.drop_invalid:
-        rs.a(MANGLE, "PREROUTING", f"-m conntrack --ctstate INVALID -j {DROP_CHAIN}")
-        rs.a(MANGLE, DROP_CHAIN, "-j DROP")
-    # 6, 7, 8
-    rs.a(NAT, INBOUND, f"-p tcp --dport {tun} -j RETURN")
-    rs.a(NAT, REDIRECT_CHAIN, f"-p tcp -j REDIRECT --to-ports {cfg.envoy_port}")
-    rs.a(NAT, IN_REDIRECT, f"-p tcp -j REDIRECT --to-ports {cfg.inbound_capture_port}")
-    # 9-11: inbound capture.
-    if cfg.inbound_ports:
-        if cfg.tproxy:
-            _tproxy_inbound(rs, cfg, lo)
-        else:
-            rs.a(NAT, "PREROUTING", f"-p tcp -j {INBOUND}")
-            if cfg.inbound_ports == "*":
-                for port in cfg.inbound_exclude_ports:
-                    rs.a(NAT, INBOUND, f"-p tcp --dport {port} -j RETURN")
-                rs.a(NAT, INBOUND, f"-p tcp -j {IN_REDIRECT}")
-            else:
-                for port in cfg.inbound_port_list:
-                    rs.a(NAT, INBOUND, f"-p tcp --dport {port} -j {IN_REDIRECT}")
+
+
+def _inbound(rs: RuleSet, cfg: CaptureConfig) -> None:
+    """Steps 9-11, REDIRECT mode: every port but the excluded ones, or only the listed ones, to 15006."""
+    rs.a(NAT, "PREROUTING", f"-p tcp -j {INBOUND}")
+    if cfg.inbound_ports == "*":
+        for port in cfg.inbound_exclude_ports:
+            rs.a(NAT, INBOUND, f"-p tcp --dport {port} -j RETURN")
+        rs.a(NAT, INBOUND, f"-p tcp -j {IN_REDIRECT}")
+    else:
+        for port in cfg.inbound_port_list:
+            rs.a(NAT, INBOUND, f"-p tcp --dport {port} -j {IN_REDIRECT}")
+
+
+def _proxy_traffic(rs: RuleSet, cfg: CaptureConfig, fam: Family) -> None:
+    """Steps 12-16: the OUTPUT jump, excluded outbound ports, the passthrough source and the proxy's own traffic."""
+    tun, classic, dns = cfg.inbound_tunnel_port, cfg.layout == LAYOUT_CLASSIC, cfg.dns
     # 12: classic istio-init jumps with TCP only unless UDP DNS has to reach ISTIO_OUTPUT_DNS.
     rs.a(NAT, "OUTPUT", f"-p tcp -j {OUTPUT_CHAIN}" if classic and not dns else f"-j {OUTPUT_CHAIN}")
-    # 13
-    for port in cfg.outbound_exclude_ports:
+    for port in cfg.outbound_exclude_ports:                             # 13
         rs.a(NAT, OUTPUT_CHAIN, f"-p tcp --dport {port} -j RETURN")
         rs.a(NAT, OUTPUT_CHAIN, f"-p udp --dport {port} -j RETURN")
-    # 14: the proxy's inbound passthrough source is never recaptured.
-    rs.a(NAT, OUTPUT_CHAIN, f"-o lo -s {src6} -j RETURN")
-    # 15, 16: the proxy's own traffic.
-    for kind, ids in (("uid", cfg.proxy_uids), ("gid", cfg.proxy_gids)):
+    rs.a(NAT, OUTPUT_CHAIN, f"-o lo -s {fam.passthrough_src} -j RETURN")  # 14: never recaptured
+    for kind, ids in (("uid", cfg.proxy_uids), ("gid", cfg.proxy_gids)):  # 15, 16
         for ident in ids:
             if classic:
                 ports = "-p tcp ! --dport 53 " if dns and kind == "uid" else ""
@@ -186,41 +213,40 @@ def build_family(cfg: CaptureConfig, family: int) -> RuleSet:
                 ports = f"-p tcp -m multiport ! --dports {DNS_PORT},{tun} "
             else:
                 ports = f"-p tcp ! --dport {tun} "
-            rs.a(NAT, OUTPUT_CHAIN, f"-o lo ! -d {lo} {ports}-m owner --{kind}-owner {ident} -j {IN_REDIRECT}")
+            rs.a(NAT, OUTPUT_CHAIN, f"-o lo ! -d {fam.lo} {ports}-m owner --{kind}-owner {ident} -j {IN_REDIRECT}")
             if not cfg.include_has_loopback:
                 not_dns = f"-p tcp ! --dport {DNS_PORT} " if dns else ""
                 rs.a(NAT, OUTPUT_CHAIN, f"-o lo {not_dns}-m owner ! --{kind}-owner {ident} -j RETURN")
             rs.a(NAT, OUTPUT_CHAIN, f"-m owner --{kind}-owner {ident} -j RETURN")
-    # 17: owner groups.
+
+
+def _owner_groups(rs: RuleSet, cfg: CaptureConfig) -> None:
+    """Step 17: ISTIO_OUTBOUND_OWNER_GROUPS(_EXCLUDE)."""
     if cfg.owner_groups_include is None:
         for group in cfg.owner_groups_exclude:
             rs.a(NAT, OUTPUT_CHAIN, f"-m owner --gid-owner {group} -j RETURN")
     else:
         matches = " ".join(f"-m owner ! --gid-owner {g}" for g in cfg.owner_groups_include)
         rs.a(NAT, OUTPUT_CHAIN, f"{matches} -j RETURN".strip())
-    # 18: DNS.
-    if dns:
-        _dns(rs, cfg, servers, host_bits)
-    # 19, 20, 21
-    rs.a(NAT, OUTPUT_CHAIN, f"-d {lo} -j RETURN")
-    for cidr in exclude_cidrs:
+
+
+def _outbound(rs: RuleSet, cfg: CaptureConfig, fam: Family) -> None:
+    """Steps 19-22: loopback and excluded CIDRs return, included ports and CIDRs (and virtual interfaces) go to
+    ISTIO_REDIRECT."""
+    rs.a(NAT, OUTPUT_CHAIN, f"-d {fam.lo} -j RETURN")
+    for cidr in fam.exclude_cidrs:
         rs.a(NAT, OUTPUT_CHAIN, f"-d {cidr} -j RETURN")
     for port in cfg.outbound_ports:
         rs.a(NAT, OUTPUT_CHAIN, f"-p tcp --dport {port} -j {REDIRECT_CHAIN}")
-    # 22: the outbound include.
     if cfg.include_all_cidrs:
         rs.a(NAT, OUTPUT_CHAIN, f"-j {REDIRECT_CHAIN}")
         for nic in cfg.kube_virt_interfaces:
             rs.i(NAT, "PREROUTING", 1, f"-i {nic} -j {REDIRECT_CHAIN}")
     else:
-        for cidr in include_cidrs:
+        for cidr in fam.include_cidrs:
             for nic in cfg.kube_virt_interfaces:
                 rs.i(NAT, "PREROUTING", 1, f"-i {nic} -d {cidr} -j {REDIRECT_CHAIN}")
             rs.a(NAT, OUTPUT_CHAIN, f"-d {cidr} -j {REDIRECT_CHAIN}")
-    # 23: TPROXY marks.
-    if cfg.tproxy:
-        _tproxy_marks(rs, cfg, lo, src6)
-    return rs
 
 
 def _tproxy_inbound(rs: RuleSet, cfg: CaptureConfig, lo: str) -> None:
