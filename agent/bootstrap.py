@@ -129,9 +129,8 @@ def _route_listener(name: str, port: int, stat_prefix: str, path: str, cluster: 
     }
 
 
-def envoy_bootstrap(cfg: AgentConfig) -> dict[str, Any]:
-    """The rendered bootstrap, as the JSON object Envoy loads."""
-    pc = cfg.proxy_config
+def _runtime(pc: dict[str, Any]) -> dict[str, Any]:
+    """Istio's static runtime layer, with ProxyConfig runtimeValues applied ("" removes a key)."""
     runtime: dict[str, Any] = {
         "re2.max_program_size.error_level": "32768",
         "envoy.deprecated_features:envoy.config.listener.v3.Listener.hidden_envoy_deprecated_use_original_dst": True,
@@ -144,15 +143,23 @@ def envoy_bootstrap(cfg: AgentConfig) -> dict[str, Any]:
             runtime.pop(k, None)
         else:
             runtime[k] = {"true": True, "false": False}.get(v, v)
+    return runtime
+
+
+def _stats_patterns(cfg: AgentConfig) -> list[dict[str, Any]]:
+    """The stats inclusion list (standalone mode keeps Envoy's passthrough stats too)."""
     prefixes = list(INCLUSION_PREFIXES)
     if cfg.standalone:
         prefixes += STANDALONE_PREFIXES
     suffixes = list(INCLUSION_SUFFIXES)
     if cfg.exit_on_zero_active:
         suffixes.append("downstream_cx_active")
-    matcher = ([{"prefix": p} for p in prefixes] + [{"suffix": s} for s in suffixes]
-               + [{"safe_regex": {"regex": r"vhost\..*\.route\..*"}}])
-    ads_source = {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}
+    return ([{"prefix": p} for p in prefixes] + [{"suffix": s} for s in suffixes]
+            + [{"safe_regex": {"regex": r"vhost\..*\.route\..*"}}])
+
+
+def _static_resources(cfg: AgentConfig) -> dict[str, Any]:
+    """Clusters prometheus_stats, agent, sds-grpc, xds-grpc; listeners 15090 and (with a status port) 15021."""
     xds = _static_cluster(C.XDS_CLUSTER, {"pipe": {"path": cfg.xds_socket}}, "1s", http2=True)
     xds["circuit_breakers"] = {"thresholds": [
         {"priority": "DEFAULT", "max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000},
@@ -174,6 +181,13 @@ def envoy_bootstrap(cfg: AgentConfig) -> dict[str, Any]:
     if cfg.status_port:
         listeners.append(_route_listener(f"0.0.0.0_{cfg.envoy_status_port}", cfg.envoy_status_port, "agent",
                                          C.HEALTHZ_READY_PATH, "agent"))
+    return {"clusters": clusters, "listeners": listeners}
+
+
+def envoy_bootstrap(cfg: AgentConfig) -> dict[str, Any]:
+    """The rendered bootstrap, as the JSON object Envoy loads."""
+    ads_source = {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}
+    localhost = "127.0.0.1"
     node: dict[str, Any] = {"id": cfg.node_id, "cluster": service_cluster(cfg), "metadata": node_metadata(cfg)}
     loc = _locality(cfg)
     if loc:
@@ -184,13 +198,13 @@ def envoy_bootstrap(cfg: AgentConfig) -> dict[str, Any]:
     return {
         "node": node,
         "application_log_config": {"log_format": fmt},
-        "layered_runtime": {"layers": [{"name": "global config", "static_layer": runtime},
+        "layered_runtime": {"layers": [{"name": "global config", "static_layer": _runtime(cfg.proxy_config)},
                                        {"name": "admin", "admin_layer": {}}]},
         "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
             "buffer_size_kb": 64}}],
         "stats_config": {"use_all_default_tags": False, "stats_tags": STATS_TAGS,
-                         "stats_matcher": {"inclusion_list": {"patterns": matcher}}},
+                         "stats_matcher": {"inclusion_list": {"patterns": _stats_patterns(cfg)}}},
         "admin": {
             "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
@@ -207,7 +221,7 @@ def envoy_bootstrap(cfg: AgentConfig) -> dict[str, Any]:
                            "grpc_services": [{"envoy_grpc": {"cluster_name": C.XDS_CLUSTER, "retry_policy": {
                                "retry_back_off": {"base_interval": "0.02s", "max_interval": "1s"}}}}]},
         },
-        "static_resources": {"clusters": clusters, "listeners": listeners},
+        "static_resources": _static_resources(cfg),
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections"

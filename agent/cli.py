@@ -14,6 +14,7 @@ import time
 import urllib.parse
 
 from meshboot import constants as C
+from meshboot.syntax import parse_go_bool
 
 from . import __version__
 
@@ -76,7 +77,7 @@ def run_proxy(argv: list[str]) -> int:
     from .config import ConfigError, Flags, build_config  # noqa: PLC0415
 
     args, unknown = proxy_parser().parse_known_args(argv)
-    as_json = str(args.log_as_json).lower() in ("true", "1", "t")
+    as_json = parse_go_bool(str(args.log_as_json)) is True    # Go flag syntax, as pilot-agent
     try:
         logmod.setup(args.log_output_level, as_json)
     except ValueError as e:

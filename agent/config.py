@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 from meshboot import constants as C
 from meshboot.durations import parse_duration as _go_duration
+from meshboot.syntax import parse_go_bool
 
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
 
@@ -55,14 +56,14 @@ def parse_duration(text: str, where: str) -> float:
 
 
 def parse_bool(text: str | None, where: str, default: bool) -> bool:
+    """Go's strconv.ParseBool, as pilot-agent reads every boolean env var (meshboot.syntax.parse_go_bool: 1/0, t/f,
+    true/false in three cases; "yes", "on" and surrounding space are refused); unset or empty means `default`."""
     if text is None or text == "":
         return default
-    t = text.strip().lower()
-    if t in ("1", "t", "true", "yes", "on"):
-        return True
-    if t in ("0", "f", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{where}: invalid boolean {show(text)}")
+    value = parse_go_bool(text)
+    if value is None:
+        raise ConfigError(f"{where}: invalid boolean {show(text)} (want true or false)")
+    return value
 
 
 def parse_int(text: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -426,28 +427,51 @@ def _headers(env: Mapping[str, str], prefix: str) -> tuple[tuple[str, str], ...]
 
 def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
                  exists: Callable[[str], bool], which: Callable[[str], str | None]) -> AgentConfig:
-    """Everything the agent needs, validated. `read(path)` returns the file's text or None if absent."""
+    """Everything the agent needs, validated. `read(path)` returns the file's text or None if absent.
+
+    In pilot-agent's order and seams: the pod, ProxyConfig, CA settings, XDS settings, Envoy, the status port."""
     if flags.node_type not in NODE_TYPES:
         raise ConfigError(f"proxy type {show(flags.node_type)}: want one of {', '.join(NODE_TYPES)}")
     if flags.node_type != "sidecar":
         raise ConfigError(f"proxy type {show(flags.node_type)} is not supported by meshboot (sidecar only)")
-
-    def need(name: str) -> str:
-        v = environ.get(name, "").strip()
-        if not v:
-            raise ConfigError(f"env {name} is required (set it from the downward API)")
-        return v
-
-    pod_name, pod_ns = need(C.ENV_POD_NAME), need(C.ENV_POD_NAMESPACE)
-
-    # ProxyConfig: defaults ← mesh file defaultConfig ← PROXY_CONFIG ← annotation proxy.istio.io/config ← annotations
+    pod_name, pod_ns = _need(environ, C.ENV_POD_NAME), _need(environ, C.ENV_POD_NAMESPACE)
     annotations = parse_downward_api(read(C.POD_ANNOTATIONS_FILE) or "")
     labels = parse_downward_api(read(C.POD_LABELS_FILE) or "")
+    pc = proxy_config(flags.mesh_config, environ, read, annotations)
+    # proxyMetadata behaves like env for the agent; real env wins.
+    env = {**{str(k): str(v) for k, v in (pc.get("proxyMetadata") or {}).items()}, **environ}
+    ips = _instance_ips(env)
+    file_certs = _file_certs(env, exists)
+    service_account = env.get(C.ENV_SERVICE_ACCOUNT, "").strip()
+    if not service_account and file_certs is None:
+        raise ConfigError(f"env {C.ENV_SERVICE_ACCOUNT} is required (the workload identity's service account)")
+    ca = ca_settings(env, pc, exists, file_certs)
+    xds = xds_settings(env, pc, exists, file_certs)
+    envoy = envoy_settings(flags, env, pc, exists, which)
+    status = status_settings(env, pc)
+    return AgentConfig(
+        flags=flags, node_type=flags.node_type, pod_name=pod_name, pod_namespace=pod_ns,
+        service_account=service_account, instance_ips=ips, domain=flags.domain or f"{pod_ns}.svc.cluster.local",
+        host_ip=env.get(C.ENV_HOST_IP, ""), labels=labels, annotations=annotations, proxy_config=pc, env=env,
+        file_certs=file_certs, **ca, **xds, **envoy, **status)
+
+
+def _need(environ: Mapping[str, str], name: str) -> str:
+    v = environ.get(name, "").strip()
+    if not v:
+        raise ConfigError(f"env {name} is required (set it from the downward API)")
+    return v
+
+
+def proxy_config(mesh_config: str, environ: Mapping[str, str], read: Reader,
+                 annotations: Mapping[str, str]) -> dict[str, Any]:
+    """ProxyConfig: defaults ← mesh file defaultConfig ← PROXY_CONFIG ← annotation proxy.istio.io/config ←
+    the discovery-address and status-port annotations; validated."""
     pc = dict(PROXY_CONFIG_DEFAULTS)
-    mesh_text = read(flags.mesh_config)
+    mesh_text = read(mesh_config)
     if mesh_text:
-        mesh = _load_structured(mesh_text, f"mesh config {flags.mesh_config}")
-        pc = merge_proxy_config(pc, mesh.get("defaultConfig") or {}, f"mesh config {flags.mesh_config}: defaultConfig")
+        mesh = _load_structured(mesh_text, f"mesh config {mesh_config}")
+        pc = merge_proxy_config(pc, mesh.get("defaultConfig") or {}, f"mesh config {mesh_config}: defaultConfig")
     if environ.get(C.ENV_PROXY_CONFIG, "").strip():
         pc = merge_proxy_config(pc, _load_structured(environ[C.ENV_PROXY_CONFIG], f"env {C.ENV_PROXY_CONFIG}"),
                                 f"env {C.ENV_PROXY_CONFIG}")
@@ -460,61 +484,102 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
         pc["statusPort"] = parse_int(annotations[C.ANNOTATION_STATUS_PORT],
                                      f"annotation {C.ANNOTATION_STATUS_PORT}", 0, 65535)
     validate_proxy_config(pc, "ProxyConfig")
+    return pc
 
-    # proxyMetadata behaves like env for the agent; real env wins.
-    env = {**{str(k): str(v) for k, v in (pc.get("proxyMetadata") or {}).items()}, **environ}
 
-    ips: list[str] = []
-    if env.get(C.ENV_INSTANCE_IP):
-        try:
-            ips.append(str(ipaddress.ip_address(env[C.ENV_INSTANCE_IP].strip())))
-        except ValueError:
-            raise ConfigError(f"env {C.ENV_INSTANCE_IP}: {show(env[C.ENV_INSTANCE_IP])} is not an IP address") from None
-    if not ips:
-        ips.append("127.0.0.1")
-    domain = flags.domain or f"{pod_ns}.svc.cluster.local"
+def _instance_ips(env: Mapping[str, str]) -> tuple[str, ...]:
+    if not env.get(C.ENV_INSTANCE_IP):
+        return ("127.0.0.1",)
+    try:
+        return (str(ipaddress.ip_address(env[C.ENV_INSTANCE_IP].strip())),)
+    except ValueError:
+        raise ConfigError(f"env {C.ENV_INSTANCE_IP}: {show(env[C.ENV_INSTANCE_IP])} is not an IP address") from None
 
-    trust_domain = env.get(C.ENV_TRUST_DOMAIN) or C.DEFAULT_TRUST_DOMAIN
 
-    # Certificates: file-mounted (3 files in workload-spiffe-credentials, or legacy ./etc/certs) or CA.
-    file_certs: tuple[str, str, str] | None = None
+def _file_certs(env: Mapping[str, str], exists: Callable[[str], bool]) -> tuple[str, str, str] | None:
+    """File-mounted certificates (3 files in workload-spiffe-credentials, or legacy ./etc/certs), else None (CA)."""
     wd = C.WORKLOAD_CREDENTIALS_DIR
     triple = (f"{wd}/cert-chain.pem", f"{wd}/key.pem", f"{wd}/root-cert.pem")
     legacy = (f"{C.LEGACY_CERTS_DIR}/cert-chain.pem", f"{C.LEGACY_CERTS_DIR}/key.pem",
               f"{C.LEGACY_CERTS_DIR}/root-cert.pem")
-    output_certs = env.get(C.ENV_OUTPUT_CERTS, "")
     if all(exists(p) for p in triple):
-        file_certs = triple
-    elif exists(legacy[0]) and exists(legacy[1]) and output_certs.rstrip("/") not in (C.LEGACY_CERTS_DIR,
-                                                                                      "/etc/certs"):
-        file_certs = legacy
+        return triple
+    output_certs = env.get(C.ENV_OUTPUT_CERTS, "")
+    if exists(legacy[0]) and exists(legacy[1]) and output_certs.rstrip("/") not in (C.LEGACY_CERTS_DIR, "/etc/certs"):
+        return legacy
+    return None
 
-    service_account = env.get(C.ENV_SERVICE_ACCOUNT, "").strip()
-    if not service_account and file_certs is None:
-        raise ConfigError(f"env {C.ENV_SERVICE_ACCOUNT} is required (the workload identity's service account)")
 
-    discovery = str(pc.get("discoveryAddress") or "")
-    ca_addr = env.get(C.ENV_CA_ADDR, "").strip() or discovery or C.DEFAULT_CA_ADDR
+def _ca_root(env: Mapping[str, str], ca_addr: str, exists: Callable[[str], bool]) -> str | None:
+    """The root that verifies the CA (pilot-agent's order); None = system roots."""
+    provider = env.get(C.ENV_PILOT_CERT_PROVIDER, "istiod")
+    if env.get(C.ENV_CA_ROOT_CA) == "SYSTEM":
+        return None
+    if env.get(C.ENV_CA_ROOT_CA):
+        root = env[C.ENV_CA_ROOT_CA]
+    elif provider == "custom":
+        root = f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
+    elif env.get(C.ENV_PROV_CERT):
+        root = env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
+    elif provider == "none":
+        raise ConfigError(f"env {C.ENV_PILOT_CERT_PROVIDER}=none: no root to verify the CA {ca_addr}")
+    else:
+        root = C.ROOT_CERT_PATH
+    if not exists(root):
+        raise ConfigError(f"CA root certificate {root} does not exist (needed to verify CA {ca_addr})")
+    return root
+
+
+def ca_settings(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[[str], bool],
+                file_certs: tuple[str, str, str] | None) -> dict[str, Any]:
+    """The CA and the workload key: address, TLS root, headers, key kind and size, TTL and rotation."""
+    ca_addr = env.get(C.ENV_CA_ADDR, "").strip() or str(pc.get("discoveryAddress") or "") or C.DEFAULT_CA_ADDR
     ca_host, ca_port = _split_host_port(ca_addr, f"env {C.ENV_CA_ADDR}")
     ca_plaintext = ca_port == C.PLAINTEXT_XDS_PORT
-    ca_root: str | None = None
-    if not ca_plaintext and file_certs is None:
-        provider = env.get(C.ENV_PILOT_CERT_PROVIDER, "istiod")
-        if env.get(C.ENV_CA_ROOT_CA) == "SYSTEM":
-            ca_root = None
-        elif env.get(C.ENV_CA_ROOT_CA):
-            ca_root = env[C.ENV_CA_ROOT_CA]
-        elif provider == "custom":
-            ca_root = f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
-        elif env.get(C.ENV_PROV_CERT):
-            ca_root = env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
-        elif provider == "none":
-            raise ConfigError(f"env {C.ENV_PILOT_CERT_PROVIDER}=none: no root to verify the CA {ca_addr}")
-        else:
-            ca_root = C.ROOT_CERT_PATH
-        if ca_root is not None and not exists(ca_root):
-            raise ConfigError(f"CA root certificate {ca_root} does not exist (needed to verify CA {ca_addr})")
+    ca_root = None if ca_plaintext or file_certs is not None else _ca_root(env, ca_addr, exists)
+    ecc = env.get(C.ENV_ECC_SIGNATURE_ALGORITHM, "")
+    if ecc not in ("", "ECDSA"):
+        raise ConfigError(f"env {C.ENV_ECC_SIGNATURE_ALGORITHM}: {show(ecc)}, want ECDSA or empty")
+    curve = env.get(C.ENV_ECC_CURVE) or "P256"
+    if curve not in ("P256", "P384"):
+        raise ConfigError(f"env {C.ENV_ECC_CURVE}: {show(curve)}, want P256 or P384")
+    return dict(
+        trust_domain=env.get(C.ENV_TRUST_DOMAIN) or C.DEFAULT_TRUST_DOMAIN, ca_addr=ca_addr,
+        ca_server_name=_server_name(ca_host, env), ca_root_file=ca_root, ca_plaintext=ca_plaintext,
+        cluster_id=env.get(C.ENV_CLUSTER_ID, ""), ca_headers=_headers(env, C.CA_HEADER_PREFIX),
+        cert_signer=env.get(C.ENV_CERT_SIGNER, ""), key_kind="ECDSA" if ecc == "ECDSA" else "RSA",
+        rsa_bits=parse_int(env.get(C.ENV_RSA_KEY_SIZE) or 2048, f"env {C.ENV_RSA_KEY_SIZE}", 2048, 8192),
+        ecc_curve=curve, pkcs8=parse_bool(env.get(C.ENV_PKCS8_KEY), f"env {C.ENV_PKCS8_KEY}", False),
+        secret_ttl=parse_duration(env.get(C.ENV_SECRET_TTL) or "24h", f"env {C.ENV_SECRET_TTL}"),
+        grace_ratio=parse_float(env.get(C.ENV_SECRET_GRACE_RATIO) or "0.5", f"env {C.ENV_SECRET_GRACE_RATIO}"),
+        grace_jitter=parse_float(env.get(C.ENV_SECRET_GRACE_JITTER) or "0.01", f"env {C.ENV_SECRET_GRACE_JITTER}"),
+        output_certs=env.get(C.ENV_OUTPUT_CERTS, ""))
 
+
+def _xds_root(env: Mapping[str, str], discovery: str, exists: Callable[[str], bool],
+              file_certs: tuple[str, str, str] | None) -> str | None:
+    """The root that verifies the discovery server (pilot-agent's order); None = system roots."""
+    if env.get(C.ENV_XDS_ROOT_CA) == "SYSTEM":
+        return None
+    if env.get(C.ENV_XDS_ROOT_CA):
+        root = env[C.ENV_XDS_ROOT_CA]
+    elif exists(f"{C.LEGACY_CERTS_DIR}/root-cert.pem"):
+        root = f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
+    elif env.get(C.ENV_PROV_CERT):
+        root = env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
+    elif file_certs is not None:
+        root = file_certs[2]
+    else:
+        root = C.ROOT_CERT_PATH
+    if not exists(root):
+        raise ConfigError(f"XDS root certificate {root} does not exist (needed to verify {discovery})")
+    return root
+
+
+def xds_settings(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[[str], bool],
+                 file_certs: tuple[str, str, str] | None) -> dict[str, Any]:
+    """Proxy mode's upstream (discovery address, TLS, headers, Delta or SotW), or standalone mode's mTLS policy."""
+    discovery = str(pc.get("discoveryAddress") or "")
     xds_root: str | None = None
     xds_plain = False
     xds_name = ""
@@ -523,71 +588,41 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
         xds_plain = pc.get("controlPlaneAuthPolicy") == "NONE" or xport == C.PLAINTEXT_XDS_PORT
         xds_name = _server_name(xhost, env)
         if not xds_plain:
-            if env.get(C.ENV_XDS_ROOT_CA) == "SYSTEM":
-                xds_root = None
-            elif env.get(C.ENV_XDS_ROOT_CA):
-                xds_root = env[C.ENV_XDS_ROOT_CA]
-            elif exists(f"{C.LEGACY_CERTS_DIR}/root-cert.pem"):
-                xds_root = f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
-            elif env.get(C.ENV_PROV_CERT):
-                xds_root = env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
-            elif file_certs is not None:
-                xds_root = file_certs[2]
-            else:
-                xds_root = C.ROOT_CERT_PATH
-            if xds_root is not None and not exists(xds_root):
-                raise ConfigError(f"XDS root certificate {xds_root} does not exist (needed to verify {discovery})")
-
-    ecc = env.get(C.ENV_ECC_SIGNATURE_ALGORITHM, "")
-    if ecc not in ("", "ECDSA"):
-        raise ConfigError(f"env {C.ENV_ECC_SIGNATURE_ALGORITHM}: {show(ecc)}, want ECDSA or empty")
-    curve = env.get(C.ENV_ECC_CURVE) or "P256"
-    if curve not in ("P256", "P384"):
-        raise ConfigError(f"env {C.ENV_ECC_CURVE}: {show(curve)}, want P256 or P384")
-    rsa_bits = parse_int(env.get(C.ENV_RSA_KEY_SIZE) or 2048, f"env {C.ENV_RSA_KEY_SIZE}", 2048, 8192)
-
+            xds_root = _xds_root(env, discovery, exists, file_certs)
     mtls = (env.get(C.ENV_MTLS_MODE) or C.MTLS_PERMISSIVE).upper()
     if mtls not in (C.MTLS_PERMISSIVE, C.MTLS_STRICT):
         raise ConfigError(f"env {C.ENV_MTLS_MODE}: {show(mtls)}, want PERMISSIVE or STRICT")
+    return dict(discovery_address=discovery, xds_server_name=xds_name, xds_root_file=xds_root,
+                xds_plaintext=xds_plain, xds_headers=_headers(env, C.XDS_HEADER_PREFIX),
+                delta_xds=parse_bool(env.get(C.ENV_DELTA_XDS), f"env {C.ENV_DELTA_XDS}", True), mtls_mode=mtls)
 
-    concurrency = flags.concurrency or int(pc.get("concurrency") or 0)
-    if not concurrency and env.get(C.ENV_CPU_LIMIT):
-        concurrency = max(0, int(-(-float(parse_float(env[C.ENV_CPU_LIMIT], f"env {C.ENV_CPU_LIMIT}", 0, 1e6))
-                                   // 1)))
 
+def envoy_binary(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[[str], bool],
+                 which: Callable[[str], str | None]) -> str:
+    """ENVOY_BINARY, else ProxyConfig binaryPath if set, else `envoy` on PATH, else the default binaryPath."""
     envoy = env.get(C.ENV_ENVOY_BINARY) or ""
     if envoy:
         if not exists(envoy):
             raise ConfigError(f"env {C.ENV_ENVOY_BINARY}: {envoy} does not exist")
-    elif pc["binaryPath"] != C.ENVOY_BINARY_DEFAULT and exists(pc["binaryPath"]):
-        envoy = pc["binaryPath"]
-    else:
-        envoy = which("envoy") or (pc["binaryPath"] if exists(pc["binaryPath"]) else "")
-        if not envoy:
-            raise ConfigError(f"no Envoy binary: set env {C.ENV_ENVOY_BINARY}, put envoy on PATH, "
-                              f"or install it at {pc['binaryPath']}")
+        return envoy
+    if pc["binaryPath"] != C.ENVOY_BINARY_DEFAULT and exists(pc["binaryPath"]):
+        return str(pc["binaryPath"])
+    envoy = which("envoy") or (pc["binaryPath"] if exists(pc["binaryPath"]) else "")
+    if not envoy:
+        raise ConfigError(f"no Envoy binary: set env {C.ENV_ENVOY_BINARY}, put envoy on PATH, "
+                          f"or install it at {pc['binaryPath']}")
+    return envoy
 
-    status_port = parse_int(pc.get("statusPort", C.STATUS_PORT), "ProxyConfig.statusPort", 0, 65535)
-    probers = parse_app_probers(env.get(C.ENV_APP_PROBERS, ""))
-    scrape = parse_prometheus_annotations(env.get(C.ENV_PROMETHEUS_ANNOTATIONS), status_port)
 
-    return AgentConfig(
-        flags=flags, node_type=flags.node_type, pod_name=pod_name, pod_namespace=pod_ns,
-        service_account=service_account, instance_ips=tuple(ips), domain=domain,
-        host_ip=env.get(C.ENV_HOST_IP, ""), labels=labels, annotations=annotations, proxy_config=pc, env=env,
-        trust_domain=trust_domain, ca_addr=ca_addr, ca_server_name=_server_name(ca_host, env), ca_root_file=ca_root,
-        ca_plaintext=ca_plaintext, cluster_id=env.get(C.ENV_CLUSTER_ID, ""),
-        ca_headers=_headers(env, C.CA_HEADER_PREFIX), cert_signer=env.get(C.ENV_CERT_SIGNER, ""),
-        key_kind="ECDSA" if ecc == "ECDSA" else "RSA", rsa_bits=rsa_bits, ecc_curve=curve,
-        pkcs8=parse_bool(env.get(C.ENV_PKCS8_KEY), f"env {C.ENV_PKCS8_KEY}", False),
-        secret_ttl=parse_duration(env.get(C.ENV_SECRET_TTL) or "24h", f"env {C.ENV_SECRET_TTL}"),
-        grace_ratio=parse_float(env.get(C.ENV_SECRET_GRACE_RATIO) or "0.5", f"env {C.ENV_SECRET_GRACE_RATIO}"),
-        grace_jitter=parse_float(env.get(C.ENV_SECRET_GRACE_JITTER) or "0.01", f"env {C.ENV_SECRET_GRACE_JITTER}"),
-        output_certs=output_certs, file_certs=file_certs,
-        discovery_address=discovery, xds_server_name=xds_name, xds_root_file=xds_root, xds_plaintext=xds_plain,
-        xds_headers=_headers(env, C.XDS_HEADER_PREFIX),
-        delta_xds=parse_bool(env.get(C.ENV_DELTA_XDS), f"env {C.ENV_DELTA_XDS}", True),
-        mtls_mode=mtls, envoy_binary=envoy,
+def envoy_settings(flags: Flags, env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[[str], bool],
+                   which: Callable[[str], str | None]) -> dict[str, Any]:
+    """Envoy's binary, concurrency, ports and drain."""
+    concurrency = flags.concurrency or int(pc.get("concurrency") or 0)
+    if not concurrency and env.get(C.ENV_CPU_LIMIT):
+        concurrency = max(0, int(-(-float(parse_float(env[C.ENV_CPU_LIMIT], f"env {C.ENV_CPU_LIMIT}", 0, 1e6))
+                                   // 1)))
+    return dict(
+        envoy_binary=envoy_binary(env, pc, exists, which),
         drain_duration=parse_duration(pc["drainDuration"], "ProxyConfig.drainDuration"),
         termination_drain_duration=parse_duration(pc["terminationDrainDuration"],
                                                   "ProxyConfig.terminationDrainDuration"),
@@ -595,16 +630,21 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
         exit_on_zero_active=parse_bool(env.get(C.ENV_EXIT_ON_ZERO), f"env {C.ENV_EXIT_ON_ZERO}", False),
         concurrency=concurrency,
         admin_port=parse_int(pc["proxyAdminPort"], "ProxyConfig.proxyAdminPort", 1, 65535),
-        status_port=status_port,
         envoy_status_port=parse_int(env.get("ENVOY_STATUS_PORT") or C.ENVOY_STATUS_PORT, "env ENVOY_STATUS_PORT",
                                     1, 65535),
         envoy_prometheus_port=parse_int(env.get("ENVOY_PROMETHEUS_PORT") or C.ENVOY_PROMETHEUS_PORT,
                                         "env ENVOY_PROMETHEUS_PORT", 1, 65535),
-        bootstrap_override=env.get(C.ENV_ISTIO_BOOTSTRAP_OVERRIDE, ""),
-        app_probers=probers, scrape_targets=scrape,
+        bootstrap_override=env.get(C.ENV_ISTIO_BOOTSTRAP_OVERRIDE, ""))
+
+
+def status_settings(env: Mapping[str, str], pc: Mapping[str, Any]) -> dict[str, Any]:
+    """The status port: app probes, metrics merging and scraping."""
+    status_port = parse_int(pc.get("statusPort", C.STATUS_PORT), "ProxyConfig.statusPort", 0, 65535)
+    return dict(
+        status_port=status_port, app_probers=parse_app_probers(env.get(C.ENV_APP_PROBERS, "")),
+        scrape_targets=parse_prometheus_annotations(env.get(C.ENV_PROMETHEUS_ANNOTATIONS), status_port),
         probe_localhost=parse_bool(env.get(C.ENV_REWRITE_PROBE_LOCALHOST), f"env {C.ENV_REWRITE_PROBE_LOCALHOST}",
                                    False),
         merge_envoy_stats=parse_bool(env.get(C.ENV_MERGE_ENVOY_STATS), f"env {C.ENV_MERGE_ENVOY_STATS}", True),
         metrics_localhost_only=parse_bool(env.get(C.ENV_METRICS_LOCALHOST_ONLY),
-                                          f"env {C.ENV_METRICS_LOCALHOST_ONLY}", False),
-    )
+                                          f"env {C.ENV_METRICS_LOCALHOST_ONLY}", False))

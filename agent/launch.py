@@ -10,6 +10,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from meshboot.files import write_atomic
+
 from . import bootstrap
 from .config import AgentConfig
 from .envoy import EnvoyProcess
@@ -23,27 +25,20 @@ class Launched:
     grpc_bootstrap_path: str
 
 
-def write_json(path: str, data: dict, atomic: bool) -> None:
-    text = json.dumps(data, indent=2)
-    if atomic:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    else:
-        with open(path, "w") as f:
-            f.write(text)
+def write_json(path: str, data: dict) -> None:
+    """Atomically (meshboot.files): Envoy and proxyless gRPC never read half a bootstrap."""
+    write_atomic(path, json.dumps(data, indent=2).encode())
 
 
 def launch(cfg: AgentConfig) -> Launched:
     """Raises OSError when a file cannot be written or Envoy cannot be started."""
     os.makedirs(cfg.config_path, mode=0o700, exist_ok=True)
     grpc_boot = os.path.join(cfg.config_path, "grpc-bootstrap.json")
-    write_json(grpc_boot, bootstrap.grpc_bootstrap(cfg), atomic=True)
+    write_json(grpc_boot, bootstrap.grpc_bootstrap(cfg))
     custom = str(cfg.proxy_config.get("customConfigFile") or "")
     boot_path = custom or os.path.join(cfg.config_path, "envoy-rev.json")
     if not custom:
-        write_json(boot_path, bootstrap.envoy_bootstrap(cfg), atomic=False)
+        write_json(boot_path, bootstrap.envoy_bootstrap(cfg))
     override = None
     if cfg.bootstrap_override:
         with open(cfg.bootstrap_override) as f:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from meshboot import constants as C
-from meshboot.files import stamps
+from meshboot.files import stamps, write_atomic
 
 from .. import helper
 from ..config import AgentConfig
@@ -117,20 +117,6 @@ def _read(path: str, limit: int = MAX_SECRET_FILE) -> bytes:
     if len(data) > limit:
         raise SecretError(f"{shown}: larger than {limit} bytes")
     return data
-
-
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    try:
-        with open(path, "rb") as f:
-            if f.read() == data:
-                return
-    except OSError:
-        pass
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 class SecretManager:
@@ -363,9 +349,10 @@ class SecretManager:
         try:
             os.makedirs(d, exist_ok=True)
             mode = 0o644 if os.environ.get("KUBERNETES_SERVICE_HOST") else 0o600
-            _write_atomic(os.path.join(d, "key.pem"), wl.key_pem, mode)
-            _write_atomic(os.path.join(d, "cert-chain.pem"), wl.chain_pem, mode)
-            _write_atomic(os.path.join(d, "root-cert.pem"), wl.root_pem, mode)
+            # unchanged files are left alone: a reader watching them (proxyless gRPC) sees no spurious change
+            write_atomic(os.path.join(d, "key.pem"), wl.key_pem, mode, skip_if_same=True)
+            write_atomic(os.path.join(d, "cert-chain.pem"), wl.chain_pem, mode, skip_if_same=True)
+            write_atomic(os.path.join(d, "root-cert.pem"), wl.root_pem, mode, skip_if_same=True)
         except OSError as e:
             log.error("cannot write OUTPUT_CERTS", dir=d, error=str(e))
 

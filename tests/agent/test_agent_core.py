@@ -60,6 +60,19 @@ def test_bad_input_names_what_is_wrong(env: dict, drop: tuple, needle: str) -> N
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize(("value", "want"), [("", False), ("true", True), ("TRUE", True), ("True", True), ("t", True),
+                                             ("1", True), ("false", False), ("F", False), ("0", False)])
+def test_booleans_are_go_strconv(value: str, want: bool) -> None:
+    """Go's strconv.ParseBool, as pilot-agent reads EXIT_ON_ZERO_ACTIVE_CONNECTIONS and the other booleans."""
+    assert cfg_of({"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": value}).exit_on_zero_active is want
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "no", "off", " true", "tRuE", "2"])
+def test_booleans_go_refuses_are_refused_naming_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="env EXIT_ON_ZERO_ACTIVE_CONNECTIONS: invalid boolean"):
+        cfg_of({"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": value})
+
+
 def test_missing_root_cert_is_an_error_naming_the_file() -> None:
     with pytest.raises(ConfigError, match=r"CA root certificate ./var/run/secrets/istio/root-cert.pem does not exist"):
         build_config(Flags(), BASE_ENV, {"/bin/envoy": "x"}.get, lambda p: p == "/bin/envoy", lambda n: None)

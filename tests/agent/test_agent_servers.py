@@ -207,46 +207,67 @@ class _App(http.server.BaseHTTPRequestHandler):
         self.server.peers.append(self.client_address[0])  # type: ignore[attr-defined]
 
 
+async def _health_server(grpc_port: int) -> grpc.aio.Server:
+    """grpc.health.v1.Health/Check: SERVING (1) for service "app", NOT_SERVING (2) otherwise.
+
+    HealthCheckRequest{service=1}; HealthCheckResponse{status=1 (enum)} — tiny enough to frame by hand here."""
+    async def check(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        service = req[2:2 + req[1]].decode() if req else ""
+        return bytes([0x08, 1 if service == "app" else 2])
+
+    srv = grpc.aio.server()
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}),))
+    srv.add_insecure_port(f"127.0.0.1:{grpc_port}")
+    await srv.start()
+    return srv
+
+
+def _probe_config(app_port: int, grpc_port: int):  # noqa: ANN202
+    """A config whose app probes hit the test app (HTTP, TCP, gRPC) and a closed port; CWD is a pod-like dir."""
+    probers = {"/app-health/app/readyz": {"httpGet": {"path": "/healthy", "port": app_port}},
+               "/app-health/app/livez": {"httpGet": {"path": "/sick", "port": app_port}},
+               "/app-health/app/startupz": {"httpGet": {"path": "/moved", "port": app_port}},
+               "/app-health/db/livez": {"tcpSocket": {"port": app_port}},
+               "/app-health/db/readyz": {"tcpSocket": {"port": free_port()}},
+               "/app-health/grpc/readyz": {"grpc": {"port": grpc_port, "service": "app"}},
+               "/app-health/grpc/livez": {"grpc": {"port": grpc_port, "service": "down"}}}
+    Path(C.ROOT_CERT_PATH).parent.mkdir(parents=True)
+    Path(C.ROOT_CERT_PATH).write_text("root")
+    env = {"POD_NAME": "p", "POD_NAMESPACE": "ns", "SERVICE_ACCOUNT": "sa", "INSTANCE_IP": "127.0.0.1",
+           "ENVOY_BINARY": sys.executable, "ISTIO_KUBE_APP_PROBERS": json.dumps(probers),
+           "ISTIO_PROMETHEUS_ANNOTATIONS": json.dumps({"scrape": "true", "port": str(app_port), "path": "/metrics"}),
+           "PILOT_AGENT_MERGE_ENVOY_STATS": "false", "PROXY_CONFIG": json.dumps({"statusPort": free_port(),
+                                                                                  "proxyAdminPort": free_port()})}
+    return build_config(Flags(), env, lambda p: None, os.path.exists, lambda n: None)
+
+
+async def _check_probes_and_metrics(get, app: http.server.ThreadingHTTPServer) -> None:  # noqa: ANN001
+    r = await get("/healthz/ready")
+    assert r.status == 503 and b"Envoy admin unreachable" in r.body
+    assert (await get("/app-health/app/readyz")).status == 200
+    r = await get("/app-health/app/livez")
+    assert (r.status, r.body) == (503, b"sick")
+    assert (await get("/app-health/app/startupz")).status == 200       # redirect followed, same host
+    assert (await get("/app-health/db/livez")).status == 200
+    assert (await get("/app-health/db/readyz")).status == 500
+    assert (await get("/app-health/nope/livez")).status == 400
+    assert "127.0.0.6" in app.peers  # type: ignore[attr-defined]     # probes come from 127.0.0.6
+    r = await get("/stats/prometheus")
+    from prometheus_client.parser import text_string_to_metric_families
+    fams = {f.name: f for f in text_string_to_metric_families(r.body.decode())}
+    assert fams["app_requests"].samples[0].value == 7
+    assert fams["istio_agent_app_probes"].samples and "istio_agent_process_resident_memory_bytes" in fams
+
+
 def test_status_server_probes_metrics_and_quit(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.chdir(tmp_path)
     app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
     app.peers = []  # type: ignore[attr-defined]
     threading.Thread(target=app.serve_forever, daemon=True).start()
-    port = app.server_address[1]
-    closed = free_port()
-    probers = {"/app-health/app/readyz": {"httpGet": {"path": "/healthy", "port": port}},
-               "/app-health/app/livez": {"httpGet": {"path": "/sick", "port": port}},
-               "/app-health/app/startupz": {"httpGet": {"path": "/moved", "port": port}},
-               "/app-health/db/livez": {"tcpSocket": {"port": port}},
-               "/app-health/db/readyz": {"tcpSocket": {"port": closed}}}
-    Path(C.ROOT_CERT_PATH).parent.mkdir(parents=True)
-    Path(C.ROOT_CERT_PATH).write_text("root")
-    env = {"POD_NAME": "p", "POD_NAMESPACE": "ns", "SERVICE_ACCOUNT": "sa", "INSTANCE_IP": "127.0.0.1",
-           "ENVOY_BINARY": sys.executable, "ISTIO_KUBE_APP_PROBERS": json.dumps(probers),
-           "ISTIO_PROMETHEUS_ANNOTATIONS": json.dumps({"scrape": "true", "port": str(port), "path": "/metrics"}),
-           "PILOT_AGENT_MERGE_ENVOY_STATS": "false", "PROXY_CONFIG": json.dumps({"statusPort": free_port(),
-                                                                                  "proxyAdminPort": free_port()})}
     grpc_port = free_port()
-    probers["/app-health/grpc/readyz"] = {"grpc": {"port": grpc_port, "service": "app"}}
-    probers["/app-health/grpc/livez"] = {"grpc": {"port": grpc_port, "service": "down"}}
-    env["ISTIO_KUBE_APP_PROBERS"] = json.dumps(probers)
-    cfg = build_config(Flags(), env, lambda p: None, os.path.exists, lambda n: None)
+    cfg = _probe_config(app.server_address[1], grpc_port)
     quits: list[int] = []
-
-    async def health_server() -> grpc.aio.Server:
-        """grpc.health.v1.Health/Check: SERVING (1) for service "app", NOT_SERVING (2) otherwise.
-
-        HealthCheckRequest{service=1}; HealthCheckResponse{status=1 (enum)} — tiny enough to frame by hand here."""
-        async def check(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
-            service = req[2:2 + req[1]].decode() if req else ""
-            return bytes([0x08, 1 if service == "app" else 2])
-
-        srv = grpc.aio.server()
-        srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}),))
-        srv.add_insecure_port(f"127.0.0.1:{grpc_port}")
-        await srv.start()
-        return srv
 
     async def go() -> None:
         async def drain() -> None:
@@ -254,31 +275,16 @@ def test_status_server_probes_metrics_and_quit(tmp_path, monkeypatch) -> None:  
 
         st = StatusServer(cfg, Admin(cfg.admin_port), Metrics(), on_quit=lambda: quits.append(1), on_drain=drain)
         await st.start()
-        sp = cfg.status_port
 
         async def get(path: str, method: str = "GET") -> httpio.Response:
-            return await httpio.request("127.0.0.1", sp, method, path, timeout=5)
+            return await httpio.request("127.0.0.1", cfg.status_port, method, path, timeout=5)
 
-        hs = await health_server()
+        hs = await _health_server(grpc_port)
         try:
             assert (await get("/app-health/grpc/readyz")).status == 200
             assert (await get("/app-health/grpc/livez")).status == 500
             await hs.stop(0)
-            r = await get("/healthz/ready")
-            assert r.status == 503 and b"Envoy admin unreachable" in r.body
-            assert (await get("/app-health/app/readyz")).status == 200
-            r = await get("/app-health/app/livez")
-            assert (r.status, r.body) == (503, b"sick")
-            assert (await get("/app-health/app/startupz")).status == 200       # redirect followed, same host
-            assert (await get("/app-health/db/livez")).status == 200
-            assert (await get("/app-health/db/readyz")).status == 500
-            assert (await get("/app-health/nope/livez")).status == 400
-            assert "127.0.0.6" in app.peers                                   # probes come from 127.0.0.6
-            r = await get("/stats/prometheus")
-            from prometheus_client.parser import text_string_to_metric_families
-            fams = {f.name: f for f in text_string_to_metric_families(r.body.decode())}
-            assert fams["app_requests"].samples[0].value == 7
-            assert fams["istio_agent_app_probes"].samples and "istio_agent_process_resident_memory_bytes" in fams
+            await _check_probes_and_metrics(get, app)
             assert (await get("/quitquitquit")).status == 405
             assert (await get("/quitquitquit", "POST")).status == 200
             assert (await get("/drain", "POST")).status == 200
