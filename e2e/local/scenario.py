@@ -18,6 +18,7 @@ import yaml
 
 from e2e.local import observe
 from e2e.local.cluster import LocalCluster
+from e2e.local.controlplane import Admission
 from e2e.local.kubelet import PodRun, http_get
 from meshboot import constants as C
 
@@ -120,108 +121,136 @@ def _stats(run: PodRun) -> dict[str, int]:
     return observe.parse_stats(res.body.decode())
 
 
+class _Clock:
+    """Seconds since the flow started, recorded per step (Facts.timings)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.timings: dict[str, float] = {}
+
+    def mark(self, name: str) -> float:
+        self.timings[name] = round(time.monotonic() - self.t0, 2)
+        return self.timings[name]
+
+
 def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
              kubernetes_version: str = "1.34") -> Facts:
     """Run the whole flow once, cleaning up everything it made before returning (or raising)."""
-    t0 = time.monotonic()
-    timings: dict[str, float] = {}
-
-    def mark(name: str) -> None:
-        timings[name] = round(time.monotonic() - t0, 2)
-
+    clock = _Clock()
     with LocalCluster.up(prefix=prefix, kubernetes_version=kubernetes_version) as cluster:
-        mark("control plane up")
         cp = cluster.control_plane
         say(f"== node {cluster.node.ns.name}: bridge {cluster.node.bridge} {cluster.node.gateway}/"
             f"{cluster.node.network.prefixlen}; meshboot-webhook (injector :{cp.webhook_port} + CA :{cp.ca_port}) "
-            f"up in {timings['control plane up']:.1f}s")
+            f"up in {clock.mark('control plane up'):.1f}s")
         cluster.create_namespace(NAMESPACE, {C.LABEL_INJECTION_NS: "enabled"})
-
         admitted = [cluster.admit(p) for p in load_pods()]
-        mark("admitted")
-        a = admitted[0]
-        facts = Facts(injected=a.pod, kubernetes_version=kubernetes_version, patch_ops=len(a.patch or []))
-        inits, conts = _containers(a.pod)
-        say(f"\n== AdmissionReview → {a.pod['metadata']['name']}: JSONPatch of {facts.patch_ops} ops; "
-            f"initContainers {inits}, containers {conts}")
-        say(yaml.safe_dump(a.pod, sort_keys=False, width=120).rstrip())
-
-        runs = cluster.run([x.pod for x in admitted])
-        mark("pods started")
-        say("\n== kubelet: " + "; ".join(
-            f"{r.name} {r.ip} netns {r.netns.name}, " + ", ".join(f"{n} exited {c}" for n, c in r.init_exit_codes.items())
-            + f", started {', '.join(r.counted())}" for r in runs) + f"  [workdir {cluster.workdir}]")
+        clock.mark("admitted")
+        facts = _admission_facts(admitted, kubernetes_version, say)
+        runs = _run_pods(cluster, admitted, facts, clock, say)
         by_name = {r.name: r for r in runs}
-        for r in runs:
-            r.wait_ready(timeout=30)
-        mark("pods ready")
-        for r in runs:
-            facts.pods[r.name] = _pod_facts(r)
-            facts.pods[r.name].ready = (len(r.ready_containers()), len(r.counted()))
-            facts.pods[r.name].readyz_status = cluster.node.call(
-                http_get, r.ip, C.ENVOY_STATUS_PORT, "/healthz/ready", 2.0).status
         pa, pb = by_name["pod-a"], by_name["pod-b"]
-        facts.netns_names = [cluster.node.ns.name, *(r.netns.name for r in runs)]
-        facts.workdir = cluster.workdir
-        facts.pids = {cp.proc.pid: "meshboot-webhook"}
-        for r in runs:
-            for c in r.containers.values():
-                if c.proc is not None:
-                    facts.pids[c.proc.pid] = c.name
-            facts.pids.update(facts.pods[r.name].envoy_pids)
-        fa = facts.pods["pod-a"]
-
-        say(f"\n== pod-a ({pa.ip}, netns {pa.netns.name}): iptables-save (ISTIO_* chains), installed by istio-init "
-            f"(exit {fa.init_exit_codes.get(C.INIT_CONTAINER)})")
-        say(observe.istio_lines(fa.iptables_save))
-        say("\n== pod-a: ss -xlp (the agent listens on XDS and SDS)")
-        say(fa.ss_xlp.rstrip())
-        say("\n== pod-a: ss -xp (Envoy connected to them)")
-        say(fa.ss_xp)
-        say("\n== pod-a: ss -tnlp")
-        say(fa.ss_tnlp.rstrip())
-        say("")
-        for name, pf in facts.pods.items():
-            say(f"{name} {pf.ready[0]}/{pf.ready[1]} READY   (GET {pf.ip}:{C.ENVOY_STATUS_PORT}/healthz/ready → "
-                f"{pf.readyz_status})")
-
-        # A -> B through both sidecars.
-        facts.request_path = f"/?from=pod-a&id={uuid.uuid4().hex[:8]}"
-        url = f"http://{pb.ip}:{APP_PORT}{facts.request_path}"
-        before_a, before_b = _stats(pa), _stats(pb)
-        res = pa.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
-        if res.returncode != 0:
-            raise RuntimeError(f"request from pod-a failed: {res.stderr.strip()}")
-        facts.response = json.loads(res.stdout)
-        deadline = time.monotonic() + 3.0   # counters and the app's log line trail the response by a moment at most
-        while True:
-            facts.stats_a = observe.increased(before_a, _stats(pa))
-            facts.stats_b = observe.increased(before_b, _stats(pb))
-            facts.app_b_log_lines = [line for line in pb.logs("app").splitlines() if facts.request_path in line]
-            done = (observe.listener_increase(facts.stats_a, C.OUTBOUND_CAPTURE_PORT)
-                    and observe.listener_increase(facts.stats_b, C.INBOUND_CAPTURE_PORT) and facts.app_b_log_lines)
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        mark("traffic")
-        say(f"\n== kubectl exec pod-a -c app -- GET {url}\n   → HTTP {facts.response['status']}, "
-            f"{facts.response['bytes']} bytes")
-        say("   pod-a envoy: " + ", ".join(f"{k} +{v}" for k, v in facts.stats_a.items()))
-        say("   pod-b envoy: " + ", ".join(f"{k} +{v}" for k, v in facts.stats_b.items()))
-        say("   pod-b app log: " + " | ".join(facts.app_b_log_lines))
-
-        root = cp.root_cert()
-        facts.served = cluster.node.call(observe.served_certificate, pb.ip, APP_PORT, root)
-        facts.expected_spiffe_id = C.spiffe_id(NAMESPACE, pb.pod["spec"]["serviceAccountName"])
-        mark("spiffe")
-        say(f"\n== TLS handshake with pod-b {pb.ip}:{APP_PORT} (captured to its Envoy's 15006), as a peer sidecar "
-            f"would (ALPN istio): the certificate verifies against the mesh root")
-        say(f"   URI SAN: {', '.join(facts.served.spiffe_ids)}")
-        say(f"   issuer: {facts.served.leaf.issuer.rfc4514_string()}; valid until "
-            f"{facts.served.leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-    mark("cleaned up")
-    facts.timings = timings
+        _say_inside_pod_a(facts, pa, say)
+        _request_a_to_b(facts, pa, pb, say)
+        clock.mark("traffic")
+        _served_certificate(facts, cluster, pb, say)
+        clock.mark("spiffe")
+    clock.mark("cleaned up")
+    facts.timings = clock.timings
     return facts
+
+
+def _admission_facts(admitted: list[Admission], kubernetes_version: str, say: Callable[[str], None]) -> Facts:
+    """Facts start with pod-a as the webhook's patch left it."""
+    a = admitted[0]
+    facts = Facts(injected=a.pod, kubernetes_version=kubernetes_version, patch_ops=len(a.patch or []))
+    inits, conts = _containers(a.pod)
+    say(f"\n== AdmissionReview → {a.pod['metadata']['name']}: JSONPatch of {facts.patch_ops} ops; "
+        f"initContainers {inits}, containers {conts}")
+    say(yaml.safe_dump(a.pod, sort_keys=False, width=120).rstrip())
+    return facts
+
+
+def _run_pods(cluster: LocalCluster, admitted: list[Admission], facts: Facts, clock: _Clock,
+              say: Callable[[str], None]) -> list[PodRun]:
+    """The kubelet runs the injected pods; once ready, what is inside each, and every namespace and process made."""
+    runs = cluster.run([x.pod for x in admitted])
+    clock.mark("pods started")
+    say("\n== kubelet: " + "; ".join(
+        f"{r.name} {r.ip} netns {r.netns.name}, " + ", ".join(f"{n} exited {c}" for n, c in r.init_exit_codes.items())
+        + f", started {', '.join(r.counted())}" for r in runs) + f"  [workdir {cluster.workdir}]")
+    for r in runs:
+        r.wait_ready(timeout=30)
+    clock.mark("pods ready")
+    for r in runs:
+        facts.pods[r.name] = _pod_facts(r)
+        facts.pods[r.name].ready = (len(r.ready_containers()), len(r.counted()))
+        facts.pods[r.name].readyz_status = cluster.node.call(
+            http_get, r.ip, C.ENVOY_STATUS_PORT, "/healthz/ready", 2.0).status
+    facts.netns_names = [cluster.node.ns.name, *(r.netns.name for r in runs)]
+    facts.workdir = cluster.workdir
+    facts.pids = {cluster.control_plane.proc.pid: "meshboot-webhook"}
+    for r in runs:
+        for c in r.containers.values():
+            if c.proc is not None:
+                facts.pids[c.proc.pid] = c.name
+        facts.pids.update(facts.pods[r.name].envoy_pids)
+    return runs
+
+
+def _say_inside_pod_a(facts: Facts, pa: PodRun, say: Callable[[str], None]) -> None:
+    """The demo's view of pod-a's inside (iptables, sockets, listeners) and of both pods' readiness."""
+    fa = facts.pods["pod-a"]
+    say(f"\n== pod-a ({pa.ip}, netns {pa.netns.name}): iptables-save (ISTIO_* chains), installed by istio-init "
+        f"(exit {fa.init_exit_codes.get(C.INIT_CONTAINER)})")
+    say(observe.istio_lines(fa.iptables_save))
+    say("\n== pod-a: ss -xlp (the agent listens on XDS and SDS)")
+    say(fa.ss_xlp.rstrip())
+    say("\n== pod-a: ss -xp (Envoy connected to them)")
+    say(fa.ss_xp)
+    say("\n== pod-a: ss -tnlp")
+    say(fa.ss_tnlp.rstrip())
+    say("")
+    for name, pf in facts.pods.items():
+        say(f"{name} {pf.ready[0]}/{pf.ready[1]} READY   (GET {pf.ip}:{C.ENVOY_STATUS_PORT}/healthz/ready → "
+            f"{pf.readyz_status})")
+
+
+def _request_a_to_b(facts: Facts, pa: PodRun, pb: PodRun, say: Callable[[str], None]) -> None:
+    """A -> B through both sidecars: the response, both Envoys' counter increases and pod-b's app log line."""
+    facts.request_path = f"/?from=pod-a&id={uuid.uuid4().hex[:8]}"
+    url = f"http://{pb.ip}:{APP_PORT}{facts.request_path}"
+    before_a, before_b = _stats(pa), _stats(pb)
+    res = pa.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
+    if res.returncode != 0:
+        raise RuntimeError(f"request from pod-a failed: {res.stderr.strip()}")
+    facts.response = json.loads(res.stdout)
+    deadline = time.monotonic() + 3.0   # counters and the app's log line trail the response by a moment at most
+    while True:
+        facts.stats_a = observe.increased(before_a, _stats(pa))
+        facts.stats_b = observe.increased(before_b, _stats(pb))
+        facts.app_b_log_lines = [line for line in pb.logs("app").splitlines() if facts.request_path in line]
+        done = (observe.listener_increase(facts.stats_a, C.OUTBOUND_CAPTURE_PORT)
+                and observe.listener_increase(facts.stats_b, C.INBOUND_CAPTURE_PORT) and facts.app_b_log_lines)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    say(f"\n== kubectl exec pod-a -c app -- GET {url}\n   → HTTP {facts.response['status']}, "
+        f"{facts.response['bytes']} bytes")
+    say("   pod-a envoy: " + ", ".join(f"{k} +{v}" for k, v in facts.stats_a.items()))
+    say("   pod-b envoy: " + ", ".join(f"{k} +{v}" for k, v in facts.stats_b.items()))
+    say("   pod-b app log: " + " | ".join(facts.app_b_log_lines))
+
+
+def _served_certificate(facts: Facts, cluster: LocalCluster, pb: PodRun, say: Callable[[str], None]) -> None:
+    """The certificate pod-b's Envoy serves to a peer sidecar, verified against the mesh root."""
+    root = cluster.control_plane.root_cert()
+    facts.served = cluster.node.call(observe.served_certificate, pb.ip, APP_PORT, root)
+    facts.expected_spiffe_id = C.spiffe_id(NAMESPACE, pb.pod["spec"]["serviceAccountName"])
+    say(f"\n== TLS handshake with pod-b {pb.ip}:{APP_PORT} (captured to its Envoy's 15006), as a peer sidecar "
+        f"would (ALPN istio): the certificate verifies against the mesh root")
+    say(f"   URI SAN: {', '.join(facts.served.spiffe_ids)}")
+    say(f"   issuer: {facts.served.leaf.issuer.rfc4514_string()}; valid until "
+        f"{facts.served.leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
 
 
 def leftovers(facts: Facts) -> list[str]:
