@@ -133,47 +133,56 @@ def run_wrk(url: str, body_file: str, connections: int, delay_ms: int | None, tm
     return r
 
 
-def main() -> int:
-    body = hello_review()
-    ip = in_process(body)
-    print(f"in-process AdmissionReview (hello pod): median {ip['median_ms']:.3f} ms, p99 {ip['p99_ms']:.3f} ms")
-
-    tmp = tempfile.mkdtemp(prefix="mb-bench-webhook-")
-    body_file = os.path.join(tmp, "review.json")
-    with open(body_file, "wb") as f:
-        f.write(body)
+def start_server(tmp: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The injector's HTTPS server on a free port with the bench floor routes (no CA): (process, base URL, bundle)."""
     port, bundle = free_port(), os.path.join(tmp, "ca.pem")
     proc = subprocess.Popen([sys.executable, "-m", "webhook.server", "--listen-address", "127.0.0.1",
                              "--port", str(port), "--ca-port", "0", "--monitoring-port", "0",
                              "--kubernetes-version", "1.33", "--ca-bundle-out", bundle, "--log-level", "warning",
                              "--self-signed-dir", os.path.join(tmp, "tls"), "--enable-bench-floor"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, f"https://127.0.0.1:{port}", bundle
+
+
+def first_response_size(base: str, bundle: str, body: bytes) -> int:
+    """Waits for the server to answer /inject, and returns the answer's size (the floor answers as many bytes)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ctx = ssl.create_default_context(cafile=bundle)
+            req = urllib.request.Request(base + "/inject", data=body, headers={"Content-Type": "application/json"})
+            return len(urllib.request.urlopen(req, context=ctx, timeout=5).read())
+        except (OSError, ssl.SSLError):
+            time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def measure(base: str, resp_size: int, body_file: str, tmp: str) -> dict[str, dict[str, float]]:
+    """wrk against the floors and /inject (distinct and identical pods): `<name>_max` and `<name>_paced` figures."""
+    inject_url, floor_url = base + "/inject", f"{base}/bench/floor?size={resp_size}"
+    raw_url = f"{base}/bench/floor-raw?size={resp_size}"
+    results = {}
+    for name, url, distinct in (("floor", floor_url, True), ("floor_raw", raw_url, True),
+                                ("distinct", inject_url, True), ("identical", inject_url, False)):
+        run_wrk(url, body_file, 20, None, tmp, distinct, seconds=2)  # warm up
+        # best of two: the machine is shared, a transient load spike should not decide the figure
+        results[name + "_max"] = max((run_wrk(url, body_file, 100, None, tmp, distinct) for _ in range(2)),
+                                     key=lambda r: r["rps"])
+        # ~200 requests/s: 20 connections, each waiting 100 ms between requests.
+        results[name + "_paced"] = run_wrk(url, body_file, 20, 100, tmp, distinct)
+    return results
+
+
+def serve_and_measure(body: bytes) -> tuple[dict[str, dict[str, float]], int]:
+    """The HTTPS figures, and the size of /inject's answer; the server and its files are removed afterwards."""
+    tmp = tempfile.mkdtemp(prefix="mb-bench-webhook-")
+    body_file = os.path.join(tmp, "review.json")
+    with open(body_file, "wb") as f:
+        f.write(body)
+    proc, base, bundle = start_server(tmp)
     try:
-        base = f"https://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        resp_size = 0
-        while time.monotonic() < deadline:
-            try:
-                ctx = ssl.create_default_context(cafile=bundle)
-                req = urllib.request.Request(base + "/inject", data=body,
-                                             headers={"Content-Type": "application/json"})
-                resp_size = len(urllib.request.urlopen(req, context=ctx, timeout=5).read())
-                break
-            except (OSError, ssl.SSLError):
-                time.sleep(0.2)
-        if not resp_size:
-            raise RuntimeError("server did not start")
-        inject_url, floor_url = base + "/inject", f"{base}/bench/floor?size={resp_size}"
-        raw_url = f"{base}/bench/floor-raw?size={resp_size}"
-        results = {}
-        for name, url, distinct in (("floor", floor_url, True), ("floor_raw", raw_url, True),
-                                    ("distinct", inject_url, True), ("identical", inject_url, False)):
-            run_wrk(url, body_file, 20, None, tmp, distinct, seconds=2)  # warm up
-            # best of two: the machine is shared, a transient load spike should not decide the figure
-            results[name + "_max"] = max((run_wrk(url, body_file, 100, None, tmp, distinct) for _ in range(2)),
-                                         key=lambda r: r["rps"])
-            # ~200 requests/s: 20 connections, each waiting 100 ms between requests.
-            results[name + "_paced"] = run_wrk(url, body_file, 20, 100, tmp, distinct)
+        resp_size = first_response_size(base, bundle, body)
+        return measure(base, resp_size, body_file, tmp), resp_size
     finally:
         proc.terminate()
         try:
@@ -182,13 +191,18 @@ def main() -> int:
             proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    labels = {"floor": "floor (trivial FastAPI endpoint, same body sizes)",
-              "floor_raw": "stricter floor (trivial raw ASGI endpoint, /inject's plumbing)",
-              "distinct": "inject, every pod different (no reuse)",
-              "identical": "inject, identical pods (a ReplicaSet scale-up: replica cache)"}
+
+LABELS = {"floor": "floor (trivial FastAPI endpoint, same body sizes)",
+          "floor_raw": "stricter floor (trivial raw ASGI endpoint, /inject's plumbing)",
+          "distinct": "inject, every pod different (no reuse)",
+          "identical": "inject, identical pods (a ReplicaSet scale-up: replica cache)"}
+
+
+def print_results(results: dict[str, dict[str, float]], resp_size: int) -> dict[str, dict[str, float]]:
+    """The human-readable lines; returns the throughput ratios over the floor and over the stricter raw floor."""
     for name in ("floor", "floor_raw", "distinct", "identical"):
         m, p = results[name + "_max"], results[name + "_paced"]
-        print(f"{labels[name]}:\n    max {m['rps']:.0f} req/s at 100 connections (p99 {m['p99_us'] / 1e3:.2f} ms, "
+        print(f"{LABELS[name]}:\n    max {m['rps']:.0f} req/s at 100 connections (p99 {m['p99_us'] / 1e3:.2f} ms, "
               f"errors {m['errors'] + m['non2xx']}); paced {p['rps']:.0f} req/s: p50 {p['p50_us'] / 1e3:.2f} ms, "
               f"p99 {p['p99_us'] / 1e3:.2f} ms")
     floor_rps, raw_rps = results["floor_max"]["rps"], results["floor_raw_max"]["rps"]
@@ -197,7 +211,12 @@ def main() -> int:
     print(f"response body {resp_size} bytes; max throughput / floor: distinct pods {ratios['distinct']:.2f}, "
           f"identical pods {ratios['identical']:.2f} (target >= 0.50); / stricter raw floor: distinct pods "
           f"{raw_ratios['distinct']:.2f}, identical pods {raw_ratios['identical']:.2f}")
+    return {"floor": ratios, "raw": raw_ratios}
 
+
+def summary(ip: dict[str, float], results: dict[str, dict[str, float]], resp_size: int,
+            ratios: dict[str, dict[str, float]]) -> dict[str, object]:
+    """The one JSON line: figures, the floor, the ratios and the targets."""
     def fig(name: str) -> dict[str, float]:
         m, p = results[name + "_max"], results[name + "_paced"]
         return {"max_rps": round(m["rps"], 1), "paced_rps": round(p["rps"], 1),
@@ -208,12 +227,21 @@ def main() -> int:
                "https_distinct_pods": fig("distinct"), "https_identical_pods": fig("identical")}
     floor = dict(fig("floor"), response_bytes=resp_size, raw=fig("floor_raw"))
     targets = {"in_process_median_ms": 0.5, "max_rps_ratio": 0.5, "paced_p99_ms": 10.0}
-    print(json.dumps({"bench": "webhook", "figures": figures, "floor": floor,
-                      "ratio": {"max_rps_distinct_over_floor": round(ratios["distinct"], 3),
-                                "max_rps_identical_over_floor": round(ratios["identical"], 3),
-                                "max_rps_distinct_over_raw_floor": round(raw_ratios["distinct"], 3),
-                                "max_rps_identical_over_raw_floor": round(raw_ratios["identical"], 3)},
-                      "targets": targets}))
+    return {"bench": "webhook", "figures": figures, "floor": floor,
+            "ratio": {"max_rps_distinct_over_floor": round(ratios["floor"]["distinct"], 3),
+                      "max_rps_identical_over_floor": round(ratios["floor"]["identical"], 3),
+                      "max_rps_distinct_over_raw_floor": round(ratios["raw"]["distinct"], 3),
+                      "max_rps_identical_over_raw_floor": round(ratios["raw"]["identical"], 3)},
+            "targets": targets}
+
+
+def main() -> int:
+    body = hello_review()
+    ip = in_process(body)
+    print(f"in-process AdmissionReview (hello pod): median {ip['median_ms']:.3f} ms, p99 {ip['p99_ms']:.3f} ms")
+    results, resp_size = serve_and_measure(body)
+    ratios = print_results(results, resp_size)
+    print(json.dumps(summary(ip, results, resp_size, ratios)))
     return 0
 
 
