@@ -136,7 +136,7 @@ def run_wrk(url: str, body_file: str, connections: int, delay_ms: int | None, tm
 def start_server(tmp: str) -> tuple[subprocess.Popen[bytes], str, str]:
     """The injector's HTTPS server on a free port with the bench floor routes (no CA): (process, base URL, bundle)."""
     port, bundle = free_port(), os.path.join(tmp, "ca.pem")
-    proc = subprocess.Popen([sys.executable, "-m", "webhook.server", "--listen-address", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "--listen-address", "127.0.0.1",
                              "--port", str(port), "--ca-port", "0", "--monitoring-port", "0",
                              "--kubernetes-version", "1.33", "--ca-bundle-out", bundle, "--log-level", "warning",
                              "--self-signed-dir", os.path.join(tmp, "tls"), "--enable-bench-floor"],

@@ -8,8 +8,8 @@ import signal
 import sys
 
 from meshboot import constants as C
-from webhook import logs
-from webhook.monitoring import start_monitoring
+from meshboot import logs
+from meshboot.monitoring import start_monitoring
 
 from . import add_ca_arguments
 from .config import CAConfig, ConfigError

@@ -149,8 +149,8 @@ class CAConfig:
             if os.environ.get("KUBERNETES_SERVICE_HOST"):
                 token_review = True          # in a cluster the API server is the natural verifier, as in istiod
             else:
-                raise ConfigError("no token verifier: give --jwks FILE|URL, --issuer-pem FILE or --token-review "
-                                  "(or disable the CA with --ca-port 0)")
+                raise ConfigError(f"--ca-port {args.ca_port}: no token verifier: give --jwks FILE|URL, --issuer-pem "
+                                  "FILE or --token-review (or disable the CA with --ca-port 0)")
         else:
             token_review = args.token_review
         if args.issuer_pem and not Path(args.issuer_pem).is_file():

@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshboot import constants as C
 from meshboot import pki
+from meshboot.files import write_atomic
 
 from .signer import Authority
 
@@ -114,17 +113,8 @@ def read_dir(directory: Path) -> dict[str, bytes]:
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temp file and rename, so a reader (or a crash) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """meshboot.files.write_atomic for a Path: a reader (or a crash) never sees half a file."""
+    write_atomic(str(path), data, mode)
 
 
 def write_dir(directory: Path, files: Mapping[str, bytes]) -> None:

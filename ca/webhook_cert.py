@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from meshboot import pki
+from meshboot.files import write_atomic
 from meshboot.durations import parse_duration
 
 from .config import CAConfig, ConfigError
@@ -114,10 +115,7 @@ def _symlink_atomic(target: str, link: Path) -> None:
 
 def write_bundle(path: str, pem: bytes) -> None:
     """The caBundle (the mesh root) for whoever wants it as a file; written atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(pem)
-    os.replace(tmp, path)
+    write_atomic(path, pem)
 
 
 @dataclass

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 from meshboot import constants as C
 from meshboot.durations import parse_duration
-from meshboot.syntax import parse_port
+from meshboot.syntax import parse_go_bool, parse_port
 
 from .record import Record
 
@@ -88,17 +88,14 @@ FLAGS: tuple[Flag, ...] = (
 
 _BY_LONG = {f.long: f for f in FLAGS}
 _BY_SHORT = {f.short: f for f in FLAGS if f.short}
-_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
 
 def parse_bool(text: str) -> bool:
-    """Go's strconv.ParseBool."""
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError("invalid boolean (want true|false|1|0|t|f)")
+    """Go's strconv.ParseBool (meshboot.syntax's, shared with the injector), raising for the flag parser."""
+    value = parse_go_bool(text)
+    if value is None:
+        raise ValueError("invalid boolean (want true|false|1|0|t|f)")
+    return value
 
 
 def _convert(flag: Flag, text: str) -> object:

@@ -6,7 +6,8 @@ the agent's env and ProxyConfig). Kept free of imports: istio-iptables' start-up
 from __future__ import annotations
 
 _DIGITS = frozenset("0123456789")   # ASCII only: float() would take "５" or "٥"
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's unitMap: microseconds as "us", "\u00b5s" (micro sign) and "\u03bcs" (Greek mu), which look alike.
+_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str) -> float:

@@ -36,7 +36,7 @@ def _bracket_depth(text: str) -> int:
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses alias nodes and documents nested deeper than MAX_DEPTH."""
+    """SafeLoader that refuses alias nodes and documents nested deeper than MAX_DEPTH (the pure-Python path)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -44,8 +44,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise YAMLRefused(f"YAML aliases (*name) are not allowed (line {mark.line + 1}, column {mark.column + 1})")
+            raise _alias_refused(self.peek_event())
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise YAMLRefused(f"YAML nested deeper than {MAX_DEPTH} levels")
@@ -55,6 +54,43 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+def _alias_refused(event: Any) -> YAMLRefused:
+    mark = event.start_mark
+    return YAMLRefused(f"YAML aliases (*name) are not allowed (line {mark.line + 1}, column {mark.column + 1})")
+
+
+_CLoader: Any = getattr(yaml, "CSafeLoader", None)   # PyYAML built with libyaml (the wheels are)
+_OPEN = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_CLOSE = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+
+
+def _check_events(loader: Any) -> None:
+    """libyaml's composer is C and cannot be hooked: walk its events first (C speed) for aliases and depth."""
+    depth = 0
+    while loader.check_event():
+        event = loader.get_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _alias_refused(event)
+        if isinstance(event, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise YAMLRefused(f"YAML nested deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, _CLOSE):
+            depth -= 1
+
+
+def _new_loader(text: str) -> Any:
+    """The libyaml loader when there is one (events checked by a first pass), else the pure-Python bounded one."""
+    if _CLoader is None:
+        return _BoundedLoader(text)
+    scan = _CLoader(text)
+    try:
+        _check_events(scan)
+    finally:
+        scan.dispose()
+    return _CLoader(text)
+
+
 def load(text: str, max_bytes: int = MAX_BYTES) -> Any:
     """One YAML document (JSON is YAML). YAMLRefused for aliases, excess size or depth, and any syntax error."""
     return _parse(text, max_bytes, lambda loader: loader.get_single_data())
@@ -62,7 +98,7 @@ def load(text: str, max_bytes: int = MAX_BYTES) -> Any:
 
 def load_all(text: str, max_bytes: int = MAX_BYTES) -> list[Any]:
     """Every document of a multi-document stream, with the same bounds as `load`."""
-    def every(loader: _BoundedLoader) -> list[Any]:
+    def every(loader: Any) -> list[Any]:
         docs = []
         while loader.check_data():
             docs.append(loader.get_data())
@@ -70,17 +106,15 @@ def load_all(text: str, max_bytes: int = MAX_BYTES) -> list[Any]:
     return _parse(text, max_bytes, every)
 
 
-def _parse(text: str, max_bytes: int, read: Callable[[_BoundedLoader], Any]) -> Any:
+def _parse(text: str, max_bytes: int, read: Callable[[Any], Any]) -> Any:
     """The bounds checked before PyYAML sees the text, then `read(loader)` with every failure as YAMLRefused."""
     if len(text) > max_bytes:
         raise YAMLRefused(f"YAML longer than {max_bytes} bytes")
     if _bracket_depth(text) > MAX_DEPTH:
         raise YAMLRefused(f"YAML nested deeper than {MAX_DEPTH} levels")
+    loader = None
     try:
-        loader = _BoundedLoader(text)  # the reader checks for non-printable characters here
-    except yaml.YAMLError as e:
-        raise YAMLRefused(f"not valid YAML: {e}".replace("\n", " ")) from None
-    try:
+        loader = _new_loader(text)  # the reader checks for non-printable characters here
         return read(loader)
     except YAMLRefused:
         raise
@@ -90,4 +124,5 @@ def _parse(text: str, max_bytes: int, read: Callable[[_BoundedLoader], Any]) -> 
         # Constructors raise these for e.g. an out-of-range timestamp or a huge float literal.
         raise YAMLRefused(f"not valid YAML: {type(e).__name__.lower()} while building the value") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 from meshboot import constants as C
 from meshboot import jsonsafe, yamlsafe
-from meshboot.syntax import interface_name_error, parse_port, parse_uint
+from meshboot.syntax import interface_name_error, parse_go_bool, parse_port, parse_uint
 from webhook.config import normalize_proxy_config, shown
 from webhook.errors import ConfigError, InjectionError
 
@@ -23,17 +23,6 @@ MAX_PROXY_CONFIG_BYTES = 8 * 1024
 MAX_JSON_DEPTH = 16         # userVolume, userVolumeMount, status, overrides: Kubernetes objects a few levels deep
 
 _QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[mkMGTPE]|n|u)?$")
-_GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
-_GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
-
-
-def parse_go_bool(v: str) -> bool | None:
-    """strconv.ParseBool: the spellings Istio accepts for boolean annotations; None when unparsable."""
-    if v in _GO_TRUE:
-        return True
-    if v in _GO_FALSE:
-        return False
-    return None
 
 
 def _cidrs(v: str, name: str, star_ok: bool) -> None:

@@ -1,7 +1,10 @@
-"""meshboot-webhook: the HTTPS admission server (FastAPI under uvicorn), plus the CA in the same loop, like istiod.
+"""The injector's HTTPS admission server (FastAPI under uvicorn).
 
 Thin shell around `webhook.admission.review`: HTTP limits, TLS (hot-reloaded from files, or self-signed for the
-service's DNS names), config files watched for changes, health, readiness and Prometheus metrics.
+service's DNS names), config files watched for changes, health, readiness and Prometheus metrics. Public entry points
+for the process that runs it (`controlplane.main`, which adds the CA like istiod): `build_parser` and `run`, which
+takes other services to start in the same loop and a maker for the serving certificate. `python -m webhook.server`
+runs the injector alone.
 """
 from __future__ import annotations
 
@@ -32,13 +35,14 @@ from starlette.types import Receive, Scope, Send
 from meshboot import constants as C
 from meshboot import pki
 from meshboot.durations import parse_duration
-from meshboot.files import stamps
-from webhook import logs, metrics
+from meshboot import logs
+from meshboot.files import stamps, write_atomic
+from meshboot.monitoring import start_monitoring
+from webhook import metrics
 from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCache, review_bytes
 from webhook.config import ConfigSource, parse_kubernetes_version
 from webhook.errors import ConfigError
-from webhook.monitoring import start_monitoring
-from webhook.serving import Bounds, ShellServer, SwappableTLS, quiet_disconnects
+from webhook.serving import Bounds, ShellServer, StartupFailed, SwappableTLS, quiet_disconnects
 
 log = logging.getLogger("meshboot.webhook")
 
@@ -47,11 +51,11 @@ MONITORING_PORT = C.MONITORING_PORT
 JSON = "application/json"
 _JSON_BYTES = JSON.encode()
 
-try:  # the CA lives in ca (built separately); the injector runs without it
-    import ca as _ca
-    _HAS_CA = callable(getattr(_ca, "add_ca_arguments", None)) and callable(getattr(_ca, "start_ca", None))
-except Exception:  # noqa: BLE001 - any import failure only means "no CA in this process"
-    _ca, _HAS_CA = None, False
+# A service started in the injector's loop before it is ready (the CA, in the control plane): returns its stopper.
+Service = Callable[[], Awaitable[Callable[[], Awaitable[None]]]]
+# Makes the serving certificate when no --tls-cert is given and the caller has its own (the mesh CA's): the
+# (cert, key) files, or None after it said why on one line.
+ServingCert = Callable[[], "tuple[str, str] | None"]
 
 
 @dataclass
@@ -93,7 +97,7 @@ class State:
     tls: TLSFiles | None = None
     max_body: int = DEFAULT_MAX_BODY
     poll_interval: float = 1.0
-    ca_args: argparse.Namespace | None = None
+    services: tuple[Service, ...] = ()
     monitoring: tuple[str, int] | None = None
     floor_endpoint: bool = False
     cache: ReplicaCache | None = None
@@ -230,15 +234,15 @@ def create_app(state: State) -> Any:
     """The FastAPI app; everything it needs is in `state` (tests build it directly)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        stop_ca: Callable[[], Awaitable[None]] | None = None
+        stoppers: list[Callable[[], Awaitable[None]]] = []
         monitor: asyncio.AbstractServer | None = None
         try:
-            if _HAS_CA and state.ca_args is not None and getattr(state.ca_args, "ca_port", 0):
+            for start in state.services:
                 try:
-                    stop_ca = await _ca.start_ca(state.ca_args)
-                except Exception as e:  # noqa: BLE001 - one clear line, then fail startup
-                    log.error("the CA could not start", extra={"error": str(e)})
-                    raise
+                    stoppers.append(await start())
+                except Exception as e:  # noqa: BLE001 - one clear line, then fail startup (no traceback)
+                    log.error("a service could not start", extra={"error": str(e) or type(e).__name__})
+                    raise StartupFailed(str(e)) from None
             if state.monitoring and state.monitoring[1]:
                 monitor = await start_monitoring(*state.monitoring, ready=lambda: state.ready)
             state.tasks.append(asyncio.create_task(_watch(state)))
@@ -255,8 +259,8 @@ def create_app(state: State) -> Any:
                 t.cancel()
             if monitor is not None:
                 monitor.close()
-            if stop_ca is not None:
-                await stop_ca()
+            for stop in reversed(stoppers):
+                await stop()
             log.info("injector stopped")
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -326,16 +330,10 @@ def self_signed(service: str, namespace: str, out_dir: str, ca_bundle_out: str |
     ca_pem, pair = pki.self_signed_serving(names, ips=("127.0.0.1", "::1"))
     os.makedirs(out_dir, exist_ok=True)
     cert, key = os.path.join(out_dir, "tls.crt"), os.path.join(out_dir, "tls.key")
-    with open(cert, "wb") as f:
-        f.write(pair.chain_pem)
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pair.key_pem)
+    write_atomic(key, pair.key_pem, 0o600)
+    write_atomic(cert, pair.chain_pem)
     if ca_bundle_out:
-        tmp = ca_bundle_out + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(ca_pem)
-        os.replace(tmp, ca_bundle_out)
+        write_atomic(ca_bundle_out, ca_pem)
     return cert, key, ca_pem
 
 
@@ -355,32 +353,6 @@ def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
     if ops:
         api.patch_mutating_webhook_configuration(name, ops, _content_type="application/json-patch+json")
     return len(ops) // 2
-
-
-def _mesh_ca_serving_cert(args: argparse.Namespace) -> tuple[str, str] | None:
-    """--serving-cert=mesh-ca: a certificate signed by the mesh CA (renewed at half-life), caBundle = the mesh root,
-    so every replica patches the same value. None (after one line on stderr) when it cannot be made."""
-    from ca import webhook_cert
-    out_dir = args.self_signed_dir or tempfile.mkdtemp(prefix="meshboot-webhook-")
-    try:
-        mesh = webhook_cert.prepare(args, out_dir)
-    except Exception as e:  # noqa: BLE001 - bad flags, bad CA material, no API: one line, no traceback
-        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        print(f"meshboot-webhook: --serving-cert=mesh-ca: {detail}", file=sys.stderr)
-        return None
-    mesh.start()
-    if args.webhook_config_name:
-        if mesh.api_client is None:
-            log.warning("--webhook-config-name ignored: no Kubernetes API")
-        else:
-            try:
-                n = patch_webhook_ca_bundle(mesh.api_client, args.webhook_config_name, mesh.bundle)
-                log.info("patched caBundle with the mesh root",
-                         extra={"webhook_config": args.webhook_config_name, "webhooks": n})
-            except Exception as e:  # noqa: BLE001 - report, keep serving (every replica patches the same root)
-                log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name,
-                                                             "error": str(e)})
-    return mesh.cert, mesh.key
 
 
 def detect_kubernetes_version(api_client: Any) -> str | None:
@@ -413,8 +385,10 @@ def _in_cluster_client() -> Any:
 
 # ---- command line ----------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meshboot-webhook", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m webhook.server", description: str = __doc__.split("\n")[0],
+                 ) -> argparse.ArgumentParser:
+    """The injector's flags; the control plane adds the CA's to the same parser."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--listen-address", default="0.0.0.0")
     p.add_argument("--port", type=int, default=C.WEBHOOK_PORT, help="HTTPS admission port")
     p.add_argument("--tls-cert", help="serving certificate (PEM); reloaded when the file changes")
@@ -438,12 +412,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_serving_arguments(p)
     p.add_argument("--enable-bench-floor", action="store_true", help=argparse.SUPPRESS)
-    if _HAS_CA:
-        _ca.add_ca_arguments(p)
-        from ca import webhook_cert
-        webhook_cert.add_arguments(p)   # --serving-cert self-signed|mesh-ca, --serving-cert-ttl
-    else:
-        p.add_argument("--ca-port", type=int, default=0, help="(no CA in this build)")
     return p
 
 
@@ -484,64 +452,79 @@ def _add_serving_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The injector alone (no CA): `python -m webhook.server`. `meshboot-webhook` is controlplane.main."""
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level)
+    return run(args, prog="webhook")
+
+
+def run(args: argparse.Namespace, *, prog: str = "meshboot-webhook", serving_cert: ServingCert | None = None,
+        services: tuple[Service, ...] = ()) -> int:
+    """Serve the injector from parsed flags until drained; configuration errors are one line on stderr and 2.
+
+    `serving_cert`: used instead of the self-signed certificate when no --tls-cert is given; `services`: started in
+    the same loop before the injector is ready, stopped after it."""
     if bool(args.tls_cert) != bool(args.tls_key):
-        print("meshboot-webhook: --tls-cert and --tls-key go together", file=sys.stderr)
+        print(f"{prog}: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     if in_cluster and not args.kubernetes_version and (args.native_sidecars or "auto") == "auto":
-        try:
-            args.kubernetes_version = detect_kubernetes_version(_in_cluster_client())
-            log.info("detected the nodes' Kubernetes version", extra={"version": args.kubernetes_version})
-        except Exception as e:  # noqa: BLE001 - no RBAC or no API: classic sidecars, said once
-            log.warning("could not detect the Kubernetes version; native sidecars off (set --kubernetes-version)",
-                        extra={"error": str(e)})
+        args.kubernetes_version = _detected_kubernetes_version()
     try:
         source = ConfigSource(args.values, args.mesh_config, args.injector_config,
                               native_sidecars=args.native_sidecars, kubernetes_version=args.kubernetes_version)
     except ConfigError as e:
-        print(f"meshboot-webhook: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     metrics.CONFIG_GENERATION.set(source.generation)
-    if args.tls_cert and getattr(args, "serving_cert", "self-signed") == "mesh-ca":
-        print("meshboot-webhook: --serving-cert=mesh-ca and --tls-cert/--tls-key: choose one", file=sys.stderr)
+    pair = (args.tls_cert, args.tls_key) if args.tls_cert else serving_cert() if serving_cert else _self_signed(args)
+    if pair is None:
         return 2
-    if args.tls_cert:
-        cert, key = args.tls_cert, args.tls_key
-    elif getattr(args, "serving_cert", "self-signed") == "mesh-ca":
-        pair = _mesh_ca_serving_cert(args)
-        if pair is None:
-            return 2
-        cert, key = pair
-    else:
-        out_dir = args.self_signed_dir or tempfile.mkdtemp(prefix="meshboot-webhook-")
-        cert, key, ca_pem = self_signed(args.service_name, args.service_namespace, out_dir, args.ca_bundle_out)
-        log.info("generated a self-signed serving certificate",
-                 extra={"dns_names": service_dns_names(args.service_name, args.service_namespace),
-                        "ca_bundle": args.ca_bundle_out})
-        if args.webhook_config_name:
-            if in_cluster:
-                try:
-                    n = patch_webhook_ca_bundle(_in_cluster_client(), args.webhook_config_name, ca_pem)
-                    log.info("patched caBundle", extra={"webhook_config": args.webhook_config_name, "webhooks": n})
-                except Exception as e:  # noqa: BLE001 - report, keep serving (the operator can patch it)
-                    log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name,
-                                                                 "error": str(e)})
-            else:
-                log.warning("--webhook-config-name ignored: not running in a cluster")
+    cert, key = pair
     state = State(source=source, tls=TLSFiles(cert, key), max_body=args.max_body_bytes,
-                  poll_interval=args.poll_interval, ca_args=args,
+                  poll_interval=args.poll_interval, services=services,
                   monitoring=(args.listen_address, args.monitoring_port) if args.monitoring_port else None,
                   floor_endpoint=args.enable_bench_floor,
                   cache=ReplicaCache(args.replica_cache_size) if args.replica_cache_size > 0 else None)
     try:
         serving = SwappableTLS(cert, key)
     except (OSError, ssl.SSLError) as e:
-        print(f"meshboot-webhook: cannot load TLS cert/key ({cert}, {key}): {e}", file=sys.stderr)
+        print(f"{prog}: cannot load TLS cert/key ({cert}, {key}): {e}", file=sys.stderr)
         return 2
     state.tls.serving, state.tls.stamp = serving, state.tls.current_stamp()
     return _serve(state, args, serving)
+
+
+def _detected_kubernetes_version() -> str | None:
+    """The nodes' version for native sidecars in auto mode; None (said once) without RBAC or API."""
+    try:
+        version = detect_kubernetes_version(_in_cluster_client())
+    except Exception as e:  # noqa: BLE001 - no RBAC or no API: classic sidecars, said once
+        log.warning("could not detect the Kubernetes version; native sidecars off (set --kubernetes-version)",
+                    extra={"error": str(e)})
+        return None
+    log.info("detected the nodes' Kubernetes version", extra={"version": version})
+    return version
+
+
+def _self_signed(args: argparse.Namespace) -> tuple[str, str]:
+    """A self-signed serving pair for the Service's names; its CA patched in as the caBundle when asked (in cluster)."""
+    out_dir = args.self_signed_dir or tempfile.mkdtemp(prefix="meshboot-webhook-")
+    cert, key, ca_pem = self_signed(args.service_name, args.service_namespace, out_dir, args.ca_bundle_out)
+    log.info("generated a self-signed serving certificate",
+             extra={"dns_names": service_dns_names(args.service_name, args.service_namespace),
+                    "ca_bundle": args.ca_bundle_out})
+    if not args.webhook_config_name:
+        return cert, key
+    if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        log.warning("--webhook-config-name ignored: not running in a cluster")
+        return cert, key
+    try:
+        n = patch_webhook_ca_bundle(_in_cluster_client(), args.webhook_config_name, ca_pem)
+        log.info("patched caBundle", extra={"webhook_config": args.webhook_config_name, "webhooks": n})
+    except Exception as e:  # noqa: BLE001 - report, keep serving (the operator can patch it)
+        log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name, "error": str(e)})
+    return cert, key
 
 
 def _serve(state: State, args: argparse.Namespace, serving: SwappableTLS) -> int:
@@ -549,9 +532,11 @@ def _serve(state: State, args: argparse.Namespace, serving: SwappableTLS) -> int
     import uvicorn
     bounds = Bounds(tls_handshake=args.tls_handshake_timeout, read_header=args.http_read_header_timeout,
                     read=args.http_read_timeout, idle=args.http_idle_timeout, max_connections=args.max_connections)
-    config = uvicorn.Config(quiet_disconnects(create_app(state)), host=args.listen_address, port=args.port, log_level="warning",
-                            access_log=False, lifespan="on", log_config=None, server_header=False, date_header=False,
-                            timeout_keep_alive=bounds.idle, timeout_graceful_shutdown=30)  # type: ignore[arg-type]
+    # ws="none": no WebSocket endpoint, so uvicorn never looks for the websockets package.
+    config = uvicorn.Config(quiet_disconnects(create_app(state)), host=args.listen_address, port=args.port,
+                            log_level="warning", access_log=False, lifespan="on", log_config=None, ws="none",
+                            server_header=False, date_header=False, timeout_keep_alive=bounds.idle,
+                            timeout_graceful_shutdown=30)  # type: ignore[arg-type]
     config.load()
 
     def on_drain() -> None:

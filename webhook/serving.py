@@ -69,15 +69,32 @@ class SwappableTLS:
         self.current = server_context(cert, key)
 
 
+class StartupFailed(Exception):
+    """Start-up failed and the reason was already logged in one line: uvicorn gets no traceback to print."""
+
+
 def quiet_disconnects(app: ASGIApp) -> ASGIApp:
     """A client gone mid-body (or closed by a read bound) leaves no one to answer: end the request quietly instead of
-    uvicorn's "Exception in ASGI application" traceback, which any client could otherwise print at will."""
+    uvicorn's "Exception in ASGI application" traceback, which any client could otherwise print at will. A start-up
+    that fails with StartupFailed reaches uvicorn without Starlette's traceback as the failure message."""
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return await app(scope, receive, _without_known_traceback(send))
         try:
             await app(scope, receive, send)
         except ClientDisconnect:
             metrics.CONNECTIONS_CLOSED.labels("client_gone").inc()
     return wrapped
+
+
+def _without_known_traceback(send: Send) -> Send:
+    """Starlette sends `lifespan.startup.failed` from inside its `except` block: the exception being handled is the
+    cause; when it is StartupFailed the message (a formatted traceback) is dropped."""
+    async def quiet(message: Any) -> None:
+        if message.get("type") == "lifespan.startup.failed" and isinstance(sys.exc_info()[1], StartupFailed):
+            message = {**message, "message": ""}
+        await send(message)
+    return quiet
 
 
 _STATUS_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"

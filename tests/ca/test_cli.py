@@ -72,8 +72,8 @@ def test_bad_flags_exit_2_with_one_clear_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "ca", "--ca-dir", str(tmp_path), "--ca-port", "15012"],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["meshboot CA: no token verifier: give --jwks FILE|URL, --issuer-pem "
-                                             "FILE or --token-review (or disable the CA with --ca-port 0)"]
+    assert r.stderr.strip().splitlines() == ["meshboot CA: --ca-port 15012: no token verifier: give --jwks FILE|URL, "
+                                             "--issuer-pem FILE or --token-review (or disable the CA with --ca-port 0)"]
     assert time.monotonic() - t0 < 10
     bad = tmp_path / "cacerts"
     bad.mkdir()

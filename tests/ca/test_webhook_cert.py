@@ -66,7 +66,7 @@ def test_bad_ttl_is_refused_naming_the_flag(flag: str) -> None:
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "webhook.server", "--port", "0", "--monitoring-port", "0", *args],
+    return subprocess.run([sys.executable, "-m", "controlplane", "--port", "0", "--monitoring-port", "0", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
 
 

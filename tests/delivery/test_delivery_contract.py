@@ -158,7 +158,7 @@ def test_native_sidecar_follows_the_cluster_version(helm: Any) -> None:
 
 @pytest.mark.parametrize("name", sorted(ALL_VALUE_SETS))
 def test_deployment_args_parse_with_the_real_command_line(helm: Any, name: str) -> None:
-    from webhook.server import build_parser
+    from controlplane.main import build_parser
 
     c = container_by_name(render(ALL_VALUE_SETS[name]).one("Deployment")["spec"]["template"]["spec"], "webhook")
     parsed = build_parser().parse_args(c["args"])   # argparse exits (SystemExit) on an unknown flag
@@ -180,7 +180,7 @@ def api_calls_in_code() -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) for every Kubernetes client call in the control plane's code; list implies watch
     (the client's watches stream list calls)."""
     need: set[tuple[str, str, str]] = set()
-    for py in (ROOT / "webhook").rglob("*.py"):
+    for py in (p for part in ("webhook", "ca", "controlplane") for p in (ROOT / part).rglob("*.py")):
         for verb, res in _CALL.findall(py.read_text()):
             group, resource = _RESOURCE[res]
             need.add((group, resource, _VERB[verb]))

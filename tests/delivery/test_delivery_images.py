@@ -33,7 +33,7 @@ CONTROL_PLANE_ONLY = {"fastapi", "kubernetes", "uvicorn", "starlette", "jsonpatc
 
 IMAGES = {
     "webhook": {"file": "Dockerfile.webhook", "extras": ["webhook"], "entrypoint": "meshboot-webhook",
-                "packages": {"meshboot", "webhook"}},
+                "packages": {"meshboot", "webhook", "ca", "controlplane"}},
     "agent": {"file": "Dockerfile.agent", "extras": ["envoy"], "entrypoint": "meshboot-agent",
               "packages": {"meshboot", "agent", "init"}},
 }

@@ -70,6 +70,6 @@ def test_bad_drain_duration_is_refused(tmp_path: Path) -> None:
     import sys
 
     from test_webhook_server import ROOT
-    r = subprocess.run([sys.executable, "-m", "webhook.server", "--ca-port", "0", "--drain-duration", "5 parsecs"],
+    r = subprocess.run([sys.executable, "-m", "controlplane", "--ca-port", "0", "--drain-duration", "5 parsecs"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--drain-duration" in r.stderr and "Traceback" not in r.stderr

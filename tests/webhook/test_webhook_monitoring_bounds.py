@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 
 from testing.sockets import ask, drip, serve_in_thread, until_closed
-from webhook.monitoring import MAX_HEAD, start_monitoring
+from meshboot.monitoring import MAX_HEAD, start_monitoring
 
 BOUND, SLACK, CAP = 1.0, 1.5, 4
 

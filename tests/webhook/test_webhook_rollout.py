@@ -69,7 +69,7 @@ class Replica:
         d.mkdir(parents=True)
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), C.ENV_POD_NAMESPACE: C.ISTIO_NAMESPACE}
         env.pop("KUBERNETES_SERVICE_HOST", None)
-        argv = [sys.executable, "-m", "webhook.server", "--listen-address", "127.0.0.1", "--port", str(self.port),
+        argv = [sys.executable, "-m", "controlplane", "--listen-address", "127.0.0.1", "--port", str(self.port),
                 "--monitoring-port", "0", "--kubernetes-version", "1.33", "--poll-interval", "0.2",
                 "--log-level", "warning", "--drain-duration", self.drain,
                 "--service-name", C.WEBHOOK_SERVICE, "--service-namespace", C.ISTIO_NAMESPACE,

@@ -38,7 +38,7 @@ class Server:
         self.tmp = tmp
         self.log = open(tmp / "server.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "webhook.server", "--listen-address", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "controlplane", "--listen-address", "127.0.0.1", "--port", str(self.port),
              "--monitoring-port", str(self.mon_port), "--ca-port", str(ca_port), "--poll-interval", "0.2",
              "--kubernetes-version", "1.33", "--drain-duration", "0s", *args],  # args may set a drain
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -246,9 +246,40 @@ def test_tls_files_hot_reloaded(tmp_path: Path) -> None:
 
 def test_bad_flags_exit_with_a_message(tmp_path: Path) -> None:
     (tmp_path / "v.yaml").write_text("global:\n  proxy:\n    statusPort: nope\n")
-    r = subprocess.run([sys.executable, "-m", "webhook.server", "--ca-port", "0", "--values",
+    r = subprocess.run([sys.executable, "-m", "controlplane", "--ca-port", "0", "--values",
                         str(tmp_path / "v.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "global.proxy.statusPort" in r.stderr
+
+
+def test_config_error_at_start_up_is_one_line_from_the_console_script(tmp_path: Path) -> None:
+    """--ca-port without a token verifier: one line naming the flags, exit 2, no uvicorn lifespan traceback."""
+    script = Path(sys.executable).with_name("meshboot-webhook")
+    if not script.exists():
+        pytest.skip("meshboot-webhook is not installed next to this Python")
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    r = subprocess.run([str(script), "--port", "0", "--monitoring-port", "0", "--ca-port", "15999", "--ca-dir",
+                        str(tmp_path / "ca")], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meshboot-webhook: --ca-port 15999: no token verifier"), lines
+    assert "--jwks" in lines[0] and "--issuer-pem" in lines[0] and "--token-review" in lines[0]
+    assert not (tmp_path / "ca").exists(), "nothing started"
+
+
+def test_service_start_failure_has_no_traceback(tmp_path: Path) -> None:
+    """A failure only the start can find (CA material that does not load): logged in one line, no traceback."""
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "ca" / "ca-cert.pem").write_text("junk")
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    r = subprocess.run([sys.executable, "-m", "controlplane", "--port", "0", "--monitoring-port", "0", "--ca-port",
+                        "0", "--ca-port", str(free_port()), "--jwks", str(jwks), "--plugin-certs",
+                        str(tmp_path / "ca"), "--ca-dir", str(tmp_path / "state")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode != 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert any('"a service could not start"' in line for line in r.stderr.splitlines()), r.stderr
 
 
 def test_ca_bundle_patched_into_the_webhook_configuration() -> None:

@@ -1,4 +1,8 @@
-"""Structured (one JSON object per line) logging for the control plane, quiet by default."""
+"""Structured logging, one JSON object per line on stderr, quiet by default: one logger setup for every part.
+
+Stdlib only (json, logging, time), so any process can use it without a start-up cost. `extra={...}` fields become
+keys of the line; uvicorn's loggers (when there is a uvicorn) go through the same handler, its access log off.
+"""
 from __future__ import annotations
 
 import json

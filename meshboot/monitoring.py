@@ -1,9 +1,9 @@
 """Plain-HTTP /metrics, /healthz and /readyz (istiod's 15014), for scrapers and probes that don't speak TLS.
 
-Shared by `meshboot-webhook` and the standalone `python -m ca`; a few lines of asyncio instead of a second
-web framework instance. One request per connection, bounded: the request head must arrive whole within
-`header_timeout` and fit in `MAX_HEAD` bytes, the answer must be taken within `write_timeout`, and at most
-`max_connections` are open at once (more are closed at once).
+Shared by `meshboot-webhook` and the standalone `python -m ca`: stdlib asyncio (prometheus_client is imported on the
+first scrape), so meshboot/ needs no web framework. One request per connection, bounded: the request head must arrive
+whole within `header_timeout` and fit in `MAX_HEAD` bytes (an over-long line or head gets 431), the answer must be
+taken within `write_timeout`, and at most `max_connections` are open at once (more are closed at once).
 """
 from __future__ import annotations
 
@@ -39,15 +39,28 @@ async def _read_head(reader: asyncio.StreamReader, progress: list[int]) -> tuple
             return first, size
 
 
-def _answer(parts: list[str], ready: Callable[[], bool]) -> tuple[str, str, bytes]:
-    """Status line, content type and body for a request line's words (pure)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+Scrape = Callable[[], "tuple[str, bytes] | None"]   # (content type, body) of /metrics; None: no metrics here
 
+
+def prometheus_text() -> tuple[str, bytes] | None:
+    """The default Prometheus registry in the text format; None where prometheus_client is not installed (the agent
+    image: imported here only on a scrape, so meshboot/ itself needs nothing beyond the stdlib)."""
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+    except ImportError:
+        return None
+    return CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+
+
+def _answer(parts: list[str], ready: Callable[[], bool], scrape: Scrape) -> tuple[str, str, bytes]:
+    """Status line, content type and body for a request line's words."""
     path = parts[1].split("?")[0] if len(parts) > 1 else ""
     if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
         return "405 Method Not Allowed", "text/plain", b"GET only\n"
     if path == "/metrics":
-        return "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+        text = scrape()
+        if text is not None:
+            return "200 OK", text[0], text[1]
     if path in ("/healthz", "/ready", "/readyz"):
         ok = path == "/healthz" or ready()
         return ("200 OK" if ok else "503 Service Unavailable"), "text/plain", b"ok\n" if ok else b"not ready\n"
@@ -61,8 +74,9 @@ def _response(status: str, ctype: str, body: bytes, head_only: bool = False) -> 
 
 async def start_monitoring(address: str, port: int, ready: Callable[[], bool] = lambda: True, *,
                            header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
-                           ) -> asyncio.AbstractServer:
-    """Serve GET /metrics (default Prometheus registry), /healthz (always 200), /ready and /readyz (`ready()`)."""
+                           scrape: Scrape = prometheus_text) -> asyncio.AbstractServer:
+    """Serve GET /metrics (`scrape()`, by default Prometheus' default registry), /healthz (always 200), /ready and
+    /readyz (`ready()`)."""
     open_connections = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,7 +85,7 @@ async def start_monitoring(address: str, port: int, ready: Callable[[], bool] = 
         try:
             if open_connections > max_connections:
                 return
-            out = await _serve_one(reader, ready, header_timeout)
+            out = await _serve_one(reader, ready, header_timeout, scrape)
             if out:
                 writer.write(out)
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
@@ -84,7 +98,8 @@ async def start_monitoring(address: str, port: int, ready: Callable[[], bool] = 
     return await asyncio.start_server(handle, address, port, limit=MAX_HEAD)
 
 
-async def _serve_one(reader: asyncio.StreamReader, ready: Callable[[], bool], header_timeout: float) -> bytes:
+async def _serve_one(reader: asyncio.StreamReader, ready: Callable[[], bool], header_timeout: float,
+                     scrape: Scrape) -> bytes:
     """The bytes to answer one connection with (empty: close without a word — nothing was asked)."""
     progress = [0]
     try:
@@ -99,5 +114,5 @@ async def _serve_one(reader: asyncio.StreamReader, ready: Callable[[], bool], he
         return b""
     if size == 0:
         return b""
-    status, ctype, body = _answer(parts, ready)
+    status, ctype, body = _answer(parts, ready, scrape)
     return _response(status, ctype, body, head_only=parts[:1] == ["HEAD"])

@@ -1,0 +1,91 @@
+"""meshboot-webhook: the control plane process, like istiod — the injector and the workload CA in one asyncio loop.
+
+Wiring only, so the parts stay apart: webhook/ and ca/ import meshboot/ and nothing of each other; this module puts
+their flags on one parser, checks the CA's configuration before anything starts (one line on stderr, exit 2), starts
+the CA with the injector, and makes the injector's serving certificate from the mesh CA (`--serving-cert=mesh-ca`)
+with the mesh root patched in as the webhook configuration's caBundle.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from typing import Awaitable, Callable
+
+import ca
+from ca import webhook_cert
+from meshboot import logs
+from webhook import server
+
+PROG = "meshboot-webhook"
+log = logging.getLogger("meshboot.controlplane")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The injector's flags, the CA's, and where a generated serving certificate comes from."""
+    p = server.build_parser(prog=PROG, description=__doc__.split("\n")[0])
+    ca.add_ca_arguments(p)
+    webhook_cert.add_arguments(p)   # --serving-cert self-signed|mesh-ca, --serving-cert-ttl
+    return p
+
+
+def config_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags as one line naming the flag, or None; checked before anything is started (an
+    error found inside uvicorn's start-up would come with its lifespan traceback)."""
+    if args.tls_cert and args.serving_cert == "mesh-ca":
+        return "--serving-cert=mesh-ca and --tls-cert/--tls-key: choose one"
+    try:
+        ca.CAConfig.from_args(args)
+    except ca.ConfigError as e:
+        return str(e)
+    return None
+
+
+def ca_service(args: argparse.Namespace) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
+    """The CA as a service of the injector's loop (`--ca-port 0`: a stopper that does nothing)."""
+    async def start() -> Callable[[], Awaitable[None]]:
+        return await ca.start_ca(args)
+    return start
+
+
+def mesh_ca_serving_cert(args: argparse.Namespace) -> tuple[str, str] | None:
+    """--serving-cert=mesh-ca: a certificate signed by the mesh CA (renewed at half-life), caBundle = the mesh root,
+    so every replica patches the same value. None (after one line on stderr) when it cannot be made."""
+    out_dir = args.self_signed_dir or tempfile.mkdtemp(prefix="meshboot-webhook-")
+    try:
+        mesh = webhook_cert.prepare(args, out_dir)
+    except Exception as e:  # noqa: BLE001 - bad flags, bad CA material, no API: one line, no traceback
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"{PROG}: --serving-cert=mesh-ca: {detail}", file=sys.stderr)
+        return None
+    mesh.start()
+    if args.webhook_config_name:
+        if mesh.api_client is None:
+            log.warning("--webhook-config-name ignored: no Kubernetes API")
+        else:
+            try:
+                n = server.patch_webhook_ca_bundle(mesh.api_client, args.webhook_config_name, mesh.bundle)
+                log.info("patched caBundle with the mesh root",
+                         extra={"webhook_config": args.webhook_config_name, "webhooks": n})
+            except Exception as e:  # noqa: BLE001 - report, keep serving (every replica patches the same root)
+                log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name,
+                                                             "error": str(e)})
+    return mesh.cert, mesh.key
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check, then serve injector + CA until drained; a configuration error is one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level)
+    problem = config_error(args)
+    if problem is not None:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return 2
+    make_cert = (lambda: mesh_ca_serving_cert(args)) if args.serving_cert == "mesh-ca" else None
+    services = (ca_service(args),) if args.ca_port else ()
+    return server.run(args, prog=PROG, serving_cert=make_cert, services=services)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
