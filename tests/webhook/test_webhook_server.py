@@ -352,3 +352,21 @@ def test_ca_runs_in_the_same_process(tmp_path: Path) -> None:
         srv.stop()
     # uvicorn re-raises the SIGTERM it handled, after the lifespan shut the CA down
     assert srv.proc.returncode in (0, -15) and '"injector stopped"' in srv.logs(), srv.logs()
+
+
+def test_uvicorn_runs_without_websockets_watchfiles_or_dotenv() -> None:
+    """Plain uvicorn (not [standard]) with ws="none", as `_serve` configures it: none of those packages is needed."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["webhook"]
+    assert not [d for d in deps if d.startswith("uvicorn[")], deps
+    code = ("import sys\n"
+            "for m in ('websockets', 'wsproto', 'watchfiles', 'dotenv'): sys.modules[m] = None\n"
+            "import uvicorn\n"
+            "from webhook import server\n"
+            "c = uvicorn.Config(lambda s, r, t: None, ws='none', lifespan='on', log_config=None)\n"
+            "c.load()\n"
+            "assert c.ws_protocol_class is None\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert 'ws="none"' in (ROOT / "webhook" / "server.py").read_text()
