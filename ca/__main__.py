@@ -11,8 +11,7 @@ from meshboot import constants as C
 from meshboot import logs
 from meshboot.monitoring import start_monitoring
 
-from . import add_ca_arguments
-from .config import CAConfig, ConfigError
+from .config import CAConfig, ConfigError, add_ca_arguments
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from typing import Awaitable, Callable
 
-import ca
+from ca import service as ca
 from ca import webhook_cert
 from meshboot import logs
 from webhook import server

@@ -164,7 +164,7 @@ def test_start_ca_on_uvloop_like_the_webhook_server(issuer: Issuer, tmp_path) ->
 
     import uvloop
 
-    from ca import add_ca_arguments, start_ca
+    from ca.service import add_ca_arguments, start_ca
     (tmp_path / "jwks.json").write_text(json.dumps(issuer.jwks()))
     p = argparse.ArgumentParser()
     add_ca_arguments(p)
