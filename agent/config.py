@@ -543,17 +543,17 @@ def ca_settings(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[
     curve = env.get(C.ENV_ECC_CURVE) or "P256"
     if curve not in ("P256", "P384"):
         raise ConfigError(f"env {C.ENV_ECC_CURVE}: {show(curve)}, want P256 or P384")
-    return dict(
-        trust_domain=env.get(C.ENV_TRUST_DOMAIN) or C.DEFAULT_TRUST_DOMAIN, ca_addr=ca_addr,
-        ca_server_name=_server_name(ca_host, env), ca_root_file=ca_root, ca_plaintext=ca_plaintext,
-        cluster_id=env.get(C.ENV_CLUSTER_ID, ""), ca_headers=_headers(env, C.CA_HEADER_PREFIX),
-        cert_signer=env.get(C.ENV_CERT_SIGNER, ""), key_kind="ECDSA" if ecc == "ECDSA" else "RSA",
-        rsa_bits=parse_int(env.get(C.ENV_RSA_KEY_SIZE) or 2048, f"env {C.ENV_RSA_KEY_SIZE}", 2048, 8192),
-        ecc_curve=curve, pkcs8=parse_bool(env.get(C.ENV_PKCS8_KEY), f"env {C.ENV_PKCS8_KEY}", False),
-        secret_ttl=parse_duration(env.get(C.ENV_SECRET_TTL) or "24h", f"env {C.ENV_SECRET_TTL}"),
-        grace_ratio=parse_float(env.get(C.ENV_SECRET_GRACE_RATIO) or "0.5", f"env {C.ENV_SECRET_GRACE_RATIO}"),
-        grace_jitter=parse_float(env.get(C.ENV_SECRET_GRACE_JITTER) or "0.01", f"env {C.ENV_SECRET_GRACE_JITTER}"),
-        output_certs=env.get(C.ENV_OUTPUT_CERTS, ""))
+    return {
+        "trust_domain": env.get(C.ENV_TRUST_DOMAIN) or C.DEFAULT_TRUST_DOMAIN, "ca_addr": ca_addr,
+        "ca_server_name": _server_name(ca_host, env), "ca_root_file": ca_root, "ca_plaintext": ca_plaintext,
+        "cluster_id": env.get(C.ENV_CLUSTER_ID, ""), "ca_headers": _headers(env, C.CA_HEADER_PREFIX),
+        "cert_signer": env.get(C.ENV_CERT_SIGNER, ""), "key_kind": "ECDSA" if ecc == "ECDSA" else "RSA",
+        "rsa_bits": parse_int(env.get(C.ENV_RSA_KEY_SIZE) or 2048, f"env {C.ENV_RSA_KEY_SIZE}", 2048, 8192),
+        "ecc_curve": curve, "pkcs8": parse_bool(env.get(C.ENV_PKCS8_KEY), f"env {C.ENV_PKCS8_KEY}", False),
+        "secret_ttl": parse_duration(env.get(C.ENV_SECRET_TTL) or "24h", f"env {C.ENV_SECRET_TTL}"),
+        "grace_ratio": parse_float(env.get(C.ENV_SECRET_GRACE_RATIO) or "0.5", f"env {C.ENV_SECRET_GRACE_RATIO}"),
+        "grace_jitter": parse_float(env.get(C.ENV_SECRET_GRACE_JITTER) or "0.01", f"env {C.ENV_SECRET_GRACE_JITTER}"),
+        "output_certs": env.get(C.ENV_OUTPUT_CERTS, "")}
 
 
 def _xds_root(env: Mapping[str, str], discovery: str, exists: Callable[[str], bool],
@@ -592,9 +592,9 @@ def xds_settings(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable
     mtls = (env.get(C.ENV_MTLS_MODE) or C.MTLS_PERMISSIVE).upper()
     if mtls not in (C.MTLS_PERMISSIVE, C.MTLS_STRICT):
         raise ConfigError(f"env {C.ENV_MTLS_MODE}: {show(mtls)}, want PERMISSIVE or STRICT")
-    return dict(discovery_address=discovery, xds_server_name=xds_name, xds_root_file=xds_root,
-                xds_plaintext=xds_plain, xds_headers=_headers(env, C.XDS_HEADER_PREFIX),
-                delta_xds=parse_bool(env.get(C.ENV_DELTA_XDS), f"env {C.ENV_DELTA_XDS}", True), mtls_mode=mtls)
+    return {"discovery_address": discovery, "xds_server_name": xds_name, "xds_root_file": xds_root,
+                "xds_plaintext": xds_plain, "xds_headers": _headers(env, C.XDS_HEADER_PREFIX),
+                "delta_xds": parse_bool(env.get(C.ENV_DELTA_XDS), f"env {C.ENV_DELTA_XDS}", True), "mtls_mode": mtls}
 
 
 def envoy_binary(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[[str], bool],
@@ -621,30 +621,30 @@ def envoy_settings(flags: Flags, env: Mapping[str, str], pc: Mapping[str, Any], 
     if not concurrency and env.get(C.ENV_CPU_LIMIT):
         concurrency = max(0, int(-(-float(parse_float(env[C.ENV_CPU_LIMIT], f"env {C.ENV_CPU_LIMIT}", 0, 1e6))
                                    // 1)))
-    return dict(
-        envoy_binary=envoy_binary(env, pc, exists, which),
-        drain_duration=parse_duration(pc["drainDuration"], "ProxyConfig.drainDuration"),
-        termination_drain_duration=parse_duration(pc["terminationDrainDuration"],
+    return {
+        "envoy_binary": envoy_binary(env, pc, exists, which),
+        "drain_duration": parse_duration(pc["drainDuration"], "ProxyConfig.drainDuration"),
+        "termination_drain_duration": parse_duration(pc["terminationDrainDuration"],
                                                   "ProxyConfig.terminationDrainDuration"),
-        minimum_drain_duration=parse_duration(env.get(C.ENV_MINIMUM_DRAIN) or "5s", f"env {C.ENV_MINIMUM_DRAIN}"),
-        exit_on_zero_active=parse_bool(env.get(C.ENV_EXIT_ON_ZERO), f"env {C.ENV_EXIT_ON_ZERO}", False),
-        concurrency=concurrency,
-        admin_port=parse_int(pc["proxyAdminPort"], "ProxyConfig.proxyAdminPort", 1, 65535),
-        envoy_status_port=parse_int(env.get("ENVOY_STATUS_PORT") or C.ENVOY_STATUS_PORT, "env ENVOY_STATUS_PORT",
+        "minimum_drain_duration": parse_duration(env.get(C.ENV_MINIMUM_DRAIN) or "5s", f"env {C.ENV_MINIMUM_DRAIN}"),
+        "exit_on_zero_active": parse_bool(env.get(C.ENV_EXIT_ON_ZERO), f"env {C.ENV_EXIT_ON_ZERO}", False),
+        "concurrency": concurrency,
+        "admin_port": parse_int(pc["proxyAdminPort"], "ProxyConfig.proxyAdminPort", 1, 65535),
+        "envoy_status_port": parse_int(env.get("ENVOY_STATUS_PORT") or C.ENVOY_STATUS_PORT, "env ENVOY_STATUS_PORT",
                                     1, 65535),
-        envoy_prometheus_port=parse_int(env.get("ENVOY_PROMETHEUS_PORT") or C.ENVOY_PROMETHEUS_PORT,
+        "envoy_prometheus_port": parse_int(env.get("ENVOY_PROMETHEUS_PORT") or C.ENVOY_PROMETHEUS_PORT,
                                         "env ENVOY_PROMETHEUS_PORT", 1, 65535),
-        bootstrap_override=env.get(C.ENV_ISTIO_BOOTSTRAP_OVERRIDE, ""))
+        "bootstrap_override": env.get(C.ENV_ISTIO_BOOTSTRAP_OVERRIDE, "")}
 
 
 def status_settings(env: Mapping[str, str], pc: Mapping[str, Any]) -> dict[str, Any]:
     """The status port: app probes, metrics merging and scraping."""
     status_port = parse_int(pc.get("statusPort", C.STATUS_PORT), "ProxyConfig.statusPort", 0, 65535)
-    return dict(
-        status_port=status_port, app_probers=parse_app_probers(env.get(C.ENV_APP_PROBERS, "")),
-        scrape_targets=parse_prometheus_annotations(env.get(C.ENV_PROMETHEUS_ANNOTATIONS), status_port),
-        probe_localhost=parse_bool(env.get(C.ENV_REWRITE_PROBE_LOCALHOST), f"env {C.ENV_REWRITE_PROBE_LOCALHOST}",
+    return {
+        "status_port": status_port, "app_probers": parse_app_probers(env.get(C.ENV_APP_PROBERS, "")),
+        "scrape_targets": parse_prometheus_annotations(env.get(C.ENV_PROMETHEUS_ANNOTATIONS), status_port),
+        "probe_localhost": parse_bool(env.get(C.ENV_REWRITE_PROBE_LOCALHOST), f"env {C.ENV_REWRITE_PROBE_LOCALHOST}",
                                    False),
-        merge_envoy_stats=parse_bool(env.get(C.ENV_MERGE_ENVOY_STATS), f"env {C.ENV_MERGE_ENVOY_STATS}", True),
-        metrics_localhost_only=parse_bool(env.get(C.ENV_METRICS_LOCALHOST_ONLY),
-                                          f"env {C.ENV_METRICS_LOCALHOST_ONLY}", False))
+        "merge_envoy_stats": parse_bool(env.get(C.ENV_MERGE_ENVOY_STATS), f"env {C.ENV_MERGE_ENVOY_STATS}", True),
+        "metrics_localhost_only": parse_bool(env.get(C.ENV_METRICS_LOCALHOST_ONLY),
+                                          f"env {C.ENV_METRICS_LOCALHOST_ONLY}", False)}
