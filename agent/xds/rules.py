@@ -32,8 +32,8 @@ class Decision:
 
 def should_respond(nonce: str, names: frozenset[str], nacked: bool, last: Sent, wildcard: bool) -> Decision:
     """Istio's rule. First request on a stream (no nonce) → every name asked for; a NACK → nothing; a stale
-    nonce → ignored; an ACK → only names added since (a SotW request repeats the whole subscription). `wildcard` types
-    (LDS/CDS) treat an empty name list as "all"; SDS treats it as unsubscribing."""
+    nonce → ignored; an ACK → only names added since (a SotW request repeats the whole subscription).
+    `wildcard` types (LDS/CDS) treat an empty name list as "all"; SDS treats it as unsubscribing."""
     if nacked:
         return Decision(NACK, subscribed=last.subscribed)
     if not names and not wildcard:
