@@ -66,21 +66,25 @@ def parse_bool(text: str | None, where: str, default: bool) -> bool:
     return value
 
 
+# Numbers as Go's strconv reads them: ASCII digits only (re.ASCII keeps \d to 0-9).
+_INTEGER = re.compile(r"[+-]?\d{1,19}", re.ASCII)
+_DECIMAL = re.compile(r"[+-]?(\d{1,30}(\.\d{0,30})?|\.\d{1,30})([eE][+-]?\d{1,3})?", re.ASCII)
+
+
 def parse_int(text: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
-    try:
-        v = int(str(text).strip())
-    except ValueError:
-        raise ConfigError(f"{where}: invalid integer {show(text)}") from None
+    s = str(text).strip()
+    if isinstance(text, bool) or not _INTEGER.fullmatch(s):  # int() would take "٨٠", "８０" and "1_000"
+        raise ConfigError(f"{where}: invalid integer {show(text)}")
+    v = int(s)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise ConfigError(f"{where}: {v} out of range [{lo}, {hi}]")
     return v
 
 
 def parse_float(text: str, where: str, lo: float = 0.0, hi: float = 1.0) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ConfigError(f"{where}: invalid number {show(text)}") from None
+    if not _DECIMAL.fullmatch(str(text).strip()):  # float() would take Unicode digits, "1_0", "inf" and "nan"
+        raise ConfigError(f"{where}: invalid number {show(text)}")
+    v = float(text)
     if not lo <= v <= hi:
         raise ConfigError(f"{where}: {v} out of range [{lo}, {hi}]")
     return v

@@ -75,3 +75,19 @@ def test_bounds_are_yamlsafe_bounds_and_yaml_loads_only_for_yaml() -> None:
             "print('yaml' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("text", ["٨٠", "８０", "8²", "²", "1_000", "0x50"])
+def test_numbers_are_ascii_digits_only(text: str) -> None:
+    """int() and float() accept Unicode digits and underscores; Go's strconv (and Envoy) do not."""
+    from agent.config import parse_float, parse_int
+    with pytest.raises(ConfigError, match="ISTIO_X"):
+        parse_int(text, "env ISTIO_X", 0, 65535)
+    with pytest.raises(ConfigError, match="ISTIO_X"):
+        parse_float(text, "env ISTIO_X", 0, 1e6)
+
+
+@pytest.mark.parametrize("text,want", [("80", 80), (" 80 ", 80), (443, 443), ("-1", -1)])
+def test_ascii_integers_still_parse(text: object, want: int) -> None:
+    from agent.config import parse_int
+    assert parse_int(text, "x") == want
