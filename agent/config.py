@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from meshboot import constants as C
 from meshboot.durations import parse_duration as _go_duration
@@ -257,7 +258,7 @@ def parse_app_probers(text: str, where: str = C.ENV_APP_PROBERS) -> dict[str, Ap
 
 
 def _want(v: Any, types: tuple[type, ...], where: str, what: str) -> Any:
-    if not isinstance(v, types) or isinstance(v, bool) and bool not in types:
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
         raise ConfigError(f"{where}: want {what}, got {show(v)}")
     return v
 

@@ -78,11 +78,11 @@ class Admin:
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.host, self.port = host, port
 
-    async def get(self, path: str, timeout: float = 2.0) -> "httpio.Response":
+    async def get(self, path: str, timeout: float = 2.0) -> httpio.Response:
         from . import httpio  # noqa: PLC0415 — this module must load before asyncio (Envoy starts first)
         return await httpio.request(self.host, self.port, "GET", path, timeout=timeout)
 
-    async def post(self, path: str, timeout: float = 5.0) -> "httpio.Response":
+    async def post(self, path: str, timeout: float = 5.0) -> httpio.Response:
         from . import httpio  # noqa: PLC0415
         return await httpio.request(self.host, self.port, "POST", path, timeout=timeout)
 
@@ -106,7 +106,7 @@ class EnvoyProcess:
         self.proc = proc
 
     @classmethod
-    def spawn(cls, argv: list[str]) -> "EnvoyProcess":
+    def spawn(cls, argv: list[str]) -> EnvoyProcess:
         log.info("starting Envoy", binary=argv[0])
         log.debug("Envoy command line", args=" ".join(argv[1:]))
         # stdout/stderr are inherited: Envoy's logs go where the agent's go (the container log).

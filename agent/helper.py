@@ -48,7 +48,7 @@ class Prestarted:
         return out
 
 
-async def _feed(pipe, data: bytes, deadline: float) -> None:  # noqa: ANN001
+async def _feed(pipe, data: bytes, deadline: float) -> None:
     """Write all of `data` without blocking the loop (the pipe holds 64 KiB), then close it."""
     import asyncio  # noqa: PLC0415
     import os  # noqa: PLC0415
@@ -78,7 +78,7 @@ async def run(args: list[str], data: bytes | None = None, timeout: float = 60.0)
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(data), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise HelperError(f"{' '.join(args[2:4])} took longer than {timeout:.0f}s") from None

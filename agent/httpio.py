@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 
 @dataclass
@@ -148,7 +148,7 @@ async def serve(handler: Handler, host: str, port: int, *, read_timeout: float =
         try:
             if open_connections <= max_connections:
                 await _answer(handler, reader, writer, read_timeout)
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             open_connections -= 1
@@ -167,7 +167,7 @@ async def _answer(handler: Handler, reader: asyncio.StreamReader, writer: asynci
         resp = await handler(req)
     except _Refused as e:
         resp = Response(e.status, {}, f"{e}\n".encode())
-    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
         return   # nothing whole was asked (or the client left): close without a word
     except Exception:  # noqa: BLE001 - a handler bug must not kill the server, nor show its internals
         resp = Response(500, {}, b"internal error in the status server\n")

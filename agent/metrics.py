@@ -28,9 +28,9 @@ class _Metric:
 
     def __init__(self, name: str, doc: str, labelnames: tuple[str, ...] = ()) -> None:
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
-        self._children: dict[tuple[str, ...], "_Metric"] = {}
+        self._children: dict[tuple[str, ...], _Metric] = {}
 
-    def labels(self, *values: str) -> "_Metric":
+    def labels(self, *values: str) -> _Metric:
         key = tuple(str(v) for v in values)
         if len(key) != len(self.labelnames):
             raise ValueError(f"{self.name}: want labels {self.labelnames}, got {key}")
@@ -39,7 +39,7 @@ class _Metric:
             child = self._children[key] = self._child()
         return child
 
-    def _child(self) -> "_Metric":
+    def _child(self) -> _Metric:
         return type(self)(self.name, self.doc)
 
     def _lines(self, labels: str) -> list[str]:
@@ -98,7 +98,7 @@ class Histogram(_Metric):
         self.counts = [0] * len(self.buckets)
         self.sum = 0.0
 
-    def _child(self) -> "_Metric":
+    def _child(self) -> _Metric:
         return Histogram(self.name, self.doc, (), self.buckets[:-1])
 
     def observe(self, v: float) -> None:

@@ -49,7 +49,7 @@ async def run(probe: AppProbe, dest: str, incoming_headers: dict[str, str], stat
             _, w = await (asyncio.wait_for(fut, timeout) if timeout else fut)
             w.close()
             return httpio.Response(200)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             return httpio.Response(500, body=f"tcp probe failed: {e}".encode())
     if probe.kind == "grpc":
         return await _grpc(probe, dest, incoming_headers, timeout)
@@ -81,7 +81,7 @@ async def run(probe: AppProbe, dest: str, incoming_headers: dict[str, str], stat
                 return httpio.Response(200, body=r.body[:MAX_BODY])
             return httpio.Response(r.status, {"content-type": r.headers.get("content-type", "text/plain")},
                                    r.body[:MAX_BODY])
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
         return httpio.Response(500, body=f"http probe failed: {e}".encode())
 
 

@@ -24,7 +24,7 @@ log = Log("agent")
 class Sidecar:
     """One pod's agent: servers, Envoy supervision, shutdown."""
 
-    def __init__(self, cfg: AgentConfig, launched: Launched, prestarted: "dict | None" = None,
+    def __init__(self, cfg: AgentConfig, launched: Launched, prestarted: dict | None = None,
                  started: float | None = None, early_signals: list[str] | None = None) -> None:
         self.cfg = cfg
         self.early_signals = early_signals if early_signals is not None else []
@@ -68,7 +68,7 @@ class Sidecar:
                 r = await self.admin.post(q)
                 if r.status != 200:
                     log.warn("Envoy drain failed", status=r.status, request=q)
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 log.warn("Envoy drain failed", error=str(e), request=q)
 
     # -- run --
@@ -155,7 +155,7 @@ class Sidecar:
                     log.info("no active connections left, stopping Envoy")
                     return
                 log.info("waiting for active connections", active=n)
-            except (OSError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, OSError, ValueError) as e:
                 errors += 1
                 if errors >= 5:
                     log.warn("cannot read active connections, stopping Envoy", error=str(e))
@@ -163,7 +163,7 @@ class Sidecar:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exit_task), 1.0)
 
-    async def _serve_xds(self):  # noqa: ANN202
+    async def _serve_xds(self):
         import grpc  # noqa: PLC0415
 
         cfg = self.cfg

@@ -9,7 +9,7 @@ import asyncio
 import ipaddress
 import os
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from meshboot import constants as C
 
@@ -30,7 +30,7 @@ def _is_loopback(addr: str) -> bool:
 
 
 class StatusServer:
-    def __init__(self, cfg: AgentConfig, admin: Admin, metrics: "object", *,
+    def __init__(self, cfg: AgentConfig, admin: Admin, metrics: object, *,
                  on_quit: Callable[[], None], on_drain: Callable[[], Awaitable[None]],
                  extra_ready: Callable[[], str] = lambda: "", started: float | None = None) -> None:
         self.cfg = cfg
@@ -65,7 +65,7 @@ class StatusServer:
         if not (self._config_ok and self._live_ok):
             try:
                 st = await self.admin.state()
-            except (OSError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, OSError, ValueError) as e:
                 return f"Envoy admin unreachable: {e}"
             self._config_ok = self._config_ok or st.config_received
             if not self._config_ok:
@@ -131,7 +131,7 @@ class StatusServer:
                 if r.status != 200:
                     raise OSError(f"HTTP {r.status}")
                 return r.body
-            except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
+            except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as e:
                 m.scrape_failures.labels(target).inc()  # type: ignore[attr-defined]
                 log.debug("scrape failed", target=target, error=str(e))
                 return b""

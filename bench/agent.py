@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from testing.netns import Netns, user_argv  # noqa: E402
-from meshboot import constants as C  # noqa: E402
-from tests.agent.pod import PY, Pod, envoy_binary  # noqa: E402
+from meshboot import constants as C
+from testing.netns import Netns, user_argv
+from tests.agent.pod import PY, Pod, envoy_binary
 
 # Runs inside the netns: spawn argv, poll url every 2 ms, print the ms to the first 200 (or -1), leave it running.
 INNER = r"""

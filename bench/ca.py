@@ -43,7 +43,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def client_proc(port: int, root: str, csrs: list[str], tokens: list[str], inflight: int, warmup: float,
-                seconds: float, cpus: set[int], out: "mp.Queue", per_client_rate: float = 0.0) -> None:
+                seconds: float, cpus: set[int], out: mp.Queue, per_client_rate: float = 0.0) -> None:
     """One client process: `inflight` concurrent loops on one channel; latencies of the measured window.
 
     per_client_rate 0 = closed loop (each client sends its next request as soon as the last is answered);
@@ -53,8 +53,8 @@ def client_proc(port: int, root: str, csrs: list[str], tokens: list[str], inflig
         os.sched_setaffinity(0, cpus)
     import grpc
 
-    from meshboot import constants as C
     from ca import ca_pb2, ca_pb2_grpc
+    from meshboot import constants as C
 
     async def main() -> tuple[list[float], int]:
         ch = grpc.aio.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(root.encode()),

@@ -18,12 +18,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from testing.netns import Netns, veth  # noqa: E402
+from testing.netns import Netns, veth
 
 CLONE_NEWNET = 0x40000000
 ARGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",

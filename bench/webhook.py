@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from webhook.admission import review  # noqa: E402
-from webhook.config import build_settings  # noqa: E402
+from webhook.admission import review
+from webhook.config import build_settings
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 DURATION = int(os.environ.get("BENCH_SECONDS", "8"))

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level)          # the control plane's JSON-lines logging
     try:
-        import uvloop      # what uvicorn runs the combined control plane on; grpc.aio is faster on it too
+        import uvloop  # what uvicorn runs the combined control plane on; grpc.aio is faster on it too
     except ImportError:
         uvloop = None
     try:

@@ -126,7 +126,7 @@ class CAConfig:
         return bool(self.ca_secret) or self.token_review or self.publish_root_cert
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "CAConfig":
+    def from_args(cls, args: argparse.Namespace) -> CAConfig:
         if not 0 <= args.ca_port <= 65535:
             raise ConfigError(f"--ca-port: {args.ca_port} is not a port number (0 disables the CA)")
         if not args.ca_dir:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from .config import CAConfig, ConfigError, add_ca_arguments
 
-__all__ = ["add_ca_arguments", "start_ca", "CAConfig", "ConfigError"]
+__all__ = ["CAConfig", "ConfigError", "add_ca_arguments", "start_ca"]
 
 log = logging.getLogger("meshboot.ca")
 

@@ -15,9 +15,10 @@ import ssl
 import time
 import urllib.request
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -98,7 +99,7 @@ class KeySet:
     def __len__(self) -> int:
         return len(self.by_kid) + len(self.anonymous)
 
-    def merge(self, other: "KeySet") -> "KeySet":
+    def merge(self, other: KeySet) -> KeySet:
         return KeySet({**self.by_kid, **other.by_kid}, self.anonymous + other.anonymous)
 
 
@@ -234,7 +235,7 @@ def _fits(alg: str, key: Any) -> bool:
 
 def _when(ts: Any) -> str:
     try:
-        return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).isoformat(timespec="seconds")
+        return dt.datetime.fromtimestamp(float(ts), dt.UTC).isoformat(timespec="seconds")
     except (TypeError, ValueError, OverflowError):
         return _short(ts)
 
@@ -250,7 +251,7 @@ def fetch_jwks(url: str, timeout: float = 5.0) -> dict[str, Any]:
         if token.is_file():
             headers["Authorization"] = f"Bearer {token.read_text().strip()}"
     req = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:  # noqa: S310 - operator-given URL
+    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
         body = resp.read(MAX_JWKS_BYTES + 1)
     if len(body) > MAX_JWKS_BYTES:
         raise ValueError(f"JWKS document larger than {MAX_JWKS_BYTES} bytes")

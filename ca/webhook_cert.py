@@ -21,13 +21,14 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from meshboot import pki
-from meshboot.files import write_atomic
 from meshboot.durations import parse_duration
+from meshboot.files import write_atomic
 
 from .config import CAConfig, ConfigError
 from .signer import Authority

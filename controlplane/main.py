@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import tempfile
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ca import service as ca
 from ca import webhook_cert

@@ -8,14 +8,22 @@ written are restored to their saved contents, so a failure never leaves half a r
 """
 from __future__ import annotations
 
-from .record import Record, factory
-
 from . import backend as B
 from .config import CaptureConfig
 from .log import Logger
+from .record import Record, factory
 from .rules import V4, V6, Plan, Rule, RuleSet
-from .state import (LiveState, builtin_rules, cleanup_text, is_partial_apply, parse_save, replace_text,
-                    rollback_text, structural_drift, tables_of)
+from .state import (
+    LiveState,
+    builtin_rules,
+    cleanup_text,
+    is_partial_apply,
+    parse_save,
+    replace_text,
+    rollback_text,
+    structural_drift,
+    tables_of,
+)
 
 APPLY, NOTHING, REPLACE, CLEANUP = "apply", "nothing", "replace", "cleanup"
 MAX_REPORTED = 5  # missing rules named in a drift error: the message stays one short line

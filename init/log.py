@@ -17,7 +17,7 @@ class Logger:
         self.stream = stream
 
     @classmethod
-    def from_flags(cls, output_level: str, as_json: bool) -> "Logger":
+    def from_flags(cls, output_level: str, as_json: bool) -> Logger:
         """`--log_output_level` is `scope:level,...` or a bare level; the `default` scope (or a bare one) counts."""
         level = "info"
         for item in output_level.split(","):

@@ -5,11 +5,10 @@ inside a chain and of the `-I 1` inserts, so the restore text and the kernel's r
 """
 from __future__ import annotations
 
-from .record import Record, factory
-
 from meshboot import constants as C
 
 from .config import LAYOUT_CLASSIC, CaptureConfig
+from .record import Record, factory
 
 NAT, MANGLE, RAW, FILTER = "nat", "mangle", "raw", "filter"
 TABLE_ORDER = (FILTER, MANGLE, NAT, RAW)

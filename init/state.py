@@ -7,7 +7,6 @@ the live tables, so a replace or cleanup removes exactly what is there, in one i
 from __future__ import annotations
 
 from .record import Record, factory
-
 from .rules import BUILTIN, TABLE_ORDER, Rule, RuleSet, is_istio_chain
 
 CHECKED_TABLES = frozenset(TABLE_ORDER)

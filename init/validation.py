@@ -58,7 +58,7 @@ def validate(cfg: CaptureConfig, log: Logger) -> bool:
         while not stop.is_set():
             try:
                 conn, _ = s.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             with conn:
                 try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 Stamp = tuple[int, int, int] | None
 

@@ -8,7 +8,7 @@ taken within `write_timeout`, and at most `max_connections` are open at once (mo
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 MAX_HEAD = 16 * 1024            # request line + headers; a probe or a scrape sends a few hundred bytes
 HEADER_TIMEOUT = 10.0           # accept -> end of the request head
@@ -89,7 +89,7 @@ async def start_monitoring(address: str, port: int, ready: Callable[[], bool] = 
             if out:
                 writer.write(out)
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             open_connections -= 1
@@ -107,7 +107,7 @@ async def _serve_one(reader: asyncio.StreamReader, ready: Callable[[], bool], he
     except _HeadTooLarge:
         return _response("431 Request Header Fields Too Large", "text/plain",
                          f"request head larger than {MAX_HEAD} bytes\n".encode())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         if progress[0] or getattr(reader, "_buffer", b""):  # part of a head came (or half a line): say which bound
             return _response("408 Request Timeout", "text/plain",
                              f"request head not received within {header_timeout:g}s\n".encode())

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,7 +24,7 @@ _CURVES = {"P256": ec.SECP256R1, "P384": ec.SECP384R1}
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def generate_key(kind: KeyKind = "ECDSA", rsa_bits: int = 2048, curve: str = "P256") -> PrivateKey:

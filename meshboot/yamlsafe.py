@@ -8,7 +8,8 @@ so a deeply nested document cannot exhaust the parser's recursion.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 

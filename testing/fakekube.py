@@ -21,10 +21,11 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jsonpatch
@@ -67,7 +68,7 @@ TokenReviewer = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def status_body(code: int, reason: str, message: str, kind: str = "", name: str = "") -> dict[str, Any]:
@@ -111,7 +112,7 @@ class FakeKube:
         self.failures: dict[tuple[str, str], list[int]] = {}   # (method, path) -> statuses to answer first
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> "FakeKube":
+    def start(self) -> FakeKube:
         fake = self
 
         class Handler(_Handler):
@@ -131,7 +132,7 @@ class FakeKube:
             self.httpd.shutdown()
             self.httpd.server_close()
 
-    def __enter__(self) -> "FakeKube":
+    def __enter__(self) -> FakeKube:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -217,7 +218,7 @@ class FakeKube:
             return [r for r in self.requests
                     if (method is None or r.method == method) and r.path.startswith(path_prefix)]
 
-    def wait_for(self, pred: Callable[["FakeKube"], bool], timeout: float = 10.0) -> bool:
+    def wait_for(self, pred: Callable[[FakeKube], bool], timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
         with self.cond:
             while not pred(self):

@@ -12,8 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -55,7 +56,7 @@ class Netns:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     @classmethod
-    def create(cls, prefix: str = "mb") -> "Netns":
+    def create(cls, prefix: str = "mb") -> Netns:
         name = unique_name(prefix)
         subprocess.run(["ip", "netns", "add", name], check=True)
         ns = cls(name)
@@ -93,7 +94,7 @@ class Netns:
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         return self
 
     def __exit__(self, *exc: object) -> None:

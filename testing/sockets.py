@@ -7,7 +7,7 @@ import contextlib
 import socket
 import threading
 import time
-from typing import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ business (agent/ is free to grow subpackages).
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from meshboot import constants as C
 from meshboot import jsonsafe, yamlsafe

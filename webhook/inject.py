@@ -6,8 +6,9 @@ merges them with the pod, and records what it added in `sidecar.istio.io/status`
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from meshboot import constants as C
 from webhook import annotations as ann_mod

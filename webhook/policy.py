@@ -5,8 +5,9 @@ so it is a small fixed vocabulary.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from meshboot import constants as C
 from webhook.config import Settings

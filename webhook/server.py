@@ -21,8 +21,9 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -33,9 +34,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from meshboot import constants as C
-from meshboot import pki
+from meshboot import logs, pki
 from meshboot.durations import parse_duration
-from meshboot import logs
 from meshboot.files import stamps, write_atomic
 from meshboot.monitoring import start_monitoring
 from webhook import metrics
@@ -210,7 +210,7 @@ class InjectEndpoint:
         start = time.perf_counter()
         try:
             payload, outcome = review_bytes(body, state.source.settings, _request_path(scope), state.cache)
-        except Exception:  # noqa: BLE001 - a bug must still be an answer, never a 500 (details in the log only)
+        except Exception:
             log.exception("injection failed unexpectedly")
             metrics.FAILURES.labels("internal").inc()
             return await _send(send, 200, self.INTERNAL_ERROR, _JSON_BYTES)
@@ -314,7 +314,7 @@ async def _watch(state: State) -> None:
                 state.source.last_error = None
             if state.tls is not None:
                 state.tls.reload_if_changed()
-        except Exception:  # noqa: BLE001 - the watcher must survive anything
+        except Exception:
             log.exception("watcher error")
 
 

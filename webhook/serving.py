@@ -14,13 +14,14 @@ import ssl
 import sys
 import time
 from asyncio import TimerHandle
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import uvicorn
-from uvicorn.config import STARTUP_FAILURE
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from webhook import metrics

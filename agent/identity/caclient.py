@@ -80,7 +80,7 @@ class CAClient:
         self._channel = None
         self._call = None
 
-    def _dial(self):  # noqa: ANN202 — grpc types imported lazily
+    def _dial(self):
         import grpc  # noqa: PLC0415
 
         cfg = self.cfg

@@ -48,7 +48,7 @@ def _verify_kind(message: str) -> str:
 class _End:
     """One side of the in-memory connection: an SSLObject over an incoming and an outgoing MemoryBIO."""
 
-    def __init__(self, ctx: "ssl.SSLContext", server_side: bool) -> None:
+    def __init__(self, ctx: ssl.SSLContext, server_side: bool) -> None:
         import ssl  # noqa: PLC0415
 
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()

@@ -12,7 +12,7 @@ import datetime as dt
 import itertools
 import os
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -35,7 +35,7 @@ def encode_secret(name: str, value: TlsSecret | RootSecret) -> bytes:
 
 
 class SDSService:
-    def __init__(self, secrets: SecretManager, metrics: "object | None" = None) -> None:
+    def __init__(self, secrets: SecretManager, metrics: object | None = None) -> None:
         self.secrets = secrets
         self.metrics = metrics
 
@@ -49,7 +49,7 @@ class SDSService:
 
     async def _response(self, names: list[str]) -> tuple[str, str, bytes]:
         resources = [encode_secret(n, await self.secrets.get(n)) for n in names]
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         version, nonce = f"{now}/{next(_versions)}", os.urandom(16).hex()
         return version, nonce, wire.response(version, C.SDS_TYPE_URL, nonce, resources)
 
@@ -132,7 +132,7 @@ class SDSService:
         return b""  # pragma: no cover
 
 
-async def serve(path: str, secrets: SecretManager, metrics: "object | None" = None) -> grpc.aio.Server:
+async def serve(path: str, secrets: SecretManager, metrics: object | None = None) -> grpc.aio.Server:
     """The SDS server listening on `path` (0666), started."""
     server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000)])
     server.add_generic_rpc_handlers((SDSService(secrets, metrics).handler(),))

@@ -11,8 +11,9 @@ import os
 import random
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from meshboot import constants as C
 from meshboot.files import stamps, write_atomic
@@ -23,8 +24,8 @@ from ..log import Log
 from . import certcheck, keygen, x509lite
 
 if TYPE_CHECKING:
-    from .caclient import CAClient
     from ..metrics import Metrics
+    from .caclient import CAClient
 
 log = Log("cache")
 
@@ -122,9 +123,9 @@ def _read(path: str, limit: int = MAX_SECRET_FILE) -> bytes:
 class SecretManager:
     """Produces `default`, `ROOTCA`, `file-cert:…`, `file-root:…` and notifies subscribers of changes."""
 
-    def __init__(self, cfg: AgentConfig, ca: "CAClient | None", metrics: "Metrics | None" = None,
+    def __init__(self, cfg: AgentConfig, ca: CAClient | None, metrics: Metrics | None = None,
                  backoff_initial: float = 0.5, backoff_max: float = 60.0,
-                 prestarted: "helper.Prestarted | None" = None,
+                 prestarted: helper.Prestarted | None = None,
                  refused_initial: float = 1.0, refused_max: float = 300.0) -> None:
         self.cfg = cfg
         self._prestarted = prestarted

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import itertools
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -39,7 +39,7 @@ async def load_resources(pre: Prestarted) -> Resources:
 class StandaloneADS:
     """Serves a fixed set of resources to Envoy over SotW and Delta ADS."""
 
-    def __init__(self, res: "asyncio.Future[Resources] | Resources") -> None:
+    def __init__(self, res: asyncio.Future[Resources] | Resources) -> None:
         self._res = res
         self._nonce = itertools.count(1)
 
@@ -88,8 +88,8 @@ class StandaloneADS:
             yield wire.delta_response(VERSION, req.type_url, nonce, _pick(all_res[req.type_url], d.send), VERSION)
 
     @staticmethod
-    def _decide(type_url: str, nonce: str, names: frozenset[str], error: "wire.Status | None",
-                state: dict[str, rules.Sent]) -> "rules.Decision | None":
+    def _decide(type_url: str, nonce: str, names: frozenset[str], error: wire.Status | None,
+                state: dict[str, rules.Sent]) -> rules.Decision | None:
         """The shared ACK/NACK rule (rules.py), LDS/CDS being wildcards; None when nothing is to be sent."""
         last = state.get(type_url, rules.Sent())
         d = rules.should_respond(nonce, names, error is not None and bool(error.code), last, wildcard=True)

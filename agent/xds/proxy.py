@@ -10,7 +10,7 @@ read (wire.py).
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -31,7 +31,7 @@ def forwardable(type_url: str) -> bool:
 
 
 class XdsProxy:
-    def __init__(self, cfg: AgentConfig, metrics: "object | None" = None) -> None:
+    def __init__(self, cfg: AgentConfig, metrics: object | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self._current: asyncio.Event | None = None

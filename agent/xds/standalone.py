@@ -29,7 +29,6 @@ from google.protobuf.message import Message
 from meshboot import constants as C
 
 
-
 def _any(msg: Message) -> any_pb2.Any:
     a = any_pb2.Any()
     a.Pack(msg)

@@ -9,8 +9,8 @@ resources. Field numbers are those of data-plane-api v3.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 
 class WireError(ValueError):
@@ -64,7 +64,7 @@ def vint(field: int, value: int) -> bytes:
     return varint(field << 3) + varint(value) if value else b""
 
 
-def fields(buf: bytes) -> Iterator[tuple[int, int, "int | bytes"]]:
+def fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     """(field number, wire type, value) for each field; varints as int, length-delimited as bytes."""
     i = 0
     n = len(buf)
@@ -109,7 +109,7 @@ def _str(v: bytes) -> str:
         raise WireError("string field is not valid UTF-8") from None
 
 
-def _status(buf: bytes, st: "Status | None" = None) -> Status:
+def _status(buf: bytes, st: Status | None = None) -> Status:
     """google.rpc.Status; a repeated occurrence merges into the earlier one, as protobuf merges sub-messages."""
     st = st or Status()
     for f, _, v in fields(buf):

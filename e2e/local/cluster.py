@@ -15,15 +15,15 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from e2e.local.controlplane import Admission, ControlPlane
 from e2e.local.kubelet import Kubelet, Node, PodRun, local_images, start_pods
-from testing.tokens import Issuer
 from meshboot import constants as C
-
+from testing.tokens import Issuer
 
 
 def venv_bin() -> Path:
@@ -63,7 +63,7 @@ class LocalCluster:
     @classmethod
     @contextlib.contextmanager
     def up(cls, prefix: str = "mbd", kubernetes_version: str = "1.34",
-           values: dict[str, Any] | None = None) -> Iterator["LocalCluster"]:
+           values: dict[str, Any] | None = None) -> Iterator[LocalCluster]:
         """Node, control plane and kubelet; torn down in reverse order however the block ends (a second Ctrl-C
         during the teardown is held back until it is done)."""
         with contextlib.ExitStack() as stack:
@@ -102,7 +102,7 @@ class LocalCluster:
         if ns not in self.namespaces:
             raise LookupError(f'namespaces "{ns}" not found')
         meta.setdefault("uid", str(uuid.uuid4()))
-        meta.setdefault("creationTimestamp", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        meta.setdefault("creationTimestamp", dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         pod.setdefault("spec", {}).setdefault("serviceAccountName", "default")
         if not injection_selected(self.namespaces[ns], meta.get("labels") or {}):
             return Admission(pod=pod, patch=None, review={})

@@ -63,7 +63,7 @@ class ControlPlane:
 
     @classmethod
     def start(cls, node: Node, workdir: Path, venv_bin: Path, jwks: dict[str, Any], values: dict[str, Any],
-              kubernetes_version: str = "1.34", timeout: float = 30.0) -> "ControlPlane":
+              kubernetes_version: str = "1.34", timeout: float = 30.0) -> ControlPlane:
         d = workdir / "istiod"
         d.mkdir(parents=True)
         (d / "jwks.json").write_text(json.dumps(jwks))

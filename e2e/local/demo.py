@@ -10,8 +10,8 @@ import sys
 import time
 
 from e2e.local import scenario
-from testing.netns import have_root
 from meshboot import constants as C
+from testing.netns import have_root
 
 
 def _sigterm(_signo: int, _frame: object) -> None:

@@ -24,16 +24,17 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from e2e.local import kube
 from e2e.local.kube import Container, Image, Lookup, Pod, PodSpecError
-from testing.netns import Netns, bridge, call_in, plug, user_argv
-from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import launchers
+from testing.netns import Netns, bridge, call_in, plug, user_argv
+from testing.tokens import Issuer
 
 POD_CIDR = "10.244.0.0/24"
 NODE_NAME = "meshboot-node"
@@ -91,7 +92,7 @@ class Node:
                                                                                   # from several threads
 
     @classmethod
-    def create(cls, prefix: str, cidr: str = POD_CIDR) -> "Node":
+    def create(cls, prefix: str, cidr: str = POD_CIDR) -> Node:
         ns = Netns.create(prefix)
         try:
             net = ipaddress.ip_network(cidr)

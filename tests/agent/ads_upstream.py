@@ -22,7 +22,7 @@ LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
 
-def pack(m) -> any_pb2.Any:  # noqa: ANN001
+def pack(m) -> any_pb2.Any:
     a = any_pb2.Any()
     a.Pack(m)
     return a
@@ -55,7 +55,7 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         if not ok:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing bearer token / ClusterID")
 
-    async def _serve(self, it, context, flavour: str, respond):  # noqa: ANN001, ANN202
+    async def _serve(self, it, context, flavour: str, respond):
         await self._auth(context)
         n = 0
         async for req in it:
@@ -66,12 +66,12 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             yield respond(req.type_url, str(n), self.res[req.type_url])
 
     # grpc.aio needs async generator functions here, not functions returning one.
-    async def StreamAggregatedResources(self, it, context):  # noqa: ANN001, ANN201
+    async def StreamAggregatedResources(self, it, context):
         async for r in self._serve(it, context, "sotw", lambda url, nonce, res: discovery_pb2.DiscoveryResponse(
                 version_info="1", type_url=url, nonce=nonce, resources=list(res.values()))):
             yield r
 
-    async def DeltaAggregatedResources(self, it, context):  # noqa: ANN001, ANN201
+    async def DeltaAggregatedResources(self, it, context):
         async for r in self._serve(it, context, "delta", lambda url, nonce, res: discovery_pb2.DeltaDiscoveryResponse(
                 system_version_info="1", type_url=url, nonce=nonce,
                 resources=[discovery_pb2.Resource(name=k, version="1", resource=v) for k, v in res.items()])):

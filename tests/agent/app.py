@@ -15,7 +15,7 @@ PORT, READY_FILE = int(sys.argv[1]), sys.argv[2]
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         u = urllib.parse.urlsplit(self.path)
         code, body = 200, b"hello"
         if u.path == "/whoami":

@@ -15,9 +15,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshboot import constants as C
 from testing.netns import Netns, wait_port
 from testing.tokens import Issuer
-from meshboot import constants as C
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable

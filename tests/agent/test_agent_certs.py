@@ -17,14 +17,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.identity import certcheck
-from agent.identity.caclient import CAClient
 from agent.config import Flags, build_config
 from agent.envoy import Admin
-from agent.metrics import Metrics
-from agent.xds.wire import fields, ld
+from agent.identity import certcheck
+from agent.identity.caclient import CAClient
 from agent.identity.secrets import Backoff, SecretManager
+from agent.metrics import Metrics
 from agent.status import StatusServer
+from agent.xds.wire import fields, ld
 from meshboot import constants as C
 from meshboot import pki
 from tests.agent.test_agent_servers import free_port
@@ -33,7 +33,7 @@ TD = "cluster.local"
 CASES = ("expired", "not-yet-valid", "identity", "key", "untrusted")
 KIND = {"expired": "expired", "not-yet-valid": "not_yet_valid", "identity": "identity", "key": "key_mismatch",
         "untrusted": "untrusted"}
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 WINDOW = 3.5       # seconds after an agent's first CA request: 1 s → 2 s back-off (±25 %) allows 2–3 requests
 
 
@@ -41,7 +41,7 @@ def spiffe(sa: str) -> str:
     return f"spiffe://{TD}/ns/default/sa/{sa}"
 
 
-def leaf(ca: tuple, pub, uri: str, start: dt.datetime, end: dt.datetime) -> x509.Certificate:  # noqa: ANN001
+def leaf(ca: tuple, pub, uri: str, start: dt.datetime, end: dt.datetime) -> x509.Certificate:
     """A workload certificate with exactly these dates (pki.issue_leaf always makes a current one)."""
     b = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca[0].subject).public_key(pub)
          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
@@ -61,7 +61,7 @@ class Mesh:
         self.other_key = pki.generate_key("ECDSA")
         self.other = pki.make_ca("other-root", self.other_key)
 
-    def chain_for(self, case: str, pub, uri: str) -> list[bytes]:  # noqa: ANN001
+    def chain_for(self, case: str, pub, uri: str) -> list[bytes]:
         hour = dt.timedelta(hours=1)
         ca, start, end = (self.root, self.root_key), NOW - hour, NOW + hour
         if case == "expired":
@@ -107,7 +107,7 @@ class BadCA:
         return server, port
 
 
-def agent_cfg(tmp: Path, sa: str, ca_port: int):  # noqa: ANN201
+def agent_cfg(tmp: Path, sa: str, ca_port: int):
     env = {"POD_NAME": f"{sa}-1", "POD_NAMESPACE": "default", "SERVICE_ACCOUNT": sa, "INSTANCE_IP": "127.0.0.1",
            "ENVOY_BINARY": "/bin/true", "CA_ADDR": f"localhost:{ca_port}", "ECC_SIGNATURE_ALGORITHM": "ECDSA",
            "TRUST_DOMAIN": TD, "PROXY_CONFIG": json.dumps({"statusPort": free_port(),
@@ -156,7 +156,7 @@ def test_backoff_is_exponential_bounded_and_jittered() -> None:
     assert len(spread) > 10 and min(spread) >= 0.75 and max(spread) <= 1.25
 
 
-def test_agent_refuses_bad_chains_reports_why_and_backs_off(mesh: Mesh, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_agent_refuses_bad_chains_reports_why_and_backs_off(mesh: Mesh, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / C.ROOT_CERT_PATH).parent.mkdir(parents=True)
     (tmp_path / C.ROOT_CERT_PATH).write_bytes(pki.cert_pem(mesh.root))

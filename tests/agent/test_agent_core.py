@@ -6,9 +6,10 @@ import subprocess
 
 import pytest
 
-from agent import bootstrap, envoy as envoymod
+from agent import bootstrap
+from agent import envoy as envoymod
+from agent.config import AppProbe, ConfigError, Flags, build_config, parse_downward_api, parse_duration
 from agent.identity import caclient
-from agent.config import AppProbe, ConfigError, Flags, build_config, parse_duration, parse_downward_api
 from agent.identity.secrets import rotation_delay
 from meshboot import constants as C
 from tests.agent.pod import envoy_binary

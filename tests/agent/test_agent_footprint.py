@@ -48,7 +48,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def _wait(pred, timeout: float, what: str, log: Path) -> None:  # noqa: ANN001
+def _wait(pred, timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
@@ -103,7 +103,7 @@ def _play_envoy(d: Path) -> dict[str, int]:
 
 
 @pytest.fixture
-def running_agent(tmp_path: Path):  # noqa: ANN201
+def running_agent(tmp_path: Path):
     """The CA and the agent (as the launcher starts it), up to serving status, SDS and XDS; yields (pid, dir)."""
     d = tmp_path
     issuer, ca_port = Issuer(), free_port()
@@ -137,7 +137,7 @@ def running_agent(tmp_path: Path):  # noqa: ANN201
                 p.wait()
 
 
-def test_the_long_lived_agent_never_loads_tls_crypto_protobuf_or_prometheus(running_agent) -> None:  # noqa: ANN001
+def test_the_long_lived_agent_never_loads_tls_crypto_protobuf_or_prometheus(running_agent) -> None:
     pid, d = running_agent
     served = _play_envoy(d)
     assert served["sds"] == 2 and served["Cluster"] > 0 and served["Listener"] > 0, served

@@ -20,26 +20,26 @@ from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.identity import caclient
-from agent.xds import wire as xdswire
-from agent.xds.ads import SERVICE as ADS_SERVICE
-from agent.xds.ads import StandaloneADS
 from agent.config import ConfigError, Flags, build_config
-from agent.xds.wire import WireError
+from agent.identity import caclient
 from agent.identity.sds import SERVICE as SDS_SERVICE
 from agent.identity.sds import serve as serve_sds
 from agent.identity.secrets import SecretManager
+from agent.xds import wire as xdswire
+from agent.xds.ads import SERVICE as ADS_SERVICE
+from agent.xds.ads import StandaloneADS
+from agent.xds.wire import WireError
 from meshboot import constants as C
 from meshboot import pki
-from tests.agent.test_agent_servers import free_port, write_pair
 from testing.fuzzing import budget
+from tests.agent.test_agent_servers import free_port, write_pair
 
 pytestmark = pytest.mark.fuzz
 
 
 # ---- decoders -------------------------------------------------------------------------------------------------------
 
-def _ours(buf: bytes):  # noqa: ANN202
+def _ours(buf: bytes):
     t0 = time.monotonic()
     try:
         r = xdswire.decode_request(buf)
@@ -49,7 +49,7 @@ def _ours(buf: bytes):  # noqa: ANN202
     return r
 
 
-def _theirs(buf: bytes):  # noqa: ANN202
+def _theirs(buf: bytes):
     try:
         return discovery_pb2.DiscoveryRequest.FromString(buf)
     except DecodeError:
@@ -242,7 +242,7 @@ class Agent:
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def agent(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("fuzzagent")
     old = os.getcwd()
     os.chdir(d)

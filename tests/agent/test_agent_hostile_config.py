@@ -59,7 +59,7 @@ def test_metajson_that_cannot_be_parsed_is_skipped() -> None:
     """ISTIO_METAJSON_* is best effort in Istio too: bad JSON (even nested 100 000 deep) is skipped, not fatal."""
     cfg = cfg_of({"ISTIO_METAJSON_LABELS": DEEP_JSON, "ISTIO_METAJSON_X": '{"a": 1}'})
     meta = bootstrap.node_metadata(cfg)
-    assert meta["X"] == {"a": 1} and "LABELS" not in meta or isinstance(meta["LABELS"], dict)
+    assert (meta["X"] == {"a": 1} and "LABELS" not in meta) or isinstance(meta["LABELS"], dict)
 
 
 def test_bounds_are_yamlsafe_bounds_and_yaml_loads_only_for_yaml() -> None:

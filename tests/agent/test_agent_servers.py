@@ -22,9 +22,9 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from agent import httpio
 from agent.config import Flags, build_config
 from agent.envoy import Admin
-from agent.metrics import Metrics
 from agent.identity.sds import serve as serve_sds
 from agent.identity.secrets import SecretManager
+from agent.metrics import Metrics
 from agent.status import StatusServer
 from meshboot import constants as C
 from meshboot import pki
@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def filecert_cfg(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
+def filecert_cfg(tmp_path, monkeypatch):
     """A config in file-mounted mode, CWD = a pod-like temp dir."""
     monkeypatch.chdir(tmp_path)
     ca_key = pki.generate_key("ECDSA")
@@ -66,7 +66,7 @@ def filecert_cfg(tmp_path, monkeypatch):  # noqa: ANN001, ANN201
 class Stream:
     """An SDS stream whose responses are read in the background (cancelling a grpc read cancels the call)."""
 
-    def __init__(self, call) -> None:  # noqa: ANN001
+    def __init__(self, call) -> None:
         self.call, self.q = call, asyncio.Queue()
         self.task = asyncio.create_task(self._read())
 
@@ -77,10 +77,10 @@ class Stream:
         except grpc.aio.AioRpcError as e:
             self.q.put_nowait(e)
 
-    async def write(self, req) -> None:  # noqa: ANN001
+    async def write(self, req) -> None:
         await self.call.write(req)
 
-    async def next(self, timeout: float = 3.0):  # noqa: ANN201
+    async def next(self, timeout: float = 3.0):
         r = await asyncio.wait_for(self.q.get(), timeout)
         if isinstance(r, Exception):
             raise r
@@ -91,7 +91,7 @@ class Stream:
         self.task.cancel()
 
 
-def test_sds_protocol_over_unix_socket(filecert_cfg) -> None:  # noqa: ANN001
+def test_sds_protocol_over_unix_socket(filecert_cfg) -> None:
     cfg, ca, serial = filecert_cfg
 
     async def go() -> None:
@@ -148,7 +148,7 @@ def test_sds_protocol_over_unix_socket(filecert_cfg) -> None:  # noqa: ANN001
     asyncio.run(go())
 
 
-def test_sds_file_names_and_bad_files(filecert_cfg, tmp_path) -> None:  # noqa: ANN001
+def test_sds_file_names_and_bad_files(filecert_cfg, tmp_path) -> None:
     cfg, ca, _ = filecert_cfg
     cert, key, serial = write_pair(tmp_path / "gw", ca, "gw-", "spiffe://cluster.local/ns/default/sa/gw")
     other_cert, _, _ = write_pair(tmp_path / "gw", ca, "other-", "spiffe://cluster.local/ns/default/sa/o")
@@ -189,7 +189,7 @@ def test_sds_file_names_and_bad_files(filecert_cfg, tmp_path) -> None:  # noqa: 
 
 
 class _App(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body, code = {"/metrics": (b"# TYPE app_requests_total counter\napp_requests_total 7\n", 200),
                       "/healthy": (b"fine", 200), "/sick": (b"sick", 503)}.get(self.path, (b"?", 404))
         if self.path == "/moved":
@@ -223,7 +223,7 @@ async def _health_server(grpc_port: int) -> grpc.aio.Server:
     return srv
 
 
-def _probe_config(app_port: int, grpc_port: int):  # noqa: ANN202
+def _probe_config(app_port: int, grpc_port: int):
     """A config whose app probes hit the test app (HTTP, TCP, gRPC) and a closed port; CWD is a pod-like dir."""
     probers = {"/app-health/app/readyz": {"httpGet": {"path": "/healthy", "port": app_port}},
                "/app-health/app/livez": {"httpGet": {"path": "/sick", "port": app_port}},
@@ -242,7 +242,7 @@ def _probe_config(app_port: int, grpc_port: int):  # noqa: ANN202
     return build_config(Flags(), env, lambda p: None, os.path.exists, lambda n: None)
 
 
-async def _check_probes_and_metrics(get, app: http.server.ThreadingHTTPServer) -> None:  # noqa: ANN001
+async def _check_probes_and_metrics(get, app: http.server.ThreadingHTTPServer) -> None:
     r = await get("/healthz/ready")
     assert r.status == 503 and b"Envoy admin unreachable" in r.body
     assert (await get("/app-health/app/readyz")).status == 200
@@ -260,7 +260,7 @@ async def _check_probes_and_metrics(get, app: http.server.ThreadingHTTPServer) -
     assert fams["istio_agent_app_probes"].samples and "istio_agent_process_resident_memory_bytes" in fams
 
 
-def test_status_server_probes_metrics_and_quit(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_status_server_probes_metrics_and_quit(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
     app.peers = []  # type: ignore[attr-defined]
@@ -326,7 +326,7 @@ def test_wait_blocks_until_ready() -> None:
     state = {"n": 0}
 
     class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             state["n"] += 1
             self.send_response(200 if state["n"] >= 3 else 503)
             self.send_header("Content-Length", "0")

@@ -13,15 +13,15 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from testing.netns import Netns, pair
 from meshboot import constants as C
+from testing.netns import Netns, pair
 from tests.agent.pod import PY, REPO, Pod
 
 HERE = Path(__file__).resolve().parent
@@ -48,7 +48,7 @@ def pod_pair(root_required: None) -> Iterator[tuple[Pod, Netns]]:
             p.close()
 
 
-def wait_for(pred, timeout: float, what: str, period: float = 0.1):  # noqa: ANN001, ANN201
+def wait_for(pred, timeout: float, what: str, period: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()

@@ -1,7 +1,7 @@
 """A real CA (grpc.aio + TLS) in a background event loop, and an agent-like client for it."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

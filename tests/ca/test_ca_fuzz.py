@@ -8,7 +8,7 @@ import base64
 import functools
 import json
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -16,12 +16,11 @@ from cryptography import x509
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ca import ca_pb2
 from meshboot import constants as C
 from meshboot import pki
-from testing.fuzzing import budget
-from ca import ca_pb2
-
 from testing.ca_harness import CA, ME, PYTHON_WORDS, rsa_key_with_exponent
+from testing.fuzzing import budget
 
 pytestmark = pytest.mark.fuzz
 

@@ -10,9 +10,9 @@ import textwrap
 import time
 from pathlib import Path
 
+from meshboot import constants as C
 from testing.netns import Netns, wait_port
 from testing.tokens import Issuer
-from meshboot import constants as C
 
 REPO = Path(__file__).resolve().parents[2]
 

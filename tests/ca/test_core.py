@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from testing.tokens import Issuer
-from meshboot import constants as C
-from meshboot import pki
 from ca import config, metrics, signer, store, tokens
 from ca.signer import Code, Identity, Policy, Refused
+from meshboot import constants as C
+from meshboot import pki
+from testing.tokens import Issuer
 
 TD = "cluster.local"
 ALICE = Identity("ns-a", "alice")
@@ -161,7 +161,7 @@ def test_jwks_url_refreshed_on_unknown_kid(monkeypatch: pytest.MonkeyPatch) -> N
     served = {"doc": old.jwks(), "hits": 0}
 
     class H(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             served["hits"] += 1
             body = json.dumps(served["doc"]).encode()
             self.send_response(200)
@@ -192,7 +192,7 @@ def test_jwks_url_larger_than_bound_is_refused() -> None:
     body = json.dumps(Issuer().jwks()).encode() + b" " * (2 * tokens.MAX_JWKS_BYTES)
 
     class H(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

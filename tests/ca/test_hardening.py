@@ -6,21 +6,20 @@ import asyncio
 import base64
 import datetime as dt
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from testing.tokens import Issuer
-from meshboot import constants as C
-from meshboot import pki
 from ca import ca_pb2
 from ca.server import MAX_CONCURRENT_RPCS, CertificateService, new_grpc_server, serve
 from ca.signer import Identity, Policy
-
+from meshboot import constants as C
+from meshboot import pki
 from testing.ca_harness import CA, PYTHON_WORDS, TD, Loop, ca_config, csr_for, rsa_key_with_exponent
+from testing.tokens import Issuer
 
 
 def lifetime(chain: list[str]) -> dt.timedelta:
@@ -28,7 +27,7 @@ def lifetime(chain: list[str]) -> dt.timedelta:
     return leaf.not_valid_after_utc - pki.now()
 
 
-def refusal(fn) -> grpc.RpcError:   # noqa: ANN001 - any callable that must raise
+def refusal(fn) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         fn()
     details = err.value.details() or ""

@@ -5,23 +5,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
 from kubernetes import client
 
-from testing.fakekube import FakeKube, jwks_token_reviewer
-from testing.tokens import Issuer
-from meshboot import constants as C
-from meshboot import pki
 from ca import store
 from ca.publisher import RootCertPublisher
 from ca.server import serve
 from ca.signer import Code, Identity, Refused
 from ca.tokens import TokenReviewVerifier
-
+from meshboot import constants as C
+from meshboot import pki
 from testing.ca_harness import CA, Loop, ca_config, csr_for
+from testing.fakekube import FakeKube, jwks_token_reviewer
+from testing.tokens import Issuer
 
 CM = C.ROOT_CERT_CONFIGMAP
 

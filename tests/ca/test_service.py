@@ -12,11 +12,10 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import REGISTRY
 
-from testing.tokens import Issuer
 from meshboot import constants as C
 from meshboot import pki
-
 from testing.ca_harness import CA, ME, TD, Loop, csr_for
+from testing.tokens import Issuer
 
 
 def verify_chain(chain: list[str]) -> x509.Certificate:

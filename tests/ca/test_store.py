@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from testing.tokens import Issuer
-from meshboot import pki
 from ca import store
 from ca.server import serve
-
+from meshboot import pki
 from testing.ca_harness import CA, ME, Loop, ca_config, csr_for
+from testing.tokens import Issuer
 
 
 def plugin_layout(directory: Path, chain_file_has_root: bool = True) -> tuple[x509.Certificate, x509.Certificate]:
@@ -140,8 +139,8 @@ def test_concurrent_replicas_converge_on_one_secret_root() -> None:
 
     from kubernetes import client
 
-    from testing.fakekube import FakeKube
     from meshboot import constants as C
+    from testing.fakekube import FakeKube
 
     n = 4
     path = f"/api/v1/namespaces/istio-system/secrets/{C.CA_SECRET_NAME}"

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from testing.fakekube import FakeKube
-from testing.tokens import Issuer
+from ca import store, webhook_cert
+from ca.store import bundle_from_pems
 from meshboot import constants as C
 from meshboot import pki
 from meshboot.files import stamps
-from ca import store, webhook_cert
-from ca.store import bundle_from_pems
+from testing.fakekube import FakeKube
+from testing.tokens import Issuer
 
 ROOT = Path(__file__).resolve().parents[2]
 

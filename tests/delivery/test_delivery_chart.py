@@ -10,9 +10,18 @@ import kubernetes_validate
 import pytest
 import yaml
 from cryptography import x509
+from delivery_chart import (
+    CRD_KINDS,
+    KUBE_VERSIONS,
+    Rendered,
+    RenderError,
+    arg_map,
+    container_by_name,
+    lint,
+    render,
+    render_notes,
+)
 
-from delivery_chart import (CRD_KINDS, KUBE_VERSIONS, RenderError, Rendered, arg_map, container_by_name, lint, render,
-                            render_notes)
 from meshboot import constants as C
 from meshboot import pki
 

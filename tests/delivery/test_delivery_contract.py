@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
-
 from delivery_chart import Rendered, arg_map, container_by_name, render
 from delivery_dockerfile import parse, shell_commands
+
 from meshboot import constants as C
 
 ROOT = Path(__file__).resolve().parents[2]

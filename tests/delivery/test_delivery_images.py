@@ -16,10 +16,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from delivery_dockerfile import Dockerfile, copy_sources, ignored, parse, read_dockerignore, shell_commands
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from delivery_dockerfile import Dockerfile, copy_sources, ignored, parse, read_dockerignore, shell_commands
 from meshboot import constants as C
 
 ROOT = Path(__file__).resolve().parents[2]

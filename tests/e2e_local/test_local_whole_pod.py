@@ -6,13 +6,13 @@ runs once per module (about 10 s); each test checks one promise of the issue.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from e2e.local import observe, scenario
-from testing.netns import have_root
 from meshboot import constants as C
+from testing.netns import have_root
 
 PODS = ("pod-a", "pod-b")
 

@@ -4,6 +4,7 @@ flag sets (testdata/iptables/<case>.golden). A change to any rule shows up as a 
 from __future__ import annotations
 
 import shlex
+
 import pytest
 from init_helpers import DEFAULT_ARGS
 

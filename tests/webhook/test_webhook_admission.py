@@ -6,10 +6,10 @@ import json
 
 import jsonpatch
 import pytest
+from webhook_fixtures import hello_pod, review_body, settings, validate_pod
 
 from webhook.admission import parse_url_env, review
 from webhook.inject import inject_pod
-from webhook_fixtures import hello_pod, review_body, settings, validate_pod
 
 
 def decode_patch(resp: dict) -> list:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
-
 from test_webhook_server import Server
 
 BOUND = 1.0          # header, body and handshake bounds of the server under test

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from webhook_fixtures import env, names, validate_object, validate_pod
 
 from webhook.cli import main
-from webhook_fixtures import env, names, validate_object, validate_pod
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "webhook" / "samples" / "hello-deployment.yaml"

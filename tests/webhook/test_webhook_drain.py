@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from test_webhook_server import Server, post
 from webhook_fixtures import hello_pod, review_body
 

@@ -11,18 +11,19 @@ import copy
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonpatch
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from webhook_fixtures import hello_pod, review_body, settings
 
 from meshboot import constants as C
 from testing.fuzzing import budget
 from webhook.admission import MAX_RESPONSE_BYTES, ReplicaCache, review_bytes
-from webhook_fixtures import hello_pod, review_body, settings
 
 pytestmark = pytest.mark.fuzz
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import jsonpatch
 import pytest
+from webhook_fixtures import hello_pod, review_body, settings
 
 from webhook.admission import MAX_RESPONSE_BYTES, ReplicaCache, review_bytes
-from webhook_fixtures import hello_pod, review_body, settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PC = "proxy.istio.io/config"

@@ -5,12 +5,12 @@ import json
 
 import jsonpatch
 import pytest
+from webhook_fixtures import arg, env, hello_pod, named, names, settings, validate_pod
 
 from meshboot import constants as C
 from webhook.errors import InjectionError
 from webhook.inject import inject_pod
 from webhook.patch import make_patch
-from webhook_fixtures import arg, env, hello_pod, named, names, settings, validate_pod
 
 VOLUMES = ["workload-socket", "credential-socket", "workload-certs", "istio-envoy", "istio-data", "istio-podinfo",
            "istio-token", "istiod-ca-cert", "istio-ca-crl"]

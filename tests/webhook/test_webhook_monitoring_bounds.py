@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from testing.sockets import ask, drip, serve_in_thread, until_closed
 from meshboot.monitoring import MAX_HEAD, start_monitoring
+from testing.sockets import ask, drip, serve_in_thread, until_closed
 
 BOUND, SLACK, CAP = 1.0, 1.5, 4
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from webhook_fixtures import hello_pod, settings
 
 from webhook import policy as P
-from webhook_fixtures import hello_pod, settings
 
 
 def pod(labels: dict | None = None, annotations: dict | None = None, host_network: bool = False) -> dict:

@@ -30,18 +30,18 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from testing.fakekube import FakeKube
-from testing.tokens import Issuer
-from meshboot import constants as C
-from meshboot import pki
 from test_webhook_server import ROOT, free_port
 from webhook_fixtures import hello_pod, review_body
+
+from meshboot import constants as C
+from meshboot import pki
+from testing.fakekube import FakeKube
+from testing.tokens import Issuer
 
 HOST = f"{C.WEBHOOK_SERVICE}.{C.ISTIO_NAMESPACE}.svc"
 MWC = "meshboot-sidecar-injector"

@@ -10,17 +10,17 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import jsonpatch
 import pytest
-
-from testing.fakekube import FakeKube
-from meshboot import pki
-from webhook.inject import inject_pod
 from webhook_fixtures import hello_pod, review_body, settings, validate_pod
+
+from meshboot import pki
+from testing.fakekube import FakeKube
+from webhook.inject import inject_pod
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "meshboot-webhook.istio-system.svc"

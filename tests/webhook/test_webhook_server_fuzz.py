@@ -7,14 +7,13 @@ import re
 import socket
 import ssl
 import time
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from test_webhook_server import Server
+
 from testing.fuzzing import budget
 
 pytestmark = pytest.mark.fuzz
@@ -80,14 +79,14 @@ def _check(data: bytes, took: float) -> None:
 _token = st.text(st.sampled_from("abcxyzGETPOST/-_:;%?#=&. \t\x00\x7f\u00e9"), max_size=20)
 _line = st.one_of(
     st.just(b"GET /healthz HTTP/1.1\r\n"), st.just(b"POST /inject HTTP/1.1\r\n"),
-    st.builds(lambda m, p, v: f"{m} {p} {v}\r\n".encode("utf-8"), _token, _token,
+    st.builds(lambda m, p, v: f"{m} {p} {v}\r\n".encode(), _token, _token,
               st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2", "HTTP/9.9", ""])))
 _header = st.one_of(
     st.sampled_from([b"content-type: application/json\r\n", b"transfer-encoding: chunked\r\n",
                      b"content-length: 5\r\n", b"content-length: -1\r\n", b"content-length: 99999999999999999999\r\n",
                      b"content-length: \xd9\xa5\r\n", b"expect: 100-continue\r\n", b"connection: upgrade\r\n",
                      b"upgrade: websocket\r\n", b"host: localhost\r\n", b"x: " + b"a" * 9000 + b"\r\n"]),
-    st.builds(lambda k, v: f"{k}: {v}\r\n".encode("utf-8"), _token, _token))
+    st.builds(lambda k, v: f"{k}: {v}\r\n".encode(), _token, _token))
 _request = st.builds(lambda line, headers, tail: line + b"".join(headers) + tail,
                      _line, st.lists(_header, max_size=6),
                      st.sampled_from([b"\r\n", b"\r\n{}", b"\r\n0\r\n\r\n", b"\r\n5\r\nhello\r\n0\r\n\r\n", b""]))

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from cryptography import x509
+from test_webhook_server import Server
 
 from meshboot import pki
-from test_webhook_server import Server
 
 
 def _pair(name: str) -> tuple[bytes, bytes, bytes, int]:
