@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -28,9 +32,9 @@ class _Metric:
 
     def __init__(self, name: str, doc: str, labelnames: tuple[str, ...] = ()) -> None:
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
-        self._children: dict[tuple[str, ...], _Metric] = {}
+        self._children: dict[tuple[str, ...], Self] = {}
 
-    def labels(self, *values: str) -> _Metric:
+    def labels(self, *values: str) -> Self:
         key = tuple(str(v) for v in values)
         if len(key) != len(self.labelnames):
             raise ValueError(f"{self.name}: want labels {self.labelnames}, got {key}")
@@ -39,7 +43,7 @@ class _Metric:
             child = self._children[key] = self._child()
         return child
 
-    def _child(self) -> _Metric:
+    def _child(self) -> Self:
         return type(self)(self.name, self.doc)
 
     def _lines(self, labels: str) -> list[str]:
@@ -51,7 +55,7 @@ class _Metric:
         if not self.labelnames:
             out += self._lines("")
         for key, child in sorted(self._children.items()):
-            out += child._lines(",".join(f'{n}="{_esc(v)}"' for n, v in zip(self.labelnames, key)))
+            out += child._lines(",".join(f'{n}="{_esc(v)}"' for n, v in zip(self.labelnames, key, strict=True)))
         return "\n".join(out) + "\n"
 
 
@@ -94,12 +98,12 @@ class Histogram(_Metric):
     def __init__(self, name: str, doc: str, labelnames: tuple[str, ...] = (),
                  buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
         super().__init__(name, doc, labelnames)
-        self.buckets = tuple(sorted(buckets)) + (math.inf,)
+        self.buckets = (*sorted(buckets), math.inf)
         self.counts = [0] * len(self.buckets)
         self.sum = 0.0
 
-    def _child(self) -> _Metric:
-        return Histogram(self.name, self.doc, (), self.buckets[:-1])
+    def _child(self) -> Self:
+        return type(self)(self.name, self.doc, (), self.buckets[:-1])
 
     def observe(self, v: float) -> None:
         self.sum += v
@@ -111,11 +115,11 @@ class Histogram(_Metric):
     def _lines(self, labels: str) -> list[str]:
         sep = "," if labels else ""
         out, acc = [], 0
-        for b, c in zip(self.buckets, self.counts):
+        for b, c in zip(self.buckets, self.counts, strict=True):
             acc += c
             out.append(f'{self.name}_bucket{{{labels}{sep}le="{_fmt(b)}"}} {_fmt(acc)}')
         lb = f"{{{labels}}}" if labels else ""
-        return out + [f"{self.name}_count{lb} {_fmt(acc)}", f"{self.name}_sum{lb} {_fmt(self.sum)}"]
+        return [*out, f"{self.name}_count{lb} {_fmt(acc)}", f"{self.name}_sum{lb} {_fmt(self.sum)}"]
 
 
 def _process_lines(prefix: str) -> str:

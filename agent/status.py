@@ -10,6 +10,7 @@ import ipaddress
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from meshboot import constants as C
 
@@ -17,6 +18,9 @@ from . import httpio, probes
 from .config import AgentConfig
 from .envoy import Admin
 from .log import Log
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = Log("healthcheck")
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,7 +34,7 @@ def _is_loopback(addr: str) -> bool:
 
 
 class StatusServer:
-    def __init__(self, cfg: AgentConfig, admin: Admin, metrics: object, *,
+    def __init__(self, cfg: AgentConfig, admin: Admin, metrics: Metrics, *,
                  on_quit: Callable[[], None], on_drain: Callable[[], Awaitable[None]],
                  extra_ready: Callable[[], str] = lambda: "", started: float | None = None) -> None:
         self.cfg = cfg
@@ -73,7 +77,7 @@ class StatusServer:
             if st.live and not self._live_ok:
                 self._live_ok = True
                 took = time.monotonic() - self._started
-                self.metrics.startup.set(took)  # type: ignore[attr-defined]
+                self.metrics.startup.set(took)
                 log.info("Envoy is ready", startup=f"{took:.3f}s")
             if not self._live_ok:
                 return st.reason()
@@ -98,7 +102,7 @@ class StatusServer:
             if dest == "localhost":
                 dest = "127.0.0.1"
             r = await probes.run(probe, dest, req.headers, self.cfg.status_port)
-            self.metrics.app_probes.labels(p, str(r.status)).inc()  # type: ignore[attr-defined]
+            self.metrics.app_probes.labels(p, str(r.status)).inc()
             return r
         if p in (C.PROMETHEUS_STATS_PATH, "/metrics"):
             if self.cfg.metrics_localhost_only and not _is_loopback(req.peer):
@@ -119,8 +123,8 @@ class StatusServer:
     # -- metrics --
     async def merged_metrics(self, req: httpio.Request) -> httpio.Response:
         m = self.metrics
-        m.scrapes.inc()  # type: ignore[attr-defined]
-        parts: list[bytes] = [m.render()]  # type: ignore[attr-defined]
+        m.scrapes.inc()
+        parts: list[bytes] = [m.render()]
         timeout = float(req.headers.get("x-prometheus-scrape-timeout-seconds") or 5)
         hdrs = {"Accept": "text/plain", "X-Prometheus-Scrape-Timeout-Seconds": str(timeout)}
 
@@ -132,7 +136,7 @@ class StatusServer:
                     raise OSError(f"HTTP {r.status}")
                 return r.body
             except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as e:
-                m.scrape_failures.labels(target).inc()  # type: ignore[attr-defined]
+                m.scrape_failures.labels(target).inc()
                 log.debug("scrape failed", target=target, error=str(e))
                 return b""
 

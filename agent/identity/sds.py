@@ -13,6 +13,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -22,6 +23,9 @@ from .. import uds
 from ..log import Log
 from ..xds import rules, wire
 from .secrets import RootSecret, SecretError, SecretManager, TlsSecret
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = Log("sds")
 SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
@@ -35,7 +39,7 @@ def encode_secret(name: str, value: TlsSecret | RootSecret) -> bytes:
 
 
 class SDSService:
-    def __init__(self, secrets: SecretManager, metrics: object | None = None) -> None:
+    def __init__(self, secrets: SecretManager, metrics: Metrics | None = None) -> None:
         self.secrets = secrets
         self.metrics = metrics
 
@@ -93,7 +97,7 @@ class SDSService:
                 pushed = {nonce: (time.monotonic(), send)}
                 if self.metrics is not None:
                     for n in send:
-                        self.metrics.sds_pushes.labels(n).inc()  # type: ignore[attr-defined]
+                        self.metrics.sds_pushes.labels(n).inc()
                 log.info("secret pushed" if kind == "push" else "secret sent", names=",".join(send), version=version)
                 yield resp
         finally:
@@ -119,7 +123,7 @@ class SDSService:
         took = time.monotonic() - t_push
         if self.metrics is not None:
             for n in acked:
-                self.metrics.sds_ack.labels(n).observe(took)  # type: ignore[attr-defined]
+                self.metrics.sds_ack.labels(n).observe(took)
         log.debug("secret ACKed", names=",".join(acked), ms=f"{took * 1e3:.1f}")
 
     async def delta_secrets(self, request_iterator: AsyncIterator[bytes],
@@ -132,7 +136,7 @@ class SDSService:
         return b""  # pragma: no cover
 
 
-async def serve(path: str, secrets: SecretManager, metrics: object | None = None) -> grpc.aio.Server:
+async def serve(path: str, secrets: SecretManager, metrics: Metrics | None = None) -> grpc.aio.Server:
     """The SDS server listening on `path` (0666), started."""
     server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000)])
     server.add_generic_rpc_handlers((SDSService(secrets, metrics).handler(),))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,6 +19,9 @@ from ..config import AgentConfig
 from ..identity.caclient import call_metadata, read_token
 from ..log import Log
 from . import wire
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = Log("xdsproxy")
 
@@ -31,7 +35,7 @@ def forwardable(type_url: str) -> bool:
 
 
 class XdsProxy:
-    def __init__(self, cfg: AgentConfig, metrics: object | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self._current: asyncio.Event | None = None
@@ -71,7 +75,7 @@ class XdsProxy:
             try:
                 async for req in request_iterator:
                     if m is not None:
-                        m.xds_requests.inc()  # type: ignore[attr-defined]
+                        m.xds_requests.inc()
                     await call.write(req)
                 await call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
@@ -94,13 +98,13 @@ class XdsProxy:
                     log.error("dropping response of unknown type", type=type_url)
                     continue
                 if m is not None:
-                    m.xds_responses.inc()  # type: ignore[attr-defined]
+                    m.xds_responses.inc()
                 yield resp
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and mine.is_set():
                 return
             if m is not None:
-                m.xds_upstream_errors.inc()  # type: ignore[attr-defined]
+                m.xds_upstream_errors.inc()
             log.warn("upstream XDS stream ended", code=e.code().name, details=e.details())
             await context.abort(e.code(), f"upstream: {e.details()}")
         finally:
