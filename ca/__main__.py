@@ -6,12 +6,20 @@ import asyncio
 import gc
 import signal
 import sys
+from types import ModuleType
 
 from meshboot import constants as C
 from meshboot import logs
 from meshboot.monitoring import start_monitoring
 
 from .config import CAConfig, ConfigError, add_ca_arguments
+from .server import serve
+
+_uvloop: ModuleType | None
+try:  # what uvicorn runs the combined control plane on; grpc.aio is faster on it too
+    import uvloop as _uvloop
+except ImportError:  # an optional extra: asyncio's own loop then
+    _uvloop = None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,13 +33,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from .server import serve
     cfg = CAConfig.from_args(args)
     if cfg.port == 0:
         print("meshboot CA disabled (--ca-port 0)", flush=True)
         return 0
     running = await serve(cfg)
-    mon = await start_monitoring(args.ca_monitoring_address, args.ca_monitoring_port) if args.ca_monitoring_port else None
+    mon = None
+    if args.ca_monitoring_port:
+        mon = await start_monitoring(args.ca_monitoring_address, args.ca_monitoring_port)
     # Everything built so far lives as long as the process: keep it out of the cyclic GC's full collections.
     gc.collect()
     gc.freeze()
@@ -52,12 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level)          # the control plane's JSON-lines logging
     try:
-        import uvloop  # what uvicorn runs the combined control plane on; grpc.aio is faster on it too
-    except ImportError:
-        uvloop = None
-    try:
-        if uvloop is not None:
-            return uvloop.run(run(args))
+        if _uvloop is not None:
+            return _uvloop.run(run(args))
         return asyncio.run(run(args))
     except (ConfigError, ValueError, OSError) as e:
         print(f"meshboot CA: {e}", file=sys.stderr)

@@ -134,7 +134,8 @@ class CAConfig:
         names = _csv(args.ca_dns_names)
         if not names:
             raise ConfigError("--ca-dns-names: needs at least one name")
-        dns, ips = [], []
+        dns: list[str] = []
+        ips: list[str] = []
         for n in names:
             (ips if _is_ip(n) else dns).append(n)
         bad = [n for n in dns if not _DNS_NAME.fullmatch(n)]

@@ -10,8 +10,8 @@ class NoKubernetes(RuntimeError):
 
 def api_client() -> Any:
     """In-cluster configuration first (service-account token), then $KUBECONFIG / ~/.kube/config."""
-    from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
+    from kubernetes import client, config  # noqa: PLC0415 - kubernetes only when a flag needs the API
+    from kubernetes.config.config_exception import ConfigException  # noqa: PLC0415 - as above
 
     cfg = client.Configuration()
     try:
@@ -26,10 +26,10 @@ def api_client() -> Any:
 
 
 def core_v1(api: Any) -> Any:
-    from kubernetes import client
+    from kubernetes import client  # noqa: PLC0415 - kubernetes only when a flag needs the API
     return client.CoreV1Api(api)
 
 
 def authentication_v1(api: Any) -> Any:
-    from kubernetes import client
+    from kubernetes import client  # noqa: PLC0415 - kubernetes only when a flag needs the API
     return client.AuthenticationV1Api(api)

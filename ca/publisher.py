@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from meshboot import constants as C
@@ -53,7 +53,7 @@ class RootCertPublisher:
     # ---- one namespace ----------------------------------------------------------------------------------------
     def ensure(self, namespace: str) -> str:
         """Create or fix the ConfigMap in one namespace; returns what was done (created/updated/unchanged/...)."""
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415 - kubernetes only when publishing
         try:
             try:
                 cm = self.api.read_namespaced_config_map(C.ROOT_CERT_CONFIGMAP, namespace)
@@ -132,8 +132,8 @@ class RootCertPublisher:
                 log.warning("root ConfigMap watch failed; retrying", extra={"error": str(e)})
                 self._stop.wait(RETRY_SECONDS)
 
-    def _stream(self, func: Callable[..., Any], **kw: Any):
-        from kubernetes import watch
+    def _stream(self, func: Callable[..., Any], **kw: Any) -> Iterator[dict[str, Any]]:
+        from kubernetes import watch  # noqa: PLC0415 - kubernetes only when publishing
         w = watch.Watch()
         with self._lock:
             if self._stop.is_set():

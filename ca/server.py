@@ -22,6 +22,8 @@ from meshboot import pki
 
 from . import ca_pb2, metrics, store
 from .config import CAConfig
+from .kube import api_client as make_client
+from .kube import authentication_v1, core_v1
 from .publisher import RootCertPublisher
 from .signer import Authority, Code, Policy, Refused, sign
 from .tokens import Authenticator, Chain, LocalVerifier, TokenReviewVerifier, bearer_token
@@ -127,7 +129,9 @@ class ServingCert:
             self.pair = self._issue()
             log.info("CA serving certificate renewed")
             return grpc.ssl_server_certificate_configuration([self.pair])
-        return grpc.dynamic_ssl_server_credentials(grpc.ssl_server_certificate_configuration([self.pair]), fetch)
+        # grpc's fetcher may return None (keep the current certificate); grpc-stubs' Callable does not allow it.
+        return grpc.dynamic_ssl_server_credentials(grpc.ssl_server_certificate_configuration([self.pair]),
+                                                   fetch)  # type: ignore[arg-type]  # see the line above
 
 
 @dataclass
@@ -168,7 +172,6 @@ def load_authority(cfg: CAConfig, api_client: Any) -> store.Loaded:
         if loaded is not None:
             return loaded
     if cfg.ca_secret:
-        from .kube import core_v1
         return store.load_or_create_secret(core_v1(api_client), cfg.ca_namespace, cfg.ca_secret, cfg.ca_key_type,
                                            cfg.trust_domain)
     return store.load_or_create_dir(cfg.ca_dir, cfg.ca_key_type, cfg.trust_domain)
@@ -179,7 +182,6 @@ def build_authenticator(cfg: CAConfig, api_client: Any) -> Authenticator:
     if cfg.jwks or cfg.issuer_pem:
         verifiers.append(LocalVerifier(cfg.audiences, cfg.issuer, cfg.jwks, cfg.issuer_pem))
     if cfg.token_review:
-        from .kube import authentication_v1
         verifiers.append(TokenReviewVerifier(authentication_v1(api_client), cfg.audiences))
     return verifiers[0] if len(verifiers) == 1 else Chain(verifiers)
 
@@ -213,7 +215,6 @@ def new_grpc_server() -> grpc.aio.Server:
 async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
     """Start the CA in the running loop; `cfg.port` 0 binds an ephemeral port (the CLI maps 0 to "disabled")."""
     if api_client is None and cfg.uses_kubernetes:
-        from .kube import api_client as make_client
         api_client = await asyncio.to_thread(make_client)
     loaded = await asyncio.to_thread(load_authority, cfg, api_client)
     authority = loaded.authority
@@ -235,7 +236,6 @@ async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
     metrics.expose(authority)
     running.tasks.append(asyncio.create_task(_watch_expiry(authority, policy)))
     if cfg.publish_root_cert:
-        from .kube import core_v1
         running.publisher = RootCertPublisher(core_v1(api_client), authority.root_pem)
         running.publisher.start()
     log.info("CA serving", extra={"address": f"{host}:{port}", "source": loaded.source,

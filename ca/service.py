@@ -33,5 +33,5 @@ async def start_ca(args: argparse.Namespace) -> Callable[[], Awaitable[None]]:
     if cfg.port == 0:
         log.info("CA disabled (--ca-port 0)")
         return _disabled
-    from .server import serve
+    from .server import serve  # noqa: PLC0415 - grpc loads only when the CA starts (see above)
     return await serve(cfg)

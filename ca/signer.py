@@ -85,7 +85,7 @@ class Authority:
             ups.insert(0, self.cert)
         object.__setattr__(self, "intermediates", tuple(ups))
         object.__setattr__(self, "root_pem", pki.cert_pem(self.root).decode())
-        object.__setattr__(self, "chain_pems", tuple(pki.cert_pem(c).decode() for c in ups) + (self.root_pem,))
+        object.__setattr__(self, "chain_pems", (*(pki.cert_pem(c).decode() for c in ups), self.root_pem))
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,9 @@ def parse_csr(csr_pem: str) -> x509.CertificateSigningRequest:
     return csr
 
 
-def check_key(public_key: object) -> None:
-    """RSA 2048-8192 bits, or ECDSA on P-256/P-384; anything else is refused as weak or unsupported."""
+def check_key(public_key: object) -> pki.PublicKey:
+    """RSA 2048-8192 bits, or ECDSA on P-256/P-384 (returned as such); anything else is refused as weak or
+    unsupported."""
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < MIN_RSA_BITS:
             raise Refused(Code.INVALID_ARGUMENT,
@@ -157,13 +158,13 @@ def check_key(public_key: object) -> None:
         if e < 3 or e % 2 == 0:
             raise _invalid(f"unsupported key: RSA public exponent {e} must be odd and at least 3 (use 65537)",
                            "weak_key")
-        return
+        return public_key
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         if public_key.curve.name not in ALLOWED_CURVES:
             raise Refused(Code.INVALID_ARGUMENT,
                           f"unsupported key: ECDSA curve {public_key.curve.name}, allowed are P-256 and P-384",
                           "weak_key")
-        return
+        return public_key
     kind = next((n for n in ("Ed25519", "Ed448", "DSA", "X25519", "X448") if n in type(public_key).__name__),
                 "unknown")
     raise _invalid(f"unsupported key type {kind}: use RSA (>= 2048) or ECDSA P-256/P-384", "weak_key")
@@ -249,6 +250,6 @@ def sign(authority: Authority, policy: Policy, identity: Identity, csr_pem: str,
     ttl = lifetime(requested_seconds, policy)
     check_room(authority, policy, ttl, pki.now())
     ttl = min(ttl, authority.not_after - pki.now())        # pki.issue_leaf caps at the signing cert only
-    leaf = pki.issue_leaf(authority.cert, authority.key, csr.public_key(),  # type: ignore[arg-type]
-                          ttl, uris=(spiffe,))
+    public_key = check_key(csr.public_key())          # parse_csr checked it already: this only narrows its type
+    leaf = pki.issue_leaf(authority.cert, authority.key, public_key, ttl, uris=(spiffe,))
     return [pki.cert_pem(leaf).decode(), *authority.chain_pems]

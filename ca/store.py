@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def bundle_from_pems(files: Mapping[str, bytes], where: str) -> Authority:
         raise CABundleError(f"{where}/{C.CA_CERT_FILE}: expired at {cert.not_valid_after_utc.isoformat()}")
     # Walk up from the signing cert through cert-chain.pem to one of the roots.
     path = [cert] + [c for c in chain if c != cert]
-    for child, parent in zip(path, path[1:]):
+    for child, parent in itertools.pairwise(path):
         if not _issued_by(child, parent):
             raise CABundleError(f"{where}/{C.CA_CHAIN_FILE}: {child.subject.rfc4514_string()} is not signed by the "
                                 f"next certificate {parent.subject.rfc4514_string()}")
@@ -152,7 +153,7 @@ def load_or_create_secret(core_v1: Any, namespace: str, name: str, key_type: str
 
     Two replicas starting together race on the create; the loser (409 Conflict) reads the winner's Secret.
     """
-    from kubernetes.client.exceptions import ApiException
+    from kubernetes.client.exceptions import ApiException  # noqa: PLC0415 - kubernetes only for --ca-secret
 
     where = f"secret {namespace}/{name}"
     try:

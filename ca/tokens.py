@@ -18,13 +18,17 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .signer import Code, Identity, Refused
+
+if TYPE_CHECKING:
+    from jwt.types import Options  # PyJWT >= 2.10; only the type checker reads it
 
 log = logging.getLogger("meshboot.ca")
 
@@ -126,7 +130,6 @@ def keyset_from_jwks(doc: dict[str, Any], where: str) -> KeySet:
 
 def keyset_from_pem(data: bytes, where: str) -> KeySet:
     """Every public key (or certificate's key) in a PEM file, like the API server's --service-account-key-file."""
-    from cryptography import x509
     out = KeySet()
     for block in data.split(b"-----END ")[:-1]:
         start = block.rfind(b"-----BEGIN ")
@@ -190,12 +193,12 @@ def verify_token(token: str, keys: KeySet, audiences: Sequence[str], issuer: str
                       "token_unknown_key")
     else:
         candidates = keys.anonymous or list(keys.by_kid.values())
-    options = {"require": ["exp"], "verify_aud": True}
+    options: Options = {"require": ["exp"], "verify_aud": True}
     claims: dict[str, Any] | None = None
     for key in [k for k in candidates if _fits(alg, k)]:
         try:
             claims = jwt.decode(token, key, algorithms=[alg], audience=list(audiences), issuer=issuer or None,
-                                leeway=LEEWAY_SECONDS, options=options)  # type: ignore[arg-type]
+                                leeway=LEEWAY_SECONDS, options=options)
             break
         except jwt.InvalidSignatureError:
             continue
@@ -325,7 +328,7 @@ class TokenReviewVerifier:
         self._inflight: dict[str, asyncio.Future[Identity]] = {}
 
     def review(self, token: str) -> Identity:
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415 - kubernetes only for --token-review
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": list(self.audiences)}}
         try:

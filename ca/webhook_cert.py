@@ -31,6 +31,7 @@ from meshboot.durations import parse_duration
 from meshboot.files import write_atomic
 
 from .config import CAConfig, ConfigError
+from .kube import api_client as make_client
 from .signer import Authority
 
 log = logging.getLogger("meshboot.webhook")
@@ -92,9 +93,9 @@ def write_pair(directory: Path, cert_pem: bytes, key_pem: bytes) -> tuple[str, s
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    data = directory / "..data"
-    previous = os.readlink(data) if data.is_symlink() else None
-    _symlink_atomic(version.name, data)
+    data_link = directory / "..data"
+    previous = os.readlink(data_link) if data_link.is_symlink() else None
+    _symlink_atomic(version.name, data_link)
     for name in (CERT_FILE, KEY_FILE):
         link = directory / name
         if not (link.is_symlink() and os.readlink(link) == f"..data/{name}"):
@@ -187,9 +188,8 @@ def prepare(args: argparse.Namespace, directory: str) -> MeshServingCert:
                           "use --serving-cert=self-signed or --tls-cert/--tls-key")
     api_client = None
     if cfg.ca_secret or os.environ.get("KUBERNETES_SERVICE_HOST"):
-        from .kube import api_client as make_client
         api_client = make_client()
-    from .server import load_authority
+    from .server import load_authority  # noqa: PLC0415 - grpc (the CA server) only for --serving-cert=mesh-ca
     try:
         loaded = load_authority(cfg, api_client)
     except Exception as e:
