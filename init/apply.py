@@ -103,7 +103,7 @@ def decide(cfg: CaptureConfig, plan: Plan, log: Logger) -> list[Action]:
 def _unmatched(rules: list[Rule], live: LiveState, family: int) -> list[Rule]:
     """The rules whose `iptables-save` form (init/canon.py) is not in the live save, each live rule matching one
     planned rule at most. One save answers for thousands of rules; only these need asking the kernel."""
-    from .canon import canonical
+    from .canon import canonical  # noqa: PLC0415 - only a rerun compares against the save
 
     have: dict[tuple[str, str, str], int] = {}
     for t in live.tables.values():
@@ -129,7 +129,7 @@ def _present(b: B.Backend, rules: list[Rule], live: LiveState) -> list[Rule]:
     """The rules the kernel holds: found in the save, or (the rest) confirmed by a batched -C."""
     unknown = _unmatched(rules, live, b.family)
     held = B.check_all(b, [r.check_args() for r in unknown])
-    absent = {id(r) for r, ok in zip(unknown, held) if not ok}
+    absent = {id(r) for r, ok in zip(unknown, held, strict=True) if not ok}
     return [r for r in rules if id(r) not in absent]
 
 
@@ -138,7 +138,7 @@ def _missing(b: B.Backend, planned: RuleSet, live: LiveState) -> list[str]:
     command runs at all."""
     unknown = _unmatched(planned.rules, live, b.family)
     held = B.check_all(b, [r.check_args() for r in unknown], max_missing=MAX_REPORTED)
-    out = [f"rule missing: -t {r.table} {r.restore_line()}" for r, ok in zip(unknown, held) if not ok]
+    out = [f"rule missing: -t {r.table} {r.restore_line()}" for r, ok in zip(unknown, held, strict=True) if not ok]
     return out + (["(more may differ)"] if len(out) >= MAX_REPORTED else [])
 
 

@@ -6,7 +6,10 @@ so the common nft case runs no probe command. Usability is proven by the state c
 """
 from __future__ import annotations
 
+import _socket  # see netinfo: the C module is enough for one netlink dump
 import os
+import select
+import struct
 import time
 
 from .record import Record
@@ -65,11 +68,10 @@ def _run(argv: list[str], stdin: str | None = None, timeout: float = 60) -> Resu
     path = argv[0] if "/" in argv[0] else which(argv[0])
     if path is None:
         return Result(argv, 127, "", f"{argv[0]}: not found on PATH")
-    import select
-
     pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
     (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
-    actions = [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    actions: list[tuple[int, ...]] = [
+        (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     actions += [(os.POSIX_SPAWN_CLOSE, fd) for pair in pipes for fd in pair]
     try:
         pid = os.posix_spawn(path, argv, os.environ, file_actions=actions)
@@ -95,7 +97,7 @@ def _run(argv: list[str], stdin: str | None = None, timeout: float = 60) -> Resu
         if left <= 0:
             os.kill(pid, 9)
             break
-        for fd, ev in poller.poll(left * 1000):
+        for fd, _ev in poller.poll(left * 1000):
             if fd == in_w:
                 try:
                     n = os.write(in_w, data[:65536])
@@ -136,9 +138,6 @@ def legacy_has_tables(family: int) -> bool:
 def nft_tables(family: int) -> set[str] | None:
     """Names of the nf_tables tables of this family in this netns, by one netlink dump (no subprocess);
     None if netlink cannot tell. An empty set means iptables-nft has nothing here: the state check is trivial."""
-    import _socket  # see netinfo: the C module is enough for one netlink dump
-    import struct
-
     nfproto = 2 if family == V4 else 10
     msg_type = (10 << 8) | 1          # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
     req = struct.pack("=IHHII", 20, msg_type, 0x301, 1, 0) + struct.pack("=BBH", nfproto, 0, 0)

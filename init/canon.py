@@ -52,7 +52,7 @@ def _hex(value: str) -> str:
 def _gid(name: str) -> str:
     if name.isascii() and name.isdigit():
         return name
-    import grp
+    import grp  # noqa: PLC0415 - only for group names, not gids (start-up time)
 
     try:
         return str(grp.getgrnam(name).gr_gid)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warn("ignoring positional arguments", count=len(parsed.extra_args),
                  args=shown if len(shown) <= 200 else shown[:200] + "...")
 
-    from . import netinfo
+    from . import netinfo  # noqa: PLC0415 - not needed for --help or a usage error (start-up time)
 
     values = parsed.values
     resolv = None
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in cfg.warnings:
         log.warn(w)
 
-    from . import rules
+    from . import rules  # noqa: PLC0415 - not needed for --help or a usage error (start-up time)
 
     plan = rules.build(cfg)
     if cfg.dry_run:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if code != EXIT_OK:
             return code
     if cfg.run_validation:
-        from .validation import validate
+        from .validation import validate  # noqa: PLC0415 - only with --run-validation: socket, threading
 
         if not validate(cfg, log):
             return EXIT_VALIDATION
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _apply(cfg: CaptureConfig, plan: Plan, log: Logger) -> int:
     """Apply the rules and routes while holding the network namespace's lock (init/lock.py: concurrent runs)."""
-    from . import lock
+    from . import lock  # noqa: PLC0415 - only when applying, not on --dry-run
 
     try:
         held = lock.acquire()
@@ -132,7 +132,7 @@ def _apply(cfg: CaptureConfig, plan: Plan, log: Logger) -> int:
 
 
 def _apply_locked(cfg: CaptureConfig, plan: Plan, log: Logger) -> int:
-    from . import apply, backend
+    from . import apply, backend  # noqa: PLC0415 - only when applying, not on --dry-run
 
     try:
         apply.apply_plan(cfg, plan, log)
@@ -141,14 +141,14 @@ def _apply_locked(cfg: CaptureConfig, plan: Plan, log: Logger) -> int:
         return EXIT_ERROR
     if cfg.cleanup_only:
         return EXIT_OK
-    from . import netinfo
+    from . import netinfo  # noqa: PLC0415 - see main (start-up time)
 
     try:
         if cfg.enable_ipv6:
             netinfo.add_lo_ipv6_passthrough()
         if cfg.tproxy and cfg.inbound_ports:
             netinfo.setup_tproxy_routes(int(cfg.tproxy_mark), int(cfg.tproxy_route_table), cfg.enable_ipv6)
-    except Exception as e:  # netlink errors: report them as one line, like any other apply failure
+    except Exception as e:  # noqa: BLE001 - netlink errors: reported as one line, like any other apply failure
         log.error(f"failed to configure routes for capture: {e}")
         return EXIT_ERROR
     return EXIT_OK

@@ -5,14 +5,14 @@ the flag rather than with an iptables-restore error about line 7.
 """
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
 from meshboot import constants as C
 from meshboot.syntax import interface_name_error, is_ascii_digits
 
 from .record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 REDIRECT, TPROXY = "REDIRECT", "TPROXY"
 LAYOUT_CLASSIC, LAYOUT_CURRENT = "classic", "current"
@@ -185,7 +185,7 @@ def _group_exists(name: str) -> bool:
           and all(c.isalnum() or c in "._-" for c in name))
     if not ok:
         return False
-    import grp
+    import grp  # noqa: PLC0415 - only for group names, not gids (start-up time)
 
     try:
         grp.getgrnam(name)
@@ -208,7 +208,7 @@ def parse_cidrs(flag: str, value: str) -> tuple[tuple[str, ...], tuple[str, ...]
     items = _items(flag, value)
     if not items:
         return (), (), False
-    import ipaddress  # only when there are CIDRs: keeps the default path's imports small
+    import ipaddress  # noqa: PLC0415 - only when there are CIDRs: keeps the default path's imports small
 
     v4: list[str] = []
     v6: list[str] = []
@@ -241,7 +241,7 @@ def parse_cidrs(flag: str, value: str) -> tuple[tuple[str, ...], tuple[str, ...]
 
 def parse_resolv_conf(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The nameservers of /etc/resolv.conf split into v4 and v6, canonical; non-IP entries dropped."""
-    import ipaddress
+    import ipaddress  # noqa: PLC0415 - only with DNS capture (start-up time)
 
     v4: list[str] = []
     v6: list[str] = []
@@ -272,7 +272,7 @@ def resolve_uid(value: str, env: Mapping[str, str]) -> str:
     """-u empty -> the UID of $ENVOY_USER (istio-proxy) if that user exists here, else 1337."""
     if value:
         return value
-    import pwd
+    import pwd  # noqa: PLC0415 - only when -u is empty (start-up time)
 
     try:
         return str(pwd.getpwnam(env.get(C.ENV_ENVOY_USER, C.PROXY_USER)).pw_uid)
@@ -291,7 +291,7 @@ def build_config(values: Mapping[str, object], env: Mapping[str, str], host: Hos
     enable_ipv6, host_ip = decide_ipv6(host.addresses, bool(v["dual_stack"]))
     for flag, names in (("-c/--istio-exclude-interfaces", fields["exclude_interfaces"]),
                         ("-k/--kube-virt-interfaces", fields["kube_virt_interfaces"])):
-        for name in names:
+        for name in names if isinstance(names, tuple) else ():  # always a tuple (_rule_fields); narrows `object`
             if host.interfaces and name not in host.interfaces:
                 warnings.append(f"{flag}: interface {name!r} does not exist (yet) in this network namespace")
     force = str(v["force_iptables_binary"])
@@ -307,8 +307,8 @@ def build_config(values: Mapping[str, object], env: Mapping[str, str], host: Hos
         dry_run=bool(v["dry_run"]),
         skip_rule_apply=bool(v["skip_rule_apply"]),
         run_validation=bool(v["run_validation"]),
-        probe_port=int(v["iptables_probe_port"]),  # type: ignore[call-overload]
-        probe_timeout=float(v["probe_timeout"]),  # type: ignore[arg-type]
+        probe_port=int(v["iptables_probe_port"]),  # type: ignore[call-overload]  # an int: flags.parse, UINT16
+        probe_timeout=float(v["probe_timeout"]),  # type: ignore[arg-type]  # a float: flags.parse, DURATION
         reconcile=bool(v["reconcile"]),
         cleanup_only=bool(v["cleanup_only"]),
         force_apply=bool(v["force_apply"]),

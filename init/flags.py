@@ -5,15 +5,15 @@ not an error (pflag stores the zero value), a malformed argv value is (FlagError
 """
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
 from meshboot import constants as C
 from meshboot.durations import parse_duration
 from meshboot.syntax import parse_go_bool, parse_port
 
 from .record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 BOOL, STR, UINT16, DURATION = "bool", "str", "uint16", "duration"
 
@@ -43,7 +43,8 @@ def _f(long: str, short: str | None, kind: str, default: object, help: str, *, e
 
 FLAGS: tuple[Flag, ...] = (
     _f("envoy-port", "p", STR, str(C.OUTBOUND_CAPTURE_PORT), "outbound redirect port (ISTIO_REDIRECT)", env=False),
-    _f("inbound-capture-port", "z", STR, str(C.INBOUND_CAPTURE_PORT), "inbound redirect port (ISTIO_IN_REDIRECT, TPROXY --on-port)"),
+    _f("inbound-capture-port", "z", STR, str(C.INBOUND_CAPTURE_PORT),
+       "inbound redirect port (ISTIO_IN_REDIRECT, TPROXY --on-port)"),
     _f("inbound-tunnel-port", "e", STR, str(C.INBOUND_TUNNEL_PORT), "HBONE port, never captured inbound"),
     _f("proxy-uid", "u", STR, "", "comma list of proxy UIDs whose traffic is not captured"),
     _f("proxy-gid", "g", STR, "", "comma list of proxy GIDs whose traffic is not captured"),
@@ -57,7 +58,8 @@ FLAGS: tuple[Flag, ...] = (
     _f("istio-local-outbound-ports-exclude", "o", STR, "", "outbound ports never captured (TCP and UDP)"),
     _f("kube-virt-interfaces", "k", STR, "", "interfaces whose incoming traffic is treated as outbound"),
     _f("istio-inbound-tproxy-mark", "t", STR, str(C.TPROXY_MARK), "TPROXY fwmark (decimal)"),
-    _f("istio-inbound-tproxy-route-table", "r", STR, str(C.TPROXY_ROUTE_TABLE), "TPROXY policy routing table (decimal)"),
+    _f("istio-inbound-tproxy-route-table", "r", STR, str(C.TPROXY_ROUTE_TABLE),
+       "TPROXY policy routing table (decimal)"),
     _f("dry-run", "n", BOOL, False, "print the iptables-restore input and change nothing"),
     _f("iptables-probe-port", None, UINT16, C.IPTABLES_PROBE_PORT, "original port dialled by the validation probe"),
     _f("probe-timeout", None, DURATION, 5.0, "validation probe timeout (Go duration)"),
@@ -136,16 +138,16 @@ def parse(argv: list[str], env: Mapping[str, str]) -> Parsed:
     """Defaults, then env (primary, then aliases), then argv. Raises FlagError naming the flag."""
     values: dict[str, object] = {}
     warnings: list[str] = []
-    for flag in FLAGS:
-        value = flag.default
-        for name in flag.env:
+    for spec in FLAGS:
+        value = spec.default
+        for name in spec.env:
             if name in env:
                 try:
-                    value = _convert(flag, env[name])
+                    value = _convert(spec, env[name])
                 except ValueError as e:
-                    value = _zero(flag)
+                    value = _zero(spec)
                     warnings.append(f"env {name}: {e}; using {value!r}")
-        values[flag.key] = value
+        values[spec.key] = value
 
     on_cli: set[str] = set()
     extra: list[str] = []

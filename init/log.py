@@ -7,11 +7,15 @@ from __future__ import annotations
 import sys
 import time
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import TextIO
+
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "fatal": 50, "none": 100}
 
 
 class Logger:
-    def __init__(self, level: str = "info", as_json: bool = False, stream=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, level: str = "info", as_json: bool = False, stream: TextIO | None = None) -> None:
         self.threshold = LEVELS.get(level, 20)
         self.as_json = as_json
         self.stream = stream
@@ -41,7 +45,7 @@ class Logger:
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
         if self.as_json:
-            import json
+            import json  # noqa: PLC0415 - only with --log_as_json (start-up time)
 
             line = json.dumps({"time": stamp, "level": level, "scope": "default", "msg": msg, **fields},
                               default=str)

@@ -7,6 +7,7 @@ the TPROXY policy routes) uses pyroute2, imported only when it is needed.
 from __future__ import annotations
 
 import _socket  # the C module: `socket` pulls in selectors & co (~1.5 ms of a ~15 ms budget); reads need no more
+import fcntl
 import struct
 
 from .config import HostInfo
@@ -20,8 +21,6 @@ def interfaces() -> list[str]:
 
 
 def _ipv4_of(fd: int, name: str) -> str | None:
-    import fcntl
-
     try:
         res = fcntl.ioctl(fd, SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
     except OSError:
@@ -70,8 +69,8 @@ def host_info() -> HostInfo:
 
 def add_lo_ipv6_passthrough(address: str = "::6") -> None:
     """Add ::6/128 to lo so the proxy can bind its inbound passthrough source (IPv6 has no 127/8 equivalent)."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2 import IPRoute  # noqa: PLC0415 - heavy, only with IPv6 capture
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 - as above
 
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
@@ -87,10 +86,10 @@ def setup_tproxy_routes(mark: int, table: int, ipv6: bool) -> None:
 
     An existing identical rule is left alone, so a rerun does not pile up duplicate rules.
     """
-    import socket
+    import socket  # noqa: PLC0415 - only with TPROXY (start-up time)
 
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2 import IPRoute  # noqa: PLC0415 - heavy, only with TPROXY
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 - as above
 
     families = [socket.AF_INET] + ([socket.AF_INET6] if ipv6 else [])
     with IPRoute() as ipr:

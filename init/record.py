@@ -6,21 +6,36 @@ Records compare and hash by value, print like dataclasses, and `replace()` retur
 """
 from __future__ import annotations
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Self, TypeVar
 
-class factory:  # noqa: N801 - reads like dataclasses.field(default_factory=...)
+    _T = TypeVar("_T")
+
+
+class _Factory:
     """A default made fresh for every instance."""
 
     __slots__ = ("make",)
 
-    def __init__(self, make) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, make: Callable[[], object]) -> None:
         self.make = make
+
+
+if TYPE_CHECKING:
+    def factory(make: Callable[[], _T]) -> _T:
+        """Typed like dataclasses.field(default_factory=...): the field's annotation is the made value's type."""
+        ...
+else:
+    factory = _Factory  # reads like dataclasses.field(default_factory=...)
 
 
 class Record:
     _fields: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kw: object) -> None:
-        super().__init_subclass__(**kw)  # type: ignore[arg-type]
+        super().__init_subclass__(**kw)
         names: list[str] = []
         for klass in reversed(cls.__mro__):
             for name in vars(klass).get("__annotations__", {}):
@@ -32,7 +47,7 @@ class Record:
         fields = self._fields
         if len(args) > len(fields):
             raise TypeError(f"{type(self).__name__}: too many arguments")
-        values = dict(zip(fields, args))
+        values = dict(zip(fields, args, strict=False))  # fewer args than fields: the rest by keyword or default
         for name, value in kw.items():
             if name not in fields:
                 raise TypeError(f"{type(self).__name__}: unexpected field {name!r}")
@@ -45,14 +60,14 @@ class Record:
                 if not hasattr(cls, name):
                     raise TypeError(f"{cls.__name__}: missing field {name!r}")
                 default = getattr(cls, name)
-                values[name] = default.make() if isinstance(default, factory) else default
+                values[name] = default.make() if isinstance(default, _Factory) else default
         self.__dict__.update(values)
 
     def _values(self) -> tuple[object, ...]:
         return tuple(self.__dict__[n] for n in self._fields)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined]
+        return isinstance(other, Record) and type(other) is type(self) and self._values() == other._values()
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self._values()))
@@ -61,7 +76,7 @@ class Record:
         body = ", ".join(f"{n}={self.__dict__[n]!r}" for n in self._fields)
         return f"{type(self).__name__}({body})"
 
-    def replace(self, **changes: object):  # type: ignore[no-untyped-def]
+    def replace(self, **changes: object) -> Self:
         values = {n: self.__dict__[n] for n in self._fields}
         values.update(changes)
         return type(self)(**values)

@@ -272,7 +272,8 @@ def _tproxy_marks(rs: RuleSet, cfg: CaptureConfig, lo: str, src6: str) -> None:
     rs.a(MANGLE, "OUTPUT", f"-p tcp -o lo -m mark --mark {mark} -j RETURN")
     for kind, ids in (("uid", cfg.proxy_uids), ("gid", cfg.proxy_gids)):
         for ident in ids:
-            rs.a(MANGLE, "OUTPUT", f"! -d {lo} -p tcp -o lo -m owner --{kind}-owner {ident} -j MARK --set-mark {lo_mark}")
+            rs.a(MANGLE, "OUTPUT",
+                 f"! -d {lo} -p tcp -o lo -m owner --{kind}-owner {ident} -j MARK --set-mark {lo_mark}")
     rs.a(MANGLE, "OUTPUT", f"-p tcp -m connmark --mark {mark} -j CONNMARK --restore-mark")
     rs.i(MANGLE, INBOUND, 1, f"-p tcp -m mark --mark {mark} -j RETURN")
     rs.i(MANGLE, INBOUND, 2, f"-p tcp -s {src6} -i lo -j RETURN")

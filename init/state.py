@@ -9,6 +9,13 @@ from __future__ import annotations
 from .record import Record, factory
 from .rules import BUILTIN, TABLE_ORDER, Rule, RuleSet, is_istio_chain
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Hashable, Iterable
+    from typing import TypeVar
+
+    _K = TypeVar("_K", bound=Hashable)
+
 CHECKED_TABLES = frozenset(TABLE_ORDER)
 
 
@@ -88,13 +95,14 @@ def structural_drift(planned: RuleSet, live: LiveState, table: str | None = None
     for key in sorted(want.keys() & have.keys()):
         if want[key] != have[key]:
             diffs.append(f"chain {key[0]}/{key[1]} has {have[key]} rules, this configuration has {want[key]}")
-    want_jumps = _count((r.table, r.chain, r.target) for r in planned.rules if table in (None, r.table)
-                        and not is_istio_chain(r.chain) and r.target and is_istio_chain(r.target))
+    want_jumps: dict[tuple[str, str, str | None], int] = _count(
+        (r.table, r.chain, r.target) for r in planned.rules if table in (None, r.table)
+        and not is_istio_chain(r.chain) and r.target and is_istio_chain(r.target))
     have_jumps = _count((t, c, spec_target(spec.split())) for t, c, spec in live.jumps() if table in (None, t))
-    for key in sorted(want_jumps.keys() | have_jumps.keys(), key=str):
-        if want_jumps.get(key, 0) != have_jumps.get(key, 0):
-            diffs.append(f"{key[0]}/{key[1]} has {have_jumps.get(key, 0)} jumps to {key[2]}, "
-                         f"this configuration has {want_jumps.get(key, 0)}")
+    for jump in sorted(want_jumps.keys() | have_jumps.keys(), key=str):
+        if want_jumps.get(jump, 0) != have_jumps.get(jump, 0):
+            diffs.append(f"{jump[0]}/{jump[1]} has {have_jumps.get(jump, 0)} jumps to {jump[2]}, "
+                         f"this configuration has {want_jumps.get(jump, 0)}")
     return diffs
 
 
@@ -108,8 +116,8 @@ def is_partial_apply(planned: RuleSet, live: LiveState) -> bool:
     return bool(missing) and all(not structural_drift(planned, live, t) for t in footprint)
 
 
-def _count(items) -> dict:  # type: ignore[no-untyped-def]
-    out: dict = {}
+def _count(items: Iterable[_K]) -> dict[_K, int]:
+    out: dict[_K, int] = {}
     for item in items:
         out[item] = out.get(item, 0) + 1
     return out
