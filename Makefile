@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test fuzz e2e bench sysdeps venv clean
+.PHONY: demo test lint fuzz e2e bench sysdeps venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ sysdeps:
 
 demo: sysdeps $(STAMP)
 	$(PY) -m e2e.local.demo
+
+# ruff and mypy as configured in pyproject.toml (tests/ and bench/ are ruff-only).
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: sysdeps $(STAMP)
 	$(PY) -m pytest -q tests
