@@ -46,7 +46,11 @@ def prometheus_text() -> tuple[str, bytes] | None:
     """The default Prometheus registry in the text format; None where prometheus_client is not installed (the agent
     image: imported here only on a scrape, so meshboot/ itself needs nothing beyond the stdlib)."""
     try:
-        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+        from prometheus_client import (  # noqa: PLC0415 - optional; the agent must not load it
+            CONTENT_TYPE_LATEST,
+            REGISTRY,
+            generate_latest,
+        )
     except ImportError:
         return None
     return CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
@@ -108,7 +112,7 @@ async def _serve_one(reader: asyncio.StreamReader, ready: Callable[[], bool], he
         return _response("431 Request Header Fields Too Large", "text/plain",
                          f"request head larger than {MAX_HEAD} bytes\n".encode())
     except TimeoutError:
-        if progress[0] or getattr(reader, "_buffer", b""):  # part of a head came (or half a line): say which bound
+        if progress[0] or getattr(reader, "_buffer", None):  # part of a head came (or half a line): say which bound
             return _response("408 Request Timeout", "text/plain",
                              f"request head not received within {header_timeout:g}s\n".encode())
         return b""

@@ -35,7 +35,7 @@ def generate_key(kind: KeyKind = "ECDSA", rsa_bits: int = 2048, curve: str = "P2
     return ec.generate_private_key(_CURVES[curve]())
 
 
-def signature_hash(key: PrivateKey | PublicKey) -> hashes.HashAlgorithm:
+def signature_hash(key: PrivateKey | PublicKey) -> hashes.SHA256 | hashes.SHA384:
     """SHA-384 for P-384 keys, SHA-256 otherwise (what Go's x509 picks, so signatures look like Istio's)."""
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and key.curve.key_size >= 384:
         return hashes.SHA384()
@@ -85,6 +85,11 @@ def _sans(uris: Iterable[str], dns_names: Iterable[str], ips: Iterable[str]) -> 
     return out
 
 
+def _authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    key = issuer.public_key()  # typed as any certificate key; an issuer's signs, so never X25519/X448
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(key)  # type: ignore[arg-type]  # see above
+
+
 def make_ca(common_name: str, key: PrivateKey, ttl: dt.timedelta = dt.timedelta(days=3650),
             organization: str = "cluster.local", issuer: tuple[x509.Certificate, PrivateKey] | None = None,
             path_length: int | None = None) -> x509.Certificate:
@@ -106,8 +111,7 @@ def make_ca(common_name: str, key: PrivateKey, ttl: dt.timedelta = dt.timedelta(
                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
     if issuer_cert:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()), critical=False)  # type: ignore[arg-type]
+        builder = builder.add_extension(_authority_key_id(issuer_cert), critical=False)
     return builder.sign(issuer_key, signature_hash(issuer_key))
 
 
@@ -136,8 +140,7 @@ def issue_leaf(ca_cert: x509.Certificate, ca_key: PrivateKey, public_key: Public
                                             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
-                              critical=False))
+               .add_extension(_authority_key_id(ca_cert), critical=False))
     if sans:
         # An empty subject requires the SAN to be critical (RFC 5280 4.2.1.6), as Istio's workload certs have it.
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=not common_name)
