@@ -11,6 +11,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from meshboot import constants as C
@@ -67,6 +68,7 @@ def parse_url_env(path: str) -> dict[str, str]:
     return env
 
 
+_orjson: ModuleType | None
 try:  # the webhook extra installs orjson; without it every document takes the json module's (slower) path
     import orjson as _orjson
 except ImportError:  # pragma: no cover
@@ -244,7 +246,7 @@ def _review(doc: Any, settings: Settings, path: str, fast: bool, shallow: bool =
         return Outcome(_response(FALLBACK_API_VERSION, None, False, message=msg), ERROR, msg)
     api_version = doc.get("apiVersion")
     api_ok = api_version in API_VERSIONS
-    out_version = api_version if api_ok else FALLBACK_API_VERSION
+    out_version = str(api_version) if api_ok else FALLBACK_API_VERSION   # api_ok: one of the strings
     request = doc.get("request")
     uid = request.get("uid") if isinstance(request, dict) and isinstance(request.get("uid"), str) else None
     long_uid = uid is not None and len(uid) > MAX_UID_CHARS
@@ -379,7 +381,7 @@ def review_bytes(body: bytes, settings: Settings, path: str = "/inject",
                 return template.replace(_UID_SLOT, json.dumps(uid).encode()), outcome
     outcome = _review(doc, settings, path, fast, _openers(body) <= MAX_BODY_DEPTH)
     payload = _encode(outcome.response)  # strings and booleans only
-    if key is not None and outcome.result != ERROR:
+    if cache is not None and key is not None and outcome.result != ERROR:   # a key only with a cache
         # The uid is the response's first field: mark it in the serialized answer for reuse.
         template = payload.replace(b'"uid":' + json.dumps(uid).encode(), b'"uid":' + _UID_SLOT, 1)
         if template != payload:

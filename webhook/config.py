@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -253,14 +253,17 @@ def _check(cond: bool, where: str, msg: str) -> None:
         raise ConfigError(f"{where}: {msg}")
 
 
+_KINDS: dict[type, str] = {dict: "mapping", list: "list"}
+
+
 def shown(value: Any, limit: int = 64) -> str:
     """A value as it may appear in a message: repr'd, cut to `limit` characters, so an echo stays small."""
-    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else "a " + {
-        dict: "mapping", list: "list"}.get(type(value), "value of another kind")
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else "a " + _KINDS.get(
+        type(value), "value of another kind")
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -279,19 +282,22 @@ def _coerce_bool(d: dict[str, Any], key: str, where: str) -> None:
     _check(isinstance(v, bool), f"{where}.{key}", f"want true or false, got {shown(v)}")
 
 
+def _mapping_at(v: Any, where: str) -> dict[str, Any]:
+    """`v`, which must be a mapping (YAML makes dicts)."""
+    _check(isinstance(v, Mapping), where, "want a mapping")
+    return v
+
+
 def _validate_values(values: dict[str, Any], src: str) -> None:
-    g = values.get("global")
-    _check(isinstance(g, Mapping), f"{src}: global", "want a mapping")
-    p = g.get("proxy")
-    _check(isinstance(p, Mapping), f"{src}: global.proxy", "want a mapping")
+    g = _mapping_at(values.get("global"), f"{src}: global")
+    p = _mapping_at(g.get("proxy"), f"{src}: global.proxy")
     for k in ("statusPort",):
         _coerce_int(p, k, f"{src}: global.proxy", 0, 65535)
     for k in ("readinessInitialDelaySeconds", "readinessPeriodSeconds", "readinessFailureThreshold"):
         _coerce_int(p, k, f"{src}: global.proxy")
     for k in ("privileged", "holdApplicationUntilProxyStarts"):
         _coerce_bool(p, k, f"{src}: global.proxy")
-    sp = p.get("startupProbe")
-    _check(isinstance(sp, Mapping), f"{src}: global.proxy.startupProbe", "want a mapping")
+    sp = _mapping_at(p.get("startupProbe"), f"{src}: global.proxy.startupProbe")
     _coerce_bool(sp, "enabled", f"{src}: global.proxy.startupProbe")
     _coerce_int(sp, "failureThreshold", f"{src}: global.proxy.startupProbe")
     _check(p.get("resources") is None or isinstance(p.get("resources"), Mapping),
@@ -304,8 +310,7 @@ def _validate_values(values: dict[str, Any], src: str) -> None:
         _check(isinstance(p.get(k), str) and p[k], f"{src}: global.proxy.{k}", "want a non-empty string")
         _check(isinstance(g["proxy_init"].get(k), str) and g["proxy_init"][k],
                f"{src}: global.proxy_init.{k}", "want a non-empty string")
-    sw = values.get("sidecarInjectorWebhook")
-    _check(isinstance(sw, Mapping), f"{src}: sidecarInjectorWebhook", "want a mapping")
+    sw = _mapping_at(values.get("sidecarInjectorWebhook"), f"{src}: sidecarInjectorWebhook")
     _coerce_bool(sw, "rewriteAppHTTPProbe", f"{src}: sidecarInjectorWebhook")
     _coerce_bool(sw, "enableNamespacesByDefault", f"{src}: sidecarInjectorWebhook")
 

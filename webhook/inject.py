@@ -283,7 +283,7 @@ def _proxy_security_context(annotations: Mapping[str, str], settings: Settings, 
 
 def _volume_mounts(annotations: Mapping[str, str], settings: Settings) -> list[dict[str, Any]]:
     istiod = settings.g.get("pilotCertProvider", "istiod") == "istiod"
-    m = [{"mountPath": C.MOUNT_WORKLOAD_SOCKET, "name": "workload-socket"},
+    m: list[dict[str, Any]] = [{"mountPath": C.MOUNT_WORKLOAD_SOCKET, "name": "workload-socket"},
          {"mountPath": C.MOUNT_CREDENTIAL_UDS, "name": "credential-socket"},
          {"mountPath": C.MOUNT_WORKLOAD_CERTS, "name": "workload-certs"}]
     if istiod:
@@ -649,12 +649,12 @@ def reorder_pod(spec: dict[str, Any], proxy: dict[str, Any], init: dict[str, Any
     Returns the injected names for the status annotation (init containers, containers)."""
     containers: list[dict[str, Any]] = spec["containers"]
     if ch.native:
-        spec["initContainers"] = ([init] if init else []) + [proxy] + inits
+        spec["initContainers"] = [*([init] if init else []), proxy, *inits]
         status_init = ([C.INIT_CONTAINER] if init else []) + [C.PROXY_CONTAINER]
         status_containers: list[str] | None = None
     else:
         spec["initContainers"] = inits + ([init] if init else [])
-        spec["containers"] = [proxy] + containers if ch.hold else containers + [proxy]
+        spec["containers"] = [proxy, *containers] if ch.hold else [*containers, proxy]
         status_init = [C.INIT_CONTAINER] if init else []
         status_containers = [C.PROXY_CONTAINER]
     if not spec["initContainers"]:

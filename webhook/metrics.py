@@ -18,6 +18,7 @@ LATENCY = Histogram(C.METRIC_INJECTION_TIME, "Time to decide, render and patch o
 CONFIG_RELOADS = Counter("meshboot_injector_config_reloads", "Injection config reloads, by result", ["result"])
 CERT_RELOADS = Counter("meshboot_webhook_cert_reloads", "Serving certificate reloads, by result", ["result"])
 CONFIG_GENERATION = Gauge("meshboot_injector_config_generation", "Generation of the injection config in use")
-CONNECTIONS_CLOSED = Counter("meshboot_webhook_connections_closed", "HTTPS connections the server closed on a bound, by "
-                             "reason (header_timeout, body_timeout, max_connections)", ["reason"])
+CONNECTIONS_CLOSED = Counter("meshboot_webhook_connections_closed",
+                             "HTTPS connections the server closed on a bound, by reason (header_timeout, body_timeout, "
+                             "max_connections)", ["reason"])
 DRAINING = Gauge("meshboot_webhook_draining", "1 from the first SIGTERM until exit: not ready, still serving")

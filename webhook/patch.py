@@ -28,7 +28,7 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
     if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -79,7 +79,8 @@ def make_patch(original: dict[str, Any], final: dict[str, Any]) -> list[dict[str
     src, dst = _prune(original, final)
     try:
         builder = jsonpatch.DiffBuilder(src, dst, _dumps, optimization=False)
-        builder._compare_values((), None, src, dst)
+        # jsonpatch's internals, absent from its stubs; the except below covers a jsonpatch without them
+        builder._compare_values((), None, src, dst)  # type: ignore[attr-defined]  # see the line above
         return [_plain(op) for op in builder.execute()]
     except (TypeError, AttributeError):  # a jsonpatch without these internals: the public, slower path
         return jsonpatch.make_patch(src, dst).patch

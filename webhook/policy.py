@@ -96,7 +96,8 @@ def decide(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Decisi
             warning = f"invalid {src} value {C.LABEL_INJECT}={raw!r}: want true or false; using the default policy"
         else:
             reason = {("label", "true"): LABEL_TRUE, ("label", "false"): LABEL_FALSE,
-                      ("annotation", "true"): ANNOTATION_TRUE, ("annotation", "false"): ANNOTATION_FALSE}[(src, explicit)]
+                      ("annotation", "true"): ANNOTATION_TRUE,
+                      ("annotation", "false"): ANNOTATION_FALSE}[(src, explicit)]
 
     if explicit is None:
         for sel in settings.never_inject_selector:

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -326,7 +327,7 @@ def service_dns_names(service: str, namespace: str) -> list[str]:
 
 def self_signed(service: str, namespace: str, out_dir: str, ca_bundle_out: str | None) -> tuple[str, str, bytes]:
     """Generate a CA and a serving cert for the service names (+ localhost); write key/cert and the CA bundle."""
-    names = service_dns_names(service, namespace) + ["localhost"]
+    names = [*service_dns_names(service, namespace), "localhost"]
     ca_pem, pair = pki.self_signed_serving(names, ips=("127.0.0.1", "::1"))
     os.makedirs(out_dir, exist_ok=True)
     cert, key = os.path.join(out_dir, "tls.crt"), os.path.join(out_dir, "tls.key")
@@ -342,7 +343,7 @@ def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
 
     A JSON Patch with a `test` of each webhook's name, so a concurrent edit fails the patch instead of being undone.
     """
-    from kubernetes import client
+    from kubernetes import client  # noqa: PLC0415 - kubernetes only in a cluster, when asked to patch
     api = client.AdmissionregistrationV1Api(api_client)
     mwc = api.read_mutating_webhook_configuration(name)
     bundle = base64.b64encode(ca_pem).decode()
@@ -360,7 +361,7 @@ def detect_kubernetes_version(api_client: Any) -> str | None:
 
     No nodes: the API server's own version. None when neither is known.
     """
-    from kubernetes import client
+    from kubernetes import client  # noqa: PLC0415 - kubernetes only in a cluster, for native sidecars' auto mode
     oldest: tuple[int, int] | None = None
     for node in client.CoreV1Api(api_client).list_node().items or []:
         info = node.status.node_info if node.status else None
@@ -371,13 +372,13 @@ def detect_kubernetes_version(api_client: Any) -> str | None:
         if v is not None and (oldest is None or v < oldest):
             oldest = v
     if oldest is None:
-        info = client.VersionApi(api_client).get_code()
-        oldest = (int(info.major.rstrip("+")), int(info.minor.rstrip("+"))) if info.major and info.minor else None
+        code = client.VersionApi(api_client).get_code()
+        oldest = (int(code.major.rstrip("+")), int(code.minor.rstrip("+"))) if code.major and code.minor else None
     return f"{oldest[0]}.{oldest[1]}" if oldest else None
 
 
 def _in_cluster_client() -> Any:
-    from kubernetes import client, config
+    from kubernetes import client, config  # noqa: PLC0415 - kubernetes only when running in a cluster
     cfg = client.Configuration()
     config.load_incluster_config(client_configuration=cfg)
     return client.ApiClient(cfg)
@@ -481,7 +482,8 @@ def run(args: argparse.Namespace, *, prog: str = "meshboot-webhook", serving_cer
     if pair is None:
         return 2
     cert, key = pair
-    state = State(source=source, tls=TLSFiles(cert, key), max_body=args.max_body_bytes,
+    tls = TLSFiles(cert, key)
+    state = State(source=source, tls=tls, max_body=args.max_body_bytes,
                   poll_interval=args.poll_interval, services=services,
                   monitoring=(args.listen_address, args.monitoring_port) if args.monitoring_port else None,
                   floor_endpoint=args.enable_bench_floor,
@@ -491,7 +493,7 @@ def run(args: argparse.Namespace, *, prog: str = "meshboot-webhook", serving_cer
     except (OSError, ssl.SSLError) as e:
         print(f"{prog}: cannot load TLS cert/key ({cert}, {key}): {e}", file=sys.stderr)
         return 2
-    state.tls.serving, state.tls.stamp = serving, state.tls.current_stamp()
+    tls.serving, tls.stamp = serving, tls.current_stamp()
     return _serve(state, args, serving)
 
 
@@ -529,14 +531,14 @@ def _self_signed(args: argparse.Namespace) -> tuple[str, str]:
 
 def _serve(state: State, args: argparse.Namespace, serving: SwappableTLS) -> int:
     """Run uvicorn with our listener and drain until the drain (or a second signal) ends it."""
-    import uvicorn
     bounds = Bounds(tls_handshake=args.tls_handshake_timeout, read_header=args.http_read_header_timeout,
                     read=args.http_read_timeout, idle=args.http_idle_timeout, max_connections=args.max_connections)
     # ws="none": no WebSocket endpoint, so uvicorn never looks for the websockets package.
     config = uvicorn.Config(quiet_disconnects(create_app(state)), host=args.listen_address, port=args.port,
                             log_level="warning", access_log=False, lifespan="on", log_config=None, ws="none",
-                            server_header=False, date_header=False, timeout_keep_alive=bounds.idle,
-                            timeout_graceful_shutdown=30)  # type: ignore[arg-type]
+                            server_header=False, date_header=False, timeout_graceful_shutdown=30,
+                            # uvicorn hands it to call_later, a float is fine; its annotation says int
+                            timeout_keep_alive=bounds.idle)  # type: ignore[arg-type]  # see the line above
     config.load()
 
     def on_drain() -> None:

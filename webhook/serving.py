@@ -112,7 +112,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._deadline: TimerHandle | None = None
         self._started = False   # some bytes of the current request arrived
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    # The override is ignored: uvicorn's own connection_made narrows asyncio's BaseTransport to Transport, as here.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # see above
         super().connection_made(transport)
         if len(self.connections) > self.bounds.max_connections:
             metrics.CONNECTIONS_CLOSED.labels("max_connections").inc()
@@ -207,11 +208,12 @@ class ShellServer(uvicorn.Server):
             return BoundedHttpProtocol(config=config, server_state=self.server_state, app_state=self.lifespan.state,
                                        _loop=_loop, bounds=self.bounds, draining=self.draining)
 
-        tls = {"ssl": self.tls.listen, "ssl_handshake_timeout": self.bounds.tls_handshake,
-               "ssl_shutdown_timeout": self.bounds.tls_handshake} if self.tls else {}
+        # Without TLS the timeouts stay None (their defaults): asyncio refuses them without ssl.
+        handshake = self.bounds.tls_handshake if self.tls else None
         try:
             server = await loop.create_server(create_protocol, host=config.host, port=config.port,
-                                              backlog=config.backlog, **tls)
+                                              backlog=config.backlog, ssl=self.tls.listen if self.tls else None,
+                                              ssl_handshake_timeout=handshake, ssl_shutdown_timeout=handshake)
         except OSError as e:
             log.error("cannot listen", extra={"address": config.host, "port": config.port, "error": str(e)})
             await self.lifespan.shutdown()
