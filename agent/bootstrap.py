@@ -12,7 +12,7 @@ from typing import Any
 from meshboot import constants as C
 
 from . import __version__
-from .config import AgentConfig
+from .config import AgentConfig, parse_duration
 
 LOG_FORMAT = "%Y-%m-%dT%T.%fZ\t%l\tenvoy %n %g:%#\t%v\tthread=%t"
 
@@ -92,8 +92,8 @@ def service_cluster(cfg: AgentConfig) -> str:
 
 def _locality(cfg: AgentConfig) -> dict[str, str]:
     loc = cfg.labels.get("topology.istio.io/locality") or cfg.labels.get("istio-locality") or ""
-    parts = [p for p in loc.replace("/", ".").split(".")] if loc else []
-    return {k: v for k, v in zip(("region", "zone", "sub_zone"), parts) if v}
+    parts = loc.replace("/", ".").split(".") if loc else []
+    return {k: v for k, v in zip(("region", "zone", "sub_zone"), parts, strict=False) if v}
 
 
 def _static_cluster(name: str, address: dict, timeout: str, http2: bool = False) -> dict:
@@ -251,7 +251,6 @@ def grpc_bootstrap(cfg: AgentConfig) -> dict[str, Any]:
 def envoy_args(cfg: AgentConfig, bootstrap_path: str, override_json: str | None = None) -> list[str]:
     """Envoy's command line in pilot-agent's order (reference/agent.md §6.1)."""
     pc = cfg.proxy_config
-    from .config import parse_duration  # noqa: PLC0415 — same package, avoids a cycle at import
     flush_ms = int(parse_duration(pc.get("fileFlushInterval") or "1s", "ProxyConfig.fileFlushInterval") * 1000)
     args = [cfg.envoy_binary, "-c", bootstrap_path,
             "--drain-time-s", str(int(cfg.drain_duration)), "--drain-strategy", "immediate",

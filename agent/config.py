@@ -37,8 +37,11 @@ def show(v: Any, limit: int = 64) -> str:
     return r if len(r) <= limit else r[:limit] + "…"
 
 
+_KINDS: dict[type, str] = {dict: "object", list: "list"}
+
+
 def _kind(v: Any) -> str:
-    return {dict: "object", list: "list"}.get(type(v), "value")
+    return _KINDS.get(type(v), "value")
 
 
 # ---- small parsers ------------------------------------------------------------------------------------------------
@@ -147,7 +150,7 @@ def _load_structured(text: str, where: str) -> dict:
     except ConfigError as e:
         if "invalid JSON" not in str(e):
             raise
-        from meshboot import yamlsafe  # noqa: PLC0415 — rarely needed, keep the agent's footprint small
+        from meshboot import yamlsafe  # noqa: PLC0415 - YAML only when not JSON: keeps the agent's footprint small
 
         try:
             data = yamlsafe.load(text)

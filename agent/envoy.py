@@ -79,11 +79,11 @@ class Admin:
         self.host, self.port = host, port
 
     async def get(self, path: str, timeout: float = 2.0) -> httpio.Response:
-        from . import httpio  # noqa: PLC0415 — this module must load before asyncio (Envoy starts first)
+        from . import httpio  # noqa: PLC0415 - httpio imports asyncio; this module loads before it (Envoy first)
         return await httpio.request(self.host, self.port, "GET", path, timeout=timeout)
 
     async def post(self, path: str, timeout: float = 5.0) -> httpio.Response:
-        from . import httpio  # noqa: PLC0415
+        from . import httpio  # noqa: PLC0415 - httpio imports asyncio; this module loads before it (Envoy first)
         return await httpio.request(self.host, self.port, "POST", path, timeout=timeout)
 
     async def stats(self, regex: str, timeout: float = 2.0) -> dict[str, int]:
@@ -94,7 +94,8 @@ class Admin:
 
     async def state(self) -> EnvoyState:
         s = await self.stats(READY_FILTER, timeout=1.0)
-        return EnvoyState(s.get("cluster_manager.cds.update_success", 0), s.get("listener_manager.lds.update_success", 0),
+        return EnvoyState(s.get("cluster_manager.cds.update_success", 0),
+                          s.get("listener_manager.lds.update_success", 0),
                           s.get("server.state"), s.get("listener_manager.workers_started"))
 
 
@@ -118,7 +119,7 @@ class EnvoyProcess:
 
     async def wait(self) -> int:
         """Exit code (negative = killed by that signal)."""
-        import asyncio  # noqa: PLC0415
+        import asyncio  # noqa: PLC0415 - this module loads before asyncio (Envoy starts first)
         return await asyncio.to_thread(self.proc.wait)
 
     def kill(self) -> None:

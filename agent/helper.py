@@ -4,8 +4,11 @@ which lives as long as the pod, and the work runs in parallel with the agent's o
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from typing import IO
 
 
 class HelperError(RuntimeError):
@@ -29,8 +32,7 @@ class Prestarted:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     async def result(self, data: bytes = b"", timeout: float = 60.0) -> bytes:
-        import asyncio  # noqa: PLC0415 — this module loads before asyncio (see cli.import_asyncio_without_tls)
-        import time  # noqa: PLC0415
+        import asyncio  # noqa: PLC0415 - this module loads before asyncio (see cli.import_asyncio_without_tls)
 
         deadline = time.monotonic() + timeout
         if self.proc.stdin is not None:
@@ -48,11 +50,9 @@ class Prestarted:
         return out
 
 
-async def _feed(pipe, data: bytes, deadline: float) -> None:
+async def _feed(pipe: IO[bytes], data: bytes, deadline: float) -> None:
     """Write all of `data` without blocking the loop (the pipe holds 64 KiB), then close it."""
-    import asyncio  # noqa: PLC0415
-    import os  # noqa: PLC0415
-    import time  # noqa: PLC0415
+    import asyncio  # noqa: PLC0415 - this module loads before asyncio (see cli.import_asyncio_without_tls)
 
     fd = pipe.fileno()
     os.set_blocking(fd, False)
@@ -71,7 +71,7 @@ async def _feed(pipe, data: bytes, deadline: float) -> None:
 
 async def run(args: list[str], data: bytes | None = None, timeout: float = 60.0) -> bytes:
     """Run a helper to completion (stdin = `data`), killed after `timeout` seconds."""
-    import asyncio  # noqa: PLC0415
+    import asyncio  # noqa: PLC0415 - this module loads before asyncio (see cli.import_asyncio_without_tls)
 
     proc = await asyncio.create_subprocess_exec(
         *args, stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,

@@ -6,6 +6,9 @@ probes call `grpc.health.v1.Health/Check`. The answer is the app's real status (
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
+
+import grpc
 
 from meshboot import constants as C
 
@@ -71,7 +74,6 @@ async def run(probe: AppProbe, dest: str, incoming_headers: dict[str, str], stat
                                          source=_source_for(dest), max_body=MAX_BODY)
             loc = r.headers.get("location", "")
             if 300 <= r.status < 400 and loc and redirects < 10:
-                from urllib.parse import urlsplit  # noqa: PLC0415
                 u = urlsplit(loc)
                 if u.hostname in (None, "", dest):
                     redirects += 1
@@ -88,8 +90,8 @@ async def run(probe: AppProbe, dest: str, incoming_headers: dict[str, str], stat
 def _https_get(dest: str, port: int, path: str, headers: dict[str, str], timeout: float | None,
                source: str) -> httpio.Response:
     """HTTPS probe, blocking (run in a thread): certificates are not verified, as kubelet does not."""
-    import http.client  # noqa: PLC0415
-    import ssl  # noqa: PLC0415 — only for HTTPS probes; the agent's asyncio runs without ssl
+    import http.client  # noqa: PLC0415 - it imports ssl: only for HTTPS probes
+    import ssl  # noqa: PLC0415 - only for HTTPS probes; the agent's asyncio runs without ssl
 
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -106,12 +108,10 @@ def _https_get(dest: str, port: int, path: str, headers: dict[str, str], timeout
 
 
 async def _grpc(probe: AppProbe, dest: str, incoming: dict[str, str], timeout: float | None) -> httpio.Response:
-    import grpc  # noqa: PLC0415
-
     target = f"[{dest}]:{probe.port}" if ":" in dest else f"{dest}:{probe.port}"
     ch = grpc.aio.insecure_channel(target)
     try:
-        call = ch.unary_unary(GRPC_HEALTH)
+        call = ch.unary_unary(GRPC_HEALTH, request_serializer=None, response_deserializer=None)
         md = (("user-agent", incoming["user-agent"]),) if "user-agent" in incoming else None
         data = await call(_encode_health_request(probe.service), timeout=timeout or 10, metadata=md,
                           wait_for_ready=True)
@@ -121,5 +121,5 @@ async def _grpc(probe: AppProbe, dest: str, incoming: dict[str, str], timeout: f
     except grpc.aio.AioRpcError as e:
         return httpio.Response(500, body=f"grpc probe failed: {e.code().name}".encode())
     finally:
-        await ch.close()
+        await ch.close(grace=None)
 

@@ -11,12 +11,18 @@ import contextlib
 import signal
 import time
 
-from . import uds
+import grpc
+
+from . import helper, uds
 from .config import AgentConfig
 from .envoy import Admin, EnvoyProcess, active_connections
+from .identity.caclient import CAClient
+from .identity.sds import serve as serve_sds
+from .identity.secrets import SecretManager
 from .launch import Launched
 from .log import Log
 from .metrics import Metrics
+from .status import StatusServer, grpc_bootstrap_reason
 
 log = Log("agent")
 
@@ -24,7 +30,7 @@ log = Log("agent")
 class Sidecar:
     """One pod's agent: servers, Envoy supervision, shutdown."""
 
-    def __init__(self, cfg: AgentConfig, launched: Launched, prestarted: dict | None = None,
+    def __init__(self, cfg: AgentConfig, launched: Launched, prestarted: dict[str, helper.Prestarted] | None = None,
                  started: float | None = None, early_signals: list[str] | None = None) -> None:
         self.cfg = cfg
         self.early_signals = early_signals if early_signals is not None else []
@@ -73,11 +79,6 @@ class Sidecar:
 
     # -- run --
     async def run(self) -> int:
-        from .identity.caclient import CAClient  # noqa: PLC0415
-        from .identity.sds import serve as serve_sds  # noqa: PLC0415
-        from .identity.secrets import SecretManager  # noqa: PLC0415
-        from .status import StatusServer, grpc_bootstrap_reason  # noqa: PLC0415
-
         cfg = self.cfg
         t0 = time.monotonic()
         status = StatusServer(cfg, self.admin, self.metrics, on_quit=self._quit, on_drain=self._drain_request,
@@ -163,24 +164,22 @@ class Sidecar:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exit_task), 1.0)
 
-    async def _serve_xds(self):
-        import grpc  # noqa: PLC0415
-
+    async def _serve_xds(self) -> grpc.aio.Server:
         cfg = self.cfg
+        handler: grpc.GenericRpcHandler
         if cfg.standalone:
-            from . import helper  # noqa: PLC0415
-            from .xds import ads  # noqa: PLC0415
+            from .xds import ads  # noqa: PLC0415 - only the mode in use is loaded (RSS budget)
             pre = self.prestarted.get("standalone") or helper.Prestarted(
                 helper.module_argv("agent.xds.standalone", cfg.trust_domain, cfg.mtls_mode))
-            service = ads.StandaloneADS(asyncio.ensure_future(ads.load_resources(pre)))
+            handler = ads.StandaloneADS(asyncio.ensure_future(ads.load_resources(pre))).handler()
         else:
-            from .xds.proxy import XdsProxy  # noqa: PLC0415
-            service = XdsProxy(cfg, self.metrics)
+            from .xds.proxy import XdsProxy  # noqa: PLC0415 - only the mode in use is loaded (RSS budget)
+            handler = XdsProxy(cfg, self.metrics).handler()
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000),
                                           ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                                           ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),
                                           ("grpc.http2.min_ping_interval_without_data_ms", 15000)])
-        server.add_generic_rpc_handlers((service.handler(),))
+        server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(uds.prepare(cfg.xds_socket))
         await server.start()
         uds.publish(cfg.xds_socket)

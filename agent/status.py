@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -156,8 +157,6 @@ class StatusServer:
 
 def grpc_bootstrap_reason(path: str) -> Callable[[], str]:
     """Readiness check 4: the proxyless gRPC bootstrap must exist and load."""
-    import json  # noqa: PLC0415
-
     ok = False
 
     def check() -> str:

@@ -1,7 +1,8 @@
 """Client for Istio's CA protocol: `/istio.v1.auth.IstioCertificateService/CreateCertificate` (reference/agent.md §2).
 
 The three message fields are encoded with protobuf's wire format by hand (xds/wire.py; the agent image carries no
-control-plane code and no generated CA stubs): `IstioCertificateRequest{csr=1, validity_duration=3, metadata=4 (Struct)}` and
+control-plane code and no generated CA stubs):
+`IstioCertificateRequest{csr=1, validity_duration=3, metadata=4 (Struct)}` and
 `IstioCertificateResponse{cert_chain=1 (repeated string)}`. The shell is a grpc.aio unary call over TLS verified
 with the mesh root, bearer token re-read on every call, `ClusterID` header, and Istio's retry policy.
 """
@@ -11,6 +12,8 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
+
+import grpc
 
 from meshboot import constants as C
 
@@ -61,7 +64,8 @@ def read_token(path: str = C.TOKEN_PATH) -> str | None:
         return None
 
 
-def call_metadata(cluster_id: str, token: str | None, extra: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+def call_metadata(cluster_id: str, token: str | None,
+                  extra: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """gRPC metadata keys are lowercase on the wire (HTTP/2), so `ClusterID` travels as `clusterid`."""
     md = [("clusterid", cluster_id)]
     if token:
@@ -77,16 +81,15 @@ class CAClient:
         self.cfg = cfg
         self.max_retries = max_retries
         self.base_backoff = base_backoff
-        self._channel = None
-        self._call = None
+        self._channel: grpc.aio.Channel | None = None
+        self._call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] | None = None
 
-    def _dial(self):
-        import grpc  # noqa: PLC0415
-
+    def _dial(self) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         cfg = self.cfg
-        options = [("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),
-                   ("grpc.max_receive_message_length", 1 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 2000), ("grpc.min_reconnect_backoff_ms", 100)]
+        options: list[tuple[str, int | str]] = [
+            ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),
+            ("grpc.max_receive_message_length", 1 << 20), ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000), ("grpc.min_reconnect_backoff_ms", 100)]
         if cfg.ca_plaintext:
             ch = grpc.aio.insecure_channel(cfg.ca_addr, options=options)
         else:
@@ -99,32 +102,31 @@ class CAClient:
             ch = grpc.aio.secure_channel(cfg.ca_addr, creds, options=options)
         self._channel = ch
         self._call = ch.unary_unary(C.CA_METHOD, request_serializer=None, response_deserializer=None)
+        return self._call
 
     def warm(self) -> None:
         """Start connecting (TCP + TLS) now, while the key is being generated: the first CSR then goes out at once."""
         if self._call is None:
             self._dial()
-        self._channel.get_state(try_to_connect=True)  # type: ignore[union-attr]
+        if self._channel is not None:     # always, once dialled
+            self._channel.get_state(try_to_connect=True)
 
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(grace=None)
         self._channel = self._call = None
 
     async def sign(self, csr_pem: str, validity_seconds: int, timeout: float = 30.0) -> Issued:
-        import grpc  # noqa: PLC0415
-
         retry = {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE}
         req = encode_request(csr_pem, validity_seconds, self.cfg.cert_signer)
         attempt = 0
         while True:
-            if self._call is None:
-                self._dial()
+            call = self._call if self._call is not None else self._dial()
             md = call_metadata(self.cfg.cluster_id, read_token(), self.cfg.ca_headers)
             t0 = time.monotonic()
             try:
-                resp = await self._call(req, metadata=md, timeout=timeout)
+                resp = await call(req, metadata=md, timeout=timeout)
                 break
             except grpc.aio.AioRpcError as e:
                 if e.code() in retry and attempt < self.max_retries:

@@ -29,10 +29,10 @@ async def generate(args: list[str]) -> tuple[bytes, str]:
 
 
 def main(args: list[str]) -> int:
-    from meshboot import pki
+    from meshboot import pki  # noqa: PLC0415 - cryptography (~9 MB RSS): only in the helper process, never the agent
 
     kind, bits, curve, pkcs8, uri = args
-    key = pki.generate_key(kind, rsa_bits=int(bits), curve=curve)  # type: ignore[arg-type]
+    key = pki.generate_key("RSA" if kind == "RSA" else "ECDSA", rsa_bits=int(bits), curve=curve)
     csr = pki.make_csr(key, uris=[uri])
     sys.stdout.buffer.write(pki.key_pem(key, pkcs8=pkcs8 == "1") + pki.csr_pem(csr))
     return 0

@@ -65,7 +65,7 @@ class SDSService:
             try:
                 async for raw in request_iterator:
                     q.put_nowait(("req", wire.decode_request(raw)))
-            except Exception:  # client went away, or garbage
+            except Exception:  # noqa: BLE001 - client went away, or garbage: either way the stream ends
                 pass
             q.put_nowait(("eof", None))
 

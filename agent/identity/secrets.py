@@ -163,7 +163,7 @@ class SecretManager:
         for t in self._tasks:
             try:
                 await t
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutdown: a task's end must not stop the rest
                 pass
         if self.ca is not None:
             await self.ca.close()
@@ -188,7 +188,7 @@ class SecretManager:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 — the warm-up must outlive any one failure
+            except Exception as e:  # noqa: BLE001 - the warm-up must outlive any one failure
                 delay = self._retry_delay(e if isinstance(e, SecretError) else SecretError(f"internal error: {e}"))
                 log.warn("failed to get the workload certificate, will retry", error=str(e),
                          retry_in=f"{delay:.1f}s")
@@ -218,17 +218,18 @@ class SecretManager:
         if self._workload is not None:
             return self._workload
         if self.cfg.file_certs is None and self._tasks:
-            await self._ready.wait()
-            return self._workload  # type: ignore[return-value]
+            await self._ready.wait()          # set with the workload: _produce() returns it at once
         return await self._produce()
 
     async def _produce(self) -> Workload:
         if self._workload is not None:
             return self._workload
         async with self._lock:
-            if self._workload is None:
-                self._set(await self._generate())
-            return self._workload  # type: ignore[return-value]
+            wl = self._workload
+            if wl is None:
+                wl = await self._generate()
+                self._set(wl)
+            return wl
 
     def _set(self, wl: Workload) -> None:
         self._workload = wl
@@ -271,7 +272,7 @@ class SecretManager:
                 # the checker's start-up (Python + ssl) overlaps the CA call instead of following it
                 self._checker = helper.Prestarted(certcheck.argv(self.cfg.spiffe_id), stdin=True)
             issued = await self.ca.sign(csr, int(self.cfg.secret_ttl))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any CA failure becomes a SecretError: counted, backed off, retried
             if m is not None:
                 m.outgoing_failed.labels("csr").inc()
             if self._checker is not None:       # no chain to check: do not keep a process waiting out a CA outage
@@ -388,7 +389,7 @@ class SecretManager:
     @staticmethod
     def _check_files(name: str, cert_path: str, key_path: str | None) -> None:
         """The key pair loads and matches (or the bundle has a certificate) — checked by OpenSSL via `ssl`."""
-        import ssl  # noqa: PLC0415 — already loaded by asyncio
+        import ssl  # noqa: PLC0415 - file certs only: the agent's asyncio runs without ssl
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:

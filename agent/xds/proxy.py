@@ -31,7 +31,8 @@ DELTA = f"/{SERVICE}/DeltaAggregatedResources"
 
 
 def forwardable(type_url: str) -> bool:
-    return type_url.startswith("type.googleapis.com/envoy.") or type_url == "type.googleapis.com/istio.workload.Workload"
+    return (type_url.startswith("type.googleapis.com/envoy.")
+            or type_url == "type.googleapis.com/istio.workload.Workload")
 
 
 class XdsProxy:
@@ -48,9 +49,10 @@ class XdsProxy:
 
     def _channel(self) -> grpc.aio.Channel:
         cfg = self.cfg
-        options = [("grpc.max_receive_message_length", 2**31 - 1), ("grpc.keepalive_time_ms", 30000),
-                   ("grpc.keepalive_timeout_ms", 10000), ("grpc.initial_reconnect_backoff_ms", 200),
-                   ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000)]
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", 2**31 - 1), ("grpc.keepalive_time_ms", 30000),
+            ("grpc.keepalive_timeout_ms", 10000), ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000)]
         if cfg.xds_plaintext:
             return grpc.aio.insecure_channel(cfg.discovery_address, options=options)
         root = None
@@ -68,7 +70,9 @@ class XdsProxy:
         mine = self._current = asyncio.Event()
         channel = self._channel()
         md = call_metadata(self.cfg.cluster_id, read_token(), self.cfg.xds_headers)
-        call = channel.stream_stream(method)(metadata=md, wait_for_ready=True)   # bytes both ways
+        # bytes both ways; requests are written by pump() below
+        call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)(
+            None, metadata=md, wait_for_ready=True)
         m = self.metrics
 
         async def pump() -> None:
@@ -80,7 +84,7 @@ class XdsProxy:
                 await call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
                 pass
-            except Exception as e:  # downstream error ⇒ close upstream
+            except Exception as e:  # noqa: BLE001 - any downstream error ⇒ close upstream
                 log.debug("downstream stream ended", error=str(e))
                 call.cancel()
 
@@ -110,7 +114,7 @@ class XdsProxy:
         finally:
             for t in tasks:
                 t.cancel()
-            await channel.close()
+            await channel.close(grace=None)
 
     async def sotw(self, request_iterator: AsyncIterator[bytes],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
