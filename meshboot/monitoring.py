@@ -78,7 +78,7 @@ def _response(status: str, ctype: str, body: bytes, head_only: bool = False) -> 
 
 async def start_monitoring(address: str, port: int, ready: Callable[[], bool] = lambda: True, *,
                            header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
-                           scrape: Scrape = prometheus_text) -> asyncio.AbstractServer:
+                           scrape: Scrape = prometheus_text) -> asyncio.Server:
     """Serve GET /metrics (`scrape()`, by default Prometheus' default registry), /healthz (always 200), /ready and
     /readyz (`ready()`)."""
     open_connections = 0

@@ -74,8 +74,8 @@ class CA:
 def ca_config(tmp: Path, issuer: Issuer, **kw: Any) -> CAConfig:
     jwks = tmp / "jwks.json"
     jwks.write_text(json.dumps(issuer.jwks()))
-    base = dict(port=0, address="127.0.0.1", ca_dir=tmp / "ca", plugin_certs=None, jwks=str(jwks),
-                issuer=issuer.issuer)
+    base: dict[str, Any] = dict(port=0, address="127.0.0.1", ca_dir=tmp / "ca", plugin_certs=None, jwks=str(jwks),
+                                issuer=issuer.issuer)
     base.update(kw)
     return CAConfig(**base)
 
@@ -86,7 +86,7 @@ ME = C.spiffe_id("ns-a", "sa-a", TD)
 PYTHON_WORDS = ("Traceback", "Error:", "Exception", "DecodeError", "<class", "unhashable", "RecursionError")
 
 
-def csr_for(uris: tuple[str, ...] = (ME,), dns: tuple[str, ...] = (), kind: str = "ECDSA", bits: int = 2048,
+def csr_for(uris: tuple[str, ...] = (ME,), dns: tuple[str, ...] = (), kind: pki.KeyKind = "ECDSA", bits: int = 2048,
             curve: str = "P256", key: Any = None) -> str:
     """A PEM CSR for `uris`/`dns`, with a new key of `kind` unless `key` is given."""
     key = key or pki.generate_key(kind, rsa_bits=bits, curve=curve)

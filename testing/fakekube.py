@@ -328,11 +328,20 @@ class _Handler(BaseHTTPRequestHandler):
                                     "details": {"name": name, "kind": plural}})
         return self._error(405, "MethodNotAllowed", f"{method} is not supported")
 
-    do_GET = lambda self: self._dispatch("GET")        # noqa: E731
-    do_POST = lambda self: self._dispatch("POST")      # noqa: E731
-    do_PUT = lambda self: self._dispatch("PUT")        # noqa: E731
-    do_PATCH = lambda self: self._dispatch("PATCH")    # noqa: E731
-    do_DELETE = lambda self: self._dispatch("DELETE")  # noqa: E731
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
 
     # ---- verbs -----------------------------------------------------------------------------------------------
     def _namespace_problem(self, plural: str, ns: str) -> bool:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -67,10 +67,10 @@ class Netns:
         return ["ip", "netns", "exec", self.name, *user_argv(uid, gid), *cmd]
 
     def run(self, cmd: Sequence[str], uid: int | None = None, check: bool = True, timeout: float = 60,
-            **kw) -> subprocess.CompletedProcess:
+            **kw: Any) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(cmd, uid), check=check, capture_output=True, text=True, timeout=timeout, **kw)
 
-    def popen(self, cmd: Sequence[str], uid: int | None = None, gid: int | None = None, **kw) -> subprocess.Popen:
+    def popen(self, cmd: Sequence[str], uid: int | None = None, gid: int | None = None, **kw: Any) -> subprocess.Popen:
         p = subprocess.Popen(self.argv(cmd, uid, gid), start_new_session=True, **kw)
         self.procs.append(p)
         return p
@@ -78,7 +78,7 @@ class Netns:
     def ip(self, *args: str) -> str:
         return subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True, text=True).stdout
 
-    def python(self, code: str, uid: int | None = None, **kw) -> subprocess.CompletedProcess:
+    def python(self, code: str, uid: int | None = None, **kw: Any) -> subprocess.CompletedProcess:
         return self.run([sys.executable, "-c", code], uid=uid, **kw)
 
     def close(self) -> None:
@@ -173,7 +173,8 @@ def call_in(ns_name: str, fn: Callable[..., T], *args: object, **kw: object) -> 
     import ctypes
     import threading
 
-    box: dict[str, object] = {}
+    result: list[T] = []
+    error: list[BaseException] = []
 
     def target() -> None:
         try:
@@ -185,13 +186,13 @@ def call_in(ns_name: str, fn: Callable[..., T], *args: object, **kw: object) -> 
                     raise OSError(err, f"setns({ns_name}): {os.strerror(err)}")
             finally:
                 os.close(fd)
-            box["result"] = fn(*args, **kw)
+            result.append(fn(*args, **kw))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
+            error.append(e)
 
     t = threading.Thread(target=target, name=f"netns-{ns_name}", daemon=True)
     t.start()
     t.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["result"]  # type: ignore[return-value]
+    if error:
+        raise error[0]
+    return result[0]

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 
 @contextlib.contextmanager
-def serve_in_thread(start: Callable[[], Awaitable[asyncio.AbstractServer]]) -> Iterator[int]:
+def serve_in_thread(start: Callable[[], Awaitable[asyncio.Server]]) -> Iterator[int]:
     """Start the server `start()` returns on its own loop in a thread; yield its port; stop it."""
     loop = asyncio.new_event_loop()
     server = loop.run_until_complete(start())
