@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from e2e.kind.helmbin import helm_binary
 from meshboot import constants as C
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,6 @@ def helm_command() -> list[str]:
     found = shutil.which("helm")
     if found:
         return [found]
-    from e2e.kind.helmbin import helm_binary
     return [str(helm_binary())]
 
 

@@ -130,7 +130,7 @@ class ControlPlane:
     def admit(self, pod: dict[str, Any], path: str = "/inject") -> Admission:
         """POST an AdmissionReview (v1, CREATE) for `pod` and apply the JSONPatch it returns."""
         ns = pod["metadata"]["namespace"]
-        review = {
+        review: dict[str, Any] = {  # an AdmissionReview: JSON
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
                 "uid": str(uuid.uuid4()),

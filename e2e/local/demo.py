@@ -59,7 +59,7 @@ def main() -> int:
         print(f"\nDEMO FAILED (everything it made has been removed): {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     left = scenario.leftovers(facts)
-    results = checks(facts) + [("cleaned up every namespace, process and temp dir", not left)]
+    results = [*checks(facts), ("cleaned up every namespace, process and temp dir", not left)]
     print("\n== summary")
     for text, passed in results:
         print(f"  [{'ok' if passed else 'FAIL'}] {text}")

@@ -1,7 +1,7 @@
 """A small kubelet: runs an (injected) pod spec as a network namespace plugged into the node's bridge.
 
-The pod's "image" is this host's filesystem plus the venv (see `local_images`). For each container the runner does what a
-kubelet and a container runtime do, in the same order: create the sandbox (netns, veth, IP), populate the volumes
+The pod's "image" is this host's filesystem plus the venv (see `local_images`). For each container the runner does what
+a kubelet and a container runtime do, in the same order: create the sandbox (netns, veth, IP), populate the volumes
 (emptyDir, configMap, secret, downwardAPI, projected service-account token), run init containers to completion (a
 native sidecar — restartPolicy Always — is started and its startupProbe awaited), then the containers, each with the
 image's entrypoint plus the spec's command/args after `$(VAR)` expansion, the spec's env, and the user its
@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import copy
 import http.client
 import ipaddress
 import itertools
@@ -85,7 +86,7 @@ class Node:
 
     ns: Netns
     bridge: str
-    network: ipaddress.IPv4Network
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
     gateway: str
     name: str = NODE_NAME
     _hosts: Iterator[int] = field(default_factory=lambda: itertools.count(2))   # next() is atomic: pods start
@@ -278,11 +279,10 @@ class PodRun:
         if self.stopped:
             raise PodFailed(f"pod {self.name} is being deleted")
         long_running = set(self.counted())
-        dead = [c.name for c in list(self.containers.values())
-                if c.name in long_running and c.proc is not None and c.proc.poll() is not None]
-        if dead:
-            codes = {n: self.containers[n].proc.returncode for n in dead}  # type: ignore[union-attr]
-            raise PodFailed(f"pod {self.name}: container(s) exited: {codes}\n{self.log_tails(dead)}")
+        codes = {c.name: c.proc.returncode for c in list(self.containers.values())
+                 if c.name in long_running and c.proc is not None and c.proc.poll() is not None}
+        if codes:
+            raise PodFailed(f"pod {self.name}: container(s) exited: {codes}\n{self.log_tails(list(codes))}")
 
     def log_tails(self, names: list[str], lines: int = 25) -> str:
         out = []
@@ -306,15 +306,16 @@ class PodRun:
         try:
             for group in (regular, sidecars):
                 live = [c for c in group if c.running()]
+                procs = [c.proc for c in live if c.proc is not None]  # all of them: running() says so
                 for c in live:
                     self._hook(c, "preStop", timeout=min(grace, 5))
-                for c in live:
+                for proc in procs:
                     with contextlib.suppress(ProcessLookupError):
-                        c.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                        proc.send_signal(signal.SIGTERM)
                 deadline = time.monotonic() + grace
-                for c in live:
+                for proc in procs:
                     with contextlib.suppress(subprocess.TimeoutExpired):
-                        c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         finally:
             self.netns.close()
 
@@ -549,7 +550,6 @@ class Kubelet:
 
 def _with_status(pod: Pod, node: Node) -> Pod:
     """What the scheduler and the kubelet fill before containers start: nodeName, hostIP, podIP."""
-    import copy
     pod = copy.deepcopy(pod)
     ip = node.allocate_ip()
     pod["spec"]["nodeName"] = node.name
@@ -565,9 +565,9 @@ def start_pods(kubelet: Kubelet, pods: list[Pod]) -> list[PodRun]:
     try:
         futures = [pool.submit(kubelet.run, p) for p in pods]
         concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-        errors = [f.exception() for f in futures if f.done() and f.exception() is not None]
+        errors = [e for f in futures if f.done() and (e := f.exception()) is not None]
         if errors:
-            raise errors[0]  # type: ignore[misc]
+            raise errors[0]
         return [f.result() for f in futures]
     except BaseException:
         kubelet.stop_all()

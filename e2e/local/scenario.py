@@ -8,6 +8,7 @@ from pod-a's app to pod-b's app through both Envoys → the SPIFFE ID in the cer
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -256,7 +257,6 @@ def _served_certificate(facts: Facts, cluster: LocalCluster, pb: PodRun, say: Ca
 
 def leftovers(facts: Facts) -> list[str]:
     """What the run left behind: namespaces, processes, the temp dir (empty after a clean run)."""
-    import subprocess
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     left = [f"netns {n}" for n in facts.netns_names if n in out]
     for pid, what in facts.pids.items():
