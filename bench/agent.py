@@ -188,7 +188,8 @@ def main() -> int:
         "floor": "envoy cold start to /ready, static config", "overhead_ms": round(a_med - f_med, 1),
         "overhead_target_ms": 250, "ratio": round(a_med / f_med, 2),
         "agent_rss_mb": round(rss, 1), "rss_target_mb": 40, "rss_ratio": round(rss / 40, 2),
-        "rotation_ack_ms": round(ack_ms, 2), "rotation_ack_target_ms": 100, "rotation_ack_ratio": round(ack_ms / 100, 3),
+        "rotation_ack_ms": round(ack_ms, 2), "rotation_ack_target_ms": 100,
+        "rotation_ack_ratio": round(ack_ms / 100, 3),
         "runs": a.runs, "rotations": n,
     }))
     return 0

@@ -147,7 +147,7 @@ def shell_commands(script: str) -> list[list[str]]:
     lex = shlex.shlex(script, posix=True, punctuation_chars=";&|<>")
     lex.whitespace_split = True
     words: list[str] = []
-    tokens = list(lex) + [";"]
+    tokens = [*lex, ";"]
     for tok in tokens:
         if tok in (";", "&&", "||", "|", "&"):
             # Leading VAR=value assignments are not the command.

@@ -166,7 +166,7 @@ def test_webhook_configuration_non_default_values(helm: Any, all_values: dict[st
     r = render(all_values["renamed"], namespace="mesh-system")
     hooks = {w["name"]: w for w in r.one("MutatingWebhookConfiguration")["webhooks"]}
     auto = hooks["auto.sidecar-injector.istio.io"]
-    excluded = dict((k, v) for k, op, v in _exprs(auto["namespaceSelector"]) if op == "NotIn")
+    excluded = {k: v for k, op, v in _exprs(auto["namespaceSelector"]) if op == "NotIn"}
     assert set(excluded["kubernetes.io/metadata.name"]) >= {*C.IGNORED_NAMESPACES, "mesh-system"}
     for w in hooks.values():
         assert w["failurePolicy"] == "Ignore" and w["timeoutSeconds"] == 5
@@ -219,7 +219,7 @@ def test_self_managed_runs_one_replica_with_recreate(helm: Any, all_values: dict
     replicaCount says; autoscaling is refused with one message naming the values."""
     _single_replica_recreate(render(all_values["self-managed"]))
     _single_replica_recreate(render({**all_values["self-managed"], "webhook.replicaCount": 3}))
-    with pytest.raises(RenderError, match="autoscaling.enabled.*certificates.mode"):
+    with pytest.raises(RenderError, match=r"autoscaling.enabled.*certificates.mode"):
         render({**all_values["self-managed"], "autoscaling.enabled": True})
 
 
@@ -230,7 +230,7 @@ def test_istiod_without_meshboot_ca_falls_back_to_self_managed(helm: Any,
     _single_replica_recreate(render(all_values["istiod"]))
     notes = render_notes({"istiod.address": ISTIOD})
     assert "self-managed" in notes and "1 replica" in notes
-    with pytest.raises(RenderError, match="autoscaling.enabled"):
+    with pytest.raises(RenderError, match=r"autoscaling.enabled"):
         render({"istiod.address": ISTIOD, "autoscaling.enabled": True})
 
 
@@ -330,9 +330,9 @@ def test_rolling_update_in_every_shared_certificate_mode(helm: Any, all_values: 
 
 
 def test_grace_period_shorter_than_the_drain_is_refused(helm: Any) -> None:
-    with pytest.raises(RenderError, match="webhook.terminationGracePeriodSeconds"):
+    with pytest.raises(RenderError, match=r"webhook.terminationGracePeriodSeconds"):
         render({"webhook.terminationGracePeriodSeconds": 5})
-    with pytest.raises(RenderError, match="webhook.drainDurationSeconds"):
+    with pytest.raises(RenderError, match=r"webhook.drainDurationSeconds"):
         render({"webhook.drainDurationSeconds": 1})
 
 

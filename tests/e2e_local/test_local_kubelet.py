@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jwt
 
-from e2e.local.kubelet import Kubelet, Node, http_get, local_images, start_pods
+from e2e.local.kubelet import Kubelet, Node, PodFailed, http_get, local_images, start_pods
 from testing.tokens import Issuer
 
 SHOW = """\
@@ -46,7 +46,8 @@ def _pod() -> dict:
                 "securityContext": {"runAsUser": 1234, "runAsGroup": 4321},
                 "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                         {"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                        {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+                        {"name": "SERVICE_ACCOUNT",
+                         "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
                         {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
                         {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
                 "volumeMounts": [{"name": "podinfo", "mountPath": "/etc/podinfo"},
@@ -118,7 +119,7 @@ def test_failed_init_container_fails_the_pod_and_removes_it(root_required: None)
         before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
         try:
             start_pods(kubelet, [pod])
-        except Exception as e:  # noqa: BLE001
+        except PodFailed as e:
             err = str(e)
         else:
             raise AssertionError("a pod whose init container exits 3 started")

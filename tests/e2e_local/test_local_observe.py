@@ -38,7 +38,7 @@ u_str ESTAB  0      0                             etc/istio/proxy/XDS 25895     
 u_str ESTAB  0      0                                               * 25222            * 25897 users:(("envoy",pid=13026,fd=34))
 u_str ESTAB  0      0      var/run/secrets/workload-spiffe-uds/socket 25897            * 25222 users:(("meshboot-agent",pid=12995,fd=17))
 u_str ESTAB  0      0                                               * 30000            * 30001 users:(("other",pid=777,fd=3))
-"""
+"""  # noqa: E501 - `ss` output verbatim
 
 TNLP = """\
 State  Recv-Q Send-Q Local Address:Port  Peer Address:PortProcess

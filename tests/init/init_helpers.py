@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from init import flags
 from init.config import CaptureConfig, HostInfo, build_config
@@ -82,8 +83,8 @@ def config(*argv: str, env: dict[str, str] | None = None, addresses: tuple[str, 
     return build_config(parsed.values, env, HostInfo(addresses, interfaces), resolv)
 
 
-def plan(*argv: str, **kw: object) -> Plan:
-    return build(config(*argv, **kw))  # type: ignore[arg-type]
+def plan(*argv: str, **kw: Any) -> Plan:
+    return build(config(*argv, **kw))
 
 
 def v4(*argv: str, **kw: object) -> list[str]:

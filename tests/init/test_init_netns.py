@@ -342,7 +342,7 @@ def test_legacy_waits_for_the_xtables_lock(pods: tuple[Netns, Netns], tmp_path: 
         time.sleep(1.0)
         assert proc.poll() is None, "the restore did not wait for the xtables lock"
         fcntl.flock(held, fcntl.LOCK_UN)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert time.monotonic() - t0 >= 1.0
     assert save_lines(save(pod, binary="iptables-legacy-save"), "nat") == SEED_004_NAT

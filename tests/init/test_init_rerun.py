@@ -61,7 +61,7 @@ def test_two_concurrent_runs_both_succeed_with_the_same_rules(pod: Netns) -> Non
         procs = [subprocess.Popen(pod.argv([TOOL, *RACE_ARGS]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=os.environ) for _ in range(2)]
         outs = [p.communicate(timeout=60) for p in procs]
-        for p, (out, err) in zip(procs, outs):
+        for p, (_, err) in zip(procs, outs, strict=True):
             assert p.returncode == 0, f"attempt {attempt}: {err}"
         assert sum("already in place" in out for out, _ in outs) == 1, outs
         for v6 in (False, True):
@@ -111,7 +111,7 @@ def test_lock_is_exclusive_times_out_with_one_line_and_is_freed_on_close() -> No
     name = b"\0meshboot-iptables-test-" + os.urandom(4).hex().encode()
     held = lock.acquire(name=name)
     t0 = time.monotonic()
-    with pytest.raises(lock.LockTimeout, match="held its lock for more than 0.3s; nothing was changed"):
+    with pytest.raises(lock.LockTimeout, match=r"held its lock for more than 0.3s; nothing was changed"):
         lock.acquire(wait=0.3, name=name)
     assert time.monotonic() - t0 >= 0.3
     held.close()

@@ -41,7 +41,7 @@ def test_current_layout_jumps_all_protocols_and_spares_the_tunnel_port() -> None
 
 def test_inbound_port_list_redirects_only_those_ports_and_ignores_d() -> None:
     lines = v4("-b", "80,8000:9000", "-d", "15020", "-i", "*")
-    assert lines[:9] == HEAD + ["-A PREROUTING -p tcp -j ISTIO_INBOUND"]
+    assert lines[:9] == [*HEAD, "-A PREROUTING -p tcp -j ISTIO_INBOUND"]
     assert lines[9:11] == ["-A ISTIO_INBOUND -p tcp --dport 80 -j ISTIO_IN_REDIRECT",
                            "-A ISTIO_INBOUND -p tcp --dport 8000:9000 -j ISTIO_IN_REDIRECT"]
     assert not any("15020" in ln for ln in lines)
@@ -49,9 +49,9 @@ def test_inbound_port_list_redirects_only_those_ports_and_ignores_d() -> None:
 
 def test_empty_inbound_ports_capture_nothing_inbound_but_keep_the_chain() -> None:
     lines = v4("-b", "", "-i", "*")
-    assert lines == HEAD + ["-A OUTPUT -p tcp -j ISTIO_OUTPUT", "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
-                            *UID_GID_CLASSIC, "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
-                            "-A ISTIO_OUTPUT -j ISTIO_REDIRECT", "COMMIT"]
+    assert lines == [*HEAD, "-A OUTPUT -p tcp -j ISTIO_OUTPUT", "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
+                    *UID_GID_CLASSIC, "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+                    "-A ISTIO_OUTPUT -j ISTIO_REDIRECT", "COMMIT"]
 
 
 def test_inbound_wildcard_with_excluded_ports_returns_them_in_order() -> None:
@@ -320,7 +320,7 @@ def test_dns_without_servers_is_disabled_with_a_warning() -> None:
     cfg = config("--redirect-dns", resolv="search x\n")
     assert not cfg.dns and any("no nameserver" in w for w in cfg.warnings)
     assert "* raw" not in build(cfg).v4.restore_text()
-    with pytest.raises(ConfigError, match="resolv.conf"):
+    with pytest.raises(ConfigError, match=r"resolv.conf"):
         config("--redirect-dns", resolv=None)
 
 
