@@ -66,12 +66,12 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             yield respond(req.type_url, str(n), self.res[req.type_url])
 
     # grpc.aio needs async generator functions here, not functions returning one.
-    async def StreamAggregatedResources(self, it, context):
+    async def StreamAggregatedResources(self, it, context):  # noqa: N802 - the gRPC method's name
         async for r in self._serve(it, context, "sotw", lambda url, nonce, res: discovery_pb2.DiscoveryResponse(
                 version_info="1", type_url=url, nonce=nonce, resources=list(res.values()))):
             yield r
 
-    async def DeltaAggregatedResources(self, it, context):
+    async def DeltaAggregatedResources(self, it, context):  # noqa: N802 - the gRPC method's name
         async for r in self._serve(it, context, "delta", lambda url, nonce, res: discovery_pb2.DeltaDiscoveryResponse(
                 system_version_info="1", type_url=url, nonce=nonce,
                 resources=[discovery_pb2.Resource(name=k, version="1", resource=v) for k, v in res.items()])):

@@ -31,7 +31,7 @@ def envoy_binary() -> str:
 
 
 def chown_tree(path: str, uid: int = C.PROXY_UID) -> None:
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chown(root, uid, uid)
         for n in files:
             os.chown(os.path.join(root, n), uid, uid)
@@ -125,7 +125,8 @@ class Pod:
         code = ("import sys,urllib.request,urllib.error\n"
                 f"r=urllib.request.Request({url!r},method={method!r})\n"
                 "try:\n"
-                f"  x=urllib.request.urlopen(r,timeout={timeout}); print(x.status); sys.stdout.write(x.read().decode())\n"
+                f"  x=urllib.request.urlopen(r,timeout={timeout}); print(x.status)\n"
+                "  sys.stdout.write(x.read().decode())\n"
                 "except urllib.error.HTTPError as e: print(e.code); sys.stdout.write(e.read().decode())\n"
                 "except Exception as e: print(-1); sys.stdout.write(repr(e))\n")
         out = self.ns.run([PY, "-c", code], check=False, timeout=timeout + 10).stdout
@@ -144,7 +145,8 @@ class Pod:
                 f"d=time.time()+{timeout}\n"
                 "while time.time()<d:\n"
                 "  try:\n"
-                f"    if urllib.request.urlopen('http://127.0.0.1:{C.ENVOY_STATUS_PORT}/healthz/ready',timeout=1).status==200: raise SystemExit(0)\n"
+                f"    u='http://127.0.0.1:{C.ENVOY_STATUS_PORT}/healthz/ready'\n"
+                "    if urllib.request.urlopen(u,timeout=1).status==200: raise SystemExit(0)\n"
                 "  except SystemExit: raise\n"
                 "  except Exception: pass\n"
                 "  time.sleep(0.05)\n"
@@ -155,7 +157,7 @@ class Pod:
         return time.monotonic() - t0
 
     def stats(self, regex: str) -> dict[str, int]:
-        status, body = self.http(f"http://127.0.0.1:{C.ENVOY_ADMIN_PORT}/stats?filter="
+        _status, body = self.http(f"http://127.0.0.1:{C.ENVOY_ADMIN_PORT}/stats?filter="
                                  + urllib.parse.quote(regex, safe=""))
         out = {}
         for line in body.splitlines():

@@ -112,7 +112,10 @@ def agent_cfg(tmp: Path, sa: str, ca_port: int):
            "ENVOY_BINARY": "/bin/true", "CA_ADDR": f"localhost:{ca_port}", "ECC_SIGNATURE_ALGORITHM": "ECDSA",
            "TRUST_DOMAIN": TD, "PROXY_CONFIG": json.dumps({"statusPort": free_port(),
                                                            "proxyAdminPort": free_port()})}
-    read = lambda p: (tmp / p).read_text() if (tmp / p).exists() else None  # noqa: E731
+
+    def read(p: str) -> str | None:
+        return (tmp / p).read_text() if (tmp / p).exists() else None
+
     return build_config(Flags(), env, read, lambda p: (tmp / p).exists(), lambda n: None)
 
 
@@ -180,7 +183,7 @@ def test_agent_refuses_bad_chains_reports_why_and_backs_off(mesh: Mesh, tmp_path
             while len(ca.requests) < len(agents) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(max(v[0] for v in ca.requests.values()) + WINDOW - time.monotonic())
-            for sa, (cfg, secrets, status, metrics) in agents.items():
+            for sa, (cfg, secrets, _status, metrics) in agents.items():
                 code, body = await ready(cfg.status_port)
                 first = ca.requests[sa][0]
                 n = len([t for t in ca.requests[sa] if t <= first + WINDOW])
@@ -190,7 +193,8 @@ def test_agent_refuses_bad_chains_reports_why_and_backs_off(mesh: Mesh, tmp_path
                     continue
                 assert secrets.workload is None, f"{sa}: a bad chain is being served"
                 assert code == 503 and "no valid workload certificate yet" in body and KIND[sa] in body, (sa, body)
-                assert 2 <= n <= 4, f"{sa}: {n} {[round(t - first, 2) for t in ca.requests[sa]]} CA requests in {WINDOW} s (want a 1 s → 5 min back-off)"
+                assert 2 <= n <= 4, (f"{sa}: {n} {[round(t - first, 2) for t in ca.requests[sa]]} CA requests "
+                                     f"in {WINDOW} s (want a 1 s → 5 min back-off)")
                 text = metrics.render().decode()
                 assert f'istio_agent_certificate_refused_total{{reason="{KIND[sa]}"}}' in text, text[-800:]
         finally:

@@ -188,6 +188,14 @@ def test_sds_file_names_and_bad_files(filecert_cfg, tmp_path) -> None:
     asyncio.run(go())
 
 
+class _AppServer(http.server.ThreadingHTTPServer):
+    """The test app: `peers` records the source address of every request."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address, _App)
+        self.peers: list[str] = []
+
+
 class _App(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body, code = {"/metrics": (b"# TYPE app_requests_total counter\napp_requests_total 7\n", 200),
@@ -204,7 +212,8 @@ class _App(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, *a: object) -> None:
-        self.server.peers.append(self.client_address[0])  # type: ignore[attr-defined]
+        assert isinstance(self.server, _AppServer)
+        self.server.peers.append(self.client_address[0])
 
 
 async def _health_server(grpc_port: int) -> grpc.aio.Server:
@@ -242,7 +251,7 @@ def _probe_config(app_port: int, grpc_port: int):
     return build_config(Flags(), env, lambda p: None, os.path.exists, lambda n: None)
 
 
-async def _check_probes_and_metrics(get, app: http.server.ThreadingHTTPServer) -> None:
+async def _check_probes_and_metrics(get, app: _AppServer) -> None:
     r = await get("/healthz/ready")
     assert r.status == 503 and b"Envoy admin unreachable" in r.body
     assert (await get("/app-health/app/readyz")).status == 200
@@ -252,7 +261,7 @@ async def _check_probes_and_metrics(get, app: http.server.ThreadingHTTPServer) -
     assert (await get("/app-health/db/livez")).status == 200
     assert (await get("/app-health/db/readyz")).status == 500
     assert (await get("/app-health/nope/livez")).status == 400
-    assert "127.0.0.6" in app.peers  # type: ignore[attr-defined]     # probes come from 127.0.0.6
+    assert "127.0.0.6" in app.peers       # probes come from 127.0.0.6
     r = await get("/stats/prometheus")
     from prometheus_client.parser import text_string_to_metric_families
     fams = {f.name: f for f in text_string_to_metric_families(r.body.decode())}
@@ -262,8 +271,7 @@ async def _check_probes_and_metrics(get, app: http.server.ThreadingHTTPServer) -
 
 def test_status_server_probes_metrics_and_quit(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
-    app.peers = []  # type: ignore[attr-defined]
+    app = _AppServer(("127.0.0.1", 0))
     threading.Thread(target=app.serve_forever, daemon=True).start()
     grpc_port = free_port()
     cfg = _probe_config(app.server_address[1], grpc_port)
