@@ -71,7 +71,7 @@ KEY_NAMES = ("ecdsa", "p384", "rsa", "rsa-e3", "rsa-e33bits", "rsa-hugee")
 
 
 @functools.cache
-def key(name: str) -> object:
+def key(name: str) -> pki.PrivateKey:
     """Made on first use: RSA generation would otherwise cost every `make test` run at collection time."""
     return {"ecdsa": lambda: pki.generate_key(), "p384": lambda: pki.generate_key(curve="P384"),
             "rsa": lambda: pki.generate_key("RSA"), "rsa-e3": lambda: rsa_key_with_exponent(2),
@@ -79,11 +79,11 @@ def key(name: str) -> object:
             "rsa-hugee": lambda: rsa_key_with_exponent(2000)}[name]()
 
 
-def _csr(key: object, sans: list[x509.GeneralName]) -> str:
+def _csr(key: pki.PrivateKey, sans: list[x509.GeneralName]) -> str:
     b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=True)
-    return pki.csr_pem(b.sign(key, pki.signature_hash(key))).decode()  # type: ignore[arg-type]
+    return pki.csr_pem(b.sign(key, pki.signature_hash(key))).decode()
 
 
 SAN = st.one_of(

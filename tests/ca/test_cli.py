@@ -35,7 +35,8 @@ CLIENT = textwrap.dedent("""
     mon = lambda p: urllib.request.urlopen("http://127.0.0.1:15014" + p, timeout=5).read().decode()
     print(json.dumps({"n": len(resp.cert_chain), "root_last": resp.cert_chain[-1] == root,
                       "sans": pki.uri_sans(leaf), "healthz": mon("/healthz"),
-                      "metrics": [l for l in mon("/metrics").splitlines() if l.startswith("meshboot_ca_csr_requests_total")]}))
+                      "metrics": [l for l in mon("/metrics").splitlines()
+                                  if l.startswith("meshboot_ca_csr_requests_total")]}))
 """)
 
 

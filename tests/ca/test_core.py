@@ -292,8 +292,9 @@ def test_leaf_cut_warning_and_log(caplog: pytest.LogCaptureFixture) -> None:
     policy = Policy(TD, max_ttl=dt.timedelta(hours=24), min_ttl=dt.timedelta(minutes=10))
     end = auth.not_after.timestamp()
     assert metrics.leaf_cut_warning(auth, policy, end - 25 * 3600) is None
-    assert metrics.leaf_cut_warning(auth, policy, end - 3600).level == logging.WARNING     # type: ignore[union-attr]
-    assert metrics.leaf_cut_warning(auth, policy, end - 60).level == logging.ERROR         # type: ignore[union-attr]
+    soon, sooner = metrics.leaf_cut_warning(auth, policy, end - 3600), metrics.leaf_cut_warning(auth, policy, end - 60)
+    assert soon is not None and soon.level == logging.WARNING
+    assert sooner is not None and sooner.level == logging.ERROR
     assert metrics.check_interval(auth, policy, end - 25 * 3600, 3600) == 3600
     assert metrics.check_interval(auth, policy, end - 3600, 3600) == 150
     short = signer.Authority(pki.make_ca("s", k, ttl=dt.timedelta(minutes=8)), k,

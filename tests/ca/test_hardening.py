@@ -270,7 +270,8 @@ def test_in_flight_limit_answers_resource_exhausted_plainly(ca: CA, loop: Loop) 
     async def start() -> tuple[grpc.aio.Server, int]:
         server = new_grpc_server()
         service.add_to(server)
-        port = server.add_secure_port("127.0.0.1:0", ca.running.serving.credentials())  # type: ignore[union-attr]
+        assert ca.running.serving is not None
+        port = server.add_secure_port("127.0.0.1:0", ca.running.serving.credentials())
         await server.start()
         return server, port
     server, port = loop.run(start())

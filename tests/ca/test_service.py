@@ -55,7 +55,8 @@ def test_valid_rsa_request_and_ttl_capped_at_maximum(ca: CA) -> None:
 
 def test_p384_csr_and_default_validity(ca: CA) -> None:
     leaf = verify_chain(ca.create(csr_for(curve="P384"), ca.issuer.token("ns-a", "sa-a"), validity=0))
-    assert leaf.public_key().curve.name == "secp384r1"  # type: ignore[union-attr]
+    leaf_key = leaf.public_key()
+    assert isinstance(leaf_key, ec.EllipticCurvePublicKey) and leaf_key.curve.name == "secp384r1"
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc > dt.timedelta(hours=23)
 
 

@@ -133,7 +133,7 @@ def test_replica_cache_answers_identical_pods_with_their_own_uid() -> None:
     cache = ReplicaCache(4)
     s = settings()
     pod = hello_pod()
-    first, o1 = review_bytes(review_body(pod, uid="11111111-a"), s, "/inject", cache)
+    first, _ = review_bytes(review_body(pod, uid="11111111-a"), s, "/inject", cache)
     second, o2 = review_bytes(review_body(pod, uid="22222222-b"), s, "/inject", cache)
     assert (cache.misses, cache.hits) == (1, 1)
     r1, r2 = json.loads(first)["response"], json.loads(second)["response"]

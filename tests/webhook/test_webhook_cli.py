@@ -159,8 +159,10 @@ def test_explain(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert rc == 0
     lines = out.strip().splitlines()
     assert len(lines) == 3, out
-    assert lines[0].startswith("Deployment/hello (namespace default): WILL be injected") and "[policy_enabled]" in lines[0]
-    assert lines[1].startswith("Pod/off (namespace default): will NOT be injected") and "pod label sidecar.istio.io/inject=false [no_webhook_matches]" in lines[1]
+    assert lines[0].startswith("Deployment/hello (namespace default): WILL be injected")
+    assert "[policy_enabled]" in lines[0]
+    assert lines[1].startswith("Pod/off (namespace default): will NOT be injected")
+    assert "pod label sidecar.istio.io/inject=false [no_webhook_matches]" in lines[1]
     assert "CronJob/nightly (namespace jobs): WILL" in lines[2]
     rc, out, _ = run_cli(tmp_path, SAMPLE.read_text(), "--explain", "--namespace-labels", "", capsys=capsys)
     assert "will NOT be injected" in out and "no webhook selects it" in out and "[no_webhook_matches]" in out
@@ -186,7 +188,7 @@ def test_errors_are_clear_and_write_nothing(text: str, values: str | None, msg: 
 def test_console_script_reads_stdin() -> None:
     exe = Path(sys.executable).parent / "meshboot-inject"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "webhook.cli"]
-    r = subprocess.run(cmd + ["-f", "-", "--kubernetes-version", "1.33"], input=SAMPLE.read_text(),
+    r = subprocess.run([*cmd, "-f", "-", "--kubernetes-version", "1.33"], input=SAMPLE.read_text(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "istio-proxy" in r.stdout and "sidecar.istio.io/status" in r.stdout

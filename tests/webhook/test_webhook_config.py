@@ -54,7 +54,7 @@ def test_bad_values_name_the_field(values: dict, where: str) -> None:
 
 
 def test_bad_mesh_and_options() -> None:
-    with pytest.raises(ConfigError, match="defaultConfig.drainDuration"):
+    with pytest.raises(ConfigError, match=r"defaultConfig\.drainDuration"):
         build_settings(mesh={"defaultConfig": {"drainDuration": "soon"}})
     with pytest.raises(ConfigError, match="interceptionMode"):
         build_settings(mesh={"defaultConfig": {"interceptionMode": "IPVS"}})

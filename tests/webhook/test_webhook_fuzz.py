@@ -141,7 +141,7 @@ def bodies(draw: Any) -> bytes:
 
 def _answer(body: bytes, s: Any = SETTINGS, cache: ReplicaCache | None = None) -> dict[str, Any]:
     start = time.perf_counter()
-    payload, outcome = review_bytes(body, s, "/inject", cache)
+    payload, _ = review_bytes(body, s, "/inject", cache)
     took = time.perf_counter() - start
     assert took < 1.0, f"{took:.2f} s"
     assert len(payload) <= MAX_RESPONSE_BYTES, len(payload)

@@ -135,7 +135,7 @@ def test_annotations_over_the_kubernetes_total_are_refused() -> None:
 def test_huge_uid_is_not_echoed() -> None:
     body = json.loads(review_body(hello_pod()))
     body["request"]["uid"] = "u" * 2_000_000
-    payload, out = review_bytes(json.dumps(body).encode(), settings())
+    payload, _ = review_bytes(json.dumps(body).encode(), settings())
     assert len(payload) < 16 * 1024 and "request.uid" in json.loads(payload)["response"]["status"]["message"]
 
 

@@ -544,5 +544,5 @@ def test_user_volumes_from_annotations() -> None:
     assert "extra-certs" in json.loads(out["metadata"]["annotations"]["sidecar.istio.io/status"])["volumes"]
     assert injected(out) == out
     pod["metadata"]["annotations"]["sidecar.istio.io/userVolume"] = "[1]"
-    with pytest.raises(InjectionError, match="sidecar.istio.io/userVolume"):
+    with pytest.raises(InjectionError, match=r"sidecar\.istio\.io/userVolume"):
         inject_pod(pod, settings())

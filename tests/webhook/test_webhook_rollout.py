@@ -1,5 +1,5 @@
-"""Rollouts that drop no admissions: two real `meshboot-webhook` replicas (injector + CA), serving certificates signed by
-the one mesh root they share through the CA Secret (on the fake API server), one replica restarted while a client
+"""Rollouts that drop no admissions: two real `meshboot-webhook` replicas (injector + CA), serving certificates signed
+by the one mesh root they share through the CA Secret (on the fake API server), one replica restarted while a client
 sends admissions the way the API server does.
 
 The model of the API server and the Service (what makes a dropped admission):
@@ -30,11 +30,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from test_webhook_server import ROOT, free_port
 from webhook_fixtures import hello_pod, review_body
 
@@ -76,7 +77,8 @@ class Replica:
                 "--serving-cert", "mesh-ca", "--self-signed-dir", str(d / "tls"),
                 "--ca-bundle-out", str(d / "ca-bundle.pem"), "--webhook-config-name", MWC,
                 "--ca-port", str(self.ca_port), "--ca-address", "127.0.0.1", "--ca-dir", str(d / "ca"),
-                "--plugin-certs", str(d / "no-cacerts"), "--ca-secret", C.CA_SECRET_NAME, "--jwks", str(self.jwks), *self.extra]
+                "--plugin-certs", str(d / "no-cacerts"), "--ca-secret", C.CA_SECRET_NAME, "--jwks", str(self.jwks),
+                *self.extra]
         self.log = open(d / "server.log", "wb")
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -137,7 +139,7 @@ class Endpoints(threading.Thread):
                 self.cond.notify_all()
             self.stopping.wait(max(0.0, PROBE_PERIOD - (time.monotonic() - start)))
 
-    def after_next_round(self, pred=lambda eps: True, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    def after_next_round(self, pred: Callable[[Endpoints], bool] = lambda eps: True, timeout: float = 20.0) -> None:
         with self.cond:
             first = self.rounds
             assert self.cond.wait_for(lambda: self.rounds > first and pred(self), timeout), "endpoints never settled"
@@ -292,7 +294,6 @@ def test_renewed_serving_certificate_is_hot_reloaded_and_chains_to_the_root(clus
             serials.add(leaf.serial_number)
             time.sleep(0.2)
         assert len(serials) >= 3, "the certificate was not renewed and reloaded"
-        from cryptography import x509
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert set(sans.get_values_for_type(x509.DNSName)) == {
             C.WEBHOOK_SERVICE, f"{C.WEBHOOK_SERVICE}.{C.ISTIO_NAMESPACE}", HOST, f"{HOST}.cluster.local"}
@@ -304,15 +305,14 @@ def test_renewed_serving_certificate_is_hot_reloaded_and_chains_to_the_root(clus
         r.stop()
 
 
-def x509_root(kube: FakeKube):  # type: ignore[no-untyped-def]
+def x509_root(kube: FakeKube) -> x509.Certificate:
     secret = kube.get("secrets", C.ISTIO_NAMESPACE, C.CA_SECRET_NAME)
     return pki.load_certs(base64.b64decode(secret["data"][C.CA_ROOT_FILE]))[0]
 
 
-def served_leaf(port: int):  # type: ignore[no-untyped-def]
+def served_leaf(port: int) -> x509.Certificate:
     ctx = ssl._create_unverified_context()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
             ctx.wrap_socket(raw, server_hostname=HOST) as tls:
         der = tls.getpeercert(binary_form=True)
-    from cryptography import x509
     return x509.load_der_x509_certificate(der)

@@ -28,7 +28,8 @@ def _put(path: Path, data: bytes) -> None:
 
 
 class Prober(threading.Thread):
-    """Fresh TLS connection (with and without SNI) + GET /healthz in a loop; records the served serial or the failure."""
+    """Fresh TLS connection (with and without SNI) + GET /healthz in a loop; records the served serial or the
+    failure."""
 
     def __init__(self, port: int, cadata: str) -> None:
         super().__init__(daemon=True)
