@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: sysdeps $(STAMP)
+test: sysdeps $(STAMP) lint
 	$(PY) -m pytest -q tests
 
 # The fuzz suites only, with MESHBOOT_FUZZ_SCALE (default 20) times make test's budget and random seeds.
