@@ -60,3 +60,18 @@ def drip(port: int, first: bytes, byte: bytes, every: float = 0.2, times: int = 
             except (BrokenPipeError, ConnectionResetError):
                 break
         return data, time.monotonic() - t0
+
+
+def over_the_cap(port: int, cap: int, request: bytes) -> tuple[bytes, float]:
+    """Hold `cap` idle connections, then send `request` on one more: what it got back before the server closed it,
+    and how long that took (a server that caps connections closes it at once, with nothing)."""
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(cap)]
+    try:
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            extra.sendall(request)
+            return until_closed(extra)
+    finally:
+        for s in held:
+            s.close()
+        time.sleep(0.1)

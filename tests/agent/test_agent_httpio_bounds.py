@@ -4,13 +4,12 @@ with one clear 4xx when the request says too much; probes keep working afterward
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from agent import httpio
-from testing.sockets import drip, serve_in_thread, until_closed
+from testing.sockets import drip, over_the_cap, serve_in_thread, until_closed
 
 BOUND, SLACK, CAP = 1.0, 1.5, 4
 
@@ -53,17 +52,8 @@ def test_oversized_requests_refused_at_once(port: int, raw: bytes, status: bytes
 
 
 def test_connections_beyond_the_cap_closed_at_once(port: int) -> None:
-    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(CAP)]
-    try:
-        time.sleep(0.1)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
-            extra.sendall(b"GET /healthz/ready HTTP/1.1\r\n\r\n")
-            data, took = until_closed(extra)
-        assert data == b"" and took < BOUND / 2
-    finally:
-        for s in held:
-            s.close()
-    time.sleep(0.1)
+    data, took = over_the_cap(port, CAP, b"GET /healthz/ready HTTP/1.1\r\n\r\n")
+    assert data == b"" and took < BOUND / 2
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"POST /x HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc")
         assert until_closed(s)[0].startswith(b"HTTP/1.1 200 OK")

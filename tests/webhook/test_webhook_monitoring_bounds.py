@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from meshboot.monitoring import MAX_HEAD, start_monitoring
-from testing.sockets import ask, drip, serve_in_thread, until_closed
+from testing.sockets import ask, drip, over_the_cap, serve_in_thread, until_closed
 
 BOUND, SLACK, CAP = 1.0, 1.5, 4
 
@@ -46,17 +45,8 @@ def test_oversized_head_refused_without_traceback(port: int, caplog: pytest.LogC
 
 
 def test_connections_beyond_the_cap_closed_at_once(port: int) -> None:
-    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(CAP)]
-    try:
-        time.sleep(0.1)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
-            extra.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
-            data, took = until_closed(extra)
-        assert data == b"" and took < BOUND / 2
-    finally:
-        for s in held:
-            s.close()
-    time.sleep(0.1)
+    data, took = over_the_cap(port, CAP, b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert data == b"" and took < BOUND / 2
     assert ask(port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 ")
 
 
