@@ -306,6 +306,7 @@ def test_status_server_probes_metrics_and_quit(tmp_path, monkeypatch) -> None:
 
     asyncio.run(go())
     app.shutdown()
+    app.server_close()
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -349,5 +350,6 @@ def test_wait_blocks_until_ready() -> None:
     r = run_cli("wait", "--url", url, "--periodMillis", "50", "--timeoutSeconds", "10")
     assert r.returncode == 0 and "Envoy is ready!" in r.stdout and state["n"] == 3
     srv.shutdown()
+    srv.server_close()
     r = run_cli("wait", "--url", url, "--periodMillis", "50", "--timeoutSeconds", "1")
     assert r.returncode == 1 and "timeout waiting for Envoy proxy" in r.stderr

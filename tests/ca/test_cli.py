@@ -61,8 +61,9 @@ def test_standalone_ca_on_15012_in_netns(netns: Netns, tmp_path: Path) -> None:
     assert got["n"] == 2 and got["root_last"] and got["sans"] == [me] and got["healthz"] == "ok\n"
     assert 'meshboot_ca_csr_requests_total{result="issued"} 1.0' in got["metrics"]
     os.kill(proc.pid, signal.SIGTERM)    # netns.popen runs `ip netns exec`, which execs: this is the CA itself
-    assert proc.wait(10) == 0
-    logs = [json.loads(x) for x in proc.stderr.read().splitlines() if x.startswith("{")]
+    _, err = proc.communicate(timeout=10)     # reads both pipes to the end and closes them
+    assert proc.returncode == 0
+    logs = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
     assert any(r["msg"] == "CA serving" and r["address"] == "0.0.0.0:15012" for r in logs)
 
 

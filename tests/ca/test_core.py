@@ -186,6 +186,7 @@ def test_jwks_url_refreshed_on_unknown_kid(monkeypatch: pytest.MonkeyPatch) -> N
         assert served["hits"] == 2
     finally:
         httpd.shutdown()
+        httpd.server_close()
 
 
 def test_jwks_url_larger_than_bound_is_refused() -> None:
@@ -208,6 +209,7 @@ def test_jwks_url_larger_than_bound_is_refused() -> None:
             tokens.LocalVerifier(("istio-ca",), jwks=f"http://127.0.0.1:{httpd.server_address[1]}/jwks")
     finally:
         httpd.shutdown()
+        httpd.server_close()
 
 
 def test_bad_jwks_file(tmp_path: Path) -> None:
