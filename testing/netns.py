@@ -88,6 +88,10 @@ class Netns:
         for p in self.procs:
             with contextlib.suppress(Exception):
                 p.wait(timeout=5)
+            for pipe in (p.stdin, p.stdout, p.stderr):       # PIPEs the caller asked for and did not drain
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

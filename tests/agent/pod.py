@@ -69,12 +69,12 @@ class Pod:
 
     # -- CA --
     def start_ca(self, wait: bool = True) -> None:
-        log = open(self.path("ca.log"), "ab")
-        self.ca_proc = self.ns.popen(
-            [PY, "-m", "ca", "--ca-port", str(C.CA_PORT), "--ca-address", "127.0.0.1", "--ca-dir",
-             str(self.path("ca")), "--jwks", str(self.path("jwks.json")), "--trust-domain", C.DEFAULT_TRUST_DOMAIN,
-             "--max-workload-cert-ttl", "24h", "--ca-monitoring-port", "0"],
-            cwd=str(REPO), stdout=log, stderr=log)
+        with open(self.path("ca.log"), "ab") as log:         # the child keeps its own copy of the fd
+            self.ca_proc = self.ns.popen(
+                [PY, "-m", "ca", "--ca-port", str(C.CA_PORT), "--ca-address", "127.0.0.1", "--ca-dir",
+                 str(self.path("ca")), "--jwks", str(self.path("jwks.json")), "--trust-domain", C.DEFAULT_TRUST_DOMAIN,
+                 "--max-workload-cert-ttl", "24h", "--ca-monitoring-port", "0"],
+                cwd=str(REPO), stdout=log, stderr=log)
         if wait:
             self.wait_tcp("127.0.0.1", C.CA_PORT, 20)
             shutil.copy(self.path("ca/root-cert.pem"), self.path(C.ROOT_CERT_PATH))
@@ -102,12 +102,12 @@ class Pod:
 
     def start_agent(self, *flags: str, **env: str) -> subprocess.Popen:
         chown_tree(self.dir)
-        out = open(self.agent_log, "ab")
-        self.agent_proc = self.ns.popen(
-            [PY, "-m", "agent", "proxy", "sidecar", "--domain", f"{self.namespace}.svc.cluster.local",
-             "--proxyLogLevel=warning", "--proxyComponentLogLevel=misc:error", "--log_output_level=default:info",
-             "--concurrency", "1", *flags],
-            uid=C.PROXY_UID, cwd=self.dir, env=self.env(**env), stdout=out, stderr=subprocess.STDOUT)
+        with open(self.agent_log, "ab") as out:             # the child keeps its own copy of the fd
+            self.agent_proc = self.ns.popen(
+                [PY, "-m", "agent", "proxy", "sidecar", "--domain", f"{self.namespace}.svc.cluster.local",
+                 "--proxyLogLevel=warning", "--proxyComponentLogLevel=misc:error", "--log_output_level=default:info",
+                 "--concurrency", "1", *flags],
+                uid=C.PROXY_UID, cwd=self.dir, env=self.env(**env), stdout=out, stderr=subprocess.STDOUT)
         return self.agent_proc
 
     def log(self) -> str:

@@ -109,9 +109,10 @@ def running_agent(tmp_path: Path):
     issuer, ca_port = Issuer(), free_port()
     _pod_dir(d, issuer)
     log = d / "agent.log"
-    ca = subprocess.Popen([PY, "-m", "ca", "--ca-port", str(ca_port), "--ca-address", "127.0.0.1", "--ca-dir",
-                           str(d / "ca"), "--jwks", str(d / "jwks.json"), "--trust-domain", C.DEFAULT_TRUST_DOMAIN,
-                           "--ca-monitoring-port", "0"], stdout=subprocess.DEVNULL, stderr=open(d / "ca.log", "wb"))
+    with open(d / "ca.log", "wb") as ca_log:                 # the child keeps its own copy of the fd
+        ca = subprocess.Popen([PY, "-m", "ca", "--ca-port", str(ca_port), "--ca-address", "127.0.0.1", "--ca-dir",
+                               str(d / "ca"), "--jwks", str(d / "jwks.json"), "--trust-domain", C.DEFAULT_TRUST_DOMAIN,
+                               "--ca-monitoring-port", "0"], stdout=subprocess.DEVNULL, stderr=ca_log)
     agent = None
     try:
         _wait(lambda: _listening(ca_port), 30, "the CA listening", d / "ca.log")
@@ -121,9 +122,10 @@ def running_agent(tmp_path: Path):
                "POD_NAMESPACE": "default", "SERVICE_ACCOUNT": "web", "INSTANCE_IP": "127.0.0.1",
                "CA_ADDR": f"localhost:{ca_port}", "ENVOY_BINARY": str(d / "envoy"),
                "PROXY_CONFIG": json.dumps({"statusPort": status_port, "proxyAdminPort": free_port()})}
-        agent = subprocess.Popen([PY, "-I", "-c", WRAPPER, str(d / "dump"), str(d / "modules"), "proxy", "sidecar"],
-                                 cwd=d, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        with open(log, "wb") as out:
+            agent = subprocess.Popen([PY, "-I", "-c", WRAPPER, str(d / "dump"), str(d / "modules"), "proxy",
+                                      "sidecar"], cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         _wait(lambda: _listening(status_port) and (d / "etc/istio/proxy/XDS").exists()
               and (d / C.WORKLOAD_SOCKET_DIR / "socket").exists(), 30, "status, SDS and XDS up", log)
         yield agent.pid, d

@@ -75,9 +75,8 @@ def cert_serials(pod: Pod) -> set[str]:
 
 def start_app(pod: Pod, ns: Netns | None = None, port: int = APP_PORT) -> subprocess.Popen:
     ns = ns or pod.ns
-    log = open(pod.path(f"app-{port}.log"), "ab")
-    p = ns.popen([PY, str(HERE / "app.py"), str(port), str(pod.path("ready-code"))], stdout=log, stderr=log)
-    return p
+    with open(pod.path(f"app-{port}.log"), "ab") as log:     # the child keeps its own copy of the fd
+        return ns.popen([PY, str(HERE / "app.py"), str(port), str(pod.path("ready-code"))], stdout=log, stderr=log)
 
 
 def install_capture(pod: Pod) -> None:
@@ -299,9 +298,9 @@ def test_proxy_mode_forwards_ads_and_reconnects(pod: Pod, delta: bool) -> None:
     pod.path("expected-token").write_text(pod.path(C.TOKEN_PATH).read_text())
 
     def upstream(gen: int) -> subprocess.Popen:
-        log = open(pod.path(f"ads-{gen}.log"), "ab")
-        return pod.ns.popen([PY, str(HERE / "ads_upstream.py"), "15011", cert, key, token, str(gen)],
-                            stdout=log, stderr=log, cwd=str(REPO))
+        with open(pod.path(f"ads-{gen}.log"), "ab") as log:
+            return pod.ns.popen([PY, str(HERE / "ads_upstream.py"), "15011", cert, key, token, str(gen)],
+                                stdout=log, stderr=log, cwd=str(REPO))
 
     up = upstream(1)
     pod.wait_tcp("127.0.0.1", 15011)
@@ -391,9 +390,9 @@ def test_15021_answers_503_until_envoy_has_accepted_config(pod: Pod) -> None:
     pod.path("expected-token").write_text(pod.path(C.TOKEN_PATH).read_text())
 
     def upstream(gen: int) -> subprocess.Popen:
-        log = open(pod.path(f"ads-{gen}.log"), "ab")
-        return pod.ns.popen([PY, str(HERE / "ads_upstream.py"), "15011", cert, key, str(pod.path("expected-token")),
-                             str(gen)], stdout=log, stderr=log, cwd=str(REPO))
+        with open(pod.path(f"ads-{gen}.log"), "ab") as log:
+            return pod.ns.popen([PY, str(HERE / "ads_upstream.py"), "15011", cert, key,
+                                 str(pod.path("expected-token")), str(gen)], stdout=log, stderr=log, cwd=str(REPO))
 
     bad = upstream(0)
     pod.wait_tcp("127.0.0.1", 15011)
