@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("webhook", "ca", "agent", "init")
+PARTS = ("webhook", "ca", "agent", "init", "discovery")
 SHARED = "meshboot"
 WIRING = "controlplane"
 TEST_SUPPORT = ("testing", "tests", "bench", "e2e")
