@@ -38,9 +38,13 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "serviceaccounts": ("v1", "ServiceAccount", True),
     "mutatingwebhookconfigurations": ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration", False),
     "nodes": ("v1", "Node", False),
+    "services": ("v1", "Service", True),
+    "pods": ("v1", "Pod", True),
+    "endpointslices": ("discovery.k8s.io/v1", "EndpointSlice", True),
+    "peerauthentications": ("security.istio.io/v1", "PeerAuthentication", True),   # also served as v1beta1
 }
 _PATH = re.compile(
-    r"^/(?:api/v1|apis/(?P<group>[a-z0-9.-]+/v1))"
+    r"^/(?:api/v1|apis/(?P<group>[a-z0-9.-]+/v1(?:beta1)?))"
     r"(?:/namespaces/(?P<ns>[a-z0-9-]+)(?=/))?"
     r"/(?P<plural>[a-z]+)(?:/(?P<name>[A-Za-z0-9._-]+))?$")
 
@@ -110,6 +114,9 @@ class FakeKube:
         self.httpd: ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
         self.failures: dict[tuple[str, str], list[int]] = {}   # (method, path) -> statuses to answer first
+        self.unserved: set[str] = set()     # "<group>/<version>/<plural>" answered 404, as without the CRD
+        self.compacted = 0                  # watches from an older resourceVersion get 410 Gone (Expired)
+        self.drops = 0                      # bumped by drop_watches(): open watch streams break off
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> FakeKube:
@@ -208,6 +215,19 @@ class FakeKube:
             obj = self.objects.get((plural, namespace, name))
             return copy.deepcopy(obj) if obj else None
 
+    def compact(self) -> int:
+        """Forget the event history (etcd compaction): a watch from an older resourceVersion gets 410 Gone."""
+        with self.cond:
+            self.compacted = self.rv
+            self.events.clear()
+            return self.compacted
+
+    def drop_watches(self) -> None:
+        """Break every open watch stream off mid-stream (no final chunk), as a dropped connection does."""
+        with self.cond:
+            self.drops += 1
+            self.cond.notify_all()
+
     def fail_next(self, method: str, path: str, *statuses: int) -> None:
         """Answer the next requests to (method, path) with these error statuses (e.g. 500, 409)."""
         with self.cond:
@@ -241,6 +261,10 @@ def _selected(obj: dict[str, Any], namespace: str, field_selector: str) -> bool:
         if (actual == v.lstrip("=")) == neg:
             return False
     return True
+
+
+def _event_line(type_: str, obj: dict[str, Any]) -> bytes:
+    return json.dumps({"type": type_, "object": obj}).encode() + b"\n"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -296,6 +320,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not m or m.group("plural") not in RESOURCES:
             return self._error(404, "NotFound", "the server could not find the requested resource")
         plural, ns, name = m.group("plural"), m.group("ns") or "", m.group("name")
+        if f"{m.group('group') or 'v1'}/{plural}" in k.unserved:
+            return self._error(404, "NotFound", "the server could not find the requested resource")
         namespaced = RESOURCES[plural][2]
         if plural == "namespaces" and ns:
             return self._error(404, "NotFound", "the server could not find the requested resource")
@@ -439,8 +465,10 @@ class _Handler(BaseHTTPRequestHandler):
         k = self.kube
         sel = query.get("fieldSelector", [""])[0]
         timeout = float(query.get("timeoutSeconds", ["1800"])[0])
+        bookmarks = query.get("allowWatchBookmarks", [""])[0] == "true"
         with k.cond:
             since = int(query.get("resourceVersion", ["0"])[0] or 0) or k.rv
+            expired, drops = since < k.compacted, k.drops
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -449,24 +477,41 @@ class _Handler(BaseHTTPRequestHandler):
             self._rec.status = 200
         deadline = time.monotonic() + timeout
         try:
+            if expired:
+                return self._watch_end([_event_line("ERROR", status_body(
+                    410, "Expired", f"too old resource version: {since} ({k.compacted})"))])
             while True:
                 with k.cond:
+                    if k.drops != drops:
+                        self.close_connection = True
+                        return self.connection.shutdown(2)   # socket.SHUT_RDWR: no final chunk
                     pending = [e for e in k.events if e.rv > since and e.plural == plural and
                                _selected(e.obj, ns, sel)]
                     since = max(since, k.rv)
                     if not pending:
                         if k.stopping or time.monotonic() >= deadline:
                             break
+                        if k.drops != drops:
+                            continue
                         k.cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
                         continue
-                for e in pending:
-                    line = json.dumps({"type": e.type, "object": e.obj}).encode() + b"\n"
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-                self.wfile.flush()
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+                self._chunks([_event_line(e.type, e.obj) for e in pending])
+            api_version, kind, _ = RESOURCES[plural]
+            self._watch_end([_event_line("BOOKMARK", {"apiVersion": api_version, "kind": kind, "metadata": {
+                "resourceVersion": str(since)}})] if bookmarks else [])
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass
+        self.close_connection = True
+
+    def _chunks(self, lines: list[bytes]) -> None:
+        for line in lines:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.flush()
+
+    def _watch_end(self, lines: list[bytes]) -> None:
+        self._chunks(lines)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
         self.close_connection = True
 
     def _token_review(self, body: Any) -> None:
