@@ -9,6 +9,7 @@ the schema leaves the stored object equal, so it notifies nobody.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 KINDS = ("Namespace", "Service", "EndpointSlice", "Pod", "PeerAuthentication")
@@ -16,11 +17,12 @@ _MISSING = object()
 
 # Schema language: ("str", max_len) | "int" | "bool" | "int-or-str" | ("map", max_entries, key_len, value_len)
 # | ("istio-map", ...) (a map keeping only *istio.io/ keys) | ("list", item, max_items)
-# | ("dict-of", max_entries, key_len, item) | {field: schema}.
+# | ("dict-of", max_entries, key_len, item) | ("json", max_bytes) (kept as sent: its reader validates it whole)
+# | {field: schema}.
 Schema = Any
 
 NAME = ("str", 253)
-LABELS = ("map", 256, 317, 63)
+LABELS = ("map", 1024, 317, 63)
 METADATA = {"name": NAME, "namespace": ("str", 63), "uid": ("str", 64), "creationTimestamp": ("str", 64),
             "deletionTimestamp": ("str", 64), "labels": LABELS,
             "annotations": ("istio-map", 64, 317, 16384)}
@@ -45,9 +47,10 @@ SCHEMAS: dict[str, Schema] = {
         "subdomain": ("str", 63), "containers": _CONTAINERS, "initContainers": _CONTAINERS},
         "status": {"phase": ("str", 32), "podIP": ("str", 64), "podIPs": ("list", {"ip": ("str", 64)}, 4),
                    "conditions": ("list", {"type": ("str", 316), "status": ("str", 16)}, 64)}},
-    "PeerAuthentication": {"apiVersion": ("str", 64), "metadata": METADATA, "spec": {
-        "selector": {"matchLabels": LABELS}, "mtls": {"mode": ("str", 16)},
-        "portLevelMtls": ("dict-of", 64, 5, {"mode": ("str", 16)})}},
+    # The spec as sent: discovery/peerauth.py refuses unknown fields (matchExpressions, targetRef), which a
+    # trimmed copy would hide, turning a selector policy into a namespace-wide one.
+    "PeerAuthentication": {"apiVersion": ("str", 64), "kind": ("str", 64), "metadata": METADATA,
+                           "spec": ("json", 1536 * 1024)},
 }
 
 
@@ -88,6 +91,9 @@ def _trim(value: Any, schema: Schema, path: str) -> Any:
     if schema == "int-or-str":
         return value if type(value) is int else _trim(value, ("str", 63), path)
     tag = schema[0]
+    if tag == "json":
+        _bound(len(json.dumps(value)) <= schema[1], path, f"longer than {schema[1]} bytes of JSON")
+        return value
     if tag == "str":
         if not isinstance(value, str):
             return _MISSING

@@ -107,7 +107,7 @@ def test_initial_list_keeps_the_bounded_typed_fields(kube: FakeKube, running: li
     eps = snap.get("EndpointSlice", "default", "web-abc")
     assert eps is not None and eps["endpoints"][0]["addresses"] == ["10.0.0.5"]
     pa = snap.get("PeerAuthentication", "istio-system", "default")
-    assert pa == {"apiVersion": "security.istio.io/v1", "metadata": pa["metadata"],
+    assert pa == {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": pa["metadata"],
                   "spec": {"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}}
     watches = kube.recorded("GET", "/api/v1/services")
     assert [r.query.get("watch") for r in watches][:2] == [None, ["true"]]
@@ -251,7 +251,7 @@ def test_an_object_over_a_bound_is_refused_whole(kube: FakeKube, running: list[W
     running.append(w := start(kube))
     kube.put_object("pods", pod("web-1", "10.0.0.5"))
     until(lambda: w.store.snapshot().get("Pod", "default", "web-1"))
-    hostile = pod("web-1", "10.0.0.5", **{f"l{i}": "v" for i in range(300)})
+    hostile = pod("web-1", "10.0.0.5", **{f"l{i}": "v" for i in range(1025)})
     kube.put_object("pods", hostile)                      # too many labels: its previous form goes too
     until(lambda: w.store.snapshot().get("Pod", "default", "web-1") is None)
     kube.put_object("pods", pod("web-2", "10.0.0.6"))     # and the watch carries on
@@ -277,6 +277,19 @@ def test_kinds_keep_types_and_refuse_excess() -> None:
     with pytest.raises(kinds.Refused, match="name"):
         kinds.keep("Service", {"metadata": {"name": 5}})
     assert kinds.key_of(kept) == ("n", "p")
+
+
+def test_peer_authentication_spec_is_kept_as_sent_for_its_validator() -> None:
+    from discovery import peerauth
+    raw = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+           "metadata": {"name": "p", "namespace": "n", "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "spec": {"selector": {"matchExpressions": [{"key": "app"}]}, "mtls": {"mode": "DISABLE"}}}
+    kept = kinds.keep("PeerAuthentication", raw)
+    assert kept["spec"] == raw["spec"]                    # not cut down to a namespace-wide DISABLE
+    _, problems = peerauth.compile([kept])
+    assert len(problems) == 1 and "matchExpressions" in problems[0]
+    with pytest.raises(kinds.Refused, match="bytes of JSON"):
+        kinds.keep("PeerAuthentication", {**raw, "spec": {"x": "y" * 1536 * 1024}})
 
 
 def test_lines_are_split_across_chunks_and_capped() -> None:
