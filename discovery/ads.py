@@ -1,0 +1,387 @@
+"""The ADS server's shell: envoy.service.discovery.v3.AggregatedDiscoveryService over grpc.aio, state-of-the-world
+(StreamAggregatedResources) and incremental (DeltaAggregatedResources), serving a `Snapshot`.
+
+One stream = one proxy. The stream is authenticated before its first request is read (the bearer service-account
+JWT, through the `authenticate` callable the control plane passes in) and authorized on its first request (the
+node's namespace and SERVICE_ACCOUNT must be the token's). Requests of one stream are handled one at a time, and a
+push to that proxy takes the same lock, so a proxy's watch state has one writer. The rules for what a request
+means are in protocol.py; what a push is, in push.py. Bytes on the socket are hostile: messages are bounded, and
+a malformed request ends that stream with INVALID_ARGUMENT, never the server.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2 as dpb
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from . import metrics
+from . import protocol as P
+from .push import PushRequest
+from .snapshot import Snapshot
+
+log = logging.getLogger("meshboot.discovery")
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+MAX_REQUEST_BYTES = 4 * 1024 * 1024   # one DiscoveryRequest (Envoy's resource name lists included)
+MAX_METADATA_BYTES = 16 * 1024        # request headers, the token among them
+MAX_TOKEN_BYTES = 8 * 1024
+MAX_STREAMS = 4096                    # connected proxies (each is one long-lived stream)
+HANDSHAKE_TIMEOUT_MS = 10_000
+
+# authenticate(token) -> (namespace, service_account), plain or awaitable; raises to refuse the token.
+Authenticate = Callable[[str], "tuple[str, str] | Awaitable[tuple[str, str]]"]
+
+
+class Undecodable:
+    """What the request deserializer hands over for bytes that are not the expected message."""
+
+
+UNDECODABLE = Undecodable()
+
+
+def _decoder(cls: type[Message]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception:  # noqa: BLE001 - DecodeError, RecursionError, invalid UTF-8: all "not a valid request"
+            return UNDECODABLE
+    return decode
+
+
+class Encoder:
+    """One push's serialization cache, keyed by message object: a resource the snapshot shares between proxies is
+    encoded (and hashed, for delta versions) once per push, however many proxies receive it."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[Message, any_pb2.Any, str]] = {}
+        self.encoded = 0
+
+    def encode(self, type_url: str, msg: Message) -> tuple[any_pb2.Any, str]:
+        hit = self._cache.get(id(msg))
+        if hit is not None and hit[0] is msg:
+            return hit[1], hit[2]
+        value = msg.SerializeToString(deterministic=True)
+        packed = any_pb2.Any(type_url=type_url, value=value)
+        version = hashlib.sha256(value).hexdigest()[:16]
+        self._cache[id(msg)] = (msg, packed, version)     # the message is kept, so its id is not reused
+        self.encoded += 1
+        return packed, version
+
+
+@dataclass
+class Connection:
+    """One proxy's stream: who it is, what it watches, the push waiting for it."""
+    conn_id: str
+    peer: str
+    delta: bool
+    context: grpc.aio.ServicerContext
+    identity: tuple[str, str] | None = None
+    proxy: P.Proxy | None = None
+    watches: dict[str, P.Watch] = field(default_factory=dict)
+    connected_at: float = field(default_factory=time.time)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: PushRequest | None = None
+    pusher: asyncio.Task[None] | None = None
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]]) -> str:
+    """The token from `authorization: Bearer <token>`; UNAUTHENTICATED, saying what is expected, otherwise."""
+    for key, value in metadata:
+        if key.lower() != "authorization" or not isinstance(value, str):
+            continue
+        if len(value) > MAX_TOKEN_BYTES:
+            raise P.Refused("UNAUTHENTICATED", f"token too large (over {MAX_TOKEN_BYTES} bytes)")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        break
+    raise P.Refused("UNAUTHENTICATED", "no bearer token: send the service-account JWT as "
+                    "'authorization: Bearer <token>' metadata")
+
+
+def new_grpc_server(max_streams: int = MAX_STREAMS) -> grpc.aio.Server:
+    """The gRPC server with its bounds: message and header size, connected streams, TLS handshake time."""
+    return grpc.aio.server(maximum_concurrent_rpcs=max_streams, options=[
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+
+
+class AdsServer:
+    """Serves one `Snapshot` at a time to every connected proxy; `push(PushRequest)` moves them to a new one."""
+
+    def __init__(self, snapshot: Snapshot, authenticate: Authenticate | None = None) -> None:
+        self._snapshot, self._encoder = snapshot, Encoder()
+        self._authenticate = authenticate
+        self._conns: dict[str, Connection] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def encoder(self) -> Encoder:
+        """The current push's serialization cache (its `encoded` count shows what one push cost)."""
+        return self._encoder
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        """Register under Envoy's exact service and method names, with decoders that turn garbage into a refusal."""
+        sotw = grpc.stream_stream_rpc_method_handler(
+            self._sotw, request_deserializer=_decoder(dpb.DiscoveryRequest),
+            response_serializer=dpb.DiscoveryResponse.SerializeToString)
+        delta = grpc.stream_stream_rpc_method_handler(
+            self._delta, request_deserializer=_decoder(dpb.DeltaDiscoveryRequest),
+            response_serializer=dpb.DeltaDiscoveryResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            "StreamAggregatedResources": sotw, "DeltaAggregatedResources": delta}),))
+
+    # ---- streams ------------------------------------------------------------------------------------------------
+
+    async def _sotw(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._serve(requests, context, delta=False)
+
+    async def _delta(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._serve(requests, context, delta=True)
+
+    async def _serve(self, requests: Any, context: grpc.aio.ServicerContext, delta: bool) -> None:
+        conn = Connection(conn_id=str(next(self._ids)), peer=context.peer(), delta=delta, context=context)
+        try:
+            conn.identity = await self._check_token(context)
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    kind = "DeltaDiscoveryRequest" if delta else "DiscoveryRequest"
+                    raise P.Refused("INVALID_ARGUMENT", f"malformed request: not a valid {kind} (protobuf wire "
+                                    "format, UTF-8 strings)")
+                async with conn.lock:
+                    await self._handle(conn, request)
+        except P.Refused as e:
+            log.info("xds stream refused", extra={"peer": conn.peer, "code": e.code, "reason": e.message})
+            await context.abort(grpc.StatusCode[e.code], e.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("xds stream failed", extra={"peer": conn.peer})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the discovery server; see its log")
+        finally:
+            self._disconnect(conn)
+
+    async def _check_token(self, context: grpc.aio.ServicerContext) -> tuple[str, str] | None:
+        if self._authenticate is None:
+            return None
+        token = bearer_token(context.invocation_metadata() or ())
+        try:
+            result = self._authenticate(token)
+            if inspect.isawaitable(result):
+                result = await result
+        except P.Refused:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the verifier raises means "not authenticated"
+            raise P.Refused("UNAUTHENTICATED", f"authentication failed: {str(e)[:200]}") from None
+        namespace, service_account = result
+        return namespace, service_account
+
+    def _connect(self, conn: Connection, node: Any) -> None:
+        """The first request: parse the node, check it against the token, count the proxy as connected."""
+        if node is None or not node.id:
+            raise P.Refused("INVALID_ARGUMENT", "missing node information: the first request must carry node.id")
+        proxy = P.parse_node(node.id, node.metadata)
+        if conn.identity is not None:
+            P.authorize(proxy, *conn.identity)
+        conn.proxy = proxy
+        conn.conn_id = f"{proxy.id}-{conn.conn_id}"
+        self._conns[conn.conn_id] = conn
+        metrics.XDS_CLIENTS.labels(proxy.istio_version).inc()
+        log.info("proxy connected", extra={"proxy": proxy.id, "peer": conn.peer, "delta": conn.delta})
+
+    def _disconnect(self, conn: Connection) -> None:
+        if conn.pusher is not None:
+            conn.pusher.cancel()
+        if conn.proxy is not None and self._conns.pop(conn.conn_id, None) is not None:
+            metrics.XDS_CLIENTS.labels(conn.proxy.istio_version).dec()
+            log.info("proxy disconnected", extra={"proxy": conn.proxy.id})
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    async def _handle(self, conn: Connection, request: Any) -> None:
+        if conn.proxy is None:
+            self._connect(conn, request.node if request.HasField("node") else None)
+        type_url = request.type_url
+        P.check_type_url(type_url, len(conn.watches), type_url in conn.watches)
+        error = None
+        if request.HasField("error_detail"):
+            error = request.error_detail.message or f"rejected with code {request.error_detail.code}"
+        old = conn.watches.get(type_url)
+        watch: P.Watch | None
+        if conn.delta:
+            watch, decision = P.delta_decide(old, type_url, request.response_nonce, request.resource_names_subscribe,
+                                             request.resource_names_unsubscribe,
+                                             dict(request.initial_resource_versions), error)
+        else:
+            watch, decision = P.sotw_decide(old, type_url, request.response_nonce, request.resource_names, error)
+        if watch is None:
+            return
+        conn.watches[type_url] = watch
+        self._count(conn, type_url, decision, error)
+        if decision.kind is P.Kind.INITIAL and type_url == P.CDS and P.EDS in conn.watches:
+            conn.watches[P.EDS].always_respond = True     # istiod: a new CDS watch re-sends EDS on its next request
+        if decision.respond:
+            await self._send(conn, type_url, decision.names, initial=decision.kind is P.Kind.INITIAL)
+
+    def _count(self, conn: Connection, type_url: str, decision: P.Decision, error: str | None) -> None:
+        short = P.short_type(type_url)
+        if decision.kind is P.Kind.NACK:
+            metrics.REJECTS.inc(short)
+            log.warning("proxy rejected config", extra={"proxy": conn.conn_id, "type": short, "error": error})
+        elif decision.kind is P.Kind.STALE:
+            metrics.EXPIRED_NONCE.inc(short)
+
+    # ---- responses ----------------------------------------------------------------------------------------------
+
+    async def _send(self, conn: Connection, type_url: str, only: frozenset[str] | None, initial: bool) -> bool:
+        """One response of one type to one proxy; False when there was nothing to send."""
+        start = time.perf_counter()
+        snapshot, encoder = self._snapshot, self._encoder
+        assert conn.proxy is not None
+        available = snapshot.resources_for(conn.proxy, type_url)
+        watch = conn.watches[type_url]
+        nonce = f"{snapshot.version}-{uuid.uuid4().hex[:12]}"
+        if conn.delta:
+            response = _delta_response(watch, available, encoder, only, initial, snapshot.version, nonce)
+        else:
+            response = _sotw_response(watch, available, encoder, only, snapshot.version, nonce)
+        if response is None:
+            return False
+        short = P.short_type(type_url)
+        try:
+            await conn.context.write(response)
+        except Exception:
+            metrics.PUSHES.inc(f"{short}_senderr")
+            raise
+        watch.sent(snapshot.version, nonce)
+        if conn.delta:
+            _record_delta(watch, response)
+        metrics.PUSHES.inc(short)
+        metrics.PUSH_TIME.labels(short).observe(time.perf_counter() - start)
+        return True
+
+    # ---- pushes -------------------------------------------------------------------------------------------------
+
+    async def push(self, request: PushRequest) -> None:
+        """Move to the request's snapshot and queue a push to every connected proxy (merged with any push still
+        waiting for that proxy). Returns once queued; each proxy is pushed in its own task."""
+        if request.snapshot is not self._snapshot or request.full:
+            self._snapshot, self._encoder = request.snapshot, Encoder()
+        for conn in list(self._conns.values()):
+            conn.pending = request if conn.pending is None else conn.pending.merge(request)
+            if conn.pusher is None or conn.pusher.done():
+                conn.pusher = asyncio.get_running_loop().create_task(self._drain(conn))
+
+    async def _drain(self, conn: Connection) -> None:
+        while conn.pending is not None:
+            request, conn.pending = conn.pending, None
+            try:
+                async with conn.lock:
+                    await self._push_one(conn, request)
+            except Exception as e:  # noqa: BLE001 - the stream is gone or going; its handler reports that
+                log.info("push to proxy failed", extra={"proxy": conn.conn_id, "error": str(e)[:200]})
+                return
+
+    async def _push_one(self, conn: Connection, request: PushRequest) -> None:
+        """Full: every watched type in Envoy's order. Endpoint-only: EDS for the changed clusters this proxy
+        watches, nothing else."""
+        sent = False
+        for type_url in P.sort_types(conn.watches):
+            watch = conn.watches[type_url]
+            if request.full:
+                if watch.wildcard or watch.names:
+                    sent = await self._send(conn, type_url, None, initial=False) or sent
+            elif type_url == P.EDS:
+                names = frozenset(n for n in request.endpoints if watch.selects(n))
+                if names:
+                    sent = await self._send(conn, type_url, names, initial=False) or sent
+        if sent:
+            metrics.CONVERGENCE.observe(time.monotonic() - request.start)
+
+    # ---- debug --------------------------------------------------------------------------------------------------
+
+    def sync_status(self) -> list[dict[str, Any]]:
+        """istiod's /debug/syncz, one row per connected proxy, plus istioctl proxy-status's word per type."""
+        return [_status_row(conn) for conn in sorted(self._conns.values(), key=lambda c: c.conn_id)]
+
+    @property
+    def connected(self) -> int:
+        return len(self._conns)
+
+
+def _sotw_response(watch: P.Watch, available: Mapping[str, Message], encoder: Encoder,
+                   only: frozenset[str] | None, version: str, nonce: str) -> dpb.DiscoveryResponse:
+    names = sorted(only if only is not None else (n for n in available if watch.selects(n)))
+    resources = [encoder.encode(watch.type_url, available[n])[0] for n in names if n in available]
+    return dpb.DiscoveryResponse(version_info=version, type_url=watch.type_url, nonce=nonce, resources=resources)
+
+
+def _delta_response(watch: P.Watch, available: Mapping[str, Message], encoder: Encoder,
+                    only: frozenset[str] | None, initial: bool, version: str,
+                    nonce: str) -> dpb.DeltaDiscoveryResponse | None:
+    """Only what the proxy does not have: resources whose content version differs from what it was last sent, and
+    the names it knows that are gone (or that it asked for and do not exist)."""
+    if only is not None:
+        candidates = sorted(n for n in only if watch.selects(n))
+        removed = [n for n in candidates if n not in available]
+    else:
+        candidates = sorted(n for n in available if watch.selects(n))
+        removed = sorted(n for n in watch.sent_versions if n not in available or not watch.selects(n))
+    resources = []
+    for name in candidates:
+        if name not in available:
+            continue
+        packed, res_version = encoder.encode(watch.type_url, available[name])
+        if watch.sent_versions.get(name) != res_version:
+            resources.append(dpb.Resource(name=name, version=res_version, resource=packed))
+    if not resources and not removed and not initial:
+        return None
+    return dpb.DeltaDiscoveryResponse(system_version_info=version, type_url=watch.type_url, nonce=nonce,
+                                      resources=resources, removed_resources=removed)
+
+
+def _record_delta(watch: P.Watch, response: dpb.DeltaDiscoveryResponse) -> None:
+    for resource in response.resources:
+        watch.sent_versions[resource.name] = resource.version
+    for name in response.removed_resources:
+        watch.sent_versions.pop(name, None)
+
+
+def _status_row(conn: Connection) -> dict[str, Any]:
+    proxy = conn.proxy
+    assert proxy is not None
+    types = {P.short_type(t).upper(): P.sync_status(conn.watches.get(t)) for t in P.ORDER}
+    resources = {t: {"sent": w.nonce_sent, "acked": w.nonce_acked, "sentTime": w.sent_at,
+                     "lastError": w.last_error} for t, w in conn.watches.items()}
+    return {"proxy": proxy.name, "connection_id": conn.conn_id, "proxy_type": proxy.type,
+            "namespace": proxy.namespace, "cluster_id": proxy.cluster_id, "istio_version": proxy.istio_version,
+            "delta": conn.delta, "status": types, "resources": resources}
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    """istioctl proxy-status -v 1's table: NAME and one column per type (SYNCED, STALE, NOT SENT, ERROR, IGNORED)."""
+    cols = [P.short_type(t).upper() for t in P.ORDER]
+    lines = [["NAME", *cols]] + [[r["proxy"], *(r["status"][c] for c in cols)] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols) + 1)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines)

@@ -1,0 +1,117 @@
+"""Pushes: what changed (a PushRequest), Istio's debounce as a pure state machine, and the queue that runs it.
+
+Changes arrive in bursts (a rollout touches many endpoints at once). istiod waits until nothing has changed for
+`PILOT_DEBOUNCE_AFTER` (100 ms), but never longer than `PILOT_DEBOUNCE_MAX` (10 s) after the first change, merges
+what came in, and pushes once; one push runs at a time. A merge of endpoint-only changes stays endpoint-only (an
+EDS push of just those clusters); any other change makes the push full.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from . import metrics
+from .snapshot import Snapshot
+
+log = logging.getLogger("meshboot.discovery")
+
+DEBOUNCE_AFTER = 0.1     # PILOT_DEBOUNCE_AFTER
+DEBOUNCE_MAX = 10.0      # PILOT_DEBOUNCE_MAX
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    """One push: the snapshot to serve (newest wins on merge), whether it is full, and for an endpoint-only push the
+    EDS cluster names whose endpoints changed. `start` is when the first merged change arrived (monotonic)."""
+    snapshot: Snapshot
+    full: bool = True
+    endpoints: frozenset[str] = frozenset()
+    reasons: frozenset[str] = frozenset()
+    start: float = field(default_factory=time.monotonic)
+
+    def merge(self, newer: PushRequest) -> PushRequest:
+        """Union of what changed; full if either is; the newer snapshot; the earlier start."""
+        full = self.full or newer.full
+        return PushRequest(snapshot=newer.snapshot, full=full,
+                           endpoints=frozenset() if full else self.endpoints | newer.endpoints,
+                           reasons=self.reasons | newer.reasons, start=min(self.start, newer.start))
+
+
+@dataclass
+class Debounce:
+    """Pure: `offer` changes with their arrival time, `deadline` says when the merged push is due, `take` it then."""
+    quiet: float = DEBOUNCE_AFTER
+    max_delay: float = DEBOUNCE_MAX
+    pending: PushRequest | None = None
+    first: float = 0.0
+    last: float = 0.0
+
+    def offer(self, request: PushRequest, now: float) -> None:
+        if self.pending is None:
+            self.pending, self.first = request, now
+        else:
+            self.pending = self.pending.merge(request)
+        self.last = now
+
+    def deadline(self) -> float | None:
+        if self.pending is None:
+            return None
+        return min(self.last + self.quiet, self.first + self.max_delay)
+
+    def take(self, now: float) -> PushRequest | None:
+        due = self.deadline()
+        if due is None or now < due:
+            return None
+        request, self.pending = self.pending, None
+        return request
+
+
+class PushQueue:
+    """Runs the debounce in the event loop and calls `push` with each merged request, one at a time (changes that
+    arrive during a push are merged into the next one)."""
+
+    def __init__(self, push: Callable[[PushRequest], Awaitable[None]], quiet: float = DEBOUNCE_AFTER,
+                 max_delay: float = DEBOUNCE_MAX) -> None:
+        self._push = push
+        self._debounce = Debounce(quiet, max_delay)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def enqueue(self, request: PushRequest) -> None:
+        """A change: merged into the pending push; the debounce timer starts with the first one."""
+        metrics.PUSH_TRIGGERS.inc("endpoint" if not request.full else "config")
+        self._debounce.offer(request, time.monotonic())
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="discovery-push-queue")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            due = self._debounce.deadline()
+            if due is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)      # later changes only move the deadline later: re-check then
+                continue
+            request = self._debounce.take(time.monotonic())
+            if request is None:
+                continue
+            metrics.DEBOUNCE_TIME.observe(time.monotonic() - request.start)
+            try:
+                await self._push(request)
+            except Exception:
+                log.exception("push failed")
