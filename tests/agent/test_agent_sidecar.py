@@ -70,7 +70,8 @@ def leaf_of(secret: dict) -> x509.Certificate:
 
 def cert_serials(pod: Pod) -> set[str]:
     certs = pod.admin_json("/certs")["certificates"]
-    return {c["serial_number"] for entry in certs for c in entry.get("cert_chain", [])}
+    # Envoy pads the hex to whole bytes ("0309..."); mtls_client prints f"{serial:x}" ("309..."): compare unpadded.
+    return {f"{int(c['serial_number'], 16):x}" for entry in certs for c in entry.get("cert_chain", [])}
 
 
 def start_app(pod: Pod, ns: Netns | None = None, port: int = APP_PORT) -> subprocess.Popen:
