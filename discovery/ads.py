@@ -242,7 +242,9 @@ class AdsServer:
         if decision.kind is P.Kind.INITIAL and type_url == P.CDS and P.EDS in conn.watches:
             conn.watches[P.EDS].always_respond = True     # istiod: a new CDS watch re-sends EDS on its next request
         if decision.respond:
-            await self._send(conn, type_url, decision.names, initial=decision.kind is P.Kind.INITIAL)
+            sent = await self._send(conn, type_url, decision.names, initial=decision.kind is P.Kind.INITIAL)
+            if sent and conn.delta and type_url == P.CDS and P.EDS in conn.watches:
+                await self._send(conn, P.EDS, None, initial=False)     # istiod: an answered CDS forces EDS
 
     def _count(self, conn: Connection, type_url: str, decision: P.Decision, error: str | None) -> None:
         short = P.short_type(type_url)
@@ -277,6 +279,10 @@ class AdsServer:
         watch.sent(snapshot.version, nonce)
         if conn.delta:
             _record_delta(watch, response)
+            if type_url == P.CDS and response.resources and P.EDS in conn.watches:
+                # Envoy re-warms a changed cluster and waits for its endpoints (and holds the CDS ACK) even when
+                # they did not change: forget what EDS sent, so the EDS that follows sends them all again.
+                conn.watches[P.EDS].sent_versions.clear()
         metrics.PUSHES.inc(short)
         metrics.PUSH_TIME.labels(short).observe(time.perf_counter() - start)
         return True
@@ -373,7 +379,7 @@ def _status_row(conn: Connection) -> dict[str, Any]:
     assert proxy is not None
     types = {P.short_type(t).upper(): P.sync_status(conn.watches.get(t)) for t in P.ORDER}
     resources = {t: {"sent": w.nonce_sent, "acked": w.nonce_acked, "sentTime": w.sent_at,
-                     "lastError": w.last_error} for t, w in conn.watches.items()}
+                     "ackedVersion": w.version_acked, "lastError": w.last_error} for t, w in conn.watches.items()}
     return {"proxy": proxy.name, "connection_id": conn.conn_id, "proxy_type": proxy.type,
             "namespace": proxy.namespace, "cluster_id": proxy.cluster_id, "istio_version": proxy.istio_version,
             "delta": conn.delta, "status": types, "resources": resources}
