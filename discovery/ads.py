@@ -207,14 +207,14 @@ class AdsServer:
         conn.proxy = proxy
         conn.conn_id = f"{proxy.id}-{conn.conn_id}"
         self._conns[conn.conn_id] = conn
-        metrics.XDS_CLIENTS.labels(proxy.istio_version).inc()
+        metrics.XDS_CLIENTS.labels(P.version_label(proxy.istio_version)).inc()
         log.info("proxy connected", extra={"proxy": proxy.id, "peer": conn.peer, "delta": conn.delta})
 
     def _disconnect(self, conn: Connection) -> None:
         if conn.pusher is not None:
             conn.pusher.cancel()
         if conn.proxy is not None and self._conns.pop(conn.conn_id, None) is not None:
-            metrics.XDS_CLIENTS.labels(conn.proxy.istio_version).dec()
+            metrics.XDS_CLIENTS.labels(P.version_label(conn.proxy.istio_version)).dec()
             log.info("proxy disconnected", extra={"proxy": conn.proxy.id})
 
     # ---- requests -----------------------------------------------------------------------------------------------
@@ -237,6 +237,7 @@ class AdsServer:
             watch, decision = P.sotw_decide(old, type_url, request.response_nonce, request.resource_names, error)
         if watch is None:
             return
+        P.check_names(watch)
         conn.watches[type_url] = watch
         self._count(conn, type_url, decision, error)
         if decision.kind is P.Kind.INITIAL and type_url == P.CDS and P.EDS in conn.watches:

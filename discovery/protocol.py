@@ -7,6 +7,7 @@ Rules follow istiod (`pilot/pkg/xds/ads.go` ShouldRespond, `delta.go`, `model/co
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ PROXY_TYPES = frozenset({"sidecar", "router", "waypoint", "ztunnel", "agentgatew
 MAX_TYPES_PER_STREAM = 16       # a client asking for more distinct type URLs is refused (the watch table is bounded)
 MAX_TYPE_URL_CHARS = 256
 MAX_ERROR_CHARS = 1024          # a NACK's error_detail is kept for the debug listing, cut to this
+MAX_NAMES_PER_WATCH = 65536     # resource names one proxy may subscribe to, per type
+_VERSION = re.compile(r"[0-9A-Za-z._+-]{1,32}")
 
 
 class Refused(Exception):
@@ -40,8 +43,14 @@ class Refused(Exception):
 
 
 def short_type(type_url: str) -> str:
-    """`cds`, `eds`, ... as Istio's metric labels spell them; the last dotted part, lowercased, otherwise."""
-    return SHORT.get(type_url) or type_url.rsplit(".", 1)[-1].lower()[:32]
+    """`cds`, `eds`, ... as Istio's metric labels spell them; `other` for any type a client made up (a label value
+    per invented type URL would let one client grow the metrics without bound)."""
+    return SHORT.get(type_url, "other")
+
+
+def version_label(version: str) -> str:
+    """The node's ISTIO_VERSION as a metric label: kept when it looks like a version, else `unknown` (bounded)."""
+    return version if _VERSION.fullmatch(version) else "unknown"
 
 
 def sort_types(types: Iterable[str]) -> list[str]:
@@ -115,6 +124,13 @@ def check_type_url(type_url: str, watched: int, known: bool) -> None:
         raise Refused("INVALID_ARGUMENT", f"type_url must be 1-{MAX_TYPE_URL_CHARS} characters")
     if not known and watched >= MAX_TYPES_PER_STREAM:
         raise Refused("INVALID_ARGUMENT", f"too many resource types on one stream (at most {MAX_TYPES_PER_STREAM})")
+
+
+def check_names(watch: Watch) -> None:
+    """Bound what requests accumulate (delta subscriptions add up across requests)."""
+    if len(watch.names) > MAX_NAMES_PER_WATCH:
+        raise Refused("RESOURCE_EXHAUSTED", f"too many resource names for {short_type(watch.type_url)} "
+                      f"(at most {MAX_NAMES_PER_WATCH})")
 
 
 @dataclass

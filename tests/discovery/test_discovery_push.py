@@ -115,7 +115,12 @@ def test_delta_rules() -> None:
 
 def test_type_order_and_limits() -> None:
     assert P.sort_types(["x", P.LDS, P.RDS, P.EDS, P.CDS]) == [P.CDS, P.EDS, P.LDS, P.RDS, "x"]
-    assert P.short_type(P.CDS) == "cds" and P.short_type("type.googleapis.com/a.B") == "b"
+    assert P.short_type(P.CDS) == "cds" and P.short_type("type.googleapis.com/a.B") == "other"
+    assert P.version_label("1.28.0-dev") == "1.28.0-dev" and P.version_label("x" * 33) == "unknown"
+    w = P.Watch(P.EDS, names={str(i) for i in range(P.MAX_NAMES_PER_WATCH + 1)})
+    with pytest.raises(P.Refused) as e:
+        P.check_names(w)
+    assert e.value.code == "RESOURCE_EXHAUSTED"
     with pytest.raises(P.Refused):
         P.check_type_url("t" * (P.MAX_TYPE_URL_CHARS + 1), 0, False)
     P.check_type_url(P.CDS, P.MAX_TYPES_PER_STREAM, True)        # a type already watched is not a new one
