@@ -90,17 +90,21 @@ def snapshot(version: str, eps: dict[str, tuple[int, ...]] | None = None, listen
 class Harness:
     """An AdsServer on a real port, in its own event-loop thread."""
 
-    def __init__(self, snap: StaticSnapshot, auth: ads.Authenticate | None = authenticate) -> None:
+    def __init__(self, snap: StaticSnapshot, auth: ads.Authenticate | None = authenticate,
+                 tls: grpc.ServerCredentials | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.ads = ads.AdsServer(snap, auth)
-        self.server, self.port = self.call(self._start())
+        self.server, self.port = self.call(self._start(tls))
 
-    async def _start(self) -> tuple[grpc.aio.Server, int]:
+    async def _start(self, tls: grpc.ServerCredentials | None) -> tuple[grpc.aio.Server, int]:
         server = ads.new_grpc_server()
         self.ads.add_to(server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", tls)
         await server.start()
         return server, port
 
@@ -132,8 +136,9 @@ class Harness:
 class Client:
     """One proxy's ADS stream through the generated stub."""
 
-    def __init__(self, port: int, token: str | None = None, delta: bool = False) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    def __init__(self, port: int, token: str | None = None, delta: bool = False,
+                 channel: grpc.Channel | None = None) -> None:
+        self.channel = channel or grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
         self.requests: queue.Queue[Any] = queue.Queue()
         self.responses: queue.Queue[Any] = queue.Queue()
@@ -409,6 +414,26 @@ def test_stream_auth_refusals(harness: Harness, clients: list[Client], token: st
     e = c.error()
     assert e.code() == code and words in e.details(), e.details()
     assert harness.ads.connected == before
+
+
+def test_over_tls_like_istiods_15012() -> None:
+    """The token rides on a TLS stream verified as istiod's name, as the agent sends it."""
+    from meshboot import pki
+    bundle, pair = pki.self_signed_serving(["istiod.istio-system.svc"])
+    h = Harness(snapshot("v1"), tls=grpc.ssl_server_credentials([(pair.key_pem, pair.chain_pem)]))
+    made: list[Client] = []
+    try:
+        for token in ("tok-a", None):
+            channel = grpc.secure_channel(f"127.0.0.1:{h.port}", grpc.ssl_channel_credentials(bundle),
+                                          options=[("grpc.ssl_target_name_override", "istiod.istio-system.svc")])
+            made.append(Client(h.port, token, channel=channel))
+            made[-1].send(sotw(P.CDS, node_id=NODE_A))
+        assert made[0].recv().version_info == "v1"
+        assert made[1].error().code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        for c in made:
+            c.close()
+        h.close()
 
 
 def test_garbage_and_oversize_end_only_that_stream(harness: Harness, clients: list[Client]) -> None:
