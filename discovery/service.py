@@ -1,0 +1,215 @@
+"""The discovery service, assembled (the shell): informers → store notes on the control plane's loop → what kind
+of push → the debounced push queue → the ADS server, which serves `Served` snapshots built from the store.
+
+istiod's flow (`pilot/pkg/xds/discovery.go`, `eds.go`): a change that only touches EndpointSlices is an EDS push of
+just the clusters of the Services they belong to — unless it changes what clients check (the Service's SPIFFE
+identities, carried in CDS), or the Service is headless (its listeners are per endpoint) or has no selector (its
+endpoints decide a pod's inbound ports): those, and every other change, are full pushes. The configuration is built
+once per store version and only when a push or a proxy asks for it (`generate.common`), and once per proxy per
+version (`generate.for_proxy`), so a burst of changes costs one build, not one per change.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from functools import cached_property
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from prometheus_client import Gauge
+
+from . import adapt, generate
+from . import protocol as P
+from .ads import MAX_STREAMS, AdsServer, Authenticate
+from .model import Mesh, ModelError, Service
+from .peerauth import DEFAULT_ROOT_NAMESPACE
+from .push import DEBOUNCE_AFTER, DEBOUNCE_MAX, PushQueue, PushRequest
+from .snapshot import push_version
+from .store import Changed, Key
+from .store import Snapshot as StoreSnapshot
+from .watch import Watcher
+
+__all__ = ["MAX_PROXIES", "Discovery", "Mesh", "ModelError", "Served", "classify"]
+
+log = logging.getLogger("meshboot.discovery")
+
+MAX_PROXIES = MAX_STREAMS   # connected proxies: the gRPC server's concurrent-call bound grows by this much
+
+SYNC_WAIT = 30.0            # a proxy that connects before the first full list waits this long, then UNAVAILABLE
+MAX_PROXIES_CACHED = 8192   # per-proxy resources kept per snapshot (more connected proxies: rebuilt on demand)
+IGNORED = Gauge("meshboot_discovery_ignored_objects",
+                "Watched objects left out of the last pushed configuration (see the log for why)")
+
+
+class Served:
+    """The ADS server's `Snapshot` for one store version: the model and shared resources built on first use."""
+
+    def __init__(self, objects: StoreSnapshot, mesh: Mesh, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> None:
+        self.objects, self.mesh, self.root_namespace = objects, mesh, root_namespace
+        self._version = push_version()
+        self._proxies: dict[tuple[str, ...], dict[str, dict[str, Message]]] = {}
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @cached_property
+    def built(self) -> adapt.Built:
+        return adapt.build(self.objects.objects, self.mesh, self.root_namespace)
+
+    @cached_property
+    def shared(self) -> generate.Common:
+        return generate.common(self.built.model)
+
+    @cached_property
+    def services(self) -> Mapping[Key, Service]:
+        return {s.key: s for s in self.built.model.services}
+
+    def resources_for(self, proxy: P.Proxy, type_url: str) -> Mapping[str, Message]:
+        key = (proxy.id, proxy.namespace, proxy.service_account, proxy.metadata.get("INSTANCE_IPS", ""))
+        resources = self._proxies.get(key)
+        if resources is None:
+            try:
+                mine = adapt.proxy_for(self.built, proxy)
+                resources = generate.for_proxy(self.built.model, self.shared, mine).by_type()
+            except ModelError as e:
+                log.warning("no configuration for proxy", extra={"proxy": proxy.id[:200], "error": str(e)})
+                resources = {}
+            if len(self._proxies) >= MAX_PROXIES_CACHED:
+                self._proxies.clear()
+            self._proxies[key] = resources
+        return resources.get(type_url, {})
+
+
+def _sliced_services(old: Served, new: Served, slices: frozenset[Key]) -> set[Key]:
+    """The Services the changed EndpointSlices belong to (a deleted slice is read from the older snapshot)."""
+    out = set()
+    for ns, name in slices:
+        for snap in (new.objects, old.objects):
+            obj = snap.get("EndpointSlice", ns, name)
+            label = obj.get("metadata", {}).get("labels", {}).get(adapt.SERVICE_NAME_LABEL) if obj else None
+            if label:
+                out.add((ns, label))
+    return out
+
+
+def _endpoints_only(old: Served, new: Served, key: Key) -> bool:
+    """An endpoint change of this Service needs no CDS/LDS: same Service, has a selector, not headless, same SANs."""
+    a, b = old.services.get(key), new.services.get(key)
+    if a is None or b is None:
+        return a is None and b is None
+    if a != b or b.headless or not b.selector:
+        return False
+    return generate.service_sans(old.built.model, a) == generate.service_sans(new.built.model, b)
+
+
+def classify(old: Served, new: Served, keys: Mapping[str, frozenset[Key]]) -> PushRequest | None:
+    """The push a store change needs: EDS-only for EndpointSlice changes that allow it, else full; None when the
+    changed slices belong to no routed Service."""
+    if set(keys) != {"EndpointSlice"}:
+        return PushRequest(new, full=True, reasons=frozenset(k.lower() for k in keys))
+    services = _sliced_services(old, new, keys["EndpointSlice"])
+    if not all(_endpoints_only(old, new, s) for s in services):
+        return PushRequest(new, full=True, reasons=frozenset({"endpoint-identity"}))
+    names = adapt.eds_clusters(new.built, services)
+    return PushRequest(new, full=False, endpoints=names, reasons=frozenset({"endpoint"})) if names else None
+
+
+class Discovery:
+    """The running discovery service: `add_to(grpc_server)` before the server starts, then `await start()` in its
+    loop, `await stop()` at the end. `authenticate(token) -> (namespace, service_account)` is the CA's verifier."""
+
+    def __init__(self, api_client: Any, mesh: Mesh | None = None, *, authenticate: Authenticate | None = None,
+                 root_namespace: str = DEFAULT_ROOT_NAMESPACE, watcher: Watcher | None = None,
+                 debounce: tuple[float, float] = (DEBOUNCE_AFTER, DEBOUNCE_MAX), sync_wait: float = SYNC_WAIT) -> None:
+        self.watcher = watcher if watcher is not None else Watcher(api_client)
+        self.mesh, self.root_namespace = mesh or Mesh(), root_namespace
+        self._verify, self._debounce, self._sync_wait = authenticate, debounce, sync_wait
+        self.served = Served(self.watcher.store.snapshot(), self.mesh, root_namespace)
+        self.ads = AdsServer(self.served, self._authenticate)
+        self._ready: asyncio.Event | None = None
+        self._queue: PushQueue | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsubscribe: Callable[[], None] | None = None
+        self._reported: frozenset[str] = frozenset()
+
+    def add_to(self, server: grpc.aio.Server, authenticate: Authenticate | None = None) -> None:
+        """Serve ADS on `server` (the CA's, like istiod's 15012); `authenticate` replaces the constructor's."""
+        if authenticate is not None:
+            self._verify = authenticate
+        self.ads.add_to(server)
+
+    async def start(self) -> None:
+        """Start the informers; the first full push happens once every kind is listed."""
+        loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._queue = PushQueue(self._push, *self._debounce)
+        self._queue.start()
+        self._unsubscribe = self.watcher.subscribe_on_loop(loop, self._on_change)
+        self.watcher.start()
+        self._tasks.append(loop.create_task(self._first_sync(), name="discovery-first-sync"))
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._queue is not None:
+            await self._queue.stop()
+        await asyncio.to_thread(self.watcher.stop)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready is not None and self._ready.is_set()
+
+    async def _first_sync(self) -> None:
+        await self.watcher.wait_synced()
+        self.served = Served(self.watcher.store.snapshot(), self.mesh, self.root_namespace)
+        await self._push(PushRequest(self.served, full=True, reasons=frozenset({"sync"})))
+        assert self._ready is not None and self._queue is not None
+        self._ready.set()
+        if self.watcher.store.version != self.served.objects.version:      # changed while the push was queued
+            self._on_change(Changed(self.watcher.store.version, {"sync": frozenset()}))
+        log.info("discovery synced with the Kubernetes API", extra={"store_version": self.served.objects.version})
+
+    def _on_change(self, note: Changed) -> None:
+        """On the loop, in version order: move to the newest store snapshot and queue the push this note needs."""
+        if not self.ready or self._queue is None:
+            return                    # the first sync pushes everything listed so far
+        snap = self.watcher.store.snapshot()
+        old = self.served
+        new = old if snap.version == old.objects.version else Served(snap, self.mesh, self.root_namespace)
+        request = classify(old, new, note.keys)
+        self.served = new
+        if request is not None:
+            self._queue.enqueue(request)
+
+    async def _push(self, request: PushRequest) -> None:
+        served = request.snapshot
+        if isinstance(served, Served):
+            self._report(served.built.problems)
+        await self.ads.push(request)
+
+    def _report(self, problems: tuple[str, ...]) -> None:
+        """Log each object left out once (until it is fixed), and count them."""
+        IGNORED.set(len(problems))
+        for problem in problems:
+            if problem not in self._reported:
+                log.warning("watched object ignored", extra={"problem": problem[:500]})
+        self._reported = frozenset(problems)
+
+    async def _authenticate(self, token: str) -> tuple[str, str]:
+        """Wait (bounded) for the first sync — a proxy served before it would get an empty mesh — then verify."""
+        if self._ready is None:
+            raise P.Refused("UNAVAILABLE", "discovery is not started")
+        try:
+            await asyncio.wait_for(self._ready.wait(), self._sync_wait)
+        except TimeoutError:
+            raise P.Refused("UNAVAILABLE", "discovery has not synced with the Kubernetes API yet; retry") from None
+        if self._verify is None:
+            raise P.Refused("UNAUTHENTICATED", "no token verifier is configured for discovery")
+        result = self._verify(token)
+        return await result if isinstance(result, Awaitable) else result
