@@ -11,9 +11,10 @@ import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -27,6 +28,9 @@ from .kube import authentication_v1, core_v1
 from .publisher import RootCertPublisher
 from .signer import Authority, Code, Policy, Refused, sign
 from .tokens import Authenticator, Chain, LocalVerifier, TokenReviewVerifier, bearer_token
+
+if TYPE_CHECKING:
+    from .service import ExtraService
 
 log = logging.getLogger("meshboot.ca")
 
@@ -199,10 +203,10 @@ def write_root(cfg: CAConfig, authority: Authority) -> Path | None:
     return path
 
 
-def new_grpc_server() -> grpc.aio.Server:
+def new_grpc_server(extra_rpcs: int = 0) -> grpc.aio.Server:
     """The gRPC server with its bounds set: message and header size, in-flight calls, TLS handshake time. (No
     per-connection stream limit: grpc clients open streams before they see it and get UNAVAILABLE.)"""
-    return grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, options=[
+    return grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS + extra_rpcs, options=[
         ("grpc.max_receive_message_length", C.CA_MAX_REQUEST_BYTES),
         ("grpc.max_metadata_size", MAX_METADATA_BYTES),
         ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
@@ -212,8 +216,17 @@ def new_grpc_server() -> grpc.aio.Server:
     ])
 
 
-async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
-    """Start the CA in the running loop; `cfg.port` 0 binds an ephemeral port (the CLI maps 0 to "disabled")."""
+def verifier(authenticator: Authenticator) -> Callable[[str], Awaitable[tuple[str, str]]]:
+    """The token check other services on this server use: (namespace, service account) of a valid token."""
+    async def verify(token: str) -> tuple[str, str]:
+        identity = await authenticator.authenticate(token)
+        return identity.namespace, identity.service_account
+    return verify
+
+
+async def serve(cfg: CAConfig, api_client: Any = None, extra: Sequence[ExtraService] = ()) -> RunningCA:
+    """Start the CA in the running loop; `cfg.port` 0 binds an ephemeral port (the CLI maps 0 to "disabled").
+    `extra` services are registered on the same server before it starts, with the CA's token verifier."""
     if api_client is None and cfg.uses_kubernetes:
         api_client = await asyncio.to_thread(make_client)
     loaded = await asyncio.to_thread(load_authority, cfg, api_client)
@@ -223,8 +236,10 @@ async def serve(cfg: CAConfig, api_client: Any = None) -> RunningCA:
     policy = Policy(cfg.trust_domain, cfg.max_cert_ttl, cfg.default_cert_ttl, cfg.min_cert_ttl)
     service = CertificateService(authority, policy, authenticator)
     serving = ServingCert(authority, cfg.dns_names, cfg.ip_sans)
-    server = new_grpc_server()
+    server = new_grpc_server(sum(e.max_rpcs for e in extra))
     service.add_to(server)
+    for e in extra:
+        e.register(server, verifier(authenticator))
     host = f"[{cfg.address}]" if ":" in cfg.address else cfg.address
     try:
         port = server.add_secure_port(f"{host}:{cfg.port}", serving.credentials())

@@ -3,19 +3,26 @@
 Wiring only, so the parts stay apart: webhook/ and ca/ import meshboot/ and nothing of each other; this module puts
 their flags on one parser, checks the CA's configuration before anything starts (one line on stderr, exit 2), starts
 the CA with the injector, and makes the injector's serving certificate from the mesh CA (`--serving-cert=mesh-ca`)
-with the mesh root patched in as the webhook configuration's caBundle.
+with the mesh root patched in as the webhook configuration's caBundle. With Kubernetes API access (in a cluster, or
+`--kubeconfig`) it also serves discovery (xDS) on the CA's gRPC port, authenticated by the CA's token verifier, as
+istiod serves both on 15012; `--discovery=false` turns it off.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ca import service as ca
 from ca import webhook_cert
+from discovery import service as discovery
 from meshboot import logs
+from meshboot.syntax import parse_go_bool
 from webhook import server
 
 PROG = "meshboot-webhook"
@@ -27,7 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = server.build_parser(prog=PROG, description=__doc__.split("\n")[0])
     ca.add_ca_arguments(p)
     webhook_cert.add_arguments(p)   # --serving-cert self-signed|mesh-ca, --serving-cert-ttl
+    g = p.add_argument_group("discovery (xDS on the CA's port)")
+    g.add_argument("--kubeconfig", default="", metavar="FILE",
+                   help="the Kubernetes API to watch outside a cluster (pilot-discovery's flag); in a cluster the "
+                        "in-cluster config is used")
+    g.add_argument("--discovery", type=_go_bool, default=True, metavar="true|false",
+                   help="serve xDS when the Kubernetes API is reachable (default true)")
     return p
+
+
+def _go_bool(text: str) -> bool:
+    value = parse_go_bool(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true, false, 1, 0, ...)")
+    return value
+
+
+def discovery_enabled(args: argparse.Namespace) -> bool:
+    """On with an API to watch (in a cluster, or --kubeconfig) and the CA's gRPC server to serve it on."""
+    has_api = bool(args.kubeconfig) or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if args.discovery and has_api and not args.ca_port:
+        log.warning("discovery off: it is served on the CA's gRPC port (--ca-port 0 disables both)")
+    return bool(args.discovery and has_api and args.ca_port)
 
 
 def config_error(args: argparse.Namespace) -> str | None:
@@ -39,13 +67,47 @@ def config_error(args: argparse.Namespace) -> str | None:
         ca.CAConfig.from_args(args)
     except ca.ConfigError as e:
         return str(e)
+    if args.kubeconfig and not os.path.isfile(args.kubeconfig):
+        return f"--kubeconfig: {args.kubeconfig[:200]!r} is not a file"
+    try:
+        discovery.Mesh(trust_domain=args.trust_domain)
+    except discovery.ModelError as e:
+        return f"--trust-domain: {e}"
     return None
 
 
+def kube_client(kubeconfig: str) -> Any:
+    """The API client discovery watches with: --kubeconfig when given, else the in-cluster configuration."""
+    from kubernetes import client, config  # noqa: PLC0415 - the kubernetes client only when discovery runs
+
+    cfg = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        config.load_incluster_config(client_configuration=cfg)
+    return client.ApiClient(cfg)
+
+
 def ca_service(args: argparse.Namespace) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
-    """The CA as a service of the injector's loop (`--ca-port 0`: a stopper that does nothing)."""
+    """The CA as a service of the injector's loop (`--ca-port 0`: a stopper that does nothing), with discovery on
+    its gRPC server when enabled (started after the CA, stopped before it)."""
     async def start() -> Callable[[], Awaitable[None]]:
-        return await ca.start_ca(args)
+        found: discovery.Discovery | None = None
+        extra: tuple[ca.ExtraService, ...] = ()
+        if discovery_enabled(args):
+            api = await asyncio.to_thread(kube_client, args.kubeconfig)
+            found = discovery.Discovery(api, discovery.Mesh(trust_domain=args.trust_domain))
+            extra = (ca.ExtraService(found.add_to, max_rpcs=discovery.MAX_PROXIES),)
+        stop_ca = await ca.start_ca(args, extra)
+        if found is None:
+            return stop_ca
+        running = found
+        await running.start()
+
+        async def stop() -> None:
+            await running.stop()
+            await stop_ca()
+        return stop
     return start
 
 

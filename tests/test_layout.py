@@ -27,6 +27,7 @@ ALLOWED = {
     ("controlplane", "ca.service"),
     ("controlplane", "ca.webhook_cert"),
     ("controlplane", "webhook.server"),
+    ("controlplane", "discovery.service"),
     ("agent/cli.py", "init.cli"),
 }
 
