@@ -107,6 +107,7 @@ class FakeKube:
     requests: list[Recorded] = field(default_factory=list)
     rv: int = 100
     version: dict[str, str] = field(default_factory=lambda: {"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake"})
+    host: str = "127.0.0.1"                              # the address to bind (the local node's bridge IP, say)
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition()
@@ -125,7 +126,7 @@ class FakeKube:
         class Handler(_Handler):
             kube = fake
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((self.host, 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fakekube", daemon=True)
         self.thread.start()
@@ -148,7 +149,7 @@ class FakeKube:
     @property
     def url(self) -> str:
         assert self.httpd is not None, "start() first"
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return f"http://{self.host}:{self.httpd.server_address[1]}"
 
     def api_client(self) -> Any:
         """A kubernetes.client.ApiClient talking to this server."""

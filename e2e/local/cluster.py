@@ -1,5 +1,7 @@
-"""A one-node "cluster" on this host: node netns + bridge, control plane, a kubelet, and the API server's part in
-pod creation (defaulting, the mutating webhook call when the namespace is labelled for injection, ConfigMaps).
+"""A one-node "cluster" on this host: node netns + bridge, an API server (`apiserver.py`: the fake one, over real
+HTTP, holding Namespaces, Pods, Services and EndpointSlices), control plane, a kubelet, the API server's part in pod
+and Service creation (defaulting, the mutating webhook call when the namespace is labelled for injection, ClusterIP
+allocation), and the node's control loops (`controllers.py`: pod status, EndpointSlices, kube-proxy).
 
 Everything it makes lives under one temp directory and in network namespaces with one prefix, and `LocalCluster.up()`
 removes all of it on exit — also after an error or Ctrl-C.
@@ -20,8 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from e2e.local import endpoints
+from e2e.local.apiserver import ApiServer
+from e2e.local.controllers import Controllers
 from e2e.local.controlplane import Admission, ControlPlane
 from e2e.local.kubelet import Kubelet, Node, PodRun, local_images, start_pods
+from e2e.local.kubeproxy import KubeProxy
 from meshboot import constants as C
 from testing.tokens import Issuer
 
@@ -57,6 +63,8 @@ class LocalCluster:
     node: Node
     control_plane: ControlPlane
     kubelet: Kubelet
+    apiserver: ApiServer
+    controllers: Controllers
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: list[PodRun] = field(default_factory=list)
 
@@ -74,6 +82,8 @@ class LocalCluster:
             bin_dir = venv_bin()
             node = Node.create(prefix)
             stack.callback(node.close)
+            apiserver = ApiServer.start(node, workdir)
+            stack.callback(apiserver.stop)
             issuer = Issuer()
             vals = copy.deepcopy(values or {})
             vals.setdefault("global", {}).setdefault("caAddress", f"{node.gateway}:{C.CA_PORT}")
@@ -82,8 +92,12 @@ class LocalCluster:
             kubelet = Kubelet(node=node, workdir=workdir / "pods", images=local_images(bin_dir), issuer=issuer,
                               pod_prefix=prefix)
             (workdir / "pods").mkdir(mode=0o755)
-            cluster = cls(workdir=workdir, node=node, control_plane=cp, kubelet=kubelet)
+            cluster = cls(workdir=workdir, node=node, control_plane=cp, kubelet=kubelet, apiserver=apiserver,
+                          controllers=Controllers(api=apiserver.api, runs=lambda: [], proxy=KubeProxy(node.ns)))
+            cluster.controllers.runs = lambda: list(cluster.pods)
             stack.callback(cluster.stop_pods)
+            cluster.controllers.start()
+            stack.callback(cluster.controllers.stop)
             try:
                 yield cluster
             finally:
@@ -92,7 +106,26 @@ class LocalCluster:
     def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
         """A namespace, with the root-cert ConfigMap the CA publishes into every namespace."""
         self.namespaces[name] = {"kubernetes.io/metadata.name": name, **(labels or {})}
-        self.kubelet.config_maps[(name, C.ROOT_CERT_CONFIGMAP)] = {C.ROOT_CERT_KEY: self.control_plane.root_cert()}
+        self.apiserver.api.create("namespaces", {"metadata": {"name": name, "labels": self.namespaces[name]},
+                                                 "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+        data = {C.ROOT_CERT_KEY: self.control_plane.root_cert()}
+        self.kubelet.config_maps[(name, C.ROOT_CERT_CONFIGMAP)] = data
+        self.apiserver.api.create("configmaps", {"metadata": {"name": C.ROOT_CERT_CONFIGMAP, "namespace": name},
+                                                 "data": data})
+
+    def create_service(self, svc: dict[str, Any]) -> dict[str, Any]:
+        """The API server's Service create: a ClusterIP from the Service CIDR unless one is given (or "None")."""
+        svc = copy.deepcopy(svc)
+        spec = svc.setdefault("spec", {})
+        spec.setdefault("type", "ClusterIP")
+        if not spec.get("clusterIP"):
+            used = [(s.get("spec") or {}).get("clusterIP", "") for s in self.apiserver.api.list("services")]
+            spec["clusterIP"] = endpoints.allocate_cluster_ip(used)
+        spec.setdefault("clusterIPs", [spec["clusterIP"]])
+        for p in spec.get("ports") or []:
+            p.setdefault("protocol", "TCP")
+            p.setdefault("targetPort", p["port"])
+        return self.apiserver.api.create("services", svc)
 
     def admit(self, pod: dict[str, Any]) -> Admission:
         """The API server's create path up to storage: defaulting, then the mutating webhook if it is selected."""
@@ -104,15 +137,31 @@ class LocalCluster:
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("creationTimestamp", dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         pod.setdefault("spec", {}).setdefault("serviceAccountName", "default")
-        if not injection_selected(self.namespaces[ns], meta.get("labels") or {}):
-            return Admission(pod=pod, patch=None, review={})
-        return self.control_plane.admit(pod)
+        if injection_selected(self.namespaces[ns], meta.get("labels") or {}):
+            admitted = self.control_plane.admit(pod)
+        else:
+            admitted = Admission(pod=pod, patch=None, review={})
+        stored = self.apiserver.api.create("pods", {**admitted.pod, "status": {"phase": "Pending"}})
+        admitted.pod["metadata"]["uid"] = stored["metadata"]["uid"]
+        return admitted
 
     def run(self, pods: list[dict[str, Any]]) -> list[PodRun]:
-        """Start admitted pods concurrently on the node."""
+        """Start admitted pods concurrently on the node; their node, IPs and phase go to the API server (Ready
+        follows from the controllers' status sync)."""
         runs = start_pods(self.kubelet, pods)
+        for r in runs:
+            status = {k: v for k, v in r.pod["status"].items() if k != "phase"}
+            self.apiserver.api.merge_patch("pods", r.namespace, r.name, {
+                "spec": {"nodeName": r.pod["spec"]["nodeName"]}, "status": {"phase": "Running", **status}})
         self.pods.extend(runs)
         return runs
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """`kubectl delete pod`: gone from the API server (so from the EndpointSlices), then stopped by the kubelet."""
+        self.apiserver.api.delete("pods", namespace, name)
+        for r in [r for r in self.pods if (r.namespace, r.name) == (namespace, name)]:
+            self.pods.remove(r)
+            r.stop()
 
     def stop_pods(self) -> None:
         """Delete every pod the kubelet made, including any still starting."""

@@ -40,7 +40,26 @@ def checks(f: scenario.Facts) -> list[tuple[str, bool]]:
                 scenario.observe.listener_increase(f.stats_b, C.INBOUND_CAPTURE_PORT) >= 1))
     out.append((f"pod-b serves {f.expected_spiffe_id}",
                 f.served is not None and f.expected_spiffe_id in f.served.spiffe_ids))
-    return out
+    return out + service_checks(f)
+
+
+def service_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
+    """The Service facts: the API server's objects, the slice following readiness, the ClusterIP reached."""
+    s = f.services
+    if s is None:
+        return [("API server holds the pods and the Service", False)]
+    pods = {"pod-a", "pod-b", scenario.PLAIN}
+    b_ip = f.pods["pod-b"].ip if "pod-b" in f.pods else ""
+    return [
+        ("API server holds the pods (with IPs) and the Service (with a ClusterIP)",
+         pods <= {n for n, p in s.api_pods.items() if (p.get("status") or {}).get("podIP")}
+         and scenario.SERVICE in s.api_services and bool(s.cluster_ip)),
+        (f"EndpointSlice for {scenario.SERVICE} lists pod-b ready",
+         any(ep["targetRef"]["name"] == "pod-b" and ep["conditions"]["ready"] and b_ip in ep["addresses"]
+             for ep in s.slice_endpoints)),
+        (f"{scenario.PLAIN} (no sidecar) → {s.cluster_ip}:{s.port} answered 200 from pod-b's app",
+         s.response.get("status") == 200 and bool(s.app_b_log_lines)),
+    ]
 
 
 def main() -> int:

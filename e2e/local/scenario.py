@@ -3,7 +3,9 @@ local node, then the facts about them collected (printed by the demo, asserted b
 
 Flow: control plane up (injector + CA) → AdmissionReview for pod-a and pod-b → the kubelet runs istio-init, then
 istio-proxy and the app → iptables and sockets inside the pods → both pods READY once 15021 answers 200 → a request
-from pod-a's app to pod-b's app through both Envoys → the SPIFFE ID in the certificate pod-b serves.
+from pod-a's app to pod-b's app through both Envoys → the SPIFFE ID in the certificate pod-b serves. Alongside, the
+API server holds the pods and the Service `server` (manifests/services.yaml), whose EndpointSlice lists pod-b once
+ready, and a pod without a sidecar reaches pod-b's app through the Service's ClusterIP (kube-proxy's DNAT on the node).
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from e2e.local.kubelet import PodRun, http_get
 from meshboot import constants as C
 
 MANIFESTS = Path(__file__).parent / "manifests" / "pods.yaml"
+SERVICES = Path(__file__).parent / "manifests" / "services.yaml"
+SERVICE = "server"
+PLAIN = "plain-client"
 NAMESPACE = "demo"
 APP_PORT = 8080
 XDS_SUFFIX = C.XDS_SOCKET.removeprefix("./")
@@ -85,10 +90,33 @@ class Facts:
     netns_names: list[str] = field(default_factory=list)     # every namespace the run made
     pids: dict[int, str] = field(default_factory=dict)       # every process it started (pid -> comm)
     workdir: Path | None = None
+    services: ServiceFacts | None = None
+
+
+@dataclass
+class ServiceFacts:
+    """What the API server holds, the Service's slice and ClusterIP, and the request from the pod without a sidecar."""
+
+    api_url: str
+    kubeconfig: Path
+    api_pods: dict[str, dict[str, Any]]            # name -> the pod as the API server holds it
+    api_services: dict[str, dict[str, Any]]
+    cluster_ip: str
+    port: int
+    slice_endpoints: list[dict[str, Any]]          # the Service's EndpointSlice endpoints
+    proxy_rules: str = ""
+    response: dict[str, Any] = field(default_factory=dict)
+    request_path: str = ""
+    app_b_log_lines: list[str] = field(default_factory=list)
 
 
 def load_pods() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(MANIFESTS.read_text()) if d]
+    return load(MANIFESTS, "Pod")
+
+
+def load(path: Path, kind: str) -> list[dict[str, Any]]:
+    """The objects of one kind in a manifest file."""
+    return [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == kind]
 
 
 def _containers(pod: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -145,10 +173,13 @@ def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
             f"{cluster.node.network.prefixlen}; meshboot-webhook (injector :{cp.webhook_port} + CA :{cp.ca_port}) "
             f"up in {clock.mark('control plane up'):.1f}s")
         cluster.create_namespace(NAMESPACE, {C.LABEL_INJECTION_NS: "enabled"})
+        for svc in load(SERVICES, "Service"):
+            cluster.create_service(svc)
         admitted = [cluster.admit(p) for p in load_pods()]
+        plain = [cluster.admit(p).pod for p in load(SERVICES, "Pod")]
         clock.mark("admitted")
         facts = _admission_facts(admitted, kubernetes_version, say)
-        runs = _run_pods(cluster, admitted, facts, clock, say)
+        runs = _run_pods(cluster, admitted, facts, clock, say, plain)
         by_name = {r.name: r for r in runs}
         pa, pb = by_name["pod-a"], by_name["pod-b"]
         _say_inside_pod_a(facts, pa, say)
@@ -156,6 +187,8 @@ def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
         clock.mark("traffic")
         _served_certificate(facts, cluster, pb, say)
         clock.mark("spiffe")
+        _services(facts, cluster, by_name[PLAIN], pb, say)
+        clock.mark("services")
     clock.mark("cleaned up")
     facts.timings = clock.timings
     return facts
@@ -173,14 +206,16 @@ def _admission_facts(admitted: list[Admission], kubernetes_version: str, say: Ca
 
 
 def _run_pods(cluster: LocalCluster, admitted: list[Admission], facts: Facts, clock: _Clock,
-              say: Callable[[str], None]) -> list[PodRun]:
-    """The kubelet runs the injected pods; once ready, what is inside each, and every namespace and process made."""
-    runs = cluster.run([x.pod for x in admitted])
+              say: Callable[[str], None], plain: list[dict[str, Any]]) -> list[PodRun]:
+    """The kubelet runs the injected pods (and the plain ones beside them); once ready, what is inside each injected
+    one, and every namespace and process made."""
+    every = cluster.run([x.pod for x in admitted] + plain)
+    runs = every[:len(admitted)]
     clock.mark("pods started")
     say("\n== kubelet: " + "; ".join(
         f"{r.name} {r.ip} netns {r.netns.name}, " + ", ".join(f"{n} exited {c}" for n, c in r.init_exit_codes.items())
         + f", started {', '.join(r.counted())}" for r in runs) + f"  [workdir {cluster.workdir}]")
-    for r in runs:
+    for r in every:
         r.wait_ready(timeout=30)
     clock.mark("pods ready")
     for r in runs:
@@ -188,15 +223,16 @@ def _run_pods(cluster: LocalCluster, admitted: list[Admission], facts: Facts, cl
         facts.pods[r.name].ready = (len(r.ready_containers()), len(r.counted()))
         facts.pods[r.name].readyz_status = cluster.node.call(
             http_get, r.ip, C.ENVOY_STATUS_PORT, "/healthz/ready", 2.0).status
-    facts.netns_names = [cluster.node.ns.name, *(r.netns.name for r in runs)]
+    facts.netns_names = [cluster.node.ns.name, *(r.netns.name for r in every)]
     facts.workdir = cluster.workdir
     facts.pids = {cluster.control_plane.proc.pid: "meshboot-webhook"}
-    for r in runs:
+    for r in every:
         for c in r.containers.values():
             if c.proc is not None:
                 facts.pids[c.proc.pid] = c.name
-        facts.pids.update(facts.pods[r.name].envoy_pids)
-    return runs
+        if r.name in facts.pods:
+            facts.pids.update(facts.pods[r.name].envoy_pids)
+    return every
 
 
 def _say_inside_pod_a(facts: Facts, pa: PodRun, say: Callable[[str], None]) -> None:
@@ -253,6 +289,58 @@ def _served_certificate(facts: Facts, cluster: LocalCluster, pb: PodRun, say: Ca
     say(f"   URI SAN: {', '.join(facts.served.spiffe_ids)}")
     say(f"   issuer: {facts.served.leaf.issuer.rfc4514_string()}; valid until "
         f"{facts.served.leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+
+
+def _service_facts(cluster: LocalCluster, pb: PodRun, timeout: float = 10.0) -> ServiceFacts:
+    """The API server's pods and Services, once the Service's slice lists pod-b ready and the node DNATs to it."""
+    api = cluster.apiserver.api
+    deadline = time.monotonic() + timeout
+    while True:
+        svc = api.get("services", NAMESPACE, SERVICE)
+        eps = [ep for s in api.list("endpointslices", NAMESPACE)
+               if s["metadata"]["labels"].get("kubernetes.io/service-name") == SERVICE for ep in s["endpoints"]]
+        rules = cluster.controllers.proxy.dump()
+        ready = [ep for ep in eps if ep["conditions"]["ready"] and ep["targetRef"]["name"] == pb.name]
+        if (ready and f"--to-destination {pb.ip}:" in rules) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return ServiceFacts(
+        api_url=cluster.apiserver.url, kubeconfig=cluster.apiserver.kubeconfig,
+        api_pods={p["metadata"]["name"]: p for p in api.list("pods", NAMESPACE)},
+        api_services={x["metadata"]["name"]: x for x in api.list("services", NAMESPACE)},
+        cluster_ip=svc["spec"]["clusterIP"], port=int(svc["spec"]["ports"][0]["port"]), slice_endpoints=eps,
+        proxy_rules=rules)
+
+
+def _ready_condition(pod: dict[str, Any]) -> str:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return next((c["status"] for c in conds if c.get("type") == "Ready"), "-")
+
+
+def _services(facts: Facts, cluster: LocalCluster, plain: PodRun, pb: PodRun, say: Callable[[str], None]) -> None:
+    """What the API server holds, the Service's EndpointSlice and DNAT, and a request from the pod without a
+    sidecar to the Service's ClusterIP, answered by pod-b's app."""
+    sf = facts.services = _service_facts(cluster, pb)
+    say(f"\n== API server {sf.api_url} (kubeconfig {sf.kubeconfig}): pods "
+        + ", ".join(f"{n} {(p.get('status') or {}).get('podIP', '-')} Ready={_ready_condition(p)}"
+                    for n, p in sf.api_pods.items())
+        + "; services " + ", ".join(f"{n} {x['spec']['clusterIP']}" for n, x in sf.api_services.items()))
+    say(f"   EndpointSlice for {SERVICE}: " + ", ".join(
+        f"{ep['targetRef']['name']} {','.join(ep['addresses'])} ready={ep['conditions']['ready']}"
+        for ep in sf.slice_endpoints))
+    say("   kube-proxy on the node: " + " | ".join(line for line in sf.proxy_rules.splitlines() if "DNAT" in line))
+    sf.request_path = f"/?from={PLAIN}&id={uuid.uuid4().hex[:8]}"
+    url = f"http://{sf.cluster_ip}:{sf.port}{sf.request_path}"
+    res = plain.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
+    if res.returncode != 0:
+        raise RuntimeError(f"request from {PLAIN} to the ClusterIP failed: {res.stderr.strip()}")
+    sf.response = json.loads(res.stdout)
+    deadline = time.monotonic() + 3.0
+    while not sf.app_b_log_lines and time.monotonic() < deadline:
+        sf.app_b_log_lines = [line for line in pb.logs("app").splitlines() if sf.request_path in line]
+        time.sleep(0.05)
+    say(f"\n== kubectl exec {PLAIN} -c app (no sidecar) -- GET {url}\n   → HTTP {sf.response['status']}; "
+        f"pod-b app log: " + " | ".join(sf.app_b_log_lines))
 
 
 def leftovers(facts: Facts) -> list[str]:

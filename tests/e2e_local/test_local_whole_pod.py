@@ -120,3 +120,16 @@ def test_pod_b_serves_its_spiffe_identity(facts: scenario.Facts) -> None:
 def test_everything_was_cleaned_up(facts: scenario.Facts) -> None:
     assert facts.netns_names and facts.pids
     assert scenario.leftovers(facts) == []
+
+
+def test_plain_client_reaches_pod_b_through_the_service_cluster_ip(facts: scenario.Facts) -> None:
+    s = facts.services
+    assert s is not None
+    assert {"pod-a", "pod-b", scenario.PLAIN} <= set(s.api_pods) and scenario.SERVICE in s.api_services
+    assert scenario.PLAIN not in facts.pods      # no sidecar: the webhook skipped it
+    b = facts.pods["pod-b"]
+    assert [(ep["targetRef"]["name"], ep["addresses"], ep["conditions"]["ready"]) for ep in s.slice_endpoints] == [
+        ("pod-b", [b.ip], True)]
+    assert f"-d {s.cluster_ip}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination {b.ip}:8080" in s.proxy_rules
+    assert s.response.get("status") == 200
+    assert len(s.app_b_log_lines) == 1 and s.app_b_log_lines[0].startswith("127.0.0.6 ")   # via pod-b's Envoy
