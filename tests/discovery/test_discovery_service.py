@@ -315,3 +315,28 @@ def test_the_control_plane_serves_xds_on_the_ca_port(control_plane: tuple[FakeKu
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "elsewhere" in (err.details() or "")
     finally:
         other.close()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--kubeconfig", "/nonexistent/kubeconfig"], "--kubeconfig: '/nonexistent/kubeconfig' is not a file"),
+    (["--kubeconfig", "kc", "--discovery=maybe"], "error: argument --discovery: 'maybe' is not a boolean"),
+])
+def test_a_bad_discovery_flag_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "controlplane", "--ca-dir", str(tmp_path),
+                           "--token-review", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith(f"meshboot-webhook: {message}"), proc.stderr
+
+
+def test_discovery_is_off_without_an_api_or_when_asked() -> None:
+    from controlplane.main import build_parser, discovery_enabled
+    env = os.environ.pop("KUBERNETES_SERVICE_HOST", None)
+    try:
+        assert not discovery_enabled(build_parser().parse_args([]))
+        assert discovery_enabled(build_parser().parse_args(["--kubeconfig", "kc"]))
+        assert not discovery_enabled(build_parser().parse_args(["--kubeconfig", "kc", "--discovery=false"]))
+        assert not discovery_enabled(build_parser().parse_args(["--kubeconfig", "kc", "--ca-port", "0"]))
+    finally:
+        if env is not None:
+            os.environ["KUBERNETES_SERVICE_HOST"] = env
