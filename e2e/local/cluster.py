@@ -87,7 +87,8 @@ class LocalCluster:
             issuer = Issuer()
             vals = copy.deepcopy(values or {})
             vals.setdefault("global", {}).setdefault("caAddress", f"{node.gateway}:{C.CA_PORT}")
-            cp = ControlPlane.start(node, workdir, bin_dir, issuer.jwks(), vals, kubernetes_version)
+            cp = ControlPlane.start(node, workdir, bin_dir, issuer.jwks(), vals, kubernetes_version,
+                                    kubeconfig=apiserver.kubeconfig)
             stack.callback(cp.stop)
             kubelet = Kubelet(node=node, workdir=workdir / "pods", images=local_images(bin_dir), issuer=issuer,
                               pod_prefix=prefix)

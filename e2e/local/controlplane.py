@@ -63,7 +63,7 @@ class ControlPlane:
 
     @classmethod
     def start(cls, node: Node, workdir: Path, venv_bin: Path, jwks: dict[str, Any], values: dict[str, Any],
-              kubernetes_version: str = "1.34", timeout: float = 30.0) -> ControlPlane:
+              kubernetes_version: str = "1.34", timeout: float = 30.0, kubeconfig: Path | None = None) -> ControlPlane:
         d = workdir / "istiod"
         d.mkdir(parents=True)
         (d / "jwks.json").write_text(json.dumps(jwks))
@@ -82,6 +82,8 @@ class ControlPlane:
                 "--ca-dir", str(ca_dir), "--plugin-certs", str(d / "no-plugin-certs"),
                 "--jwks", str(d / "jwks.json"), "--trust-domain", C.DEFAULT_TRUST_DOMAIN,
                 "--ca-dns-names", ",".join((*CA_DNS_NAMES, node.gateway))]
+        if kubeconfig is not None:      # discovery watches the local API server and serves xDS on the CA's port
+            argv += ["--kubeconfig", str(kubeconfig)]
         with open(log, "ab") as out:
             proc = node.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=d)
         cp = cls(node=node, dir=d, proc=proc, ca_bundle=d / "webhook-ca-bundle.pem", ca_dir=ca_dir, log=log)

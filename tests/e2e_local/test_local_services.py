@@ -147,3 +147,10 @@ def test_a_deleted_pod_leaves_the_slice_and_a_new_one_joins(cluster: Any) -> Non
     _file(web3, "name").write_text("web-3")
     _file(web3, "healthy").write_text("ok")
     _eventually("web-3 ready in the slice", lambda: _endpoints(c).get("web-3") == (web3.ip, True))
+
+
+def test_the_control_plane_watches_this_api_server(cluster: Any) -> None:
+    c, _, _ = cluster
+    watched = {r.path for r in c.apiserver.kube.recorded("GET") if r.query.get("watch") == ["true"]}
+    assert {"/api/v1/pods", "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"} <= watched, watched
+    assert c.control_plane.proc.poll() is None
