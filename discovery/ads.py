@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import itertools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -39,6 +40,9 @@ MAX_METADATA_BYTES = 16 * 1024        # request headers, the token among them
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_STREAMS = 4096                    # connected proxies (each is one long-lived stream)
 HANDSHAKE_TIMEOUT_MS = 10_000
+# istiod's PILOT_PUSH_THROTTLE default: proxies pushed at once. Each push holds its responses (a SotW CDS is the
+# whole mesh) until written, so pushing every proxy at once holds the mesh once per proxy.
+PUSH_THROTTLE = min(15 + 5 * len(os.sched_getaffinity(0)), 100)
 
 # authenticate(token) -> (namespace, service_account), plain or awaitable; raises to refuse the token.
 Authenticate = Callable[[str], "tuple[str, str] | Awaitable[tuple[str, str]]"]
@@ -60,24 +64,52 @@ def _decoder(cls: type[Message]) -> Callable[[bytes], Any]:
     return decode
 
 
+_RESOURCES_TAG = b"\x12"     # DiscoveryResponse.resources: field 2, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _response_bytes(response: bytes | Message) -> bytes:
+    """SotW responses are written as prepared bytes (see `_sotw_response`); anything else is serialized."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 class Encoder:
     """One push's serialization cache, keyed by message object: a resource the snapshot shares between proxies is
     encoded (and hashed, for delta versions) once per push, however many proxies receive it."""
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple[Message, any_pb2.Any, str]] = {}
+        self._cache: dict[int, tuple[Message, any_pb2.Any, str, bytes]] = {}
         self.encoded = 0
 
-    def encode(self, type_url: str, msg: Message) -> tuple[any_pb2.Any, str]:
+    def _get(self, type_url: str, msg: Message) -> tuple[Message, any_pb2.Any, str, bytes]:
         hit = self._cache.get(id(msg))
         if hit is not None and hit[0] is msg:
-            return hit[1], hit[2]
+            return hit
         value = msg.SerializeToString(deterministic=True)
         packed = any_pb2.Any(type_url=type_url, value=value)
         version = hashlib.sha256(value).hexdigest()[:16]
-        self._cache[id(msg)] = (msg, packed, version)     # the message is kept, so its id is not reused
+        wire = packed.SerializeToString()
+        entry = _RESOURCES_TAG + _varint(len(wire)) + wire
+        hit = self._cache[id(msg)] = (msg, packed, version, entry)     # the message is kept: its id is not reused
         self.encoded += 1
-        return packed, version
+        return hit
+
+    def encode(self, type_url: str, msg: Message) -> tuple[any_pb2.Any, str]:
+        hit = self._get(type_url, msg)
+        return hit[1], hit[2]
+
+    def entry(self, type_url: str, msg: Message) -> bytes:
+        """The resource as one `resources` field of a DiscoveryResponse, ready to join: a SotW response to N proxies
+        then copies bytes instead of building and serializing N messages of the whole mesh."""
+        return self._get(type_url, msg)[3]
 
 
 @dataclass
@@ -131,6 +163,7 @@ class AdsServer:
         self._authenticate = authenticate
         self._conns: dict[str, Connection] = {}
         self._ids = itertools.count(1)
+        self._throttle = asyncio.Semaphore(PUSH_THROTTLE)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -145,7 +178,7 @@ class AdsServer:
         """Register under Envoy's exact service and method names, with decoders that turn garbage into a refusal."""
         sotw = grpc.stream_stream_rpc_method_handler(
             self._sotw, request_deserializer=_decoder(dpb.DiscoveryRequest),
-            response_serializer=dpb.DiscoveryResponse.SerializeToString)
+            response_serializer=_response_bytes)
         delta = grpc.stream_stream_rpc_method_handler(
             self._delta, request_deserializer=_decoder(dpb.DeltaDiscoveryRequest),
             response_serializer=dpb.DeltaDiscoveryResponse.SerializeToString)
@@ -265,6 +298,7 @@ class AdsServer:
         available = snapshot.resources_for(conn.proxy, type_url)
         watch = conn.watches[type_url]
         nonce = f"{snapshot.version}-{uuid.uuid4().hex[:12]}"
+        response: bytes | dpb.DeltaDiscoveryResponse | None
         if conn.delta:
             response = _delta_response(watch, available, encoder, only, initial, snapshot.version, nonce)
         else:
@@ -278,7 +312,7 @@ class AdsServer:
             metrics.PUSHES.inc(f"{short}_senderr")
             raise
         watch.sent(snapshot.version, nonce)
-        if conn.delta:
+        if isinstance(response, dpb.DeltaDiscoveryResponse):
             _record_delta(watch, response)
             if type_url == P.CDS and response.resources and P.EDS in conn.watches:
                 # Envoy re-warms a changed cluster and waits for its endpoints (and holds the CDS ACK) even when
@@ -304,7 +338,7 @@ class AdsServer:
         while conn.pending is not None:
             request, conn.pending = conn.pending, None
             try:
-                async with conn.lock:
+                async with self._throttle, conn.lock:
                     await self._push_one(conn, request)
             except Exception as e:  # noqa: BLE001 - the stream is gone or going; its handler reports that
                 log.info("push to proxy failed", extra={"proxy": conn.conn_id, "error": str(e)[:200]})
@@ -338,10 +372,12 @@ class AdsServer:
 
 
 def _sotw_response(watch: P.Watch, available: Mapping[str, Message], encoder: Encoder,
-                   only: frozenset[str] | None, version: str, nonce: str) -> dpb.DiscoveryResponse:
+                   only: frozenset[str] | None, version: str, nonce: str) -> bytes:
+    """The serialized DiscoveryResponse: its header, then each resource's cached field bytes (a protobuf message is
+    the concatenation of its fields, so this is the same message as building and serializing it)."""
     names = sorted(only if only is not None else (n for n in available if watch.selects(n)))
-    resources = [encoder.encode(watch.type_url, available[n])[0] for n in names if n in available]
-    return dpb.DiscoveryResponse(version_info=version, type_url=watch.type_url, nonce=nonce, resources=resources)
+    head = dpb.DiscoveryResponse(version_info=version, type_url=watch.type_url, nonce=nonce).SerializeToString()
+    return head + b"".join([encoder.entry(watch.type_url, available[n]) for n in names if n in available])
 
 
 def _delta_response(watch: P.Watch, available: Mapping[str, Message], encoder: Encoder,

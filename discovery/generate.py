@@ -419,9 +419,10 @@ def inbound_ports(model: Model, proxy: Proxy) -> list[int]:
                 target = p.target_port if isinstance(p.target_port, int) else proxy.named_ports.get(p.target_port)
                 if target is not None:
                     ports.add(target)
-    tcp_services = {(s.key, p.name) for s in model.services for p in tcp_ports(s)}
-    ports.update(e.port for ip in proxy.ips for e in model.endpoints_by_address.get(ip, ())
-                 if (e.service, e.port_name) in tcp_services)
+    own = [e for ip in proxy.ips for e in model.endpoints_by_address.get(ip, ())]
+    keys = {e.service for e in own}     # list ports of only the services on this pod, not of the whole mesh
+    tcp_services = {(s.key, p.name) for s in model.services if s.key in keys for p in tcp_ports(s)}
+    ports.update(e.port for e in own if (e.service, e.port_name) in tcp_services)
     return sorted(ports - PROXY_PORTS - C.RESERVED_PORTS)
 
 
@@ -479,7 +480,7 @@ def for_proxy(model: Model, shared: Common, proxy: Proxy) -> ProxyResources:
     """The shared part plus the proxy's inbound part; headless listeners on the proxy's own IPs are left out (a
     connection to itself must reach virtualInbound's passthrough, not loop through its outbound side)."""
     in_clusters, in_listener = inbound(model, proxy)
-    own = {f"{ip}_" for ip in proxy.ips}
-    outbound = [x for x in shared.listeners if not any(x.name.startswith(o) for o in own)]
+    own = tuple(f"{ip}_" for ip in proxy.ips)
+    outbound = [x for x in shared.listeners if not x.name.startswith(own)]
     return ProxyResources(clusters=(*shared.clusters, *in_clusters), endpoints=shared.endpoints,
                           listeners=(*outbound, in_listener))
