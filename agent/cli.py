@@ -132,7 +132,7 @@ def run_proxy(argv: list[str]) -> int:
     except OSError as e:
         log.error(f"cannot start Envoy: {e}")
         for h in prestarted.values():
-            h.proc.kill()
+            h.close()
         return 255
     import_asyncio_without_tls()
     import asyncio  # noqa: PLC0415 - after Envoy starts, and without ssl (import_asyncio_without_tls)

@@ -35,19 +35,38 @@ class Prestarted:
         import asyncio  # noqa: PLC0415 - this module loads before asyncio (see cli.import_asyncio_without_tls)
 
         deadline = time.monotonic() + timeout
-        if self.proc.stdin is not None:
-            stdin, self.proc.stdin = self.proc.stdin, None     # communicate() below must not touch it
-            await _feed(stdin, data, deadline)
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                self.proc.wait()
-                raise HelperError(f"{' '.join(self.args[2:4])} took longer than {timeout:.0f}s")
-            await asyncio.sleep(0.002)
+        try:
+            if self.proc.stdin is not None:
+                stdin, self.proc.stdin = self.proc.stdin, None     # communicate() below must not touch it
+                await _feed(stdin, data, deadline)
+            while self.proc.poll() is None:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise HelperError(f"{' '.join(self.args[2:4])} took longer than {timeout:.0f}s")
+                await asyncio.sleep(0.002)
+        except asyncio.CancelledError:          # the caller is gone (agent closing): so is the helper
+            self.close()
+            raise
         out, err = self.proc.communicate()
         if self.proc.returncode != 0:
             raise HelperError(f"{' '.join(self.args[2:4])} failed: {err.decode(errors='replace').strip()[-500:]}")
         return out
+
+    def close(self) -> None:
+        """A helper no longer wanted: killed if still running, reaped (no zombie) and its pipes closed (no fds left
+        to the garbage collector). Safe to call twice."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(5)               # SIGKILLed: ends at once
+            except subprocess.TimeoutExpired:
+                pass
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
 
 async def _feed(pipe: IO[bytes], data: bytes, deadline: float) -> None:
@@ -82,6 +101,11 @@ async def run(args: list[str], data: bytes | None = None, timeout: float = 60.0)
         proc.kill()
         await proc.wait()
         raise HelperError(f"{' '.join(args[2:4])} took longer than {timeout:.0f}s") from None
+    except asyncio.CancelledError:              # the caller is gone (agent closing): so is the helper
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     if proc.returncode != 0:
         raise HelperError(f"{' '.join(args[2:4])} failed: {err.decode(errors='replace').strip()[-500:]}")
     return out

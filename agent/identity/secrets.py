@@ -156,8 +156,9 @@ class SecretManager:
 
     async def close(self) -> None:
         for pre in (self._prestarted, self._checker):
-            if pre is not None and pre.proc.poll() is None:
-                pre.proc.kill()
+            if pre is not None:
+                pre.close()
+        self._prestarted = self._checker = None
         for t in [*self._tasks, *([self._rotation] if self._rotation else [])]:
             t.cancel()
         for t in self._tasks:
@@ -269,6 +270,8 @@ class SecretManager:
                 m.outgoing.labels("csr").inc()
             assert self.ca is not None
             if self._checker is None or self._checker.proc.poll() is not None:
+                if self._checker is not None:   # it died waiting: reap it, close its pipes
+                    self._checker.close()
                 # the checker's start-up (Python + ssl) overlaps the CA call instead of following it
                 self._checker = helper.Prestarted(certcheck.argv(self.cfg.spiffe_id), stdin=True)
             issued = await self.ca.sign(csr, int(self.cfg.secret_ttl))
@@ -276,7 +279,7 @@ class SecretManager:
             if m is not None:
                 m.outgoing_failed.labels("csr").inc()
             if self._checker is not None:       # no chain to check: do not keep a process waiting out a CA outage
-                self._checker.proc.kill()
+                self._checker.close()
                 self._checker = None
             raise SecretError(str(e)) from None
         if m is not None:

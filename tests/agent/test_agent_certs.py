@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from agent import helper
 from agent.config import Flags, build_config
 from agent.envoy import Admin
 from agent.identity import certcheck
 from agent.identity.caclient import CAClient
-from agent.identity.secrets import Backoff, SecretManager
+from agent.identity.secrets import Backoff, SecretError, SecretManager
 from agent.metrics import Metrics
 from agent.status import StatusServer
 from agent.xds.wire import fields, ld
@@ -202,5 +204,68 @@ def test_agent_refuses_bad_chains_reports_why_and_backs_off(mesh: Mesh, tmp_path
                 await secrets.close()
                 await status.close()
             await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_helpers_no_longer_wanted_are_reaped_with_their_pipes_closed(mesh: Mesh, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """The checker started for a CSR the CA then fails, and the helpers left at close(): killed, reaped and their
+    pipes closed (only killing them left a zombie and three fds per CA-outage retry for the garbage collector)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / C.ROOT_CERT_PATH).parent.mkdir(parents=True)
+    (tmp_path / C.ROOT_CERT_PATH).write_bytes(pki.cert_pem(mesh.root))
+    started: list[helper.Prestarted] = []
+
+    class Recorded(helper.Prestarted):
+        def __init__(self, args: list[str], stdin: bool = False) -> None:
+            super().__init__([sys.executable, "-c", "import time; time.sleep(60)"], stdin)
+            started.append(self)
+
+    class DownCA:
+        async def sign(self, csr: str, ttl: int) -> None:
+            raise ConnectionError("CA down")
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(helper, "Prestarted", Recorded)
+
+    def gone(pre: helper.Prestarted) -> bool:
+        pipes = (pre.proc.stdin, pre.proc.stdout, pre.proc.stderr)
+        return pre.proc.returncode is not None and all(p is None or p.closed for p in pipes)
+
+    async def main() -> None:
+        keygen_helper = Recorded([])
+        secrets = SecretManager(agent_cfg(tmp_path, "web", free_port()), DownCA(),  # type: ignore[arg-type]
+                                prestarted=keygen_helper)
+        secrets._unsigned = (b"key", "csr")             # a CSR ready: straight to the CA, which is down
+        with pytest.raises(SecretError, match="CA down"):
+            await secrets._generate()
+        checker = started[-1]
+        assert checker is not keygen_helper and gone(checker)
+        assert not gone(keygen_helper)
+        await secrets.close()
+        assert gone(keygen_helper)
+        keygen_helper.close()                            # twice is harmless
+
+    asyncio.run(main())
+
+
+def test_a_helper_whose_caller_is_cancelled_ends_with_it() -> None:
+    """The agent closing cancels a task waiting on a helper (a certificate check, a key): the helper is killed and
+    reaped with it, its pipes closed (a run() helper left behind surfaces as a ResourceWarning, an error here)."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    async def main() -> None:
+        pre = helper.Prestarted(sleeper, stdin=True)
+        for task in (asyncio.ensure_future(pre.result(b"{}")), asyncio.ensure_future(helper.run(sleeper, b""))):
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert pre.proc.returncode is not None
+        assert pre.proc.stdout is not None and pre.proc.stdout.closed
+        assert pre.proc.stderr is not None and pre.proc.stderr.closed
 
     asyncio.run(main())
