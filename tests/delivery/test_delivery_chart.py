@@ -359,10 +359,13 @@ def _rules(role: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 
 def test_rbac_is_least_privilege(default: Rendered) -> None:
     cluster = _rules(default.one("ClusterRole"))
+    watched = {("", "services"), ("", "pods"), ("discovery.k8s.io", "endpointslices"),
+               ("security.istio.io", "peerauthentications")}     # discovery's informers
     assert set(cluster) == {("", "namespaces"), ("authentication.k8s.io", "tokenreviews"), ("", "configmaps"),
-                            ("admissionregistration.k8s.io", "mutatingwebhookconfigurations")}
+                            ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"), *watched}
     assert cluster[("authentication.k8s.io", "tokenreviews")]["verbs"] == ["create"]
-    assert set(cluster[("", "namespaces")]["verbs"]) == {"list", "watch"}
+    for key in (("", "namespaces"), *watched):
+        assert set(cluster[key]["verbs"]) == {"list", "watch"}, key
     assert "delete" not in cluster[("", "configmaps")]["verbs"]
     mwc_rule = cluster[("admissionregistration.k8s.io", "mutatingwebhookconfigurations")]
     assert mwc_rule["resourceNames"] == [default.one("MutatingWebhookConfiguration")["metadata"]["name"]]
@@ -389,6 +392,7 @@ def test_rbac_drops_what_a_mode_does_not_use(helm: Any, all_values: dict[str, di
     istiod = render(all_values["istiod"])
     rules = _rules(istiod.one("ClusterRole"))
     assert ("authentication.k8s.io", "tokenreviews") not in rules and ("", "configmaps") not in rules
+    assert ("", "pods") not in rules and ("discovery.k8s.io", "endpointslices") not in rules   # no CA: no discovery
     assert not istiod.has("Role")
 
 

@@ -15,6 +15,7 @@ import yaml
 from delivery_chart import Rendered, arg_map, container_by_name, render
 from delivery_dockerfile import parse, shell_commands
 
+from discovery.watch import RESOURCES
 from meshboot import constants as C
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,8 +178,8 @@ _CALL = re.compile(r"\.(read|create|patch|replace|delete|list)_(?:namespaced_)?(
 
 
 def api_calls_in_code() -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) for every Kubernetes client call in the control plane's code; list implies watch
-    (the client's watches stream list calls)."""
+    """(apiGroup, resource, verb) for every Kubernetes client call in the control plane's code (the CA, the injector,
+    the wiring, and discovery's watched kinds); list implies watch (the client's watches stream list calls)."""
     need: set[tuple[str, str, str]] = set()
     for py in (p for part in ("webhook", "ca", "controlplane") for p in (ROOT / part).rglob("*.py")):
         for verb, res in _CALL.findall(py.read_text()):
@@ -186,6 +187,10 @@ def api_calls_in_code() -> set[tuple[str, str, str]]:
             need.add((group, resource, _VERB[verb]))
             if verb == "list":
                 need.add((group, resource, "watch"))
+    for r in RESOURCES:   # discovery's informers list and watch each kind through the client's generic calls
+        for version in r.versions:
+            group = version.rpartition("/")[0]
+            need |= {(group, r.plural, "list"), (group, r.plural, "watch")}
     return need
 
 
