@@ -87,6 +87,7 @@ class Encoder:
 
     def __init__(self) -> None:
         self._cache: dict[int, tuple[Message, any_pb2.Any, str, bytes]] = {}
+        self.entries: dict[int, bytes] = {}     # id(message) -> `entry()`, for the SotW loop (ids stay unique: kept)
         self.encoded = 0
 
     def _get(self, type_url: str, msg: Message) -> tuple[Message, any_pb2.Any, str, bytes]:
@@ -99,6 +100,7 @@ class Encoder:
         wire = packed.SerializeToString()
         entry = _RESOURCES_TAG + _varint(len(wire)) + wire
         hit = self._cache[id(msg)] = (msg, packed, version, entry)     # the message is kept: its id is not reused
+        self.entries[id(msg)] = entry
         self.encoded += 1
         return hit
 
@@ -375,9 +377,17 @@ def _sotw_response(watch: P.Watch, available: Mapping[str, Message], encoder: En
                    only: frozenset[str] | None, version: str, nonce: str) -> bytes:
     """The serialized DiscoveryResponse: its header, then each resource's cached field bytes (a protobuf message is
     the concatenation of its fields, so this is the same message as building and serializing it)."""
-    names = sorted(only if only is not None else (n for n in available if watch.selects(n)))
+    if only is not None:
+        names = sorted(only)
+    else:
+        names = sorted(available) if watch.wildcard else sorted(n for n in available if n in watch.names)
     head = dpb.DiscoveryResponse(version_info=version, type_url=watch.type_url, nonce=nonce).SerializeToString()
-    return head + b"".join([encoder.entry(watch.type_url, available[n]) for n in names if n in available])
+    parts, entries = [head], encoder.entries
+    for name in names:                  # the hot loop of a push: one dictionary look-up per resource
+        msg = available.get(name)
+        if msg is not None:
+            parts.append(entries.get(id(msg)) or encoder.entry(watch.type_url, msg))
+    return b"".join(parts)
 
 
 def _delta_response(watch: P.Watch, available: Mapping[str, Message], encoder: Encoder,

@@ -421,7 +421,7 @@ def inbound_ports(model: Model, proxy: Proxy) -> list[int]:
                     ports.add(target)
     own = [e for ip in proxy.ips for e in model.endpoints_by_address.get(ip, ())]
     keys = {e.service for e in own}     # list ports of only the services on this pod, not of the whole mesh
-    tcp_services = {(s.key, p.name) for s in model.services if s.key in keys for p in tcp_ports(s)}
+    tcp_services = {(s.key, p.name) for s in model.services if (s.namespace, s.name) in keys for p in tcp_ports(s)}
     ports.update(e.port for e in own if (e.service, e.port_name) in tcp_services)
     return sorted(ports - PROXY_PORTS - C.RESERVED_PORTS)
 
