@@ -24,6 +24,7 @@ from discovery import service as discovery
 from meshboot import logs
 from meshboot.syntax import parse_go_bool
 from webhook import server
+from webhook.config import ConfigError, load_mesh
 
 PROG = "meshboot-webhook"
 log = logging.getLogger("meshboot.controlplane")
@@ -73,7 +74,19 @@ def config_error(args: argparse.Namespace) -> str | None:
         discovery.Mesh(trust_domain=args.trust_domain)
     except discovery.ModelError as e:
         return f"--trust-domain: {e}"
+    try:
+        discovery_mesh(args)
+    except (discovery.ModelError, ConfigError, OSError) as e:
+        return f"--mesh-config: {e}"
     return None
+
+
+def discovery_mesh(args: argparse.Namespace) -> discovery.Mesh:
+    """Discovery's mesh settings: --trust-domain, and from the mesh config (the injector's, one file as istiod reads
+    one `mesh`) accessLogFile and accessLogFormat."""
+    mesh = load_mesh(args.mesh_config) if args.mesh_config else {}
+    return discovery.Mesh(trust_domain=args.trust_domain, access_log_file=mesh.get("accessLogFile") or "",
+                          access_log_format=mesh.get("accessLogFormat") or "")
 
 
 def kube_client(kubeconfig: str) -> Any:
@@ -96,7 +109,7 @@ def ca_service(args: argparse.Namespace) -> Callable[[], Awaitable[Callable[[], 
         extra: tuple[ca.ExtraService, ...] = ()
         if discovery_enabled(args):
             api = await asyncio.to_thread(kube_client, args.kubeconfig)
-            found = discovery.Discovery(api, discovery.Mesh(trust_domain=args.trust_domain))
+            found = discovery.Discovery(api, discovery_mesh(args))
             extra = (ca.ExtraService(found.add_to, max_rpcs=discovery.MAX_PROXIES),)
         stop_ca = await ca.start_ca(args, extra)
         if found is None:

@@ -11,12 +11,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, health_check_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    health_check_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2 as lc
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
@@ -35,6 +44,7 @@ from .model import (
     STRICT,
     TLS_MODE_ISTIO,
     Endpoint,
+    Mesh,
     Model,
     Proxy,
     Service,
@@ -52,6 +62,13 @@ INBOUND_MTLS_ALPN = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-ht
 INBOUND_SERVED_ALPN = ("istio-peer-exchange", "h2", "http/1.1")
 CIPHER_SUITES = ("ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256",
                  "ECDHE-RSA-AES128-GCM-SHA256", "AES256-GCM-SHA384", "AES128-GCM-SHA256")
+# Istio's default text access log format (MeshConfig accessLogFormat empty); TCP connections log `-` for HTTP fields.
+DEFAULT_ACCESS_LOG_FORMAT = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
+    '%RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% "%UPSTREAM_TRANSPORT_FAILURE_REASON%" %BYTES_RECEIVED% '
+    '%BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" '
+    '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% '
+    '%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n')
 TOPOLOGY_LABELS = ("topology.kubernetes.io/region", "topology.kubernetes.io/zone", "topology.istio.io/subzone")
 
 
@@ -112,9 +129,22 @@ def _tls_params() -> common_pb2.TlsParameters:
                                     tls_maximum_protocol_version=common_pb2.TlsParameters.TLSv1_3)
 
 
-def _tcp_proxy(cluster: str) -> lc.Filter:
+def access_logs(mesh: Mesh) -> list[accesslog_pb2.AccessLog]:
+    """MeshConfig accessLogFile/accessLogFormat as Istio renders them on each TCP proxy: none without a file, else a
+    file log in the given text format (newline-terminated) or Istio's default one."""
+    if not mesh.access_log_file:
+        return []
+    fmt = mesh.access_log_format or DEFAULT_ACCESS_LOG_FORMAT
+    text = base_pb2.DataSource(inline_string=fmt if fmt.endswith("\n") else fmt + "\n")
+    log = file_pb2.FileAccessLog(path=mesh.access_log_file,
+                                 log_format=substitution_format_string_pb2.SubstitutionFormatString(
+                                     text_format_source=text))
+    return [accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=_any(log))]
+
+
+def _tcp_proxy(mesh: Mesh, cluster: str) -> lc.Filter:
     return lc.Filter(name="envoy.filters.network.tcp_proxy", typed_config=_any(
-        tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster)))
+        tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster, access_log=access_logs(mesh))))
 
 
 def _circuit_breakers() -> circuit_breaker_pb2.CircuitBreakers:
@@ -342,12 +372,12 @@ def _port_match(port: int, **kw: object) -> lc.FilterChainMatch:
     return lc.FilterChainMatch(destination_port=wrappers_pb2.UInt32Value(value=port), **kw)
 
 
-def _service_listener(bind: str, port: int, cluster: str) -> listener_pb2.Listener:
+def _service_listener(mesh: Mesh, bind: str, port: int, cluster: str) -> listener_pb2.Listener:
     """`<bind>_<port>`: not bound (virtualOutbound hands the connection over), one TCP proxy chain to the cluster."""
     return listener_pb2.Listener(
         name=f"{bind}_{port}", address=_sock(bind, port), bind_to_port=wrappers_pb2.BoolValue(value=False),
         traffic_direction=base_pb2.OUTBOUND, continue_on_listener_filters_timeout=True,
-        filter_chains=[lc.FilterChain(filters=[_tcp_proxy(cluster)])])
+        filter_chains=[lc.FilterChain(filters=[_tcp_proxy(mesh, cluster)])])
 
 
 def service_listeners(model: Model) -> list[listener_pb2.Listener]:
@@ -360,7 +390,7 @@ def service_listeners(model: Model) -> list[listener_pb2.Listener]:
             binds = ([(svc.cluster_ip, port.port)] if svc.cluster_ip is not None else
                      [(e.address, e.port) for e in ready_endpoints(model, svc, port) if e.port not in PROXY_PORTS])
             for bind, number in binds:
-                out.setdefault(f"{bind}_{number}", _service_listener(bind, number, cluster))
+                out.setdefault(f"{bind}_{number}", _service_listener(model.mesh, bind, number, cluster))
     return list(out.values())
 
 
@@ -373,8 +403,8 @@ def virtual_outbound(model: Model) -> listener_pb2.Listener:
         use_original_dst=wrappers_pb2.BoolValue(value=True), traffic_direction=base_pb2.OUTBOUND,
         filter_chains=[
             lc.FilterChain(name="virtualOutbound-blackhole", filter_chain_match=_port_match(C.OUTBOUND_CAPTURE_PORT),
-                           filters=[_tcp_proxy(C.BLACKHOLE_CLUSTER)]),
-            lc.FilterChain(name="virtualOutbound-catchall-tcp", filters=[_tcp_proxy(catchall)])])
+                           filters=[_tcp_proxy(model.mesh, C.BLACKHOLE_CLUSTER)]),
+            lc.FilterChain(name="virtualOutbound-catchall-tcp", filters=[_tcp_proxy(model.mesh, catchall)])])
 
 
 def outbound_listeners(model: Model) -> list[listener_pb2.Listener]:
@@ -388,7 +418,7 @@ def inbound_chains(model: Model, name: str, port: int | None, mode: str, cluster
     def chain(**match: object) -> lc.FilterChainMatch:
         return _port_match(port, **match) if port is not None else lc.FilterChainMatch(**match)
     mtls = _tls_socket(downstream_tls(model.mesh.trust_domain))
-    tcp = [_tcp_proxy(cluster)]
+    tcp = [_tcp_proxy(model.mesh, cluster)]
     if mode == STRICT:
         return [lc.FilterChain(name=name, filter_chain_match=chain(transport_protocol="tls"),
                                transport_socket=mtls, filters=tcp)]
@@ -431,7 +461,7 @@ def virtual_inbound(model: Model, proxy: Proxy) -> listener_pb2.Listener:
     passthrough chains (the workload-wide mode, port 0) to InboundPassthroughCluster."""
     w = proxy.workload()
     chains = [lc.FilterChain(name="virtualInbound-blackhole", filter_chain_match=_port_match(C.INBOUND_CAPTURE_PORT),
-                             filters=[_tcp_proxy(C.BLACKHOLE_CLUSTER)])]
+                             filters=[_tcp_proxy(model.mesh, C.BLACKHOLE_CLUSTER)])]
     chains += inbound_chains(model, "virtualInbound", None, _mode(model, w, 0), C.INBOUND_PASSTHROUGH_CLUSTER)
     for port in inbound_ports(model, proxy):
         chains += inbound_chains(model, f"0.0.0.0_{port}", port, _mode(model, w, port), inbound_name(port))

