@@ -352,6 +352,8 @@ def test_discovery_reads_the_access_log_from_the_mesh_config(tmp_path: Path) -> 
                  "defaultConfig: {discoveryAddress: 10.0.0.1:15012}\n")
     mesh = discovery_mesh(build_parser().parse_args(["--mesh-config", str(f)]))
     assert (mesh.access_log_file, mesh.access_log_format) == ("/dev/stdout", "%DOWNSTREAM_PEER_URI_SAN%")
+    f.write_text("apiVersion: v1\nkind: ConfigMap\ndata:\n  mesh: |\n    accessLogFile: /tmp/envoy.log\n")
+    assert discovery_mesh(build_parser().parse_args(["--mesh-config", str(f)])).access_log_file == "/tmp/envoy.log"
     f.write_text("accessLogFile: \"/x\\0\"\n")
     args = build_parser().parse_args(["--mesh-config", str(f), "--ca-dir", str(tmp_path), "--token-review"])
     assert (config_error(args) or "").startswith("--mesh-config: mesh config: accessLogFile is not a string")
