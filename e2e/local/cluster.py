@@ -47,6 +47,25 @@ def injection_selected(ns_labels: dict[str, str], pod_labels: dict[str, str]) ->
     return ns_labels.get(C.LABEL_INJECTION_NS) == "enabled" and pod_labels.get(C.LABEL_INJECT) != "false"
 
 
+# The Envoys' access log (MeshConfig accessLogFormat): which cluster, who connected, and the peer identities each
+# side saw (`-` when the connection was plaintext).
+ACCESS_LOG_FORMAT = ("[%START_TIME%] %UPSTREAM_CLUSTER_RAW% %DOWNSTREAM_REMOTE_ADDRESS% -> %UPSTREAM_HOST% "
+                     "downstream_peer=%DOWNSTREAM_PEER_URI_SAN% upstream_peer=%UPSTREAM_PEER_URI_SAN% "
+                     "tls=%DOWNSTREAM_TLS_VERSION% flags=%RESPONSE_FLAGS%")
+
+
+def local_mesh(mesh: dict[str, Any] | None, gateway: str) -> dict[str, Any]:
+    """The mesh config (istiod's `istio` ConfigMap, read by the injector and discovery): `defaultConfig.
+    discoveryAddress` at the control plane on the node (istiod's `istiod.istio-system.svc:15012` in a cluster), so
+    every injected agent runs in proxy mode against meshboot's discovery, unless the caller set one (empty = the
+    agent's standalone mode); and an access log on the Envoys' stdout (the istio-proxy container's log)."""
+    out = copy.deepcopy(mesh or {})
+    out.setdefault("defaultConfig", {}).setdefault("discoveryAddress", f"{gateway}:{C.CA_PORT}")
+    out.setdefault("accessLogFile", "/dev/stdout")
+    out.setdefault("accessLogFormat", ACCESS_LOG_FORMAT)
+    return out
+
+
 _HELD = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -71,7 +90,7 @@ class LocalCluster:
     @classmethod
     @contextlib.contextmanager
     def up(cls, prefix: str = "mbd", kubernetes_version: str = "1.34",
-           values: dict[str, Any] | None = None) -> Iterator[LocalCluster]:
+           values: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None) -> Iterator[LocalCluster]:
         """Node, control plane and kubelet; torn down in reverse order however the block ends (a second Ctrl-C
         during the teardown is held back until it is done)."""
         with contextlib.ExitStack() as stack:
@@ -88,7 +107,7 @@ class LocalCluster:
             vals = copy.deepcopy(values or {})
             vals.setdefault("global", {}).setdefault("caAddress", f"{node.gateway}:{C.CA_PORT}")
             cp = ControlPlane.start(node, workdir, bin_dir, issuer.jwks(), vals, kubernetes_version,
-                                    kubeconfig=apiserver.kubeconfig)
+                                    kubeconfig=apiserver.kubeconfig, mesh=local_mesh(mesh, node.gateway))
             stack.callback(cp.stop)
             kubelet = Kubelet(node=node, workdir=workdir / "pods", images=local_images(bin_dir), issuer=issuer,
                               pod_prefix=prefix)

@@ -3,7 +3,9 @@ network namespace, and the API server's side of admission: an AdmissionReview ov
 
 The webhook's serving certificate is the self-signed one it makes for `meshboot-webhook.istio-system.svc`, verified with
 the CA bundle it writes out, exactly as the API server verifies it with the MutatingWebhookConfiguration's caBundle.
-The CA's serving certificate carries the bridge IP as well, because pods reach it at `<gateway>:15012` (CA_ADDR).
+The CA's serving certificate carries the bridge IP as well, because pods reach it at `<gateway>:15012` (CA_ADDR), and
+so does discovery, served on the same port: the mesh config's `defaultConfig.discoveryAddress` is that address, so the
+agent (which verifies the discovery server by its host when no ISTIOD_SAN is set, as pilot-agent does) checks the IP.
 """
 from __future__ import annotations
 
@@ -63,18 +65,20 @@ class ControlPlane:
 
     @classmethod
     def start(cls, node: Node, workdir: Path, venv_bin: Path, jwks: dict[str, Any], values: dict[str, Any],
-              kubernetes_version: str = "1.34", timeout: float = 30.0, kubeconfig: Path | None = None) -> ControlPlane:
+              kubernetes_version: str = "1.34", timeout: float = 30.0, kubeconfig: Path | None = None,
+              mesh: dict[str, Any] | None = None) -> ControlPlane:
         d = workdir / "istiod"
         d.mkdir(parents=True)
         (d / "jwks.json").write_text(json.dumps(jwks))
         (d / "values.yaml").write_text(yaml.safe_dump(values))
+        (d / "mesh.yaml").write_text(yaml.safe_dump(mesh or {}))    # the `istio` ConfigMap's `mesh` key
         ca_dir = d / "ca"
         log = d / "meshboot-webhook.log"
         argv = [str(venv_bin / "meshboot-webhook"),
                 "--listen-address", "0.0.0.0", "--port", str(C.WEBHOOK_PORT),
                 "--ca-bundle-out", str(d / "webhook-ca-bundle.pem"), "--self-signed-dir", str(d / "webhook-tls"),
                 "--service-name", WEBHOOK_SERVICE, "--service-namespace", C.ISTIO_NAMESPACE,
-                "--values", str(d / "values.yaml"),
+                "--values", str(d / "values.yaml"), "--mesh-config", str(d / "mesh.yaml"),
                 "--kubernetes-version", kubernetes_version,
                 "--log-level", "warning",
                 "--drain-duration", "0s",   # one replica and no endpoints controller: nothing to drain for

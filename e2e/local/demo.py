@@ -1,5 +1,7 @@
 """`make demo`: the whole pod, locally — two pods injected by the real webhook, run in network namespaces on a local
-node, 2/2 READY, a request from pod-a's app to pod-b's app through both Envoys, and pod-b's SPIFFE identity.
+node, 2/2 READY, a request from pod-a's app to Service `server`'s ClusterIP in mutual TLS between the two Envoys
+(configured by meshboot's discovery), pod-b's SPIFFE identity, a pod without a sidecar served in plaintext, then
+refused once a STRICT PeerAuthentication is applied live.
 
 Needs root (network namespaces, iptables). Everything it makes is removed on exit, also on failure or Ctrl-C.
 """
@@ -33,14 +35,45 @@ def checks(f: scenario.Facts) -> list[tuple[str, bool]]:
                     and bool(set(p.envoy_pids) & p.sds.connected_peer_pids)))
         out.append((f"{name}: {p.ready[0]}/{p.ready[1]} READY, 15021 → {p.readyz_status}",
                     p.ready[0] == p.ready[1] == 2 and p.readyz_status == 200))
-    out.append(("pod-a → pod-b answered 200", f.response.get("status") == 200))
-    out.append(("pod-a's Envoy carried it (outbound 15001)",
-                scenario.observe.listener_increase(f.stats_a, C.OUTBOUND_CAPTURE_PORT) >= 1))
-    out.append(("pod-b's Envoy carried it (inbound 15006)",
-                scenario.observe.listener_increase(f.stats_b, C.INBOUND_CAPTURE_PORT) >= 1))
+    out += mtls_checks(f)
     out.append((f"pod-b serves {f.expected_spiffe_id}",
                 f.served is not None and f.expected_spiffe_id in f.served.spiffe_ids))
-    return out + service_checks(f)
+    return out + service_checks(f) + strict_checks(f)
+
+
+def _peer_line(lines: list[str], peer: str) -> bool:
+    return any(f"downstream_peer={peer} " in line and "tls=TLSv1.3" in line for line in lines)
+
+
+def mtls_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
+    """pod-a → the Service's ClusterIP in mutual TLS, as both Envoys' access logs tell it."""
+    r = f.a_to_b
+    b_ip = f.pods["pod-b"].ip if "pod-b" in f.pods else "?"
+    server_id = C.spiffe_id(scenario.NAMESPACE, scenario.SERVICE)
+    return [
+        (f"pod-a's Envoy has {scenario.OUTBOUND_CLUSTER} → pod-b from meshboot's discovery (EDS)", f.endpoint_in_eds),
+        (f"pod-a → {scenario.SERVICE} ClusterIP {f.cluster_ip}:80 answered 200 by pod-b's app",
+         r is not None and r.response.get("status") == 200 and bool(r.app_b)),
+        (f"pod-a's Envoy sent it to {scenario.OUTBOUND_CLUSTER} {b_ip}:{scenario.APP_PORT}, peer {server_id}",
+         r is not None and any(f"upstream_peer={server_id} " in line and f"-> {b_ip}:" in line for line in r.log_a)),
+        (f"pod-b's Envoy took it in mTLS (TLSv1.3) on {scenario.INBOUND_CLUSTER} from peer {scenario.CLIENT_SPIFFE_ID}",
+         r is not None and _peer_line(r.log_b, scenario.CLIENT_SPIFFE_ID)),
+    ]
+
+
+def strict_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
+    """STRICT applied live: the new listener at pod-b, the plaintext client refused, pod-a still served in mTLS."""
+    st = f.strict
+    if st is None:
+        return [("STRICT PeerAuthentication applied", False)]
+    return [
+        (f"STRICT PeerAuthentication {scenario.NAMESPACE}/default reached pod-b's Envoy live in {st.seconds:.1f}s "
+         f"(inbound chains {st.chains_before} → {st.chains_after})",
+         st.chains_after == ["tls"] and st.chains_before != st.chains_after),
+        (f"{scenario.PLAIN} (no sidecar) refused under STRICT", not st.plain.response and not st.plain.app_b),
+        ("pod-a still answered 200 under STRICT, pod-b's Envoy naming its peer",
+         st.a_to_b.response.get("status") == 200 and _peer_line(st.a_to_b.log_b, scenario.CLIENT_SPIFFE_ID)),
+    ]
 
 
 def service_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
@@ -59,6 +92,8 @@ def service_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
              for ep in s.slice_endpoints)),
         (f"{scenario.PLAIN} (no sidecar) → {s.cluster_ip}:{s.port} answered 200 from pod-b's app",
          s.response.get("status") == 200 and bool(s.app_b_log_lines)),
+        ("pod-b's Envoy took it in plaintext (no peer) under PERMISSIVE",
+         any("downstream_peer=- " in line and "tls=-" in line for line in s.log_b)),
     ]
 
 

@@ -517,6 +517,9 @@ class Kubelet:
         return c
 
     def _popen(self, run: PodRun, c: ContainerRun, out: Any) -> subprocess.Popen:
+        """The container's processes with its log as stdout/stderr, owned by its user as runc's
+        fixStdioPermissions makes the stdio fds, so a process that reopens `/dev/stdout` (Envoy's access log) can."""
+        os.fchown(out.fileno(), c.uid, c.gid)
         p = subprocess.Popen(_ns_argv(run.netns, c.argv, c.uid, c.gid), cwd=c.cwd, env=c.env, stdin=subprocess.DEVNULL,
                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         run.netns.procs.append(p)

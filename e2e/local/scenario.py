@@ -9,7 +9,6 @@ ready, and a pod without a sidecar reaches pod-b's app through the Service's Clu
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 import uuid
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from e2e.local import observe
+from e2e.local import mtls, observe
 from e2e.local.cluster import LocalCluster
 from e2e.local.controlplane import Admission
 from e2e.local.kubelet import PodRun, http_get
@@ -35,13 +34,10 @@ APP_PORT = 8080
 XDS_SUFFIX = C.XDS_SOCKET.removeprefix("./")
 SDS_SUFFIX = C.WORKLOAD_SOCKET.removeprefix("./")
 
-# Run inside pod-a's app container (kubectl exec): a GET to pod-b's app, reporting what came back.
-CLIENT = """\
-import json, sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
-    body = r.read()
-    print(json.dumps({"status": r.status, "bytes": len(body), "server": r.headers.get("Server", "")}))
-"""
+CLIENT = mtls.CLIENT
+OUTBOUND_CLUSTER = f"outbound|80||{SERVICE}.{NAMESPACE}.svc.cluster.local"
+INBOUND_CLUSTER = f"inbound|{APP_PORT}||"
+CLIENT_SPIFFE_ID = C.spiffe_id(NAMESPACE, "client")
 
 
 @dataclass
@@ -81,9 +77,10 @@ class Facts:
     pods: dict[str, PodFacts] = field(default_factory=dict)
     response: dict[str, Any] = field(default_factory=dict)
     request_path: str = ""
-    stats_a: dict[str, int] = field(default_factory=dict)   # cx_total increases during the request
-    stats_b: dict[str, int] = field(default_factory=dict)
     app_b_log_lines: list[str] = field(default_factory=list)
+    cluster_ip: str = ""                                     # Service `server`'s, which pod-a's app dials
+    endpoint_in_eds: bool = False                            # pod-a's Envoy had pod-b in its outbound cluster
+    a_to_b: mtls.Request | None = None                       # with both Envoys' access log lines
     served: observe.ServedCert | None = None
     expected_spiffe_id: str = ""
     timings: dict[str, float] = field(default_factory=dict)
@@ -91,6 +88,7 @@ class Facts:
     pids: dict[int, str] = field(default_factory=dict)       # every process it started (pid -> comm)
     workdir: Path | None = None
     services: ServiceFacts | None = None
+    strict: StrictFacts | None = None
 
 
 @dataclass
@@ -108,6 +106,19 @@ class ServiceFacts:
     response: dict[str, Any] = field(default_factory=dict)
     request_path: str = ""
     app_b_log_lines: list[str] = field(default_factory=list)
+    log_b: list[str] = field(default_factory=list)            # pod-b's Envoy access log line (plaintext: no peer)
+
+
+@dataclass
+class StrictFacts:
+    """A STRICT PeerAuthentication for the namespace, created live: pod-b's inbound chains before and after, how long
+    the push took to reach pod-b's Envoy, and the two clients afterwards."""
+
+    chains_before: list[str]
+    chains_after: list[str]
+    seconds: float
+    plain: mtls.Request
+    a_to_b: mtls.Request
 
 
 def load_pods() -> list[dict[str, Any]]:
@@ -183,12 +194,14 @@ def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
         by_name = {r.name: r for r in runs}
         pa, pb = by_name["pod-a"], by_name["pod-b"]
         _say_inside_pod_a(facts, pa, say)
-        _request_a_to_b(facts, pa, pb, say)
+        _request_a_to_b(facts, cluster, pa, pb, say)
         clock.mark("traffic")
         _served_certificate(facts, cluster, pb, say)
         clock.mark("spiffe")
         _services(facts, cluster, by_name[PLAIN], pb, say)
         clock.mark("services")
+        _strict(facts, cluster, by_name[PLAIN], pa, pb, say)
+        clock.mark("strict")
     clock.mark("cleaned up")
     facts.timings = clock.timings
     return facts
@@ -253,30 +266,24 @@ def _say_inside_pod_a(facts: Facts, pa: PodRun, say: Callable[[str], None]) -> N
             f"{pf.readyz_status})")
 
 
-def _request_a_to_b(facts: Facts, pa: PodRun, pb: PodRun, say: Callable[[str], None]) -> None:
-    """A -> B through both sidecars: the response, both Envoys' counter increases and pod-b's app log line."""
+def _request_a_to_b(facts: Facts, cluster: LocalCluster, pa: PodRun, pb: PodRun, say: Callable[[str], None]) -> None:
+    """pod-a's app → Service `server`'s ClusterIP: pod-a's Envoy sends it to `outbound|80||server…` (pod-b from
+    EDS) in Istio mTLS, pod-b's Envoy terminates it on `inbound|8080||`; both access logs name the peer."""
+    svc = cluster.apiserver.api.get("services", NAMESPACE, SERVICE)
+    facts.cluster_ip = svc["spec"]["clusterIP"]
+    facts.endpoint_in_eds = mtls.wait_for_endpoint(pa, OUTBOUND_CLUSTER, f"{pb.ip}:{APP_PORT}")
     facts.request_path = f"/?from=pod-a&id={uuid.uuid4().hex[:8]}"
-    url = f"http://{pb.ip}:{APP_PORT}{facts.request_path}"
-    before_a, before_b = _stats(pa), _stats(pb)
-    res = pa.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
-    if res.returncode != 0:
-        raise RuntimeError(f"request from pod-a failed: {res.stderr.strip()}")
-    facts.response = json.loads(res.stdout)
-    deadline = time.monotonic() + 3.0   # counters and the app's log line trail the response by a moment at most
-    while True:
-        facts.stats_a = observe.increased(before_a, _stats(pa))
-        facts.stats_b = observe.increased(before_b, _stats(pb))
-        facts.app_b_log_lines = [line for line in pb.logs("app").splitlines() if facts.request_path in line]
-        done = (observe.listener_increase(facts.stats_a, C.OUTBOUND_CAPTURE_PORT)
-                and observe.listener_increase(facts.stats_b, C.INBOUND_CAPTURE_PORT) and facts.app_b_log_lines)
-        if done or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    say(f"\n== kubectl exec pod-a -c app -- GET {url}\n   → HTTP {facts.response['status']}, "
-        f"{facts.response['bytes']} bytes")
-    say("   pod-a envoy: " + ", ".join(f"{k} +{v}" for k, v in facts.stats_a.items()))
-    say("   pod-b envoy: " + ", ".join(f"{k} +{v}" for k, v in facts.stats_b.items()))
-    say("   pod-b app log: " + " | ".join(facts.app_b_log_lines))
+    url = f"http://{facts.cluster_ip}:80{facts.request_path}"
+    r = facts.a_to_b = mtls.request(pa, url, facts.request_path, pb, pa, OUTBOUND_CLUSTER, INBOUND_CLUSTER)
+    if not r.response:
+        raise RuntimeError(f"request from pod-a to {url} failed: {r.error}")
+    facts.response, facts.app_b_log_lines = r.response, r.app_b
+    say(f"\n== kubectl exec pod-a -c app -- GET {url}   (Service {SERVICE}'s ClusterIP; pod-a's Envoy has "
+        f"{OUTBOUND_CLUSTER} → {pb.ip}:{APP_PORT} from meshboot's discovery: {facts.endpoint_in_eds})\n"
+        f"   → HTTP {r.response['status']}, {r.response['bytes']} bytes")
+    say("   pod-a envoy access log: " + " | ".join(r.log_a))
+    say("   pod-b envoy access log: " + " | ".join(r.log_b))
+    say("   pod-b app log: " + " | ".join(r.app_b))
 
 
 def _served_certificate(facts: Facts, cluster: LocalCluster, pb: PodRun, say: Callable[[str], None]) -> None:
@@ -331,16 +338,38 @@ def _services(facts: Facts, cluster: LocalCluster, plain: PodRun, pb: PodRun, sa
     say("   kube-proxy on the node: " + " | ".join(line for line in sf.proxy_rules.splitlines() if "DNAT" in line))
     sf.request_path = f"/?from={PLAIN}&id={uuid.uuid4().hex[:8]}"
     url = f"http://{sf.cluster_ip}:{sf.port}{sf.request_path}"
-    res = plain.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
-    if res.returncode != 0:
-        raise RuntimeError(f"request from {PLAIN} to the ClusterIP failed: {res.stderr.strip()}")
-    sf.response = json.loads(res.stdout)
-    deadline = time.monotonic() + 3.0
-    while not sf.app_b_log_lines and time.monotonic() < deadline:
-        sf.app_b_log_lines = [line for line in pb.logs("app").splitlines() if sf.request_path in line]
-        time.sleep(0.05)
-    say(f"\n== kubectl exec {PLAIN} -c app (no sidecar) -- GET {url}\n   → HTTP {sf.response['status']}; "
-        f"pod-b app log: " + " | ".join(sf.app_b_log_lines))
+    r = mtls.request(plain, url, sf.request_path, pb, None, OUTBOUND_CLUSTER, INBOUND_CLUSTER)
+    if not r.response:
+        raise RuntimeError(f"request from {PLAIN} to the ClusterIP failed: {r.error}")
+    sf.response, sf.app_b_log_lines, sf.log_b = r.response, r.app_b, r.log_b
+    say(f"\n== kubectl exec {PLAIN} -c app (no sidecar) -- GET {url}   (PERMISSIVE)\n   → HTTP "
+        f"{sf.response['status']}; pod-b envoy access log: "
+        + " | ".join(line for line in r.log_b if "tls=- " in line)
+        + "\n   pod-b app log: " + " | ".join(sf.app_b_log_lines))
+
+
+def _strict(facts: Facts, cluster: LocalCluster, plain: PodRun, pa: PodRun, pb: PodRun,
+            say: Callable[[str], None]) -> None:
+    """A STRICT PeerAuthentication for the namespace, created in the API server while everything runs: once pod-b's
+    Envoy has the new inbound listener (TLS only), the client without a sidecar is refused and pod-a still served."""
+    before = mtls.inbound_transports(pb, APP_PORT)
+    t0 = time.monotonic()
+    cluster.apiserver.api.create("peerauthentications", mtls.strict_peer_authentication(NAMESPACE))
+    after = mtls.wait_for_transports(pb, APP_PORT, ["tls"])
+    seconds = round(time.monotonic() - t0, 2)
+    say(f"\n== kubectl apply PeerAuthentication {NAMESPACE}/default (mtls.mode STRICT), no restart: pod-b's Envoy "
+        f"virtualInbound chains for 0.0.0.0_{APP_PORT} {before} → {after} in {seconds:.1f}s")
+    path = f"/?from={PLAIN}&id={uuid.uuid4().hex[:8]}"
+    plain_r = mtls.request(plain, f"http://{facts.cluster_ip}:80{path}", path, pb, None, OUTBOUND_CLUSTER,
+                           INBOUND_CLUSTER, wait=0.5)
+    say(f"   kubectl exec {PLAIN} -- GET http://{facts.cluster_ip}:80{path}\n   → "
+        + (f"HTTP {plain_r.response.get('status')}" if plain_r.response else f"refused: {plain_r.error}"))
+    path = f"/?from=pod-a&id={uuid.uuid4().hex[:8]}"
+    a_r = mtls.request(pa, f"http://{facts.cluster_ip}:80{path}", path, pb, pa, OUTBOUND_CLUSTER, INBOUND_CLUSTER)
+    say(f"   kubectl exec pod-a -- GET http://{facts.cluster_ip}:80{path}\n   → "
+        + (f"HTTP {a_r.response.get('status')}" if a_r.response else f"failed: {a_r.error}")
+        + "; pod-b envoy access log: " + " | ".join(a_r.log_b))
+    facts.strict = StrictFacts(chains_before=before, chains_after=after, seconds=seconds, plain=plain_r, a_to_b=a_r)
 
 
 def leftovers(facts: Facts) -> list[str]:

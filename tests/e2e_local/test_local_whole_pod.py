@@ -99,16 +99,44 @@ def test_pod_is_2_of_2_ready_with_15021_200(facts: scenario.Facts, pod: str) -> 
     assert p.readyz_status == 200
 
 
-def test_request_a_to_b_goes_through_both_sidecars(facts: scenario.Facts) -> None:
+def test_injected_agents_run_in_proxy_mode_against_the_local_control_plane(facts: scenario.Facts) -> None:
+    """The runner's mesh config sets defaultConfig.discoveryAddress to the control plane on the node's bridge."""
+    env = {e["name"]: e.get("value") for c in facts.injected["spec"]["initContainers"] + facts.injected["spec"][
+        "containers"] if c["name"] == C.PROXY_CONTAINER for e in c.get("env") or []}
+    assert '"discoveryAddress":"10.244.0.1:15012"' in (env.get("PROXY_CONFIG") or "").replace(" ", ""), env
+    assert env.get("CA_ADDR") == "10.244.0.1:15012"
+
+
+def test_request_a_to_b_goes_through_the_cluster_ip_in_mutual_tls(facts: scenario.Facts) -> None:
+    """pod-a → Service `server`'s ClusterIP: pod-a's Envoy uses the EDS cluster from meshboot's discovery (not
+    PassthroughCluster) and verifies pod-b as `server`; pod-b's Envoy terminates mTLS and names pod-a's identity."""
+    r = facts.a_to_b
+    assert r is not None and facts.endpoint_in_eds
     assert facts.response["status"] == 200 and facts.response["bytes"] > 0
-    assert observe.listener_increase(facts.stats_a, C.OUTBOUND_CAPTURE_PORT) >= 1, facts.stats_a
-    assert observe.listener_increase(facts.stats_b, C.INBOUND_CAPTURE_PORT) >= 1, facts.stats_b
-    assert any(k.startswith("cluster.") for k in facts.stats_a), f"no upstream cluster used on pod-a: {facts.stats_a}"
-    assert any(k.startswith("cluster.") for k in facts.stats_b), f"no upstream cluster used on pod-b: {facts.stats_b}"
-    # B's app saw the request arrive from its own Envoy's inbound passthrough source, not from pod-a.
+    b = facts.pods["pod-b"]
+    assert r.log_a and all(f" {scenario.OUTBOUND_CLUSTER} " in line and f"-> {b.ip}:8080 " in line
+                           and "upstream_peer=spiffe://cluster.local/ns/demo/sa/server " in line
+                           for line in r.log_a), r.log_a
+    assert r.log_b and all("downstream_peer=spiffe://cluster.local/ns/demo/sa/client " in line
+                           and "tls=TLSv1.3 " in line for line in r.log_b
+                           if line.split()[2].startswith(facts.pods["pod-a"].ip + ":")), r.log_b
+    assert any(line.split()[2].startswith(facts.pods["pod-a"].ip + ":") for line in r.log_b), r.log_b
+    # B's app saw the request arrive from its own Envoy's inbound source, not from pod-a.
     assert facts.app_b_log_lines, "pod-b's app never logged the request"
     assert all(line.startswith(C.INBOUND_PASSTHROUGH_SRC_V4 + " ") for line in facts.app_b_log_lines), \
         facts.app_b_log_lines
+
+
+def test_strict_peer_authentication_applied_live(facts: scenario.Facts) -> None:
+    """STRICT for the namespace, created in the API server: pod-b's Envoy gets a TLS-only inbound chain without a
+    restart, the client without a sidecar is refused (its request never reaches the app), pod-a still answered."""
+    st = facts.strict
+    assert st is not None
+    assert st.chains_before == ["tls", "tls", "raw_buffer"] and st.chains_after == ["tls"]
+    assert not st.plain.response and st.plain.error and not st.plain.app_b, st.plain
+    assert st.a_to_b.response.get("status") == 200 and st.a_to_b.app_b
+    assert any("downstream_peer=spiffe://cluster.local/ns/demo/sa/client " in line and "tls=TLSv1.3 " in line
+               for line in st.a_to_b.log_b), st.a_to_b.log_b
 
 
 def test_pod_b_serves_its_spiffe_identity(facts: scenario.Facts) -> None:
@@ -133,3 +161,6 @@ def test_plain_client_reaches_pod_b_through_the_service_cluster_ip(facts: scenar
     assert f"-d {s.cluster_ip}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination {b.ip}:8080" in s.proxy_rules
     assert s.response.get("status") == 200
     assert len(s.app_b_log_lines) == 1 and s.app_b_log_lines[0].startswith("127.0.0.6 ")   # via pod-b's Envoy
+    # PERMISSIVE: pod-b's Envoy took it in plaintext, with no peer identity.
+    assert any(f" {scenario.INBOUND_CLUSTER} " in line and "downstream_peer=- " in line and "tls=- " in line
+               for line in s.log_b), s.log_b

@@ -1,0 +1,106 @@
+"""The mesh part of the whole-pod flow, served by meshboot's discovery (the pods' agents run in proxy mode): requests
+whose fate both Envoys' access logs tell (cluster, peer identity, TLS version), pod-a's Envoy learning pod-b from EDS,
+and a STRICT PeerAuthentication created in the API server, which reaches pod-b's Envoy as a new inbound listener
+with no restart.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from e2e.local.kubelet import PodRun, http_get
+from meshboot import constants as C
+
+# Run inside a pod's app container (kubectl exec): a GET, reporting what came back.
+CLIENT = """\
+import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+    body = r.read()
+    print(json.dumps({"status": r.status, "bytes": len(body), "server": r.headers.get("Server", "")}))
+"""
+
+
+@dataclass
+class Request:
+    """One GET from a pod's app, and what each side logged about it (empty: nothing logged in time)."""
+
+    url: str
+    response: dict[str, Any] = field(default_factory=dict)    # {} when the request failed
+    error: str = ""
+    log_a: list[str] = field(default_factory=list)             # pod-a's Envoy: lines for the outbound cluster
+    log_b: list[str] = field(default_factory=list)             # pod-b's Envoy: lines for the inbound cluster
+    app_b: list[str] = field(default_factory=list)             # pod-b's app log lines for the request path
+
+
+def _log_size(run: PodRun | None, container: str) -> int:
+    return len(run.logs(container)) if run is not None else 0
+
+
+def _new_lines(run: PodRun | None, container: str, since: int, needle: str) -> list[str]:
+    if run is None:
+        return []
+    return [line for line in run.logs(container)[since:].splitlines() if needle in line]
+
+
+def request(client: PodRun, url: str, path: str, pb: PodRun, pa: PodRun | None, outbound: str, inbound: str,
+            wait: float = 3.0) -> Request:
+    """GET `url` from `client`'s app; then wait (bounded) for pod-b's Envoy access log line (and pod-a's, when the
+    client is pod-a) and pod-b's app line. Envoy flushes its access log about once a second."""
+    since_a, since_b = _log_size(pa, C.PROXY_CONTAINER), _log_size(pb, C.PROXY_CONTAINER)
+    since_app = _log_size(pb, "app")
+    res = client.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
+    out = Request(url=url)
+    if res.returncode == 0:
+        out.response = json.loads(res.stdout)
+    else:
+        out.error = (res.stderr.strip().splitlines() or ["failed"])[-1]
+    deadline = time.monotonic() + wait
+    while True:
+        out.log_a = _new_lines(pa, C.PROXY_CONTAINER, since_a, f" {outbound} ")
+        out.log_b = _new_lines(pb, C.PROXY_CONTAINER, since_b, f" {inbound} ")
+        out.app_b = _new_lines(pb, "app", since_app, path)
+        if (out.log_b and (pa is None or out.log_a) and (out.app_b or not out.response)) \
+                or time.monotonic() > deadline:
+            return out
+        time.sleep(0.1)
+
+
+def wait_for_endpoint(run: PodRun, cluster: str, address: str, timeout: float = 10.0) -> bool:
+    """Poll the pod's Envoy `/clusters` until `cluster` has the endpoint `address` (EDS arrived)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = run.call(http_get, "127.0.0.1", C.ENVOY_ADMIN_PORT, "/clusters", 2.0).body.decode()
+        if f"{cluster}::{address}::" in body:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def inbound_transports(run: PodRun, port: int) -> list[str]:
+    """The transport protocols of the pod's Envoy's active virtualInbound chains for `port` (`0.0.0.0_<port>`)."""
+    res = run.call(http_get, "127.0.0.1", C.ENVOY_ADMIN_PORT, "/config_dump?resource=dynamic_listeners", 3.0)
+    for item in json.loads(res.body).get("configs") or []:
+        listener = (item.get("active_state") or {}).get("listener") or {}
+        if listener.get("name") == C.VIRTUAL_INBOUND:
+            return [(ch.get("filter_chain_match") or {}).get("transport_protocol", "")
+                    for ch in listener.get("filter_chains") or [] if ch.get("name") == f"0.0.0.0_{port}"]
+    return []
+
+
+def wait_for_transports(run: PodRun, port: int, want: list[str], timeout: float = 10.0) -> list[str]:
+    """Poll until the inbound chains of `port` are `want` (a new listener from a push); the last seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = inbound_transports(run, port)
+        if seen == want or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.1)
+
+
+def strict_peer_authentication(namespace: str) -> dict[str, Any]:
+    """`kubectl apply` of a namespace-wide STRICT PeerAuthentication."""
+    return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "default", "namespace": namespace}, "spec": {"mtls": {"mode": "STRICT"}}}
