@@ -485,7 +485,8 @@ def test_injection_values_point_at_our_images_and_ca(default: Rendered) -> None:
     assert g["proxy"]["image"] == g["proxy_init"]["image"] == "meshboot-agent"
     assert g["caAddress"] == f"{C.WEBHOOK_SERVICE}.{C.ISTIO_NAMESPACE}.svc:{C.CA_PORT}"
     assert g["sds"]["token"]["aud"] == C.TOKEN_AUDIENCE
-    assert mesh["defaultConfig"]["discoveryAddress"] == ""
+    # Sidecars take their config from meshboot's discovery, served beside the CA on 15012 (like istiod).
+    assert mesh["defaultConfig"]["discoveryAddress"] == g["caAddress"]
     assert config["policy"] == "enabled"
     # The CA's serving certificate covers the host the agents dial.
     _, c = _workload(default)

@@ -132,9 +132,8 @@ def test_sidecars_reach_the_charts_ca(injected: tuple[Rendered, dict[str, Any]])
     assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
     args = arg_map(container_by_name(r.one("Deployment")["spec"]["template"]["spec"], "webhook")["args"])
     assert host in str(args["ca-dns-names"]).split(",")
-    # Standalone by default: no discovery address in the sidecar's ProxyConfig.
-    assert "discoveryAddress" not in json.loads(env[C.ENV_PROXY_CONFIG]) or \
-        json.loads(env[C.ENV_PROXY_CONFIG])["discoveryAddress"] == ""
+    # Proxy mode by default: the sidecar's ProxyConfig names the chart's discovery, the same host:port as its CA.
+    assert json.loads(env[C.ENV_PROXY_CONFIG])["discoveryAddress"] == ca_addr
     # The token and root cert the CA needs are mounted.
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     token = vols["istio-token"]["projected"]["sources"][0]["serviceAccountToken"]
