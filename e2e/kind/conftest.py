@@ -66,7 +66,9 @@ def cluster() -> Iterator[Cluster]:
     try:
         _build_and_load(c)
         c.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--create-namespace",
-               "--set", f"global.hub={HUB}", "--set", f"global.tag={TAG}", "--wait", "--timeout", "5m")
+               "--set", f"global.hub={HUB}", "--set", f"global.tag={TAG}",
+               # Envoys log each connection (Istio's default format) on istio-proxy's stdout: the mesh test reads it.
+               "--set", "meshConfig.accessLogFile=/dev/stdout", "--wait", "--timeout", "5m")
         yield c
     finally:
         if created and not keep:
