@@ -105,14 +105,16 @@ def run_proxy(argv: list[str]) -> int:
     except ConfigError as e:
         log.error(f"invalid configuration: {e}")
         return 255
-    # Helpers started now run in parallel with everything below: the key + CSR, and the standalone config.
+    # Helpers started now run in parallel with everything below: the key + CSR, the issued chain's checker (its
+    # Python + ssl start-up would otherwise follow the CA's answer), and the standalone config.
     from . import helper  # noqa: PLC0415 - proxy only; other commands skip it
-    from .identity import keygen  # noqa: PLC0415 - proxy only; other commands skip it
+    from .identity import certcheck, keygen  # noqa: PLC0415 - proxy only; other commands skip it
     prestarted: dict[str, helper.Prestarted] = {}
     try:
         if cfg.file_certs is None:
             prestarted["keygen"] = helper.Prestarted(keygen.argv(cfg.key_kind, cfg.rsa_bits, cfg.ecc_curve,
                                                                  cfg.pkcs8, cfg.spiffe_id))
+            prestarted["certcheck"] = helper.Prestarted(certcheck.argv(cfg.spiffe_id), stdin=True)
         if cfg.standalone:
             prestarted["standalone"] = helper.Prestarted(helper.module_argv("agent.xds.standalone", cfg.trust_domain,
                                                                             cfg.mtls_mode))

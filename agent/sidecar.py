@@ -93,7 +93,8 @@ class Sidecar:
             self._signal(name)
 
         ca = None if cfg.file_certs is not None else CAClient(cfg)
-        secrets = SecretManager(cfg, ca, self.metrics, prestarted=self.prestarted.get("keygen"))
+        secrets = SecretManager(cfg, ca, self.metrics, prestarted=self.prestarted.get("keygen"),
+                                checker=self.prestarted.get("certcheck"))
         status.cert_ready = secrets.not_ready_reason
         secrets.start()
         sds_server = await serve_sds(cfg.workload_socket, secrets, self.metrics)

@@ -126,10 +126,12 @@ class SecretManager:
     def __init__(self, cfg: AgentConfig, ca: CAClient | None, metrics: Metrics | None = None,
                  backoff_initial: float = 0.5, backoff_max: float = 60.0,
                  prestarted: helper.Prestarted | None = None,
-                 refused_initial: float = 1.0, refused_max: float = 300.0) -> None:
+                 refused_initial: float = 1.0, refused_max: float = 300.0,
+                 checker: helper.Prestarted | None = None) -> None:
         self.cfg = cfg
         self._prestarted = prestarted
-        self._checker: helper.Prestarted | None = None    # certcheck.py, started when a CSR goes out
+        # certcheck.py: the first one starts with the agent (beside keygen), later ones when a CSR goes out
+        self._checker: helper.Prestarted | None = checker
         self._ca_backoff = Backoff(backoff_initial, backoff_max)
         self._refused_backoff = Backoff(refused_initial, refused_max)
         self.last_error = ""

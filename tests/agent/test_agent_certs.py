@@ -269,3 +269,45 @@ def test_a_helper_whose_caller_is_cancelled_ends_with_it() -> None:
         assert pre.proc.stderr is not None and pre.proc.stderr.closed
 
     asyncio.run(main())
+
+
+def test_the_checker_prestarted_with_the_agent_checks_the_first_chain(mesh: Mesh, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """The first chain goes to the checker started with the agent (cli.run_proxy, beside keygen), already past its
+    Python + ssl start-up: none is started after the CA answers. It still refuses a bad chain (the check is not
+    weakened), and a good one is served."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / C.ROOT_CERT_PATH).parent.mkdir(parents=True)
+    (tmp_path / C.ROOT_CERT_PATH).write_bytes(pki.cert_pem(mesh.root))
+    cfg = agent_cfg(tmp_path, "web", free_port())
+    key = pki.generate_key("ECDSA")
+
+    class OneCA:
+        def __init__(self, case: str) -> None:
+            self.case = case
+
+        async def sign(self, csr: str, ttl: int):
+            from agent.identity.caclient import Issued
+            return Issued([p.decode() for p in mesh.chain_for(self.case, key.public_key(), cfg.spiffe_id)],
+                          time.time())
+
+        async def close(self) -> None:
+            pass
+
+    async def main(case: str) -> tuple[helper.Prestarted, list[str]]:
+        checker = helper.Prestarted(certcheck.argv(cfg.spiffe_id), stdin=True)
+        later: list[str] = []
+        secrets = SecretManager(cfg, OneCA(case), checker=checker)  # type: ignore[arg-type]
+        secrets._unsigned = (pki.key_pem(key), "csr")
+        try:
+            with monkeypatch.context() as m:
+                m.setattr(helper, "Prestarted", lambda args, stdin=False: later.append(args[3]))
+                await secrets._generate()
+            return checker, later
+        finally:
+            await secrets.close()
+
+    checker, later = asyncio.run(main("good"))
+    assert later == [] and checker.proc.returncode == 0
+    with pytest.raises(SecretError, match="expired"):
+        asyncio.run(main("expired"))
