@@ -17,7 +17,6 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
-    grpc_service_pb2,
     health_check_pb2,
     substitution_format_string_pb2,
 )
@@ -30,12 +29,13 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from meshboot import constants as C
+from meshboot.envoypb import duration, pack, sds_secret, socket_address
 
 from .model import (
     DISABLE,
@@ -85,39 +85,11 @@ def outbound_sni(port: int, fqdn: str) -> str:
     return f"outbound_.{port}_._.{fqdn}"
 
 
-# ---- small builders ---------------------------------------------------------------------------------------------
-def _any(msg: Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
-
-
-def _dur(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
-
-
-def _sock(ip: str, port: int) -> address_pb2.Address:
-    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
-
-
+# ---- small builders (the shared ones are meshboot/envoypb.py) ---------------------------------------------------
 def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(value)
     return s
-
-
-def _sds(name: str) -> secret_pb2.SdsSecretConfig:
-    """A secret from the agent's SDS (`sds-grpc` in the bootstrap), never over ADS — as istiod does."""
-    source = config_source_pb2.ConfigSource(
-        api_config_source=config_source_pb2.ApiConfigSource(
-            api_type=config_source_pb2.ApiConfigSource.GRPC, set_node_on_first_message_only=True,
-            transport_api_version=config_source_pb2.V3,
-            grpc_services=[grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=C.SDS_CLUSTER))]),
-        initial_fetch_timeout=_dur(0), resource_api_version=config_source_pb2.V3)
-    return secret_pb2.SdsSecretConfig(name=name, sds_config=source)
 
 
 def _san(matcher: string_pb2.StringMatcher) -> common_pb2.SubjectAltNameMatcher:
@@ -139,11 +111,11 @@ def access_logs(mesh: Mesh) -> list[accesslog_pb2.AccessLog]:
     log = file_pb2.FileAccessLog(path=mesh.access_log_file,
                                  log_format=substitution_format_string_pb2.SubstitutionFormatString(
                                      text_format_source=text))
-    return [accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=_any(log))]
+    return [accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=pack(log))]
 
 
 def _tcp_proxy(mesh: Mesh, cluster: str) -> lc.Filter:
-    return lc.Filter(name="envoy.filters.network.tcp_proxy", typed_config=_any(
+    return lc.Filter(name="envoy.filters.network.tcp_proxy", typed_config=pack(
         tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster, access_log=access_logs(mesh))))
 
 
@@ -161,11 +133,11 @@ def upstream_tls(port: int, fqdn: str, sans: Sequence[str]) -> tls_pb2.UpstreamT
         sni=outbound_sni(port, fqdn),
         common_tls_context=tls_pb2.CommonTlsContext(
             tls_params=_tls_params(), alpn_protocols=list(OUTBOUND_ALPN),
-            tls_certificate_sds_secret_configs=[_sds(C.SDS_DEFAULT)],
+            tls_certificate_sds_secret_configs=[sds_secret(C.SDS_DEFAULT)],
             combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
                 default_validation_context=common_pb2.CertificateValidationContext(
                     match_typed_subject_alt_names=[_san(string_pb2.StringMatcher(exact=s)) for s in sans]),
-                validation_context_sds_secret_config=_sds(C.SDS_ROOTCA))))
+                validation_context_sds_secret_config=sds_secret(C.SDS_ROOTCA))))
 
 
 def downstream_tls(trust_domain: str) -> tls_pb2.DownstreamTlsContext:
@@ -177,20 +149,20 @@ def downstream_tls(trust_domain: str) -> tls_pb2.DownstreamTlsContext:
                 tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2,
                 tls_maximum_protocol_version=common_pb2.TlsParameters.TLSv1_3, cipher_suites=list(CIPHER_SUITES)),
             alpn_protocols=list(INBOUND_SERVED_ALPN),
-            tls_certificate_sds_secret_configs=[_sds(C.SDS_DEFAULT)],
+            tls_certificate_sds_secret_configs=[sds_secret(C.SDS_DEFAULT)],
             combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
                 default_validation_context=common_pb2.CertificateValidationContext(match_typed_subject_alt_names=[
                     _san(string_pb2.StringMatcher(prefix=f"spiffe://{trust_domain}/"))]),
-                validation_context_sds_secret_config=_sds(C.SDS_ROOTCA))))
+                validation_context_sds_secret_config=sds_secret(C.SDS_ROOTCA))))
 
 
 def _tls_socket(ctx: Message) -> base_pb2.TransportSocket:
-    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
 def _raw_socket() -> base_pb2.TransportSocket:
     return base_pb2.TransportSocket(name="envoy.transport_sockets.raw_buffer",
-                                    typed_config=_any(raw_buffer_pb2.RawBuffer()))
+                                    typed_config=pack(raw_buffer_pb2.RawBuffer()))
 
 
 # ---- what the model says about a service ------------------------------------------------------------------------
@@ -229,7 +201,7 @@ def _outbound_base(model: Model, svc: Service, port: ServicePort) -> cluster_pb2
     meta = {"services": [{"host": svc.fqdn(model.mesh.cluster_domain), "name": svc.name,
                           "namespace": svc.namespace}]}
     return cluster_pb2.Cluster(
-        name=name, alt_stat_name=name + ";", connect_timeout=_dur(model.mesh.connect_timeout_s),
+        name=name, alt_stat_name=name + ";", connect_timeout=duration(model.mesh.connect_timeout_s),
         circuit_breakers=_circuit_breakers(),
         metadata=base_pb2.Metadata(filter_metadata={"istio": _struct(meta)}))
 
@@ -251,7 +223,7 @@ def outbound_cluster(model: Model, svc: Service, port: ServicePort) -> cluster_p
     c.common_lb_config.SetInParent()
     c.eds_cluster_config.service_name = c.name
     c.eds_cluster_config.eds_config.ads.SetInParent()
-    c.eds_cluster_config.eds_config.initial_fetch_timeout.CopyFrom(_dur(0))
+    c.eds_cluster_config.eds_config.initial_fetch_timeout.CopyFrom(duration(0))
     c.eds_cluster_config.eds_config.resource_api_version = config_source_pb2.V3
     if auto_mtls(model, svc):
         c.transport_socket_matches.extend([
@@ -265,7 +237,7 @@ def outbound_cluster(model: Model, svc: Service, port: ServicePort) -> cluster_p
 def special_clusters(model: Model) -> list[cluster_pb2.Cluster]:
     """BlackHoleCluster, PassthroughCluster and InboundPassthroughCluster (from 127.0.0.6, so the app sees a local
     peer and the capture rules let it through)."""
-    timeout = _dur(model.mesh.connect_timeout_s)
+    timeout = duration(model.mesh.connect_timeout_s)
     orig = dict(type=cluster_pb2.Cluster.ORIGINAL_DST, lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
                 connect_timeout=timeout, circuit_breakers=_circuit_breakers())
     return [
@@ -295,8 +267,8 @@ def inbound_cluster(model: Model, port: int) -> cluster_pb2.Cluster:
     name = inbound_name(port)
     return cluster_pb2.Cluster(
         name=name, alt_stat_name=name + ";", type=cluster_pb2.Cluster.ORIGINAL_DST,
-        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED, connect_timeout=_dur(model.mesh.connect_timeout_s),
-        cleanup_interval=_dur(9223372035), circuit_breakers=_circuit_breakers(),
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED, connect_timeout=duration(model.mesh.connect_timeout_s),
+        cleanup_interval=duration(9223372035), circuit_breakers=_circuit_breakers(),
         upstream_bind_config=address_pb2.BindConfig(source_address=address_pb2.SocketAddress(
             address=C.INBOUND_PASSTHROUGH_SRC_V4, port_value=0)))
 
@@ -319,7 +291,7 @@ def lb_endpoint(model: Model, ep: Endpoint) -> ec.LbEndpoint:
         meta["envoy.transport_socket_match"] = _struct({"tlsMode": TLS_MODE_ISTIO})
     if ep.workload is not None:
         meta["istio"] = _struct({"workload": workload_metadata(model, ep.workload)})
-    return ec.LbEndpoint(endpoint=ec.Endpoint(address=_sock(ep.address, ep.port)),
+    return ec.LbEndpoint(endpoint=ec.Endpoint(address=socket_address(ep.address, ep.port)),
                          health_status=health_check_pb2.HEALTHY,
                          load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
                          metadata=base_pb2.Metadata(filter_metadata=meta) if meta else None)
@@ -360,11 +332,11 @@ def endpoints(model: Model, only: Iterable[tuple[str, str]] | None = None) -> li
 # ---- listeners --------------------------------------------------------------------------------------------------
 def _original_dst() -> lc.ListenerFilter:
     return lc.ListenerFilter(name="envoy.filters.listener.original_dst",
-                             typed_config=_any(original_dst_pb2.OriginalDst()))
+                             typed_config=pack(original_dst_pb2.OriginalDst()))
 
 
 def _tls_inspector() -> lc.ListenerFilter:
-    return lc.ListenerFilter(name="envoy.filters.listener.tls_inspector", typed_config=_any(
+    return lc.ListenerFilter(name="envoy.filters.listener.tls_inspector", typed_config=pack(
         tls_inspector_pb2.TlsInspector(initial_read_buffer_size=wrappers_pb2.UInt32Value(value=512))))
 
 
@@ -375,7 +347,7 @@ def _port_match(port: int, **kw: object) -> lc.FilterChainMatch:
 def _service_listener(mesh: Mesh, bind: str, port: int, cluster: str) -> listener_pb2.Listener:
     """`<bind>_<port>`: not bound (virtualOutbound hands the connection over), one TCP proxy chain to the cluster."""
     return listener_pb2.Listener(
-        name=f"{bind}_{port}", address=_sock(bind, port), bind_to_port=wrappers_pb2.BoolValue(value=False),
+        name=f"{bind}_{port}", address=socket_address(bind, port), bind_to_port=wrappers_pb2.BoolValue(value=False),
         traffic_direction=base_pb2.OUTBOUND, continue_on_listener_filters_timeout=True,
         filter_chains=[lc.FilterChain(filters=[_tcp_proxy(mesh, cluster)])])
 
@@ -399,7 +371,7 @@ def virtual_outbound(model: Model) -> listener_pb2.Listener:
     rest go to PassthroughCluster (ALLOW_ANY) or BlackHoleCluster (REGISTRY_ONLY), loops to 15001 to the black hole."""
     catchall = C.BLACKHOLE_CLUSTER if model.mesh.outbound_traffic_policy == REGISTRY_ONLY else C.PASSTHROUGH_CLUSTER
     return listener_pb2.Listener(
-        name=C.VIRTUAL_OUTBOUND, address=_sock("0.0.0.0", C.OUTBOUND_CAPTURE_PORT),
+        name=C.VIRTUAL_OUTBOUND, address=socket_address("0.0.0.0", C.OUTBOUND_CAPTURE_PORT),
         use_original_dst=wrappers_pb2.BoolValue(value=True), traffic_direction=base_pb2.OUTBOUND,
         filter_chains=[
             lc.FilterChain(name="virtualOutbound-blackhole", filter_chain_match=_port_match(C.OUTBOUND_CAPTURE_PORT),
@@ -469,7 +441,8 @@ def virtual_inbound(model: Model, proxy: Proxy) -> listener_pb2.Listener:
     if any(c.filter_chain_match.transport_protocol == "tls" for c in chains):
         filters.append(_tls_inspector())
     return listener_pb2.Listener(
-        name=C.VIRTUAL_INBOUND, address=_sock("0.0.0.0", C.INBOUND_CAPTURE_PORT), traffic_direction=base_pb2.INBOUND,
+        name=C.VIRTUAL_INBOUND, address=socket_address("0.0.0.0", C.INBOUND_CAPTURE_PORT),
+        traffic_direction=base_pb2.INBOUND,
         continue_on_listener_filters_timeout=True, listener_filters=filters, filter_chains=chains)
 
 
