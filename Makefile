@@ -1,4 +1,4 @@
-# meshboot — make demo | make test | make e2e | make bench
+# meshboot — make demo [KEEP=1] | make demo-down | make test | make e2e | make bench
 SHELL := /bin/bash
 # The system Python when it is new enough: processes that run as uid 1337 (Envoy, the agent) can exec it.
 PYTHON ?= $(shell for p in /usr/bin/python3 python3; do $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { command -v $$p; break; }; done)
@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz e2e bench sysdeps venv clean
+.PHONY: demo demo-down test lint fuzz e2e bench sysdeps venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ sysdeps:
 	  fi; \
 	fi
 
+# KEEP=1: leave the local cluster running (detached) and print how to exec into its pods; `make demo-down` removes it.
 demo: sysdeps $(STAMP)
-	$(PY) -m e2e.local.demo
+	$(PY) -m e2e.local.demo $(if $(KEEP),--keep)
+
+demo-down:
+	$(PY) -m e2e.local.demo --down
 
 # ruff and mypy as configured in pyproject.toml (tests/ and bench/ are ruff-only).
 lint: $(STAMP)

@@ -3,15 +3,18 @@ node, 2/2 READY, a request from pod-a's app to Service `server`'s ClusterIP in m
 (configured by meshboot's discovery), pod-b's SPIFFE identity, a pod without a sidecar served in plaintext, then
 refused once a STRICT PeerAuthentication is applied live.
 
-Needs root (network namespaces, iptables). Everything it makes is removed on exit, also on failure or Ctrl-C.
+Needs root (network namespaces, iptables). Everything it makes is removed on exit, also on failure or Ctrl-C; with
+`--keep` (`make demo KEEP=1`) it stays up, detached, until `--down` (`make demo-down`).
 """
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import time
 
-from e2e.local import scenario
+from e2e.local import keep, scenario
+from e2e.local.cluster import LocalCluster
 from meshboot import constants as C
 from testing.netns import have_root
 
@@ -97,15 +100,42 @@ def service_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
     ]
 
 
-def main() -> int:
+def _summary(results: list[tuple[str, bool]]) -> None:
+    print("\n== summary")
+    for text, passed in results:
+        print(f"  [{'ok' if passed else 'FAIL'}] {text}")
+
+
+def _hold(cluster: LocalCluster, facts: scenario.Facts) -> None:
+    """--hold: the summary and the exec instructions with everything up, the state file, then wait for --down."""
+    results = checks(facts)
+    _summary(results)
+    keep.write_state(cluster, facts, 0 if all(p for _, p in results) else 1)
+    print(keep.instructions(keep.load_state() or {}), flush=True)
+    keep.state_file().with_name("ready").touch()
+    keep.hold()
+    print("\n== demo-down: cleaning up", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m e2e.local.demo")
+    ap.add_argument("--keep", action="store_true", help="leave the cluster running, detached (make demo KEEP=1)")
+    ap.add_argument("--down", action="store_true", help="tear down what --keep left (make demo-down)")
+    ap.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)     # the detached process --keep starts
+    opts = ap.parse_args(argv)
     ok, why = have_root()
     if not ok:
         print(f"make demo {why}", file=sys.stderr)
         return 2
+    if opts.down:
+        return keep.down()
+    if opts.keep:
+        return keep.launch(["--hold"])
     signal.signal(signal.SIGTERM, _sigterm)
     start = time.monotonic()
     try:
-        facts = scenario.run_flow(prefix="mbd", say=lambda s: print(s, flush=True))
+        facts = scenario.run_flow(prefix="mbd", say=lambda s: print(s, flush=True),
+                                  hold=_hold if opts.hold else None)
     except KeyboardInterrupt:
         print("\ninterrupted; cleaned up", file=sys.stderr)
         return 130
@@ -113,10 +143,8 @@ def main() -> int:
         print(f"\nDEMO FAILED (everything it made has been removed): {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     left = scenario.leftovers(facts)
-    results = [*checks(facts), ("cleaned up every namespace, process and temp dir", not left)]
-    print("\n== summary")
-    for text, passed in results:
-        print(f"  [{'ok' if passed else 'FAIL'}] {text}")
+    results = [("cleaned up every namespace, process and temp dir", not left)]
+    _summary(results if opts.hold else [*checks(facts), *results])
     if left:
         print("  left behind: " + ", ".join(left))
     print("  timings (s since start): " + ", ".join(f"{k} {v}" for k, v in facts.timings.items())

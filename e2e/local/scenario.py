@@ -175,8 +175,9 @@ class _Clock:
 
 
 def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
-             kubernetes_version: str = "1.34") -> Facts:
-    """Run the whole flow once, cleaning up everything it made before returning (or raising)."""
+             kubernetes_version: str = "1.34", hold: Callable[[LocalCluster, Facts], None] | None = None) -> Facts:
+    """Run the whole flow once, cleaning up everything it made before returning (or raising); `hold`, if given, runs
+    last with everything still up (`make demo KEEP=1` waits there until `make demo-down`)."""
     clock = _Clock()
     with LocalCluster.up(prefix=prefix, kubernetes_version=kubernetes_version) as cluster:
         cp = cluster.control_plane
@@ -202,6 +203,9 @@ def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
         clock.mark("services")
         _strict(facts, cluster, by_name[PLAIN], pa, pb, say)
         clock.mark("strict")
+        if hold is not None:
+            facts.timings = clock.timings
+            hold(cluster, facts)
     clock.mark("cleaned up")
     facts.timings = clock.timings
     return facts
