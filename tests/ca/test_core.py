@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -156,18 +158,17 @@ def test_issuer_pem_and_issuer_claim(tmp_path: Path) -> None:
                             "s" * 32, algorithm="HS256"))
 
 
-def test_jwks_url_refreshed_on_unknown_kid(monkeypatch: pytest.MonkeyPatch) -> None:
-    old, new = Issuer(), Issuer()
-    served = {"doc": old.jwks(), "hits": 0}
+@contextlib.contextmanager
+def http_serving(body: Callable[[], bytes]) -> Iterator[str]:
+    """A plain HTTP server on 127.0.0.1 answering every GET with `body()`; yields its base URL."""
 
     class H(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            served["hits"] += 1
-            body = json.dumps(served["doc"]).encode()
+            payload = body()
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(payload)
 
         def log_message(self, *a) -> None:
             pass
@@ -175,8 +176,23 @@ def test_jwks_url_refreshed_on_unknown_kid(monkeypatch: pytest.MonkeyPatch) -> N
     httpd = HTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_jwks_url_refreshed_on_unknown_kid(monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = Issuer(), Issuer()
+    served = {"doc": old.jwks(), "hits": 0}
+
+    def jwks() -> bytes:
+        served["hits"] += 1
+        return json.dumps(served["doc"]).encode()
+
+    with http_serving(jwks) as url:
         import asyncio
-        v = tokens.LocalVerifier(("istio-ca",), jwks=f"http://127.0.0.1:{httpd.server_address[1]}/openid/v1/jwks")
+        v = tokens.LocalVerifier(("istio-ca",), jwks=f"{url}/openid/v1/jwks")
         assert served["hits"] == 1
         served["doc"] = {"keys": old.jwks()["keys"] + new.jwks()["keys"]}        # the issuer rotated its key
         with pytest.raises(Refused, match="unknown issuer key"):                 # too soon after the last fetch
@@ -184,32 +200,13 @@ def test_jwks_url_refreshed_on_unknown_kid(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setattr(tokens, "JWKS_REFRESH_INTERVAL", 0.0)
         assert asyncio.run(v.authenticate(new.token("a", "b"))) == Identity("a", "b")
         assert served["hits"] == 2
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_jwks_url_larger_than_bound_is_refused() -> None:
     body = json.dumps(Issuer().jwks()).encode() + b" " * (2 * tokens.MAX_JWKS_BYTES)
-
-    class H(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a) -> None:
-            pass
-
-    httpd = HTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with http_serving(lambda: body) as url:
         with pytest.raises(ValueError, match=f"larger than {tokens.MAX_JWKS_BYTES} bytes"):
-            tokens.LocalVerifier(("istio-ca",), jwks=f"http://127.0.0.1:{httpd.server_address[1]}/jwks")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+            tokens.LocalVerifier(("istio-ca",), jwks=f"{url}/jwks")
 
 
 def test_bad_jwks_file(tmp_path: Path) -> None:
