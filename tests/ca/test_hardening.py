@@ -234,21 +234,28 @@ def test_ca_near_its_own_expiry_refuses_instead_of_ever_shorter_leaves(expiring_
 
 # ---- concurrency ----------------------------------------------------------------------------------------------------
 
+def outcomes(futures: list[grpc.Future]) -> tuple[list[grpc.StatusCode], set[str]]:
+    """Wait for every call: the status code of each (OK for an answer) and the set of refusal messages."""
+    codes: list[grpc.StatusCode] = []
+    details: set[str] = set()
+    for f in futures:
+        try:
+            f.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+            details.add(e.details())
+    return codes, details
+
+
 def test_concurrent_requests_are_all_answered(ca: CA) -> None:
     ch = ca.channel()
     token = ca.issuer.token("ns-a", "sa-a")
     body = ca_pb2.IstioCertificateRequest(csr=csr_for(), validity_duration=3600).SerializeToString()
     call = ch.unary_unary(C.CA_METHOD)
-    codes: list[grpc.StatusCode] = []
     try:
-        futures = [call.future(body, metadata=[("authorization", f"Bearer {token}")], timeout=20)
-                   for _ in range(300)]
-        for f in futures:
-            try:
-                f.result()
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                codes.append(e.code())
+        codes, _ = outcomes([call.future(body, metadata=[("authorization", f"Bearer {token}")], timeout=20)
+                             for _ in range(300)])
     finally:
         ch.close()
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
@@ -280,16 +287,8 @@ def test_in_flight_limit_answers_resource_exhausted_plainly(ca: CA, loop: Loop) 
     try:
         call = ch.unary_unary(C.CA_METHOD)
         body = ca_pb2.IstioCertificateRequest(csr=csr_for(), validity_duration=3600).SerializeToString()
-        futures = [call.future(body, metadata=[("authorization", "Bearer x")], timeout=20)
-                   for _ in range(MAX_CONCURRENT_RPCS + 100)]
-        codes, details = [], set()
-        for f in futures:
-            try:
-                f.result()
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                codes.append(e.code())
-                details.add(e.details())
+        codes, details = outcomes([call.future(body, metadata=[("authorization", "Bearer x")], timeout=20)
+                                   for _ in range(MAX_CONCURRENT_RPCS + 100)])
     finally:
         ch.close()
         loop.run(server.stop(0))
