@@ -4,7 +4,9 @@ Ready condition in the API server), the EndpointSlice controller (Services + Pod
 cluster, so the control plane watching that API server sees exactly what these loops wrote.
 
 They run in one thread, every `period` seconds (a level-triggered resync; Kubernetes' controllers also resync from
-their caches). A failing step is recorded in `errors` and retried on the next tick.
+their caches). A tick lists Services, Pods and EndpointSlices once each (the slices again only after the controller
+wrote some), and the pod status sync reads a pod only when its readiness flipped. A failing step is recorded in
+`errors` and retried on the next tick.
 """
 from __future__ import annotations
 
@@ -72,8 +74,8 @@ class Controllers:
         """One pass of each loop, in the order a change flows: pod status, slices, node rules."""
         with self._lock:
             self.sync_pod_status()
-            self.sync_endpoint_slices()
-            self.sync_proxy()
+            services = self.api.list("services")
+            self.proxy.sync(services, self.sync_endpoint_slices(services))
 
     def sync_pod_status(self) -> None:
         """Write a pod's conditions when its readiness flips (and the first time)."""
@@ -93,11 +95,13 @@ class Controllers:
                                                            "conditions": endpoints.pod_conditions(ready, _now(), old)}})
             self._ready[key] = ready
 
-    def sync_endpoint_slices(self) -> None:
-        """Make the managed slices of every Service what `endpoints.endpoint_slices` says; drop orphans."""
-        services, pods = self.api.list("services"), self.api.list("pods")
-        have = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in self.api.list("endpointslices")
+    def sync_endpoint_slices(self, services: list[Obj]) -> list[Obj]:
+        """Make the managed slices of every Service what `endpoints.endpoint_slices` says; drop orphans. Returns all
+        slices as they now stand (listed again only when this pass wrote)."""
+        pods, stored = self.api.list("pods"), self.api.list("endpointslices")
+        have = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in stored
                 if (s["metadata"].get("labels") or {}).get(endpoints.MANAGED_BY_LABEL) == endpoints.MANAGED_BY}
+        wrote = False
         wanted: set[tuple[str, str]] = set()
         for svc in services:
             for want in endpoints.endpoint_slices(svc, pods):
@@ -106,11 +110,12 @@ class Controllers:
                 cur = have.get(key)
                 if cur is None:
                     self.api.create("endpointslices", want)
+                    wrote = True
                 elif not endpoints.same_slice(cur, want):
                     want["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"]
                     self.api.replace("endpointslices", want)
+                    wrote = True
         for key in set(have) - wanted:
             self.api.delete("endpointslices", *key)
-
-    def sync_proxy(self) -> None:
-        self.proxy.sync(self.api.list("services"), self.api.list("endpointslices"))
+            wrote = True
+        return self.api.list("endpointslices") if wrote else stored
