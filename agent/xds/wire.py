@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 
 class WireError(ValueError):
@@ -130,24 +131,6 @@ class DiscoveryRequest:
     error: Status | None = None
 
 
-def decode_request(buf: bytes) -> DiscoveryRequest:
-    r = DiscoveryRequest()
-    for f, _, v in fields(buf):
-        if not isinstance(v, bytes):
-            continue
-        if f == 1:
-            r.version_info = _str(v)
-        elif f == 3:
-            r.resource_names.append(_str(v))
-        elif f == 4:
-            r.type_url = _str(v)
-        elif f == 5:
-            r.response_nonce = _str(v)
-        elif f == 6:
-            r.error = _status(v, r.error)
-    return r
-
-
 @dataclass
 class DeltaDiscoveryRequest:
     type_url: str = ""
@@ -157,22 +140,33 @@ class DeltaDiscoveryRequest:
     error: Status | None = None
 
 
-def decode_delta_request(buf: bytes) -> DeltaDiscoveryRequest:
-    r = DeltaDiscoveryRequest()
+_R = TypeVar("_R", DiscoveryRequest, DeltaDiscoveryRequest)
+
+
+def _decode(buf: bytes, into: _R, names: dict[int, str]) -> _R:
+    """Fill `into` from the length-delimited fields `names` maps (field number -> attribute): a list attribute
+    collects a repeated string, `error` merges a google.rpc.Status, any other takes the last string."""
     for f, _, v in fields(buf):
-        if not isinstance(v, bytes):
+        name = names.get(f)
+        if name is None or not isinstance(v, bytes):
             continue
-        if f == 2:
-            r.type_url = _str(v)
-        elif f == 3:
-            r.subscribe.append(_str(v))
-        elif f == 4:
-            r.unsubscribe.append(_str(v))
-        elif f == 6:
-            r.response_nonce = _str(v)
-        elif f == 7:
-            r.error = _status(v, r.error)
-    return r
+        if name == "error":
+            into.error = _status(v, into.error)
+        elif isinstance(cur := getattr(into, name), list):
+            cur.append(_str(v))
+        else:
+            setattr(into, name, _str(v))
+    return into
+
+
+def decode_request(buf: bytes) -> DiscoveryRequest:
+    return _decode(buf, DiscoveryRequest(), {1: "version_info", 3: "resource_names", 4: "type_url",
+                                             5: "response_nonce", 6: "error"})
+
+
+def decode_delta_request(buf: bytes) -> DeltaDiscoveryRequest:
+    return _decode(buf, DeltaDiscoveryRequest(), {2: "type_url", 3: "subscribe", 4: "unsubscribe",
+                                                  6: "response_nonce", 7: "error"})
 
 
 def any_(type_url: str, value: bytes) -> bytes:
