@@ -518,24 +518,31 @@ def _file_certs(env: Mapping[str, str], exists: Callable[[str], bool]) -> tuple[
     return None
 
 
+def _root_file(env: Mapping[str, str], var: str, default: Callable[[], str], exists: Callable[[str], bool],
+               what: str, peer: str) -> str | None:
+    """The root that verifies `peer`: env `var` (SYSTEM = the system roots, None), else `default()`; it must exist."""
+    if env.get(var) == "SYSTEM":
+        return None
+    root = env.get(var) or default()
+    if not exists(root):
+        raise ConfigError(f"{what} root certificate {root} does not exist (needed to verify {peer})")
+    return root
+
+
 def _ca_root(env: Mapping[str, str], ca_addr: str, exists: Callable[[str], bool]) -> str | None:
     """The root that verifies the CA (pilot-agent's order); None = system roots."""
     provider = env.get(C.ENV_PILOT_CERT_PROVIDER, "istiod")
-    if env.get(C.ENV_CA_ROOT_CA) == "SYSTEM":
-        return None
-    if env.get(C.ENV_CA_ROOT_CA):
-        root = env[C.ENV_CA_ROOT_CA]
-    elif provider == "custom":
-        root = f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
-    elif env.get(C.ENV_PROV_CERT):
-        root = env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
-    elif provider == "none":
-        raise ConfigError(f"env {C.ENV_PILOT_CERT_PROVIDER}=none: no root to verify the CA {ca_addr}")
-    else:
-        root = C.ROOT_CERT_PATH
-    if not exists(root):
-        raise ConfigError(f"CA root certificate {root} does not exist (needed to verify CA {ca_addr})")
-    return root
+
+    def default() -> str:
+        if provider == "custom":
+            return f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
+        if env.get(C.ENV_PROV_CERT):
+            return env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
+        if provider == "none":
+            raise ConfigError(f"env {C.ENV_PILOT_CERT_PROVIDER}=none: no root to verify the CA {ca_addr}")
+        return C.ROOT_CERT_PATH
+
+    return _root_file(env, C.ENV_CA_ROOT_CA, default, exists, "CA", f"CA {ca_addr}")
 
 
 def ca_settings(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[[str], bool],
@@ -567,21 +574,14 @@ def ca_settings(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[
 def _xds_root(env: Mapping[str, str], discovery: str, exists: Callable[[str], bool],
               file_certs: tuple[str, str, str] | None) -> str | None:
     """The root that verifies the discovery server (pilot-agent's order); None = system roots."""
-    if env.get(C.ENV_XDS_ROOT_CA) == "SYSTEM":
-        return None
-    if env.get(C.ENV_XDS_ROOT_CA):
-        root = env[C.ENV_XDS_ROOT_CA]
-    elif exists(f"{C.LEGACY_CERTS_DIR}/root-cert.pem"):
-        root = f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
-    elif env.get(C.ENV_PROV_CERT):
-        root = env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
-    elif file_certs is not None:
-        root = file_certs[2]
-    else:
-        root = C.ROOT_CERT_PATH
-    if not exists(root):
-        raise ConfigError(f"XDS root certificate {root} does not exist (needed to verify {discovery})")
-    return root
+    def default() -> str:
+        if exists(f"{C.LEGACY_CERTS_DIR}/root-cert.pem"):
+            return f"{C.LEGACY_CERTS_DIR}/root-cert.pem"
+        if env.get(C.ENV_PROV_CERT):
+            return env[C.ENV_PROV_CERT].rstrip("/") + "/root-cert.pem"
+        return file_certs[2] if file_certs is not None else C.ROOT_CERT_PATH
+
+    return _root_file(env, C.ENV_XDS_ROOT_CA, default, exists, "XDS", discovery)
 
 
 def xds_settings(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[[str], bool],
