@@ -447,18 +447,23 @@ def validate_meta_shape(meta: Any) -> None:
 _CONTAINER_LISTS = {"env": "name", "ports": None, "volumeMounts": "mountPath"}
 
 
+def _object_list(lst: Any, where: str, named: str | None, *, required: bool) -> list[dict[str, Any]]:
+    """`lst` (absent: empty) as a list of objects whose `named` key, if any, is a string (`required`: present)."""
+    if lst is None:
+        return []
+    if not isinstance(lst, list):
+        raise _fail(where, "want a list")
+    for i, item in enumerate(lst):
+        if not isinstance(item, dict) or (named and not isinstance(item.get(named, None if required else ""), str)):
+            raise _fail(f"{where}[{i}]", f"want an object{f' with a string {named}' if named else ''}")
+    return lst
+
+
 def _validate_container(c: Any, where: str) -> None:
     if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c.get("name"):
         raise _fail(where, "want a container with a name")
     for key, named in _CONTAINER_LISTS.items():
-        lst = c.get(key)
-        if lst is None:
-            continue
-        if not isinstance(lst, list):
-            raise _fail(f"{where}.{key}", "want a list")
-        for i, item in enumerate(lst):
-            if not isinstance(item, dict) or (named and not isinstance(item.get(named), str)):
-                raise _fail(f"{where}.{key}[{i}]", f"want an object{f' with a string {named}' if named else ''}")
+        for i, item in enumerate(_object_list(c.get(key), f"{where}.{key}", named, required=True)):
             port = item.get("containerPort") if key == "ports" else None
             if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
                 raise _fail(f"{where}.{key}[{i}].containerPort", "want a number")
@@ -488,14 +493,7 @@ def validate_pod_shape(pod: Any) -> None:
         for i, c in enumerate(lst):
             _validate_container(c, f"spec.{key}[{i}]")
     for key in ("volumes", "imagePullSecrets"):
-        lst = spec.get(key)
-        if lst is None:
-            continue
-        if not isinstance(lst, list):
-            raise _fail(f"spec.{key}", "want a list")
-        for i, item in enumerate(lst):
-            if not isinstance(item, dict) or not isinstance(item.get("name", ""), str):
-                raise _fail(f"spec.{key}[{i}]", "want an object with a string name")
+        _object_list(spec.get(key), f"spec.{key}", "name", required=False)
 
 
 def _env_value(container: Mapping[str, Any] | None, name: str) -> str | None:
