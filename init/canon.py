@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import _socket
 
+from meshboot.syntax import is_ascii_digits
+
 BASE = ("-s", "-d", "-i", "-o", "-p")
-_MARK_OPTS = frozenset({"--mark"})
 _PORT_OPTS = frozenset({"--dport", "--sport", "--dports"})
 _FULL = "0xffffffff"
 
@@ -32,7 +33,7 @@ def _net(value: str, family: int) -> str:
 
 def _num(value: str) -> str:
     """A decimal as iptables prints it (no leading zeros)."""
-    return str(int(value)) if value.isascii() and value.isdigit() else value
+    return str(int(value)) if is_ascii_digits(value) else value
 
 
 def _ports(value: str) -> str:
@@ -46,11 +47,11 @@ def _ports(value: str) -> str:
 
 
 def _hex(value: str) -> str:
-    return hex(int(value)) if value.isascii() and value.isdigit() else value
+    return hex(int(value)) if is_ascii_digits(value) else value
 
 
 def _gid(name: str) -> str:
-    if name.isascii() and name.isdigit():
+    if is_ascii_digits(name):
         return name
     import grp  # noqa: PLC0415 - only for group names, not gids (start-up time)
 
@@ -104,7 +105,7 @@ def canonical(spec: tuple[str, ...], family: int) -> str:
             if current is None:  # --dport/--sport right after -p: iptables loads the protocol's match
                 current = [f"-m {(base.get('-p') or 'tcp').split()[-1]}"]
                 matches.append(current)
-            if tok in _MARK_OPTS:
+            if tok == "--mark":
                 value = _hex(value)
             elif tok == "--gid-owner":
                 value = _gid(value)
