@@ -79,6 +79,19 @@ def test_missing_root_cert_is_an_error_naming_the_file() -> None:
         build_config(Flags(), BASE_ENV, {"/bin/envoy": "x"}.get, lambda p: p == "/bin/envoy", lambda n: None)
 
 
+@pytest.mark.parametrize(("var", "extra", "want"), [
+    ("CA_ROOT_CA", {}, "CA root certificate /nope.pem does not exist (needed to verify CA istiod.istio-system.svc"),
+    ("XDS_ROOT_CA", {"PROXY_CONFIG": '{"discoveryAddress": "istiod.example:15012"}'},
+     "XDS root certificate /nope.pem does not exist (needed to verify istiod.example:15012)"),
+])
+def test_explicit_root_must_exist_and_system_means_system_roots(var: str, extra: dict, want: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        cfg_of({var: "/nope.pem", **extra})
+    assert want in str(e.value)
+    cfg = cfg_of({var: "SYSTEM", **extra})
+    assert (cfg.ca_root_file if var == "CA_ROOT_CA" else cfg.xds_root_file) is None
+
+
 def test_proxy_config_precedence_and_proxy_mode() -> None:
     mesh = "defaultConfig:\n  drainDuration: 10s\n  proxyMetadata: {A: mesh, B: mesh}\n"
     ann = ('proxy.istio.io/config="{\\"terminationDrainDuration\\":\\"7s\\",\\"proxyMetadata\\":{\\"B\\":\\"ann\\"}}"\n'
