@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from meshboot import pki
-from meshboot.durations import parse_duration
 from meshboot.files import write_atomic
 
 from .config import CAConfig, ConfigError
+from .config import parse_ttl as parse_ttl_flag
 from .kube import api_client as make_client
 from .signer import Authority
 
@@ -55,10 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_ttl(text: str) -> float:
     """Seconds, within [MIN_TTL, MAX_TTL]; ConfigError names the flag."""
-    try:
-        seconds = parse_duration(text)
-    except ValueError:
-        raise ConfigError(f"--serving-cert-ttl: {text!r} is not a duration (examples: 24h, 90m)") from None
+    seconds = parse_ttl_flag(text, "--serving-cert-ttl").total_seconds()
     if not MIN_TTL <= seconds <= MAX_TTL:
         raise ConfigError(f"--serving-cert-ttl: {text!r} must be between 1s and 8760h")
     return seconds
