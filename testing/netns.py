@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -144,6 +145,17 @@ def wait_port(ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:
             "    time.sleep(0.02)\n")
     if ns.run([sys.executable, "-c", code], check=False, timeout=timeout + 5).returncode != 0:
         raise TimeoutError(f"nothing listening on {host}:{port} in netns {ns.name}")
+
+
+def poll(probe: Callable[[], T], done: Callable[[T], bool], timeout: float, interval: float = 0.1) -> T:
+    """Call `probe` until `done` says yes to what it returned or `timeout` seconds passed; the last result (the caller
+    decides whether a timeout is a failure)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = probe()
+        if done(seen) or time.monotonic() > deadline:
+            return seen
+        time.sleep(interval)
 
 
 def bridge(ns: Netns, name: str, addr: str) -> str:

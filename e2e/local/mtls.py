@@ -6,12 +6,12 @@ with no restart.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from e2e.local.kubelet import PodRun, http_get
 from meshboot import constants as C
+from testing.netns import poll
 
 # Run inside a pod's app container (kubectl exec): a GET, reporting what came back.
 CLIENT = """\
@@ -56,27 +56,22 @@ def request(client: PodRun, url: str, path: str, pb: PodRun, pa: PodRun | None, 
         out.response = json.loads(res.stdout)
     else:
         out.error = (res.stderr.strip().splitlines() or ["failed"])[-1]
-    deadline = time.monotonic() + wait
-    while True:
+
+    def seen() -> Request:
         out.log_a = _new_lines(pa, C.PROXY_CONTAINER, since_a, f" {outbound} ")
         out.log_b = _new_lines(pb, C.PROXY_CONTAINER, since_b, f" {inbound} ")
         out.app_b = _new_lines(pb, "app", since_app, path)
-        if (out.log_b and (pa is None or out.log_a) and (out.app_b or not out.response)) \
-                or time.monotonic() > deadline:
-            return out
-        time.sleep(0.1)
+        return out
+
+    return poll(seen, lambda o: bool(o.log_b and (pa is None or o.log_a) and (o.app_b or not o.response)), wait)
 
 
 def wait_for_endpoint(run: PodRun, cluster: str, address: str, timeout: float = 10.0) -> bool:
     """Poll the pod's Envoy `/clusters` until `cluster` has the endpoint `address` (EDS arrived)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        body = run.call(http_get, "127.0.0.1", C.ENVOY_ADMIN_PORT, "/clusters", 2.0).body.decode()
-        if f"{cluster}::{address}::" in body:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
+    needle = f"{cluster}::{address}::"
+    body = poll(lambda: run.call(http_get, "127.0.0.1", C.ENVOY_ADMIN_PORT, "/clusters", 2.0).body.decode(),
+                lambda b: needle in b, timeout)
+    return needle in body
 
 
 def inbound_transports(run: PodRun, port: int) -> list[str]:
@@ -92,12 +87,7 @@ def inbound_transports(run: PodRun, port: int) -> list[str]:
 
 def wait_for_transports(run: PodRun, port: int, want: list[str], timeout: float = 10.0) -> list[str]:
     """Poll until the inbound chains of `port` are `want` (a new listener from a push); the last seen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = inbound_transports(run, port)
-        if seen == want or time.monotonic() > deadline:
-            return seen
-        time.sleep(0.1)
+    return poll(lambda: inbound_transports(run, port), lambda seen: seen == want, timeout)
 
 
 def strict_peer_authentication(namespace: str) -> dict[str, Any]:
