@@ -403,7 +403,7 @@ def _dns_fields(v: Mapping[str, object], resolv_conf: str | None, warnings: list
         if resolv_conf is None:
             raise ConfigError("--redirect-dns: cannot read /etc/resolv.conf for the DNS servers")
         dns4, dns6 = parse_resolv_conf(resolv_conf)
-        if len(dns4) + len(dns6) > MAX_SMALL_LIST:
+        if max(len(dns4), len(dns6)) > MAX_SMALL_LIST:  # the cap is per family: so is the test
             warnings.append(f"--redirect-dns: {len(dns4) + len(dns6)} nameservers in /etc/resolv.conf; capturing "
                             f"DNS to the first {MAX_SMALL_LIST} of each family only")
             dns4, dns6 = dns4[:MAX_SMALL_LIST], dns6[:MAX_SMALL_LIST]

@@ -6,8 +6,8 @@ import pytest
 from init_helpers import DEFAULT_ARGS, config
 
 from init import flags
-from init.cli import main
-from init.config import ConfigError
+from init.cli import MAX_RESOLV_CONF, _read, main
+from init.config import MAX_SMALL_LIST, ConfigError
 
 UNICODE_DIGITS = ["１５００１", "١٥٠٠١", "²", "15００1", "𝟏𝟓"]
 
@@ -114,3 +114,25 @@ def test_cli_unicode_port_is_one_line_exit_1(capsys: pytest.CaptureFixture[str])
     assert main(["-n", "-z", "²"]) == 1
     err = capsys.readouterr().err
     assert "-z/--inbound-capture-port" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_resolv_conf_nameservers_are_capped_per_family_with_a_warning() -> None:
+    many = "".join(f"nameserver 10.0.{i // 256}.{i % 256}\n" for i in range(500)) + "nameserver fd00::a\n"
+    cfg = config("--redirect-dns", resolv=many)
+    assert len(cfg.dns_servers_v4) == MAX_SMALL_LIST and cfg.dns_servers_v6 == ("fd00::a",)
+    assert any(w.startswith("--redirect-dns") and f"first {MAX_SMALL_LIST}" in w for w in cfg.warnings)
+
+
+def test_resolv_conf_under_the_cap_per_family_is_kept_whole_without_a_warning() -> None:
+    half = MAX_SMALL_LIST * 3 // 4  # each family under the cap, both together over it
+    text = "".join(f"nameserver 10.0.0.{i + 1}\nnameserver fd00::{i + 1:x}\n" for i in range(half))
+    cfg = config("--redirect-dns", resolv=text)
+    assert len(cfg.dns_servers_v4) == half and len(cfg.dns_servers_v6) == half
+    assert not any("nameservers" in w for w in cfg.warnings)
+
+
+def test_resolv_conf_is_read_as_a_bounded_prefix(tmp_path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_bytes(b"nameserver 10.96.0.10\n" + b"#" * (4 * MAX_RESOLV_CONF) + b"\xff\n")
+    text = _read(str(path))
+    assert text is not None and len(text) == MAX_RESOLV_CONF and text.startswith("nameserver 10.96.0.10\n")
