@@ -147,6 +147,8 @@ class Watch:
     acked_at: float = 0.0
     last_error: str = ""
     always_respond: bool = False
+    # SotW only: the request's name list `names` was last derived from, as sent (ACKs mostly repeat it).
+    names_from: tuple[str, ...] = ()
     # Delta only: name -> version of what this proxy was last sent.
     sent_versions: dict[str, str] = field(default_factory=dict)
 
@@ -184,25 +186,31 @@ class Decision:
 
 def sotw_decide(watch: Watch | None, type_url: str, nonce: str, names: Iterable[str],
                 error: str | None) -> tuple[Watch | None, Decision]:
-    """istiod's ShouldRespond for state-of-the-world: returns the (possibly new) watch and what to do."""
-    requested = set(names)
+    """istiod's ShouldRespond for state-of-the-world: returns the (possibly new) watch and what to do. An ACK that
+    lists the same names, in the same order, as the request the watch's names came from (every EDS ACK of a push)
+    is settled by comparing the lists: no sets are built."""
+    listed = tuple(names)
     if error is not None and watch is not None:
         watch.nacked(error)
         return watch, Decision(Kind.NACK, False)
-    wildcard = type_url in WILDCARD_TYPES and (not requested or "*" in requested)
-    if type_url not in WILDCARD_TYPES and not requested and watch is not None:
-        watch.names = set()
+    if type_url not in WILDCARD_TYPES and not listed and watch is not None:
+        watch.names, watch.names_from = set(), ()
         return watch, Decision(Kind.UNSUBSCRIBE, False)
     if not nonce or watch is None:
+        requested = set(listed)
         watch = watch or Watch(type_url)
-        watch.names, watch.wildcard = requested - {"*"}, wildcard
+        watch.names, watch.names_from = requested - {"*"}, listed
+        watch.wildcard = type_url in WILDCARD_TYPES and (not requested or "*" in requested)
         return watch, Decision(Kind.INITIAL, True)
     if nonce != watch.nonce_sent:
         return watch, Decision(Kind.STALE, False)
     watch.acked()
-    clean = requested - {"*"}
-    added, changed = clean - watch.names, clean != watch.names
-    watch.names = clean
+    added: set[str] = set()
+    changed = listed != watch.names_from
+    if changed:
+        clean = set(listed) - {"*"}
+        added, changed = clean - watch.names, clean != watch.names
+        watch.names, watch.names_from = clean, listed
     if watch.always_respond:
         watch.always_respond = False
         return watch, Decision(Kind.ACK, True)

@@ -101,6 +101,33 @@ def test_sotw_rules_follow_istiod() -> None:
     assert P.sync_status(None) == "IGNORED" and P.sync_status(P.Watch(P.LDS)) == "NOT SENT"
 
 
+def test_sotw_ack_repeating_the_names_compares_lists() -> None:
+    """An EDS ACK naming the same clusters as the request the watch came from is settled without building sets;
+    a reordered or changed list still goes through the set rules."""
+    names = [f"outbound|80||s{i}.ns.svc.cluster.local" for i in range(1000)]
+    w, _ = P.sotw_decide(None, P.EDS, "", names, None)
+    assert w is not None
+    kept = w.names
+    w.sent("v1", "n1")
+    w, d = P.sotw_decide(w, P.EDS, "n1", list(names), None)
+    assert d == P.Decision(P.Kind.ACK, False) and w is not None and w.names is kept and P.sync_status(w) == "SYNCED"
+    w.sent("v2", "n2")
+    w, d = P.sotw_decide(w, P.EDS, "n2", names[::-1], None)            # same set, other order: nothing to send
+    assert d == P.Decision(P.Kind.ACK, False) and w is not None and w.names == set(names)
+    w.sent("v3", "n3")
+    more = [*names[::-1], "new"]
+    w, d = P.sotw_decide(w, P.EDS, "n3", more, None)
+    assert d == P.Decision(P.Kind.ACK, True, frozenset({"new"})) and w is not None and "new" in w.names
+    w.sent("v4", "n4")
+    w.always_respond = True
+    _, d = P.sotw_decide(w, P.EDS, "n4", more, None)  # the same list still honours always_respond
+    assert d == P.Decision(P.Kind.ACK, True) and not w.always_respond
+    w.sent("v5", "n5")
+    _, d = P.sotw_decide(w, P.EDS, "n5", more, "bad")   # a NACK leaves the names as they were
+    _, d = P.sotw_decide(w, P.EDS, "n5", ["new"], None)
+    assert d == P.Decision(P.Kind.ACK, False, frozenset()) and w.names == {"new"}
+
+
 def test_delta_rules() -> None:
     w, d = P.delta_decide(None, P.EDS, "", ["a", "b"], [], {"c": "1"}, None)
     assert d.kind is P.Kind.INITIAL and w.names == {"a", "b", "c"} and w.sent_versions == {"c": "1"}
