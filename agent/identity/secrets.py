@@ -130,7 +130,8 @@ class SecretManager:
                  checker: helper.Prestarted | None = None) -> None:
         self.cfg = cfg
         self._prestarted = prestarted
-        # certcheck.py: the first one starts with the agent (beside keygen), later ones when a CSR goes out
+        # certcheck.py, one process per chain: the first starts with the agent (beside keygen), later ones when a CSR
+        # goes out (_live_checker)
         self._checker: helper.Prestarted | None = checker
         self._ca_backoff = Backoff(backoff_initial, backoff_max)
         self._refused_backoff = Backoff(refused_initial, refused_max)
@@ -157,10 +158,10 @@ class SecretManager:
         self._tasks.append(asyncio.create_task(self._poll_files(), name="file-poller"))
 
     async def close(self) -> None:
-        for pre in (self._prestarted, self._checker):
-            if pre is not None:
-                pre.close()
-        self._prestarted = self._checker = None
+        if self._prestarted is not None:
+            self._prestarted.close()
+            self._prestarted = None
+        self._drop_checker()
         for t in [*self._tasks, *([self._rotation] if self._rotation else [])]:
             t.cancel()
         for t in self._tasks:
@@ -271,18 +272,12 @@ class SecretManager:
             if m is not None:
                 m.outgoing.labels("csr").inc()
             assert self.ca is not None
-            if self._checker is None or self._checker.proc.poll() is not None:
-                if self._checker is not None:   # it died waiting: reap it, close its pipes
-                    self._checker.close()
-                # the checker's start-up (Python + ssl) overlaps the CA call instead of following it
-                self._checker = helper.Prestarted(certcheck.argv(self.cfg.spiffe_id), stdin=True)
+            self._live_checker()                # its start-up (Python + ssl) overlaps the CA call, not after it
             issued = await self.ca.sign(csr, int(self.cfg.secret_ttl))
         except Exception as e:  # noqa: BLE001 - any CA failure becomes a SecretError: counted, backed off, retried
             if m is not None:
                 m.outgoing_failed.labels("csr").inc()
-            if self._checker is not None:       # no chain to check: do not keep a process waiting out a CA outage
-                self._checker.close()
-                self._checker = None
+            self._drop_checker()                # no chain to check: do not keep a process waiting out a CA outage
             raise SecretError(str(e)) from None
         if m is not None:
             m.outgoing_latency.labels("csr").observe(time.monotonic() - t0)
@@ -300,10 +295,8 @@ class SecretManager:
             roots = _read(self.cfg.ca_root_file)
         req = json.dumps({"chain": wl.chain_pem.decode("ascii", "replace"), "key": wl.key_pem.decode("ascii"),
                           "roots": roots.decode("ascii", "replace")}).encode()
-        pre, self._checker = self._checker, None
         try:
-            if pre is None:
-                pre = helper.Prestarted(certcheck.argv(self.cfg.spiffe_id), stdin=True)
+            pre, self._checker = self._live_checker(), None     # each checker process answers for one chain
             out = await pre.result(req, timeout=30)
         except (OSError, helper.HelperError) as e:
             raise SecretError(f"cannot check the issued certificate: {e}") from None
@@ -316,6 +309,20 @@ class SecretManager:
             self.metrics.cert_refused.labels(kind).inc()
         log.error("refusing the certificate the CA issued", reason=kind, error=why[:300], serial=f"{wl.serial:x}")
         raise CertRefused(kind, why[:300])
+
+    def _live_checker(self) -> helper.Prestarted:
+        """The certcheck.py process for the next chain: the one waiting (started with the agent, or with this CSR)
+        while it lives, else a new one. One that died waiting is reaped and its pipes closed."""
+        if self._checker is not None and self._checker.proc.poll() is not None:
+            self._drop_checker()
+        if self._checker is None:
+            self._checker = helper.Prestarted(certcheck.argv(self.cfg.spiffe_id), stdin=True)
+        return self._checker
+
+    def _drop_checker(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
+            self._checker = None
 
     def keygen_args(self) -> list[str]:
         c = self.cfg
