@@ -18,20 +18,16 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import yaml
-
 from ca import service as ca
 from ca import webhook_cert
 from discovery import service as discovery
 from meshboot import logs
 from meshboot.syntax import parse_go_bool
 from webhook import server
+from webhook.config import load_mesh
 
 PROG = "meshboot-webhook"
 log = logging.getLogger("meshboot.controlplane")
-
-
-MAX_MESH_BYTES = 1 << 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,30 +76,15 @@ def config_error(args: argparse.Namespace) -> str | None:
         return f"--trust-domain: {e}"
     try:
         discovery_mesh(args)
-    except (discovery.ModelError, ValueError, OSError, yaml.YAMLError) as e:
+    except (discovery.ModelError, ValueError) as e:    # webhook's ConfigError is a ValueError
         return f"--mesh-config: {e}"
     return None
-
-
-def _mesh_config(path: str) -> dict[str, Any]:
-    """The MeshConfig YAML (or the `istio` ConfigMap holding it under `data.mesh`), bounded like the injector reads
-    it; the injector validates the rest of it."""
-    with open(path, "rb") as f:
-        text = f.read(MAX_MESH_BYTES + 1)
-    if len(text) > MAX_MESH_BYTES:
-        raise ValueError(f"{path}: over {MAX_MESH_BYTES} bytes")
-    doc = yaml.safe_load(text) or {}
-    if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
-        doc = yaml.safe_load(((doc.get("data") or {}).get("mesh")) or "") or {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: want a mapping")
-    return doc
 
 
 def discovery_mesh(args: argparse.Namespace) -> discovery.Mesh:
     """Discovery's mesh settings: --trust-domain, and from the mesh config (the injector's, one file as istiod reads
     one `mesh`) accessLogFile and accessLogFormat."""
-    mesh = _mesh_config(args.mesh_config) if args.mesh_config else {}
+    mesh = load_mesh(args.mesh_config) if args.mesh_config else {}
     return discovery.Mesh(trust_domain=args.trust_domain, access_log_file=mesh.get("accessLogFile") or "",
                           access_log_format=mesh.get("accessLogFormat") or "")
 

@@ -18,6 +18,7 @@ import jsonpatch
 import pytest
 from webhook_fixtures import hello_pod, review_body, settings, validate_pod
 
+from controlplane.main import build_parser, config_error
 from meshboot import pki
 from testing.fakekube import FakeKube
 from webhook.inject import inject_pod
@@ -370,3 +371,19 @@ def test_uvicorn_runs_without_websockets_watchfiles_or_dotenv() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert 'ws="none"' in (ROOT / "webhook" / "server.py").read_text()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("x" * (1024 * 1024 + 1), "larger than"),
+    ("kind: ConfigMap\ndata:\n  mesh: '[1, 2]'\n", "want a mapping"),
+    ("kind: ConfigMap\ndata: {}\n", "no data.mesh"),
+    ("a: [", "not valid YAML"),
+])
+def test_controlplane_reads_the_mesh_config_as_the_injector_does(tmp_path: Path, text: str, says: str) -> None:
+    """Discovery's accessLogFile comes from the injector's --mesh-config, read by the injector's own loader (bounded,
+    ConfigMap-aware): a bad file is refused before anything starts, naming the flag."""
+    f = tmp_path / "mesh.yaml"
+    f.write_text(text)
+    args = build_parser().parse_args(["--mesh-config", str(f), "--ca-dir", str(tmp_path), "--token-review"])
+    problem = config_error(args) or ""
+    assert problem.startswith("--mesh-config: ") and says in problem, problem
