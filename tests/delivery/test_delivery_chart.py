@@ -336,6 +336,14 @@ def test_grace_period_shorter_than_the_drain_is_refused(helm: Any) -> None:
         render({"webhook.drainDurationSeconds": 1})
 
 
+def test_rolling_update_that_cannot_progress_is_refused(helm: Any, all_values: dict[str, dict[str, Any]]) -> None:
+    for surge, unavailable in ((0, 0), ("0%", 0), (0, "0%")):
+        with pytest.raises(RenderError, match=r"webhook.maxSurge and webhook.maxUnavailable are both 0"):
+            render({"webhook.maxSurge": surge, "webhook.maxUnavailable": unavailable})
+    render({"webhook.maxSurge": 0, "webhook.maxUnavailable": 1})
+    render({**all_values["self-managed"], "webhook.maxSurge": 0, "webhook.maxUnavailable": 0})   # Recreate: unused
+
+
 def test_user_spread_and_affinity_replace_the_default(helm: Any) -> None:
     own = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule",
             "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "meshboot"}}}]

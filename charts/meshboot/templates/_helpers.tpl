@@ -126,6 +126,9 @@ self-managed
 {{- fail (printf "autoscaling.enabled needs a serving certificate all replicas share, but certificates.mode is %s%s (a CA of each replica's own, one replica only): use certificates.mode=mesh-ca with meshboot's CA, cert-manager or provided" $mode (ternary " (mesh-ca falls back to self-managed: istiod.address is set or ca.enabled is false)" "" (eq $mode "mesh-ca"))) -}}
 {{- end -}}
 {{- $w := .Values.webhook -}}
+{{- if and (not (include "meshboot.singleReplica" .)) (eq (atoi (trimSuffix "%" (toString $w.maxSurge))) 0) (eq (atoi (trimSuffix "%" (toString $w.maxUnavailable))) 0) -}}
+{{- fail "webhook.maxSurge and webhook.maxUnavailable are both 0: a rolling update could never replace a replica (Kubernetes refuses the Deployment); keep maxSurge 1, maxUnavailable 0" -}}
+{{- end -}}
 {{- $detect := add (mul $w.readinessProbe.periodSeconds $w.readinessProbe.failureThreshold) 2 -}}
 {{- if lt (int $w.drainDurationSeconds) (int $detect) -}}
 {{- fail (printf "webhook.drainDurationSeconds=%v is too short: the endpoints controller needs up to webhook.readinessProbe.periodSeconds x failureThreshold + 2 = %v s to take a stopping replica out of the Service" $w.drainDurationSeconds $detect) -}}
