@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from meshboot import constants as C
-from meshboot import pki
 
 from . import ca_pb2, metrics, store
 from .config import CAConfig
 from .kube import api_client as make_client
 from .kube import authentication_v1, core_v1
 from .publisher import RootCertPublisher
-from .signer import Authority, Code, Policy, Refused, sign
+from .signer import Authority, Code, Policy, Refused, issue_serving, sign
 from .tokens import Authenticator, Chain, LocalVerifier, TokenReviewVerifier, bearer_token
 
 if TYPE_CHECKING:
@@ -117,14 +116,10 @@ class ServingCert:
         self.pair = self._issue()
 
     def _issue(self) -> tuple[bytes, bytes]:
-        key = pki.generate_key("ECDSA")
-        leaf = pki.issue_leaf(self.authority.cert, self.authority.key, key.public_key(), SERVING_TTL,
-                              dns_names=self.dns_names, ips=self.ips,
-                              common_name=self.dns_names[0] if self.dns_names else None)
+        leaf, key_pem, chain = issue_serving(self.authority, SERVING_TTL, self.dns_names, self.ips)
         start, end = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
         self.renew_at = start + (end - start) / 2
-        chain = pki.cert_pem(leaf) + "".join(self.authority.chain_pems[:-1]).encode()
-        return pki.key_pem(key), chain
+        return key_pem, chain
 
     def credentials(self) -> grpc.ServerCredentials:
         def fetch() -> grpc.ServerCertificateConfiguration | None:

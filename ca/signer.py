@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -86,6 +87,16 @@ class Authority:
         object.__setattr__(self, "intermediates", tuple(ups))
         object.__setattr__(self, "root_pem", pki.cert_pem(self.root).decode())
         object.__setattr__(self, "chain_pems", (*(pki.cert_pem(c).decode() for c in ups), self.root_pem))
+
+
+def issue_serving(authority: Authority, ttl: dt.timedelta, dns_names: Sequence[str],
+                  ips: Sequence[str] = ()) -> tuple[x509.Certificate, bytes, bytes]:
+    """A server certificate for the control plane's own names, with a fresh ECDSA key: (leaf, key PEM, chain PEM),
+    the chain being the leaf then the intermediates (not the root)."""
+    key = pki.generate_key("ECDSA")
+    leaf = pki.issue_leaf(authority.cert, authority.key, key.public_key(), ttl, dns_names=dns_names, ips=ips,
+                          common_name=dns_names[0] if dns_names else None)
+    return leaf, pki.key_pem(key), pki.cert_pem(leaf) + "".join(authority.chain_pems[:-1]).encode()
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshboot import pki
 from meshboot.files import write_atomic
 
 from .config import CAConfig, ConfigError
 from .config import parse_ttl as parse_ttl_flag
 from .kube import api_client as make_client
-from .signer import Authority
+from .signer import Authority, issue_serving
 
 log = logging.getLogger("meshboot.webhook")
 
@@ -69,11 +68,8 @@ def service_dns_names(service: str, namespace: str, cluster_domain: str = "clust
 
 def issue(authority: Authority, dns_names: list[str], ttl: float) -> tuple[bytes, bytes]:
     """(key PEM, chain PEM): a fresh key and a leaf for `dns_names`, followed by the intermediates (not the root)."""
-    key = pki.generate_key("ECDSA")
-    leaf = pki.issue_leaf(authority.cert, authority.key, key.public_key(), dt.timedelta(seconds=ttl),
-                          dns_names=dns_names, common_name=dns_names[0] if dns_names else None)
-    chain = pki.cert_pem(leaf) + "".join(authority.chain_pems[:-1]).encode()
-    return pki.key_pem(key), chain
+    _, key_pem, chain = issue_serving(authority, dt.timedelta(seconds=ttl), dns_names)
+    return key_pem, chain
 
 
 def write_pair(directory: Path, cert_pem: bytes, key_pem: bytes) -> tuple[str, str]:
