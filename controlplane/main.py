@@ -24,7 +24,6 @@ from discovery import service as discovery
 from meshboot import logs
 from meshboot.syntax import parse_go_bool
 from webhook import server
-from webhook.config import load_mesh
 
 PROG = "meshboot-webhook"
 log = logging.getLogger("meshboot.controlplane")
@@ -84,7 +83,7 @@ def config_error(args: argparse.Namespace) -> str | None:
 def discovery_mesh(args: argparse.Namespace) -> discovery.Mesh:
     """Discovery's mesh settings: --trust-domain, and from the mesh config (the injector's, one file as istiod reads
     one `mesh`) accessLogFile and accessLogFormat."""
-    mesh = load_mesh(args.mesh_config) if args.mesh_config else {}
+    mesh = server.load_mesh(args.mesh_config) if args.mesh_config else {}
     return discovery.Mesh(trust_domain=args.trust_domain, access_log_file=mesh.get("accessLogFile") or "",
                           access_log_format=mesh.get("accessLogFormat") or "")
 

@@ -42,6 +42,7 @@ from meshboot.monitoring import start_monitoring
 from webhook import metrics
 from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCache, review_bytes
 from webhook.config import ConfigSource, parse_kubernetes_version
+from webhook.config import load_mesh as load_mesh  # for the wiring: discovery reads the same mesh config
 from webhook.errors import ConfigError
 from webhook.serving import Bounds, ShellServer, StartupFailed, SwappableTLS, quiet_disconnects
 
