@@ -6,7 +6,7 @@ the flag rather than with an iptables-restore error about line 7.
 from __future__ import annotations
 
 from meshboot import constants as C
-from meshboot.syntax import interface_name_error, is_ascii_digits
+from meshboot.syntax import interface_name_error, is_ascii_digits, parse_uint
 
 from .record import Record
 
@@ -124,10 +124,13 @@ def _items(flag: str, value: str, limit: int = MAX_LIST_ITEMS, what: str = "item
 
 def _uint(text: str, maximum: int) -> int | None:
     """ASCII decimal 0..maximum without leading zeros, else None (int() alone takes "١٥" and "１５"; iptables
-    reads "080" as a service name and fails)."""
-    if not is_ascii_digits(text) or len(text) > 10 or (len(text) > 1 and text[0] == "0") or int(text) > maximum:
+    reads "080" as a service name and fails): meshboot.syntax.parse_uint, plus the leading-zero rule."""
+    if len(text) > 1 and text[0] == "0":
         return None
-    return int(text)
+    try:
+        return parse_uint(text, maximum)
+    except ValueError:
+        return None
 
 
 def _ports(flag: str, value: str) -> tuple[str, ...]:
