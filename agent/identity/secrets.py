@@ -190,18 +190,16 @@ class SecretManager:
             try:
                 await self._produce()
                 return
-            except asyncio.CancelledError:
-                raise
             except Exception as e:  # noqa: BLE001 - the warm-up must outlive any one failure
-                delay = self._retry_delay(e if isinstance(e, SecretError) else SecretError(f"internal error: {e}"))
-                log.warn("failed to get the workload certificate, will retry", error=str(e),
-                         retry_in=f"{delay:.1f}s")
-                await asyncio.sleep(delay)
+                await self._back_off(e, "failed to get the workload certificate, will retry")
 
-    def _retry_delay(self, e: SecretError) -> float:
-        """Refused chains back off 1 s → 5 min (the CA answers, but wrongly); CA failures 0.5 s → 60 s."""
-        self.last_error = str(e)
-        return (self._refused_backoff if isinstance(e, CertRefused) else self._ca_backoff).next()
+    async def _back_off(self, e: Exception, what: str) -> None:
+        """Note and log a failed attempt, then wait: refused chains back off 1 s → 5 min (the CA answers, but
+        wrongly); CA failures (and anything unexpected) 0.5 s → 60 s."""
+        self.last_error = str(e) if isinstance(e, SecretError) else f"internal error: {e}"
+        delay = (self._refused_backoff if isinstance(e, CertRefused) else self._ca_backoff).next()
+        log.warn(what, error=str(e), retry_in=f"{delay:.1f}s")
+        await asyncio.sleep(delay)
 
     def not_ready_reason(self) -> str:
         """"" while a valid workload certificate is served, else why not (readiness answers 503 with it)."""
@@ -343,10 +341,8 @@ class SecretManager:
         while self._workload is wl:
             try:
                 new = await self._generate()
-            except SecretError as e:
-                backoff = self._retry_delay(e)
-                log.warn("certificate renewal failed, will retry", error=str(e), retry_in=f"{backoff:.1f}s")
-                await asyncio.sleep(backoff)
+            except Exception as e:  # noqa: BLE001 - renewal must outlive any one failure, or the certificate expires
+                await self._back_off(e, "certificate renewal failed, will retry")
                 continue
             old_root = wl.root_pem
             self._set(new)

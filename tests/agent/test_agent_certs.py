@@ -161,6 +161,30 @@ def test_backoff_is_exponential_bounded_and_jittered() -> None:
     assert len(spread) > 10 and min(spread) >= 0.75 and max(spread) <= 1.25
 
 
+def test_renewal_outlives_an_unexpected_error() -> None:
+    """A renewal attempt that fails with something other than a SecretError is backed off and retried, like the
+    warm-up's: the rotation task must not end silently and leave the certificate to expire."""
+    from agent.identity.secrets import Workload
+    from tests.agent.test_agent_core import cfg_of
+
+    secrets = SecretManager(cfg_of(), None, backoff_initial=0.001, backoff_max=0.001)
+    old, new = (Workload(b"chain", b"key", b"root", 0.0, 10.0, n) for n in (1, 2))
+    attempts: list[int] = []
+
+    async def generate() -> Workload:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("boom")
+        return new
+
+    served: list[Workload] = []
+    secrets._workload = old
+    secrets._generate = generate  # type: ignore[method-assign]
+    secrets._set = served.append  # type: ignore[method-assign]
+    asyncio.run(asyncio.wait_for(secrets._rotate_after(0, old), 5))
+    assert served == [new] and len(attempts) == 2 and secrets.last_error == "internal error: boom"
+
+
 def test_agent_refuses_bad_chains_reports_why_and_backs_off(mesh: Mesh, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / C.ROOT_CERT_PATH).parent.mkdir(parents=True)
