@@ -30,6 +30,8 @@ MAX_TYPES_PER_STREAM = 16       # a client asking for more distinct type URLs is
 MAX_TYPE_URL_CHARS = 256
 MAX_ERROR_CHARS = 1024          # a NACK's error_detail is kept for the debug listing, cut to this
 MAX_NAMES_PER_WATCH = 65536     # resource names one proxy may subscribe to, per type
+MAX_NODE_ID_CHARS = 1024        # type~ip~pod.ns~ns.svc.<domain>: a pod name (253) and a namespace (63) fit many times
+MAX_META_CHARS = 4096           # one node metadata string kept (INSTANCE_IPS lists every IP of the pod)
 _VERSION = re.compile(r"[0-9A-Za-z._+-]{1,32}")
 
 
@@ -82,6 +84,8 @@ def _meta_strings(meta: struct_pb2.Struct) -> dict[str, str]:
         value = meta.fields[key]
         if value.WhichOneof("kind") != "string_value":
             raise Refused("INVALID_ARGUMENT", f"node metadata {key} must be a string")
+        if len(value.string_value) > MAX_META_CHARS:
+            raise Refused("INVALID_ARGUMENT", f"node metadata {key} is longer than {MAX_META_CHARS} characters")
         out[key] = value.string_value
     return out
 
@@ -90,6 +94,8 @@ def parse_node(node_id: str, meta: struct_pb2.Struct) -> Proxy:
     """Istio's `type~ip~pod.ns~ns.svc.cluster.local` plus metadata; anything else is INVALID_ARGUMENT."""
     if not node_id:
         raise Refused("INVALID_ARGUMENT", "missing node information: the first request must carry node.id")
+    if len(node_id) > MAX_NODE_ID_CHARS:
+        raise Refused("INVALID_ARGUMENT", f"node.id is longer than {MAX_NODE_ID_CHARS} characters")
     parts = node_id.split("~")
     if len(parts) != 4:
         raise Refused("INVALID_ARGUMENT", "node id must be type~ip~pod.namespace~namespace.svc.cluster.local "

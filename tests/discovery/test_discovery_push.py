@@ -80,6 +80,23 @@ def test_parse_node_reads_istios_node_id_and_metadata() -> None:
     assert e.value.code == "PERMISSION_DENIED" and "'other'" in e.value.message
 
 
+def test_parse_node_refuses_oversized_node_fields() -> None:
+    """The node id and the metadata strings are kept for the stream's life (and logged): a client cannot park
+    megabytes in them; the refusal names the field."""
+    domain = "shop.svc.cluster.local"
+    with pytest.raises(P.Refused) as e:
+        P.parse_node(f"sidecar~10.0.0.9~{'w' * 3_000_000}.shop~{domain}", struct_pb2.Struct())
+    assert e.value.code == "INVALID_ARGUMENT" and "node.id" in e.value.message
+    meta = struct_pb2.Struct()
+    meta.update({"INSTANCE_IPS": "10.1.1.1," * 500_000})
+    with pytest.raises(P.Refused) as e:
+        P.parse_node(f"sidecar~10.0.0.9~web-1.shop~{domain}", meta)
+    assert e.value.code == "INVALID_ARGUMENT" and "INSTANCE_IPS" in e.value.message
+    ok = struct_pb2.Struct()
+    ok.update({"INSTANCE_IPS": ",".join(f"fd00::{i}" for i in range(16)), "NAMESPACE": "shop"})
+    assert P.parse_node(f"sidecar~10.0.0.9~{'w' * 253}.shop~{domain}", ok).ip == "fd00::0"
+
+
 def test_sotw_rules_follow_istiod() -> None:
     w, d = P.sotw_decide(None, P.EDS, "", ["a"], None)
     assert w is not None and d == P.Decision(P.Kind.INITIAL, True) and w.names == {"a"} and not w.wildcard
