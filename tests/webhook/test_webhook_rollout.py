@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from test_webhook_server import ROOT, free_port
+from test_webhook_server import ROOT, free_port, reap
 from webhook_fixtures import hello_pod, review_body
 
 from meshboot import constants as C
@@ -111,11 +111,7 @@ class Replica:
             self.proc.send_signal(signal.SIGTERM)    # then a second signal: stop at once, no drain
             time.sleep(0.2)
             self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            reap(self.proc)
         self.log.close()
 
 

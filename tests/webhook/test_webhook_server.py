@@ -33,6 +33,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def reap(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Wait for a process told to stop; kill it if it has not within `timeout` seconds."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Server:
     def __init__(self, tmp: Path, *args: str, ca_port: int = 0) -> None:
         self.port, self.mon_port = free_port(), free_port()
@@ -67,11 +76,7 @@ class Server:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            reap(self.proc)
         self.log.close()
 
     def logs(self) -> str:
