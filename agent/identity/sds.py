@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = Log("sds")
 SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 _versions = itertools.count(1)
+MAX_PENDING_REQUESTS = 16     # read but not yet handled; beyond it gRPC flow control holds a client that does not read
 
 
 def encode_secret(name: str, value: TlsSecret | RootSecret) -> bytes:
@@ -60,11 +61,13 @@ class SDSService:
     async def stream_secrets(self, request_iterator: AsyncIterator[bytes],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         q: asyncio.Queue = asyncio.Queue()
+        room = asyncio.Semaphore(MAX_PENDING_REQUESTS)
 
         async def reader() -> None:
             try:
                 async for raw in request_iterator:
                     q.put_nowait(("req", wire.decode_request(raw)))
+                    await room.acquire()
             except Exception:  # noqa: BLE001 - client went away, or garbage: either way the stream ends
                 pass
             q.put_nowait(("eof", None))
@@ -81,6 +84,7 @@ class SDSService:
                 if kind == "push":
                     send = sorted(set(item) & state.subscribed)
                 else:
+                    room.release()
                     self._record_ack(item, pushed)
                     d = self._decide(item, state)
                     state = rules.Sent(state.nonce, d.subscribed)

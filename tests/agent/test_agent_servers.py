@@ -353,3 +353,36 @@ def test_wait_blocks_until_ready() -> None:
     srv.server_close()
     r = run_cli("wait", "--url", url, "--periodMillis", "50", "--timeoutSeconds", "1")
     assert r.returncode == 1 and "timeout waiting for Envoy proxy" in r.stderr
+
+
+def test_a_client_that_does_not_read_cannot_queue_requests_without_bound() -> None:
+    """Bytes on the SDS socket are not trusted: a client that keeps sending requests but never reads the answers is
+    held by gRPC flow control once a few requests wait, not buffered in the agent without end."""
+    from agent.identity import sds
+    from agent.identity.secrets import RootSecret
+    from agent.xds.wire import ld
+
+    class Secrets:
+        async def get(self, name: str) -> RootSecret:
+            return RootSecret(b"root")
+
+        def subscribe(self, fn: object) -> object:
+            return lambda: None
+
+    read = 0
+
+    async def requests():  # type: ignore[no-untyped-def]
+        nonlocal read
+        while read < 100_000:
+            read += 1
+            yield ld(3, "ROOTCA") + ld(4, C.SDS_TYPE_URL)
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        stream = sds.SDSService(Secrets()).stream_secrets(requests(), None)  # type: ignore[arg-type]
+        await stream.__anext__()          # one answer taken; the client reads no more
+        await asyncio.sleep(0.3)
+        await stream.aclose()
+
+    asyncio.run(main())
+    assert read <= sds.MAX_PENDING_REQUESTS + 2, read
