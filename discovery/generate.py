@@ -51,8 +51,8 @@ from .model import (
     ServicePort,
     Workload,
 )
+from .protocol import CDS, EDS, LDS
 
-ENDPOINT_TYPE_URL = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 MAX_UINT32 = 4294967295
 # Ports a service may not take on a sidecar: its own capture, status and Prometheus listeners.
 PROXY_PORTS = frozenset({C.OUTBOUND_CAPTURE_PORT, C.INBOUND_CAPTURE_PORT, C.ENVOY_STATUS_PORT,
@@ -474,9 +474,8 @@ class ProxyResources:
 
     def by_type(self) -> dict[str, dict[str, Message]]:
         """type URL → resource name → message: what the ADS server serves and diffs."""
-        return {C.CLUSTER_TYPE_URL: {c.name: c for c in self.clusters},
-                ENDPOINT_TYPE_URL: {e.cluster_name: e for e in self.endpoints},
-                C.LISTENER_TYPE_URL: {x.name: x for x in self.listeners}}
+        return {CDS: {c.name: c for c in self.clusters}, EDS: {e.cluster_name: e for e in self.endpoints},
+                LDS: {x.name: x for x in self.listeners}}
 
 
 def for_proxy(model: Model, shared: Common, proxy: Proxy) -> ProxyResources:

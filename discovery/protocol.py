@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 from google.protobuf import struct_pb2
 
-CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+from meshboot import constants as C
+
+CDS = C.CLUSTER_TYPE_URL
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+LDS = C.LISTENER_TYPE_URL
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 NDS = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 # Envoy warms clusters before listeners that use them: CDS, EDS, LDS, RDS, then anything else (istiod's order).

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from discovery import generate as g
+from discovery import protocol as P
 from discovery.model import (
     DISABLE,
     PERMISSIVE,
@@ -254,7 +255,7 @@ def test_for_proxy_leaves_out_headless_listeners_on_its_own_ips() -> None:
     db = g.for_proxy(model, shared, proxy_of(DB0)).by_type()
     assert "10.1.0.21_5432" not in db[C.LISTENER_TYPE_URL] and "inbound|5432||" in db[C.CLUSTER_TYPE_URL]
     assert "10.1.0.21_5432" in g.for_proxy(model, shared, proxy_of(WEB1)).by_type()[C.LISTENER_TYPE_URL]
-    assert list(db[g.ENDPOINT_TYPE_URL]) == [c.cluster_name for c in shared.endpoints]
+    assert list(db[P.EDS]) == [c.cluster_name for c in shared.endpoints]
 
 
 # ---- hostile input --------------------------------------------------------------------------------------------------
