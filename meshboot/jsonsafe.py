@@ -2,11 +2,13 @@
 
 Python's json module recurses once per nesting level: a few kilobytes of `[[[[...` raise RecursionError (not
 ValueError), which callers that catch ValueError let escape. Depth is counted before parsing, so the parser never
-sees a document nested deeper than MAX_DEPTH. NaN and Infinity are not JSON (Go and Kubernetes refuse them).
+sees a document nested deeper than MAX_DEPTH. NaN and Infinity are not JSON (Go and Kubernetes refuse them), nor is
+a number that overflows to infinity.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -38,6 +40,15 @@ def _no_constant(name: str) -> Any:
     raise JSONRefused(f"not valid JSON: {name} is not a JSON value")
 
 
+def _finite_float(literal: str) -> float:
+    """A number literal that overflows (1e999) would be Infinity: as much not JSON as the NaN/Infinity names."""
+    value = float(literal)
+    if not math.isfinite(value):
+        shown = literal if len(literal) <= 32 else literal[:32] + "..."
+        raise JSONRefused(f"not valid JSON: {shown} is not a finite number")
+    return value
+
+
 def load(text: str, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:
     """One JSON value. JSONRefused for excess size or depth, NaN/Infinity, and any syntax error."""
     if not isinstance(text, str):
@@ -47,7 +58,7 @@ def load(text: str, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> A
     if text.count("[") + text.count("{") > max_depth and depth(text) > max_depth:
         raise JSONRefused(f"JSON nested deeper than {max_depth} levels")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except JSONRefused:
         raise
     except ValueError as e:  # json.JSONDecodeError: "Expecting value: line 1 column 2 (char 1)"

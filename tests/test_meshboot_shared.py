@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshboot import yamlsafe
+from meshboot import jsonsafe, yamlsafe
 from meshboot.durations import parse_duration
 from meshboot.syntax import parse_go_bool
 
@@ -75,3 +75,11 @@ def test_one_go_bool() -> None:
         assert parse_go_bool(text) is None
         with pytest.raises(ValueError, match="invalid boolean"):
             parse_bool(text)
+
+
+@pytest.mark.parametrize("text", ['{"x": 1e999}', "[-1E400]", '{"a": [NaN]}', "Infinity"])
+def test_json_numbers_are_finite(text: str) -> None:
+    """NaN, Infinity and a literal that overflows to infinity are not JSON to Go or the API server: refused, not
+    carried into a patch as Infinity."""
+    with pytest.raises(jsonsafe.JSONRefused, match=r"not a JSON value|not a finite number"):
+        jsonsafe.load(text)

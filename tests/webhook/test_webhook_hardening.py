@@ -85,6 +85,16 @@ def test_deeply_nested_json_annotation_is_refused(key: str) -> None:
     _refused(_pod_with({key: deep}), key, "nested")
 
 
+@pytest.mark.parametrize("key, value", [
+    ("sidecar.istio.io/userVolume", '{"v": {"emptyDir": {"sizeLimit": 1e999}}}'),
+    ("sidecar.istio.io/userVolumeMount", '{"v": {"mountPath": "/v", "x": -1E400}}'),
+])
+def test_json_number_overflowing_to_infinity_is_refused(key: str, value: str) -> None:
+    """json.loads reads 1e999 as inf without calling parse_constant: it reached the patch as Infinity (not JSON;
+    the API server refuses the patch) before jsonsafe refused it."""
+    _refused(_pod_with({key: value}), key, "finite")
+
+
 def test_deep_overrides_on_reinjection_are_refused() -> None:
     deep = '{"containers": ' + "[" * 20_000 + "]" * 20_000 + "}"
     pod = _pod_with({"sidecar.istio.io/status": '{"containers":["istio-proxy"]}',
