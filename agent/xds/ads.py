@@ -59,13 +59,12 @@ class StandaloneADS:
         state: dict[str, rules.Sent] = {}            # per type URL
         async for raw in request_iterator:
             req = wire.decode_request(raw)
+            res = (await self.resources()).get(req.type_url)
+            if res is None:                          # not served: no answer, and no state kept for it
+                continue
             d = self._decide(req.type_url, req.response_nonce, frozenset(req.resource_names), req.error, state)
             if d is None:
                 continue
-            all_res = await self.resources()
-            if req.type_url not in all_res:
-                continue
-            res = all_res[req.type_url]
             nonce = str(next(self._nonce))
             state[req.type_url] = rules.Sent(nonce, d.subscribed)
             yield wire.response(VERSION, req.type_url, nonce, list(_pick(res, d.send).values()))
@@ -75,17 +74,17 @@ class StandaloneADS:
         state: dict[str, rules.Sent] = {}
         async for raw in request_iterator:
             req = wire.decode_delta_request(raw)
+            res = (await self.resources()).get(req.type_url)
+            if res is None:                          # not served: no answer, and no state kept for it
+                continue
             last = state.get(req.type_url, rules.Sent())
             names = rules.delta_subscription(last.subscribed, req.subscribe, req.unsubscribe)
             d = self._decide(req.type_url, req.response_nonce, names, req.error, state)
             if d is None:
                 continue
-            all_res = await self.resources()
-            if req.type_url not in all_res:
-                continue
             nonce = str(next(self._nonce))
             state[req.type_url] = rules.Sent(nonce, d.subscribed)
-            yield wire.delta_response(VERSION, req.type_url, nonce, _pick(all_res[req.type_url], d.send), VERSION)
+            yield wire.delta_response(VERSION, req.type_url, nonce, _pick(res, d.send), VERSION)
 
     @staticmethod
     def _decide(type_url: str, nonce: str, names: frozenset[str], error: wire.Status | None,

@@ -72,3 +72,38 @@ def test_delta_stream_sends_each_type_once_then_acks() -> None:
     assert should_respond("7", names, False, state, wildcard=True).kind == ACK
     assert should_respond("6", names, False, state, wildcard=True).kind == STALE
     assert should_respond("7", names, True, state, wildcard=True).kind == NACK
+
+
+def test_standalone_ads_keeps_no_state_for_types_it_does_not_serve(monkeypatch) -> None:
+    """The type URL comes from the client: one that sends ACKs for ever-new type URLs must not grow the stream's
+    per-type state without bound; only the served types have any."""
+    import asyncio
+
+    from agent.xds import ads
+    from agent.xds.wire import ld
+
+    states: list[dict] = []
+    decide = ads.StandaloneADS._decide
+
+    def spy(type_url, nonce, names, error, state):  # type: ignore[no-untyped-def]
+        states.append(state)
+        return decide(type_url, nonce, names, error, state)
+
+    monkeypatch.setattr(ads.StandaloneADS, "_decide", staticmethod(spy))
+    served = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+    async def requests(type_field: int, nonce_field: int):  # type: ignore[no-untyped-def]
+        yield ld(type_field, served)
+        for i in range(200):
+            yield ld(type_field, f"type.googleapis.com/junk.{i}") + ld(nonce_field, "1")
+
+    async def main(method: str) -> None:
+        server = ads.StandaloneADS({served: {"c": b""}})
+        fields = (4, 5) if method == "sotw" else (2, 6)   # DiscoveryRequest / DeltaDiscoveryRequest
+        async for _ in getattr(server, method)(requests(*fields), None):
+            pass
+
+    for method in ("sotw", "delta"):
+        states.clear()
+        asyncio.run(main(method))
+        assert states and all(set(s) <= {served} for s in states), method
