@@ -157,14 +157,12 @@ def _finite(value: Any) -> bool:
 
 _settings_finite: dict[int, tuple[Settings, bool]] = {}
 
-# Annotations whose JSON (json.loads: NaN and Infinity allowed) the injection copies into the pod.
-_JSON_ANNOTATIONS = (C.ANNOTATION_USER_VOLUME, C.ANNOTATION_USER_VOLUME_MOUNT, C.ANNOTATION_PROXY_OVERRIDES)
 
+def _fast_patch(settings: Settings) -> bool:
+    """Whether orjson may write the patch: no NaN/Infinity can reach it from the settings.
 
-def _fast_patch(pod: dict[str, Any], settings: Settings) -> bool:
-    """Whether orjson may write this pod's patch: no NaN/Infinity can reach it from the settings or annotations.
-
-    (The pod itself was read by orjson, so it holds none.)"""
+    (The pod itself was read by orjson, and the JSON annotations the injection copies into it by meshboot/jsonsafe,
+    which refuses non-finite numbers: neither holds any.)"""
     hit = _settings_finite.get(id(settings))
     if hit is None or hit[0] is not settings:
         if len(_settings_finite) >= 8:
@@ -174,10 +172,7 @@ def _fast_patch(pod: dict[str, Any], settings: Settings) -> bool:
         except RecursionError:  # a self-referencing YAML alias: leave it to the json module
             finite = False
         hit = _settings_finite[id(settings)] = (settings, finite)
-    if not hit[1]:
-        return False
-    annotations = (pod.get("metadata") or {}).get("annotations")
-    return not (isinstance(annotations, dict) and any(k in annotations for k in _JSON_ANNOTATIONS))
+    return hit[1]
 
 
 def _response(api_version: str, uid: str | None, allowed: bool, patch: str | None = None,
@@ -305,7 +300,7 @@ def _review_pod(request: dict[str, Any], settings: Settings, path: str, fast: bo
                 original["metadata"]["namespace"] = namespace
         final = inject_pod(original, settings, namespace=namespace, url_env=parse_url_env(path))
         ops = make_patch(original, final)
-        patch = _patch_b64(ops, fast and _fast_patch(pod, settings), pod)
+        patch = _patch_b64(ops, fast and _fast_patch(settings), pod)
     except InjectionError as e:
         return fail(str(e), label)
     except (TypeError, AttributeError, KeyError, ValueError, RecursionError):

@@ -8,7 +8,7 @@ import jsonpatch
 import pytest
 from webhook_fixtures import hello_pod, review_body, settings, validate_pod
 
-from webhook.admission import parse_url_env, review
+from webhook.admission import parse_url_env, review, review_bytes
 from webhook.inject import inject_pod
 
 
@@ -154,3 +154,18 @@ def test_replica_cache_answers_identical_pods_with_their_own_uid() -> None:
         out, o = review_bytes(review_body(bad, uid=f"6666666{i}-f"), s, "/inject", cache)
         assert o.result == "error" and json.loads(out)["response"]["uid"] == f"6666666{i}-f"
     assert cache.hits == 1 and len(cache._entries) <= 4
+
+
+@pytest.mark.parametrize("volume", [
+    '{"v": {"emptyDir": {"sizeLimit": "1Gi"}, "x": 0.00001, "n": 123456789012345678901234567890}}',
+    '{"v": {"emptyDir": {}, "label": "caf\\u00e9 \\u007f", "e": 1e-7}}',
+])
+def test_patch_with_json_annotations_is_what_json_dumps_writes(volume: str) -> None:
+    """userVolume's numbers and characters reach the patch by the orjson path too (jsonsafe refuses NaN/Infinity):
+    the bytes are still exactly json.dumps' compact form."""
+    pod = hello_pod()
+    pod["metadata"]["annotations"] = {"sidecar.istio.io/userVolume": volume}
+    payload, _ = review_bytes(review_body(pod), settings())
+    raw = base64.b64decode(json.loads(payload)["response"]["patch"])
+    assert raw == json.dumps(json.loads(raw), separators=(",", ":")).encode()
+    assert b'"name":"v"' in raw
