@@ -6,7 +6,8 @@ just the clusters of the Services they belong to — unless it changes what clie
 identities, carried in CDS), or the Service is headless (its listeners are per endpoint) or has no selector (its
 endpoints decide a pod's inbound ports): those, and every other change, are full pushes. The configuration is built
 once per store version and only when a push or a proxy asks for it (`generate.common`), and once per proxy per
-version (`generate.for_proxy`), so a burst of changes costs one build, not one per change.
+version (`generate.for_proxy`) when it is asked for clusters or listeners (EDS is the shared endpoints, so an
+endpoint push generates nothing per proxy), so a burst of changes costs one build, not one per change.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from prometheus_client import Gauge
 from . import adapt, generate
 from . import protocol as P
 from .ads import MAX_STREAMS, AdsServer, Authenticate
-from .model import Mesh, ModelError, Service
+from .model import Mesh, ModelError, Proxy, Service
 from .peerauth import DEFAULT_ROOT_NAMESPACE
 from .push import DEBOUNCE_AFTER, DEBOUNCE_MAX, PushQueue, PushRequest
 from .snapshot import push_version
@@ -67,20 +68,32 @@ class Served:
     def services(self) -> Mapping[Key, Service]:
         return {s.key: s for s in self.built.model.services}
 
+    @cached_property
+    def endpoints(self) -> Mapping[str, Message]:
+        """Every proxy's EDS: the shared ClusterLoadAssignments (`generate.for_proxy` adds none of its own)."""
+        return {e.cluster_name: e for e in self.shared.endpoints}
+
     def resources_for(self, proxy: P.Proxy, type_url: str) -> Mapping[str, Message]:
         key = (proxy.id, proxy.namespace, proxy.service_account, proxy.metadata.get("INSTANCE_IPS", ""))
         resources = self._proxies.get(key)
+        if resources is None and type_url == P.EDS:
+            # An endpoint push asks every proxy for EDS only: no need to generate its clusters and listeners.
+            return self.endpoints if self._mine(proxy) is not None else {}
         if resources is None:
-            try:
-                mine = adapt.proxy_for(self.built, proxy)
-                resources = generate.for_proxy(self.built.model, self.shared, mine).by_type()
-            except ModelError as e:
-                log.warning("no configuration for proxy", extra={"proxy": proxy.id[:200], "error": str(e)})
-                resources = {}
+            mine = self._mine(proxy)
+            resources = {} if mine is None else generate.for_proxy(self.built.model, self.shared, mine).by_type()
             if len(self._proxies) >= MAX_PROXIES_CACHED:
                 self._proxies.clear()
             self._proxies[key] = resources
         return resources.get(type_url, {})
+
+    def _mine(self, proxy: P.Proxy) -> Proxy | None:
+        """The generator's view of the connected node; None (logged) when the model refuses it."""
+        try:
+            return adapt.proxy_for(self.built, proxy)
+        except ModelError as e:
+            log.warning("no configuration for proxy", extra={"proxy": proxy.id[:200], "error": str(e)})
+            return None
 
 
 def _sliced_services(old: Served, new: Served, slices: frozenset[Key]) -> set[Key]:

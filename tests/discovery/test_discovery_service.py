@@ -221,6 +221,23 @@ def test_a_new_identity_behind_a_service_or_another_kind_is_a_full_push() -> Non
     assert classify(orphan, orphan, {"EndpointSlice": frozenset({(NS, "x-1")})}) is None
 
 
+def test_eds_is_served_without_generating_the_proxys_own_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An endpoint push asks every proxy's snapshot for EDS only: that is the shared endpoints, so no proxy's
+    clusters and listeners are generated for it; a node the model refuses still gets nothing."""
+    snap = served(demo(), 1)
+    expected = generate.for_proxy(snap.built.model, snap.shared,
+                                  adapt.proxy_for(snap.built, parsed_node())).by_type()[P.EDS]
+    calls: list[str] = []
+    real = generate.for_proxy
+    monkeypatch.setattr(generate, "for_proxy", lambda *a: calls.append("for_proxy") or real(*a))
+    eds = snap.resources_for(parsed_node(), P.EDS)
+    assert eds == expected and WEB in eds and calls == []
+    assert snap.resources_for(parsed_node(), P.CDS) and calls == ["for_proxy"]
+    assert snap.resources_for(parsed_node(), P.EDS) == expected
+    bad = parsed_node("sidecar~10.1.0.9~new-1.demo~demo.svc.cluster.local", INSTANCE_IPS="not-an-ip")
+    assert snap.resources_for(bad, P.EDS) == {} and snap.resources_for(bad, P.CDS) == {}
+
+
 # ---- the control-plane process, end to end ---------------------------------------------------------------------
 
 def free_port() -> int:
