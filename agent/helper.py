@@ -89,23 +89,5 @@ async def _feed(pipe: IO[bytes], data: bytes, deadline: float) -> None:
 
 
 async def run(args: list[str], data: bytes | None = None, timeout: float = 60.0) -> bytes:
-    """Run a helper to completion (stdin = `data`), killed after `timeout` seconds."""
-    import asyncio  # noqa: PLC0415 - this module loads before asyncio (see cli.import_asyncio_without_tls)
-
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(data), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise HelperError(f"{' '.join(args[2:4])} took longer than {timeout:.0f}s") from None
-    except asyncio.CancelledError:              # the caller is gone (agent closing): so is the helper
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise HelperError(f"{' '.join(args[2:4])} failed: {err.decode(errors='replace').strip()[-500:]}")
-    return out
+    """Run a helper to completion (stdin = `data`), killed after `timeout` seconds: a Prestarted awaited at once."""
+    return await Prestarted(args, stdin=data is not None).result(data or b"", timeout)
