@@ -14,6 +14,7 @@ from meshboot import constants as C
 
 from . import httpio
 from .config import AppProbe
+from .xds import wire
 
 MAX_BODY = 10 * 1024
 GRPC_HEALTH = "/grpc.health.v1.Health/Check"
@@ -24,24 +25,17 @@ def _source_for(dest: str) -> str:
 
 
 def _encode_health_request(service: str) -> bytes:
-    data = service.encode()
-    return b"\x0a" + _varint(len(data)) + data if data else b""
+    """HealthCheckRequest{service=1}."""
+    return wire.ld(1, service)
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _decode_health_status(data: bytes) -> int:
-    """HealthCheckResponse{status=1 (enum)}; SERVING = 1."""
-    if len(data) >= 2 and data[0] == 0x08:
-        return data[1]
-    return 0
+    """HealthCheckResponse{status=1 (enum)}; SERVING = 1; 0 (UNKNOWN) for anything unreadable."""
+    try:
+        return next((v for f, t, v in wire.fields(data) if f == 1 and t == 0 and isinstance(v, int)), 0)
+    except wire.WireError:
+        return 0
 
 
 async def run(probe: AppProbe, dest: str, incoming_headers: dict[str, str], status_port: int) -> httpio.Response:

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from discovery import protocol as P
+from meshboot.protowire import varint
 
 TARGET_FULL_S, TARGET_P99_MS, TARGET_RSS_MB, TARGET_RATIO = 3.0, 500.0, 600.0, 3.0
 NAMESPACES = 10
@@ -196,14 +197,6 @@ async def run_server(args: argparse.Namespace) -> None:
 
 
 # ---- the floor: serialize once, write to every stream -------------------------------------------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
 
 class FloorBodies:
     """Response bodies built from resources serialized once: DiscoveryResponse.resources entries (field 2) joined,
@@ -228,7 +221,7 @@ class FloorBodies:
         hit = self._entries.get(id(msg))
         if hit is None:
             packed = any_pb2.Any(type_url=type_url, value=msg.SerializeToString(deterministic=True)).SerializeToString()
-            hit = self._entries[id(msg)] = b"\x12" + _varint(len(packed)) + packed
+            hit = self._entries[id(msg)] = b"\x12" + varint(len(packed)) + packed
         return hit
 
     def _join(self, type_url: str, shared: tuple[Any, ...], mine: tuple[Any, ...]) -> bytes:

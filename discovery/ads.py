@@ -27,6 +27,8 @@ from envoy.service.discovery.v3 import discovery_pb2 as dpb
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from meshboot.protowire import varint
+
 from . import metrics
 from . import protocol as P
 from .push import PushRequest
@@ -67,14 +69,6 @@ def _decoder(cls: type[Message]) -> Callable[[bytes], Any]:
 _RESOURCES_TAG = b"\x12"     # DiscoveryResponse.resources: field 2, length-delimited
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
 
 def _response_bytes(response: bytes | Message) -> bytes:
     """SotW responses are written as prepared bytes (see `_sotw_response`); anything else is serialized."""
@@ -98,7 +92,7 @@ class Encoder:
         packed = any_pb2.Any(type_url=type_url, value=value)
         version = hashlib.sha256(value).hexdigest()[:16]
         wire = packed.SerializeToString()
-        entry = _RESOURCES_TAG + _varint(len(wire)) + wire
+        entry = _RESOURCES_TAG + varint(len(wire)) + wire
         hit = self._cache[id(msg)] = (msg, packed, version, entry)     # the message is kept: its id is not reused
         self.entries[id(msg)] = entry
         self.encoded += 1

@@ -13,23 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from meshboot.protowire import varint
+
 
 class WireError(ValueError):
     """Malformed protobuf bytes."""
 
 
-def varint(n: int) -> bytes:
-    if n < 0:
-        n += 1 << 64
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def read_varint(buf: bytes, i: int) -> tuple[int, int]:

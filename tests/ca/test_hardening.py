@@ -18,6 +18,7 @@ from ca.server import MAX_CONCURRENT_RPCS, CertificateService, new_grpc_server, 
 from ca.signer import Identity, Policy
 from meshboot import constants as C
 from meshboot import pki
+from meshboot.protowire import varint
 from testing.ca_harness import CA, PYTHON_WORDS, TD, Loop, ca_config, csr_for, rsa_key_with_exponent
 from testing.tokens import Issuer
 
@@ -92,19 +93,11 @@ def _deep_struct(depth: int) -> bytes:
     """metadata (Struct) nested `depth` levels: Struct{fields{"a": Value{struct_value: ...}}}."""
     msg = b""
     for _ in range(depth):
-        value = b"\x2a" + _varint(len(msg)) + msg                       # Value.struct_value = 5
-        entry = b"\x0a\x01a" + b"\x12" + _varint(len(value)) + value    # map entry key=1, value=2
-        msg = b"\x0a" + _varint(len(entry)) + entry                     # Struct.fields = 1
-    return b"\x22" + _varint(len(msg)) + msg                            # IstioCertificateRequest.metadata = 4
+        value = b"\x2a" + varint(len(msg)) + msg                       # Value.struct_value = 5
+        entry = b"\x0a\x01a" + b"\x12" + varint(len(value)) + value    # map entry key=1, value=2
+        msg = b"\x0a" + varint(len(entry)) + entry                     # Struct.fields = 1
+    return b"\x22" + varint(len(msg)) + msg                            # IstioCertificateRequest.metadata = 4
 
-
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out += bytes([byte | (0x80 if n else 0)])
-        if not n:
-            return out
 
 
 BAD_MESSAGES["deep metadata"] = _deep_struct(200)
