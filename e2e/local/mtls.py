@@ -45,9 +45,10 @@ def _new_lines(run: PodRun | None, container: str, since: int, needle: str) -> l
 
 
 def request(client: PodRun, url: str, path: str, pb: PodRun, pa: PodRun | None, outbound: str, inbound: str,
-            wait: float = 3.0) -> Request:
-    """GET `url` from `client`'s app; then wait (bounded) for pod-b's Envoy access log line (and pod-a's, when the
-    client is pod-a) and pod-b's app line. Envoy flushes its access log about once a second."""
+            wait: float = 3.0, expect_b: str = "") -> Request:
+    """GET `url` from `client`'s app; then wait (bounded) for pod-b's Envoy access log line holding `expect_b` (and
+    pod-a's, when the client is pod-a) and pod-b's app line. Envoy flushes its access log about once a second, so a
+    line of an earlier connection (e.g. a TLS check) may arrive first: `expect_b` tells this request's line apart."""
     since_a, since_b = _log_size(pa, C.PROXY_CONTAINER), _log_size(pb, C.PROXY_CONTAINER)
     since_app = _log_size(pb, "app")
     res = client.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
@@ -63,7 +64,11 @@ def request(client: PodRun, url: str, path: str, pb: PodRun, pa: PodRun | None, 
         out.app_b = _new_lines(pb, "app", since_app, path)
         return out
 
-    return poll(seen, lambda o: bool(o.log_b and (pa is None or o.log_a) and (o.app_b or not o.response)), wait)
+    def done(o: Request) -> bool:
+        return (any(expect_b in line for line in o.log_b) and (pa is None or bool(o.log_a))
+                and (bool(o.app_b) or not o.response))
+
+    return poll(seen, done, wait)
 
 
 def wait_for_endpoint(run: PodRun, cluster: str, address: str, timeout: float = 10.0) -> bool:

@@ -278,7 +278,8 @@ def _request_a_to_b(facts: Facts, cluster: LocalCluster, pa: PodRun, pb: PodRun,
     facts.endpoint_in_eds = mtls.wait_for_endpoint(pa, OUTBOUND_CLUSTER, f"{pb.ip}:{APP_PORT}")
     facts.request_path = f"/?from=pod-a&id={uuid.uuid4().hex[:8]}"
     url = f"http://{facts.cluster_ip}:80{facts.request_path}"
-    r = facts.a_to_b = mtls.request(pa, url, facts.request_path, pb, pa, OUTBOUND_CLUSTER, INBOUND_CLUSTER)
+    r = facts.a_to_b = mtls.request(pa, url, facts.request_path, pb, pa, OUTBOUND_CLUSTER, INBOUND_CLUSTER,
+                                    expect_b="downstream_peer=spiffe://")
     if not r.response:
         raise RuntimeError(f"request from pod-a to {url} failed: {r.error}")
     facts.response, facts.app_b_log_lines = r.response, r.app_b
@@ -342,7 +343,7 @@ def _services(facts: Facts, cluster: LocalCluster, plain: PodRun, pb: PodRun, sa
     say("   kube-proxy on the node: " + " | ".join(line for line in sf.proxy_rules.splitlines() if "DNAT" in line))
     sf.request_path = f"/?from={PLAIN}&id={uuid.uuid4().hex[:8]}"
     url = f"http://{sf.cluster_ip}:{sf.port}{sf.request_path}"
-    r = mtls.request(plain, url, sf.request_path, pb, None, OUTBOUND_CLUSTER, INBOUND_CLUSTER)
+    r = mtls.request(plain, url, sf.request_path, pb, None, OUTBOUND_CLUSTER, INBOUND_CLUSTER, expect_b="tls=- ")
     if not r.response:
         raise RuntimeError(f"request from {PLAIN} to the ClusterIP failed: {r.error}")
     sf.response, sf.app_b_log_lines, sf.log_b = r.response, r.app_b, r.log_b
@@ -369,7 +370,8 @@ def _strict(facts: Facts, cluster: LocalCluster, plain: PodRun, pa: PodRun, pb: 
     say(f"   kubectl exec {PLAIN} -- GET http://{facts.cluster_ip}:80{path}\n   → "
         + (f"HTTP {plain_r.response.get('status')}" if plain_r.response else f"refused: {plain_r.error}"))
     path = f"/?from=pod-a&id={uuid.uuid4().hex[:8]}"
-    a_r = mtls.request(pa, f"http://{facts.cluster_ip}:80{path}", path, pb, pa, OUTBOUND_CLUSTER, INBOUND_CLUSTER)
+    a_r = mtls.request(pa, f"http://{facts.cluster_ip}:80{path}", path, pb, pa, OUTBOUND_CLUSTER, INBOUND_CLUSTER,
+                       expect_b="downstream_peer=spiffe://")
     say(f"   kubectl exec pod-a -- GET http://{facts.cluster_ip}:80{path}\n   → "
         + (f"HTTP {a_r.response.get('status')}" if a_r.response else f"failed: {a_r.error}")
         + "; pod-b envoy access log: " + " | ".join(a_r.log_b))
