@@ -96,6 +96,14 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+class _Server(ThreadingHTTPServer):
+    """A listen backlog like a real API server's: the socketserver default of 5 overflows when the local runner's
+    controllers, the control plane's informers and a test all connect at once."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+
 @dataclass
 class FakeKube:
     """The fake API server. Thread-safe; start with `with FakeKube() as kube` (binds 127.0.0.1, a free port)."""
@@ -126,8 +134,7 @@ class FakeKube:
         class Handler(_Handler):
             kube = fake
 
-        self.httpd = ThreadingHTTPServer((self.host, 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((self.host, 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fakekube", daemon=True)
         self.thread.start()
         return self

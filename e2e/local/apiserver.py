@@ -58,7 +58,14 @@ class Api:
 
     def request(self, method: str, path: str, body: Obj | list[Any] | None = None,
                 ctype: str = "application/json") -> Any:
-        return self.node.call(self._call, method, path, body, ctype)
+        """One call; a reset connection is retried once for reads and whole-state writes (GET, PUT, PATCH: the same
+        result when repeated), as client-go retries a reset connection; a create or delete is never repeated."""
+        try:
+            return self.node.call(self._call, method, path, body, ctype)
+        except (ConnectionResetError, ConnectionRefusedError):
+            if method not in ("GET", "PUT", "PATCH"):
+                raise
+            return self.node.call(self._call, method, path, body, ctype)
 
     def create(self, plural: str, obj: Obj) -> Obj:
         ns = obj["metadata"].get("namespace", "") if plural != "namespaces" else ""
