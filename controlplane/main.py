@@ -82,10 +82,18 @@ def config_error(args: argparse.Namespace) -> str | None:
 
 def discovery_mesh(args: argparse.Namespace) -> discovery.Mesh:
     """Discovery's mesh settings: --trust-domain, and from the mesh config (the injector's, one file as istiod reads
-    one `mesh`) accessLogFile and accessLogFormat."""
+    one `mesh`) accessLogFile, accessLogFormat, outboundTrafficPolicy.mode and rootNamespace. Unset (absent, null or
+    "") means Istio's default (ALLOW_ANY, istio-system); anything else is checked by `Mesh` — `mode: 0`, which Istio
+    would read as REGISTRY_ONLY, is refused rather than guessed."""
     mesh = server.load_mesh(args.mesh_config) if args.mesh_config else {}
+    policy = mesh.get("outboundTrafficPolicy")
+    if policy is not None and not isinstance(policy, dict):
+        raise discovery.ModelError("mesh config: outboundTrafficPolicy is not a mapping ({mode: ALLOW_ANY} or "
+                                   "{mode: REGISTRY_ONLY})")
+    given = {"outbound_traffic_policy": (policy or {}).get("mode"), "root_namespace": mesh.get("rootNamespace")}
     return discovery.Mesh(trust_domain=args.trust_domain, access_log_file=mesh.get("accessLogFile") or "",
-                          access_log_format=mesh.get("accessLogFormat") or "")
+                          access_log_format=mesh.get("accessLogFormat") or "",
+                          **{k: v for k, v in given.items() if v not in (None, "")})
 
 
 def kube_client(kubeconfig: str) -> Any:
@@ -108,7 +116,8 @@ def ca_service(args: argparse.Namespace) -> Callable[[], Awaitable[Callable[[], 
         extra: tuple[ca.ExtraService, ...] = ()
         if discovery_enabled(args):
             api = await asyncio.to_thread(kube_client, args.kubeconfig)
-            found = discovery.Discovery(api, discovery_mesh(args))
+            mesh = discovery_mesh(args)
+            found = discovery.Discovery(api, mesh, root_namespace=mesh.root_namespace)
             extra = (ca.ExtraService(found.add_to, max_rpcs=discovery.MAX_PROXIES),)
         stop_ca = await ca.start_ca(args, extra)
         if found is None:
@@ -138,13 +147,8 @@ def mesh_ca_serving_cert(args: argparse.Namespace) -> tuple[str, str] | None:
         if mesh.api_client is None:
             log.warning("--webhook-config-name ignored: no Kubernetes API")
         else:
-            try:
-                n = server.patch_webhook_ca_bundle(mesh.api_client, args.webhook_config_name, mesh.bundle)
-                log.info("patched caBundle with the mesh root",
-                         extra={"webhook_config": args.webhook_config_name, "webhooks": n})
-            except Exception as e:  # noqa: BLE001 - report, keep serving (every replica patches the same root)
-                log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name,
-                                                             "error": str(e)})
+            # watched and re-patched whenever it drifts; every replica patches the same root
+            server.watch_webhook_ca_bundle(mesh.api_client, args.webhook_config_name, lambda: mesh.bundle)
     return mesh.cert, mesh.key
 
 

@@ -235,13 +235,15 @@ def outbound_cluster(model: Model, svc: Service, port: ServicePort) -> cluster_p
 
 
 def special_clusters(model: Model) -> list[cluster_pb2.Cluster]:
-    """BlackHoleCluster, PassthroughCluster and InboundPassthroughCluster (from 127.0.0.6, so the app sees a local
-    peer and the capture rules let it through)."""
+    """BlackHoleCluster (STATIC with no endpoints: a connection sent there is closed at once — REGISTRY_ONLY's
+    catch-all and the 15001/15006 loop guard), PassthroughCluster (kept under REGISTRY_ONLY too, as Istio does) and
+    InboundPassthroughCluster (from 127.0.0.6, so the app sees a local peer and the capture rules let it through)."""
     timeout = duration(model.mesh.connect_timeout_s)
     orig = dict(type=cluster_pb2.Cluster.ORIGINAL_DST, lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
                 connect_timeout=timeout, circuit_breakers=_circuit_breakers())
     return [
-        cluster_pb2.Cluster(name=C.BLACKHOLE_CLUSTER, type=cluster_pb2.Cluster.STATIC, connect_timeout=timeout,
+        cluster_pb2.Cluster(name=C.BLACKHOLE_CLUSTER, alt_stat_name=C.BLACKHOLE_CLUSTER + ";",
+                            type=cluster_pb2.Cluster.STATIC, connect_timeout=timeout,
                             lb_policy=cluster_pb2.Cluster.ROUND_ROBIN),
         cluster_pb2.Cluster(name=C.PASSTHROUGH_CLUSTER, alt_stat_name=C.PASSTHROUGH_CLUSTER + ";", **orig),
         cluster_pb2.Cluster(name=C.INBOUND_PASSTHROUGH_CLUSTER, alt_stat_name=C.INBOUND_PASSTHROUGH_CLUSTER + ";",

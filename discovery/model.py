@@ -196,11 +196,14 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Mesh:
-    """Mesh-wide settings (MeshConfig): identities, DNS suffix, what unknown destinations get, the access log
-    (`accessLogFile`, empty = none, as Istio; `accessLogFormat`, empty = Istio's default text format)."""
+    """Mesh-wide settings (MeshConfig): identities, DNS suffix, what unknown destinations get
+    (`outboundTrafficPolicy.mode`: ALLOW_ANY → PassthroughCluster, REGISTRY_ONLY → BlackHoleCluster), where mesh-wide
+    policy lives (`rootNamespace`), the access log (`accessLogFile`, empty = none, as Istio; `accessLogFormat`, empty =
+    Istio's default text format)."""
     trust_domain: str = C.DEFAULT_TRUST_DOMAIN
     cluster_domain: str = "cluster.local"
     outbound_traffic_policy: str = ALLOW_ANY
+    root_namespace: str = C.ISTIO_NAMESPACE
     cluster_id: str = C.DEFAULT_CLUSTER_ID
     connect_timeout_s: float = 10.0
     access_log_file: str = ""
@@ -211,6 +214,7 @@ class Mesh:
         _name("mesh config", "clusterDomain", self.cluster_domain, _DNS1123_SUBDOMAIN)
         _check(self.outbound_traffic_policy in (ALLOW_ANY, REGISTRY_ONLY), "mesh config",
                "outboundTrafficPolicy.mode is not ALLOW_ANY or REGISTRY_ONLY", self.outbound_traffic_policy)
+        _name("mesh config", "rootNamespace", self.root_namespace)
         _check(0 < self.connect_timeout_s <= 3600, "mesh config", "connectTimeout is not in (0, 1h]",
                self.connect_timeout_s)
         for key, value in (("accessLogFile", self.access_log_file), ("accessLogFormat", self.access_log_format)):

@@ -141,9 +141,13 @@ def test_headless_cluster_is_original_dst_with_mtls_only_if_every_endpoint_has_a
     assert not c2.HasField("transport_socket")
 
 
-def test_special_clusters() -> None:
-    c = {k: as_dict(v) for k, v in by_name(g.outbound_clusters(mesh_model())).items()}
+@pytest.mark.parametrize("policy", ["ALLOW_ANY", REGISTRY_ONLY])
+def test_special_clusters(policy: str) -> None:
+    """The same three under either policy: REGISTRY_ONLY changes where virtualOutbound sends the unknown, and
+    PassthroughCluster stays (Istio keeps it; a Sidecar egress or a later switch back needs no CDS change)."""
+    c = {k: as_dict(v) for k, v in by_name(g.outbound_clusters(mesh_model(outbound_traffic_policy=policy))).items()}
     assert c["BlackHoleCluster"]["type"] == "STATIC" and "load_assignment" not in c["BlackHoleCluster"]
+    assert c["BlackHoleCluster"]["alt_stat_name"] == "BlackHoleCluster;"
     assert c["PassthroughCluster"]["type"] == "ORIGINAL_DST"
     assert c["InboundPassthroughCluster"]["upstream_bind_config"]["source_address"] == {
         "address": "127.0.0.6", "port_value": 0}
@@ -205,6 +209,17 @@ def test_virtual_outbound(policy: str, catchall: str) -> None:
     assert chains["virtualOutbound-blackhole"]["filter_chain_match"] == {"destination_port": 15001}
     assert chains["virtualOutbound-blackhole"]["filters"][0]["typed_config"]["cluster"] == "BlackHoleCluster"
     assert chains["virtualOutbound-catchall-tcp"]["filters"][0]["typed_config"]["cluster"] == catchall
+
+
+def test_registry_only_golden() -> None:
+    """REGISTRY_ONLY as Istio shapes it: the loop guard and the catch-all chain both tcp_proxy to BlackHoleCluster
+    (stat prefix = cluster), the per-service listeners unchanged (a registered Service still works)."""
+    allow, only = mesh_model(), mesh_model(outbound_traffic_policy=REGISTRY_ONLY)
+    assert g.service_listeners(allow) == g.service_listeners(only)
+    assert g.virtual_outbound(allow) != g.virtual_outbound(only)
+    text = json.dumps({"clusters": [as_dict(c) for c in g.special_clusters(only)],
+                       "listener": as_dict(g.virtual_outbound(only))}, indent=1, sort_keys=True) + "\n"
+    golden.check(golden.TESTDATA / "discovery" / "virtual-outbound-registry-only.json", text)
 
 
 def chain_summary(listener: Message) -> list[tuple[str, int | None, str, tuple[str, ...], bool, str]]:

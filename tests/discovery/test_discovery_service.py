@@ -374,3 +374,44 @@ def test_discovery_reads_the_access_log_from_the_mesh_config(tmp_path: Path) -> 
     f.write_text("accessLogFile: \"/x\\0\"\n")
     args = build_parser().parse_args(["--mesh-config", str(f), "--ca-dir", str(tmp_path), "--token-review"])
     assert (config_error(args) or "").startswith("--mesh-config: mesh config: accessLogFile is not a string")
+
+
+@pytest.mark.parametrize(("text", "policy", "root"), [
+    ("", "ALLOW_ANY", "istio-system"),                                       # Istio's defaults
+    ("outboundTrafficPolicy: {}\nrootNamespace: ''\n", "ALLOW_ANY", "istio-system"),
+    ("outboundTrafficPolicy: {mode: REGISTRY_ONLY}\nrootNamespace: mesh-root\n", "REGISTRY_ONLY", "mesh-root"),
+    ("apiVersion: v1\nkind: ConfigMap\ndata:\n  mesh: |\n    outboundTrafficPolicy:\n      mode: ALLOW_ANY\n",
+     "ALLOW_ANY", "istio-system"),
+])
+def test_discovery_reads_the_outbound_policy_and_root_namespace(tmp_path: Path, text: str, policy: str,
+                                                                root: str) -> None:
+    from controlplane.main import build_parser, discovery_mesh
+    f = tmp_path / "mesh.yaml"
+    f.write_text(text or "{}\n")
+    mesh = discovery_mesh(build_parser().parse_args(["--mesh-config", str(f)]))
+    assert (mesh.outbound_traffic_policy, mesh.root_namespace) == (policy, root)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("outboundTrafficPolicy: {mode: ALLOW_ANY_DYNAMIC_DNS}\n",
+     "--mesh-config: mesh config: outboundTrafficPolicy.mode is not ALLOW_ANY or REGISTRY_ONLY: "
+     "'ALLOW_ANY_DYNAMIC_DNS'"),
+    ("outboundTrafficPolicy: {mode: registry_only}\n", "outboundTrafficPolicy.mode is not ALLOW_ANY or REGISTRY_ONLY"),
+    ("outboundTrafficPolicy: {mode: 0}\n", "outboundTrafficPolicy.mode is not ALLOW_ANY or REGISTRY_ONLY: 0"),
+    ("outboundTrafficPolicy: REGISTRY_ONLY\n", "--mesh-config: mesh config: outboundTrafficPolicy is not a mapping"),
+    ("outboundTrafficPolicy: {mode: [" + "x, " * 5000 + "]}\n", "outboundTrafficPolicy.mode is not ALLOW_ANY"),
+    ("rootNamespace: Istio_System\n", "--mesh-config: mesh config: rootNamespace is not a valid name: 'Istio_System'"),
+    ("rootNamespace: " + "a" * 64 + "\n", "rootNamespace is not a valid name"),
+    ("rootNamespace: {a: b}\n", "rootNamespace is not a valid name"),
+])
+def test_a_bad_outbound_policy_or_root_namespace_is_one_line_and_exit_2(tmp_path: Path, text: str,
+                                                                         message: str) -> None:
+    """Checked before anything starts, as every other flag: one short line naming the field, exit 2."""
+    f = tmp_path / "mesh.yaml"
+    f.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "controlplane", "--ca-dir", str(tmp_path), "--token-review",
+                           "--mesh-config", str(f)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 300 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"meshboot-webhook: {message}") or message in lines[0], lines[0]
