@@ -3,13 +3,17 @@
 One upstream channel per downstream stream (a newer stream replaces the older), same flavour (SotW or Delta),
 TLS verified with the mesh root, `authorization: Bearer <token>` (re-read per stream), `ClusterID` and
 `XDS_HEADER_*` headers. Upstream responses of Envoy types are forwarded; an upstream error ends Envoy's stream
-with that error so Envoy reconnects; while the upstream is down, the new stream waits for it (gRPC reconnect
-back-off, capped) instead of failing Envoy fast. Messages are forwarded as bytes; only a response's type URL is
-read (wire.py).
+with that error so Envoy reconnects (and resumes the whole xDS sequence with whichever replica answers next), keeping
+its last config meanwhile. While the upstream is unreachable the new stream waits for it (gRPC's reconnect back-off,
+0.2 s → 5 s) instead of failing Envoy fast. An upstream stream that ended before any response (a server that accepts
+and fails at once) paces the next attempt: 0.5 s·2ⁿ up to 30 s, each ×U(0.75, 1.25), so Envoy's quick local retries
+cannot hammer a broken control plane; the first response of a stream resets it, and a stream that was healthy is
+followed by an immediate attempt. Messages are forwarded as bytes; only a response's type URL is read (wire.py).
 """
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -17,6 +21,7 @@ import grpc
 
 from ..config import AgentConfig
 from ..identity.caclient import call_metadata, read_token
+from ..identity.secrets import Backoff
 from ..log import Log
 from . import wire
 
@@ -27,6 +32,8 @@ log = Log("xdsproxy")
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 SOTW = f"/{SERVICE}/StreamAggregatedResources"
+RECONNECT_INITIAL = 0.5     # seconds; Envoy's own default xDS retry base
+RECONNECT_MAX = 30.0        # Envoy's default cap
 DELTA = f"/{SERVICE}/DeltaAggregatedResources"
 
 
@@ -36,10 +43,13 @@ def forwardable(type_url: str) -> bool:
 
 
 class XdsProxy:
-    def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None, backoff: Backoff | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self._current: asyncio.Event | None = None
+        self._backoff = backoff or Backoff(RECONNECT_INITIAL, RECONNECT_MAX)
+        self._failing = False               # the last upstream stream ended before any response
+        self._lost_at: float | None = None  # when the last healthy upstream stream ended (for the reconnect log)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -68,6 +78,8 @@ class XdsProxy:
         if self._current is not None:
             self._current.set()
         mine = self._current = asyncio.Event()
+        if await self._paced(mine):
+            return
         channel = self._channel()
         md = call_metadata(self.cfg.cluster_id, read_token(), self.cfg.xds_headers)
         # bytes both ways; requests are written by pump() below
@@ -95,8 +107,12 @@ class XdsProxy:
         tasks = [asyncio.create_task(pump()), asyncio.create_task(replaced())]
         log.info("XDS stream from Envoy, connecting upstream", upstream=self.cfg.discovery_address,
                  delta=method == DELTA)
+        healthy = False
         try:
             async for resp in call:
+                if not healthy:
+                    healthy = True
+                    self._connected()
                 type_url = wire.response_type_url(resp)
                 if not forwardable(type_url):
                     log.error("dropping response of unknown type", type=type_url)
@@ -107,14 +123,46 @@ class XdsProxy:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and mine.is_set():
                 return
+            self._ended(healthy)
             if m is not None:
                 m.xds_upstream_errors.inc()
-            log.warn("upstream XDS stream ended", code=e.code().name, details=e.details())
+            log.warn("upstream XDS stream ended", code=e.code().name, details=e.details(), healthy=healthy)
             await context.abort(e.code(), f"upstream: {e.details()}")
         finally:
             for t in tasks:
                 t.cancel()
             await channel.close(grace=None)
+
+    async def _paced(self, mine: asyncio.Event) -> bool:
+        """Wait out the back-off after a failed upstream stream (Envoy's stream stays open, so Envoy keeps its
+        config); True when a newer Envoy stream replaced this one meanwhile."""
+        if not self._failing:
+            return False
+        delay = self._backoff.next()
+        log.info("upstream XDS stream failed before any response; reconnecting after back-off",
+                 upstream=self.cfg.discovery_address, seconds=round(delay, 2))
+        try:
+            await asyncio.wait_for(mine.wait(), delay)
+        except TimeoutError:
+            return False
+        return True
+
+    def _connected(self) -> None:
+        """The first response of a stream: the upstream is healthy again, so the back-off starts over."""
+        self._backoff.reset()
+        self._failing = False
+        if self._lost_at is None:
+            log.info("connected to upstream XDS server", upstream=self.cfg.discovery_address)
+        else:
+            log.info("reconnected to upstream XDS server", upstream=self.cfg.discovery_address,
+                     down_seconds=round(time.monotonic() - self._lost_at, 2))
+            self._lost_at = None
+
+    def _ended(self, healthy: bool) -> None:
+        """An upstream error: after a healthy stream the next attempt is immediate, otherwise paced."""
+        self._failing = not healthy
+        if healthy or self._lost_at is None:
+            self._lost_at = time.monotonic()
 
     async def sotw(self, request_iterator: AsyncIterator[bytes],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
