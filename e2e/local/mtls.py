@@ -99,3 +99,48 @@ def strict_peer_authentication(namespace: str) -> dict[str, Any]:
     """`kubectl apply` of a namespace-wide STRICT PeerAuthentication."""
     return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
             "metadata": {"name": "default", "namespace": namespace}, "spec": {"mtls": {"mode": "STRICT"}}}
+
+
+def peer_authentication(namespace: str, name: str, mode: str, selector: dict[str, str] | None = None,
+                        ports: dict[int, str] | None = None) -> dict[str, Any]:
+    """A PeerAuthentication as `kubectl apply` sends it: mesh-wide in the root namespace, namespace-wide, or for the
+    workloads `selector` matches, with `portLevelMtls` keyed by the workload's target port (mode "" = no `mtls`)."""
+    spec: dict[str, Any] = {"mtls": {"mode": mode} if mode else {}}
+    if selector:
+        spec["selector"] = {"matchLabels": dict(selector)}
+    if ports:
+        spec["portLevelMtls"] = {str(p): {"mode": m} for p, m in ports.items()}
+    return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def _config_dump(run: PodRun, query: str) -> list[dict[str, Any]]:
+    res = run.call(http_get, "127.0.0.1", C.ENVOY_ADMIN_PORT, f"/config_dump?{query}", 3.0)
+    configs: list[dict[str, Any]] = json.loads(res.body).get("configs") or []
+    return configs
+
+
+def outbound_socket_matches(run: PodRun, cluster: str) -> list[str] | None:
+    """The transport socket matches of the pod's Envoy's active cluster `cluster` (Istio's auto-mTLS: `tlsMode-istio`,
+    `tlsMode-disabled`; [] = plaintext to every endpoint); None when Envoy has no such cluster."""
+    for item in _config_dump(run, "resource=dynamic_active_clusters"):
+        c = item.get("cluster") or {}
+        if c.get("name") == cluster:
+            return [m.get("name", "") for m in c.get("transport_socket_matches") or []]
+    return None
+
+
+def endpoint_tls_modes(run: PodRun, cluster: str) -> dict[str, str]:
+    """`address:port` → the `tlsMode` metadata of each endpoint the pod's Envoy has for `cluster` from EDS ("" when
+    absent: the endpoint gets plaintext)."""
+    out: dict[str, str] = {}
+    for item in _config_dump(run, "resource=dynamic_endpoint_configs&include_eds"):
+        cfg = item.get("endpoint_config") or {}
+        if cfg.get("cluster_name") != cluster:
+            continue
+        for group in cfg.get("endpoints") or []:
+            for lb in group.get("lb_endpoints") or []:
+                sa = ((lb.get("endpoint") or {}).get("address") or {}).get("socket_address") or {}
+                meta = ((lb.get("metadata") or {}).get("filter_metadata") or {}).get("envoy.transport_socket_match")
+                out[f"{sa.get('address')}:{sa.get('port_value')}"] = str((meta or {}).get("tlsMode", ""))
+    return out
