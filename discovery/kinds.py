@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-KINDS = ("Namespace", "Service", "EndpointSlice", "Pod", "PeerAuthentication")
+KINDS = ("Namespace", "Service", "EndpointSlice", "Pod", "PeerAuthentication", "AuthorizationPolicy")
 _MISSING = object()
 
 # Schema language: ("str", max_len) | "int" | "bool" | "int-or-str" | ("map", max_entries, key_len, value_len)
@@ -51,6 +51,10 @@ SCHEMAS: dict[str, Schema] = {
     # trimmed copy would hide, turning a selector policy into a namespace-wide one.
     "PeerAuthentication": {"apiVersion": ("str", 64), "kind": ("str", 64), "metadata": METADATA,
                            "spec": ("json", 1536 * 1024)},
+    # Likewise whole (discovery/authz.py refuses what it does not know, and a refused policy fails closed); its
+    # istio.io/dry-run annotation is kept by METADATA.
+    "AuthorizationPolicy": {"apiVersion": ("str", 64), "kind": ("str", 64), "metadata": METADATA,
+                            "spec": ("json", 1536 * 1024)},
 }
 
 

@@ -5,8 +5,8 @@ One thread per kind (the `kubernetes` client is synchronous), each writing into 
   watch with bookmarks from the list's resourceVersion applies each event in the order the server sent it;
 - a watch that ends (its timeoutSeconds) or breaks off resumes from the last resourceVersion it saw; 410 Gone (the
   history was compacted) relists; any other failure backs off (capped) and relists;
-- PeerAuthentication is security.istio.io v1, else v1beta1; without the CRD (404) the kind is empty and synced,
-  checked again every `absent_retry` seconds, and said once in the log.
+- PeerAuthentication and AuthorizationPolicy are security.istio.io v1, else v1beta1; without the CRD (404) the kind
+  is empty and synced, checked again every `absent_retry` seconds, and said once in the log.
 Bodies and event lines are read with byte caps and parsed with `meshboot.jsonsafe`; objects are cut down by
 `discovery.kinds`. The control plane subscribes with `Watcher.subscribe_on_loop` (its asyncio loop).
 """
@@ -61,6 +61,8 @@ RESOURCES = (
     Resource("EndpointSlice", ("discovery.k8s.io/v1",), "endpointslices"),
     Resource("Pod", ("v1",), "pods"),
     Resource("PeerAuthentication", ("security.istio.io/v1", "security.istio.io/v1beta1"), "peerauthentications",
+             optional=True),
+    Resource("AuthorizationPolicy", ("security.istio.io/v1", "security.istio.io/v1beta1"), "authorizationpolicies",
              optional=True),
 )
 

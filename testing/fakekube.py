@@ -42,6 +42,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "pods": ("v1", "Pod", True),
     "endpointslices": ("discovery.k8s.io/v1", "EndpointSlice", True),
     "peerauthentications": ("security.istio.io/v1", "PeerAuthentication", True),   # also served as v1beta1
+    "authorizationpolicies": ("security.istio.io/v1", "AuthorizationPolicy", True),
 }
 _PATH = re.compile(
     r"^/(?:api/v1|apis/(?P<group>[a-z0-9.-]+/v1(?:beta1)?))"
