@@ -41,6 +41,7 @@ from meshboot.files import stamps, write_atomic
 from meshboot.monitoring import start_monitoring
 from webhook import metrics
 from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCache, review_bytes
+from webhook.cabundle import CABundlePatcher
 from webhook.config import ConfigSource, parse_kubernetes_version
 from webhook.config import load_mesh as load_mesh  # for the wiring: discovery reads the same mesh config
 from webhook.errors import ConfigError
@@ -93,6 +94,11 @@ class TLSFiles:
         return True
 
 
+# What else the injector waits for before it is ready: each says why not, or None (the caBundle patched once).
+Gate = Callable[[], "str | None"]
+_GATES: list[Gate] = []
+
+
 @dataclass
 class State:
     source: ConfigSource
@@ -105,6 +111,18 @@ class State:
     cache: ReplicaCache | None = None
     ready: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
+    gates: tuple[Gate, ...] = ()
+
+
+def not_ready_reason(state: State) -> str | None:
+    """Why /readyz answers 503, or None when ready."""
+    if not state.ready:
+        return "not ready"
+    for gate in state.gates:
+        reason = gate()
+        if reason:
+            return f"not ready: {reason}"
+    return None
 
 
 def _plain(status: int, message: str) -> Response:
@@ -246,7 +264,7 @@ def create_app(state: State) -> Any:
                     log.error("a service could not start", extra={"error": str(e) or type(e).__name__})
                     raise StartupFailed(str(e)) from None
             if state.monitoring and state.monitoring[1]:
-                monitor = await start_monitoring(*state.monitoring, ready=lambda: state.ready)
+                monitor = await start_monitoring(*state.monitoring, ready=lambda: not_ready_reason(state) is None)
             state.tasks.append(asyncio.create_task(_watch(state)))
             # Everything imported and built so far lives as long as the process: keep it out of the cyclic GC's
             # full collections, which otherwise walk it all and show up as latency spikes.
@@ -279,8 +297,9 @@ def create_app(state: State) -> Any:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        if not state.ready:
-            return _plain(503, "not ready")
+        reason = not_ready_reason(state)
+        if reason is not None:
+            return _plain(503, reason)
         return Response(content=b"ready\n", media_type="text/plain")
 
     @app.get("/metrics")
@@ -355,6 +374,14 @@ def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
     if ops:
         api.patch_mutating_webhook_configuration(name, ops, _content_type="application/json-patch+json")
     return len(ops) // 2
+
+
+def watch_webhook_ca_bundle(api_client: Any, name: str, bundle: Callable[[], bytes]) -> CABundlePatcher:
+    """Keep caBundle = `bundle()` on every webhook of configuration `name` (watched, re-patched on any drift, retried
+    with back-off); the injector is not ready until it was right once (webhook/cabundle.py)."""
+    patcher = CABundlePatcher(api_client, name, bundle).start()
+    _GATES.append(patcher.not_ready_reason)
+    return patcher
 
 
 def detect_kubernetes_version(api_client: Any) -> str | None:
@@ -487,7 +514,7 @@ def run(args: argparse.Namespace, *, prog: str = "meshboot-webhook", serving_cer
     state = State(source=source, tls=tls, max_body=args.max_body_bytes,
                   poll_interval=args.poll_interval, services=services,
                   monitoring=(args.listen_address, args.monitoring_port) if args.monitoring_port else None,
-                  floor_endpoint=args.enable_bench_floor,
+                  floor_endpoint=args.enable_bench_floor, gates=tuple(_GATES),
                   cache=ReplicaCache(args.replica_cache_size) if args.replica_cache_size > 0 else None)
     try:
         serving = SwappableTLS(cert, key)
@@ -523,10 +550,11 @@ def _self_signed(args: argparse.Namespace) -> tuple[str, str]:
         log.warning("--webhook-config-name ignored: not running in a cluster")
         return cert, key
     try:
-        n = patch_webhook_ca_bundle(_in_cluster_client(), args.webhook_config_name, ca_pem)
-        log.info("patched caBundle", extra={"webhook_config": args.webhook_config_name, "webhooks": n})
+        api = _in_cluster_client()
     except Exception as e:  # noqa: BLE001 - report, keep serving (the operator can patch it)
         log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name, "error": str(e)})
+        return cert, key
+    watch_webhook_ca_bundle(api, args.webhook_config_name, lambda: ca_pem)
     return cert, key
 
 
