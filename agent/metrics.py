@@ -170,6 +170,14 @@ class Metrics:
                                        ("target",))
         self.app_probes = Counter("istio_agent_app_probes", "App probes executed.", ("path", "code"))
         self.startup = Gauge("istio_agent_startup_duration_seconds", "Agent start to Envoy ready.")
+        # The DNS proxy (agent/dns): pilot-agent's names (pkg/dns/client/monitoring.go) under its istio_agent_ prefix.
+        self.dns_requests = Counter("istio_agent_dns_requests", "Total number of DNS requests.")
+        self.dns_upstream_requests = Counter("istio_agent_dns_upstream_requests",
+                                             "Total number of DNS requests forwarded to upstream.")
+        self.dns_upstream_failures = Counter("istio_agent_dns_upstream_failures", "Total number of DNS failures.")
+        self.dns_upstream_duration = Histogram("istio_agent_dns_upstream_request_duration_seconds",
+                                               "Total time in seconds Istio takes to get DNS response from upstream.",
+                                               buckets=(.001, .005, .01, .1, 1, 5))
         self._all = [v for v in vars(self).values() if isinstance(v, _Metric)]
         self.created = time.time()
 
