@@ -21,7 +21,7 @@ from typing import Any
 from ca import service as ca
 from ca import webhook_cert
 from discovery import service as discovery
-from meshboot import logs
+from meshboot import logs, monitoring
 from meshboot.syntax import parse_go_bool
 from webhook import server
 
@@ -40,7 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "in-cluster config is used")
     g.add_argument("--discovery", type=_go_bool, default=True, metavar="true|false",
                    help="serve xDS when the Kubernetes API is reachable (default true)")
+    g.add_argument("--grpcAddr", dest="grpc_addr", default="", metavar="[HOST]:PORT",
+                   help="also serve xDS in plaintext here, like istiod's 15010 (e.g. 127.0.0.1:15010; default off); "
+                        "streams still need the bearer token, which then travels unencrypted")
     return p
+
+
+def grpc_address(text: str) -> tuple[str, int]:
+    """--grpcAddr as Go writes listen addresses: `host:port`, `[v6]:port`, or `:port` for every interface."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f"--grpcAddr: {text[:100]!r} is not [HOST]:PORT (e.g. 127.0.0.1:15010 or :15010)")
+    return host.removeprefix("[").removesuffix("]") or "::", int(port)
 
 
 def _go_bool(text: str) -> bool:
@@ -66,6 +77,11 @@ def config_error(args: argparse.Namespace) -> str | None:
     try:
         ca.CAConfig.from_args(args)
     except ca.ConfigError as e:
+        return str(e)
+    try:
+        if args.grpc_addr:
+            grpc_address(args.grpc_addr)
+    except ValueError as e:
         return str(e)
     if args.kubeconfig and not os.path.isfile(args.kubeconfig):
         return f"--kubeconfig: {args.kubeconfig[:200]!r} is not a file"
@@ -124,8 +140,12 @@ def ca_service(args: argparse.Namespace) -> Callable[[], Awaitable[Callable[[], 
             return stop_ca
         running = found
         await running.start()
+        unregister = monitoring.add_debug(running.debug)    # /debug/syncz, /debug/config_dump on 15014
+        if args.grpc_addr:
+            await running.serve_plaintext(*grpc_address(args.grpc_addr))
 
         async def stop() -> None:
+            unregister()
             await running.stop()
             await stop_ca()
         return stop

@@ -122,6 +122,8 @@ class Connection:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: PushRequest | None = None
     pusher: asyncio.Task[None] | None = None
+    # type URL -> the snapshot its last response was built from (a reference: see `AdsServer.sent_config`).
+    sent_from: dict[str, Snapshot] = field(default_factory=dict)
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]]) -> str:
@@ -308,6 +310,7 @@ class AdsServer:
             metrics.PUSHES.inc(f"{short}_senderr")
             raise
         watch.sent(snapshot.version, nonce)
+        conn.sent_from[type_url] = snapshot
         if isinstance(response, dpb.DeltaDiscoveryResponse):
             _record_delta(watch, response)
             if type_url == P.CDS and response.resources and P.EDS in conn.watches:
@@ -362,9 +365,44 @@ class AdsServer:
         """istiod's /debug/syncz, one row per connected proxy, plus istioctl proxy-status's word per type."""
         return [_status_row(conn) for conn in sorted(self._conns.values(), key=lambda c: c.conn_id)]
 
+    def connections(self, proxy_name: str) -> list[Connection]:
+        """The streams of one proxy (`<pod>.<namespace>`, istiod's proxyID), oldest first."""
+        return sorted((c for c in self._conns.values() if c.proxy is not None and c.proxy.name == proxy_name),
+                      key=lambda c: c.connected_at)
+
     @property
     def connected(self) -> int:
         return len(self._conns)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one proxy was last sent of one type: the push version, when, and the resources by name."""
+    type_url: str
+    version: str
+    sent_at: float
+    resources: Mapping[str, Message]
+
+
+def sent_config(conn: Connection) -> list[Sent]:
+    """What `conn` was last sent, per type in Envoy's order, read back from the snapshot each type was served from.
+
+    Kept by reference, not as copies: with 500+ proxies on one snapshot the references cost a pointer each, while
+    copies would hold the mesh once per proxy. A snapshot is immutable and generates the same resources for the
+    same proxy every time (its per-proxy cache, or regeneration from the same objects), so reading it back gives
+    exactly what was sent. The price: a proxy that stops taking pushes keeps its older snapshot alive.
+    """
+    assert conn.proxy is not None
+    out = []
+    for type_url in P.sort_types(conn.sent_from):
+        watch = conn.watches.get(type_url)
+        if watch is None:
+            continue
+        available = conn.sent_from[type_url].resources_for(conn.proxy, type_url)
+        names = watch.sent_versions if conn.delta else available if watch.wildcard else watch.names
+        out.append(Sent(type_url, watch.version_sent, watch.sent_at,
+                        {n: available[n] for n in sorted(names) if n in available}))
+    return out
 
 
 def _sotw_response(watch: P.Watch, available: Mapping[str, Message], encoder: Encoder,
@@ -423,7 +461,8 @@ def _status_row(conn: Connection) -> dict[str, Any]:
                      "ackedVersion": w.version_acked, "lastError": w.last_error} for t, w in conn.watches.items()}
     return {"proxy": proxy.name, "connection_id": conn.conn_id, "proxy_type": proxy.type,
             "namespace": proxy.namespace, "cluster_id": proxy.cluster_id, "istio_version": proxy.istio_version,
-            "delta": conn.delta, "status": types, "resources": resources}
+            "delta": conn.delta, "status": types, "resources": resources, "address": conn.peer,
+            "connected_at": conn.connected_at, "sent_versions": {t: w.version_sent for t, w in conn.watches.items()}}
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:

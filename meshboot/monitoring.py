@@ -1,4 +1,6 @@
-"""Plain-HTTP /metrics, /healthz and /readyz (istiod's 15014), for scrapers and probes that don't speak TLS.
+"""Plain-HTTP /metrics, /healthz and /readyz (istiod's 15014), for scrapers and probes that don't speak TLS, and the
+/debug/ endpoints a part registers with `add_debug` (istiod serves /debug/syncz and /debug/config_dump on 15014, where
+istioctl reads them through a port-forward). Like istiod without a token, /debug/ answers loopback clients only.
 
 Shared by `meshboot-webhook` and the standalone `python -m ca`: stdlib asyncio (prometheus_client is imported on the
 first scrape), so meshboot/ needs no web framework. One request per connection, bounded: the request head must arrive
@@ -8,7 +10,8 @@ taken within `write_timeout`, and at most `max_connections` are open at once (mo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Awaitable, Callable
 
 MAX_HEAD = 16 * 1024            # request line + headers; a probe or a scrape sends a few hundred bytes
 HEADER_TIMEOUT = 10.0           # accept -> end of the request head
@@ -40,6 +43,36 @@ async def _read_head(reader: asyncio.StreamReader, progress: list[int]) -> tuple
 
 
 Scrape = Callable[[], "tuple[str, bytes] | None"]   # (content type, body) of /metrics; None: no metrics here
+# A /debug/ handler: request target (path and query) -> (status line, content type, body).
+Debug = Callable[[str], Awaitable[tuple[str, str, bytes]]]
+_DEBUG: list[Debug] = []
+
+
+def add_debug(handler: Debug) -> Callable[[], None]:
+    """Serve /debug/... with `handler` on every monitoring server of this process (one registry, like /metrics');
+    returns the function that removes it."""
+    _DEBUG.append(handler)
+    return lambda: _DEBUG.remove(handler) if handler in _DEBUG else None
+
+
+def _loopback(peer: object) -> bool:
+    host = peer[0] if isinstance(peer, tuple) and peer else ""
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+async def _debug(parts: list[str], peer: object) -> tuple[str, str, bytes] | None:
+    """The answer for a /debug/ request, or None when it is not one (or no part registered a handler)."""
+    if len(parts) < 2 or parts[0] not in ("GET", "HEAD") or not _DEBUG:
+        return None
+    if parts[1] != "/debug" and not parts[1].startswith(("/debug/", "/debug?")):
+        return None
+    if not _loopback(peer):
+        return ("403 Forbidden", "text/plain", b"/debug/ answers loopback clients only (as istiod's does without a "
+                b"token): use kubectl port-forward to this port\n")
+    return await _DEBUG[-1](parts[1])
 
 
 def prometheus_text() -> tuple[str, bytes] | None:
@@ -89,7 +122,7 @@ async def start_monitoring(address: str, port: int, ready: Callable[[], bool] = 
         try:
             if open_connections > max_connections:
                 return
-            out = await _serve_one(reader, ready, header_timeout, scrape)
+            out = await _serve_one(reader, ready, header_timeout, scrape, writer.get_extra_info("peername"))
             if out:
                 writer.write(out)
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
@@ -103,7 +136,7 @@ async def start_monitoring(address: str, port: int, ready: Callable[[], bool] = 
 
 
 async def _serve_one(reader: asyncio.StreamReader, ready: Callable[[], bool], header_timeout: float,
-                     scrape: Scrape) -> bytes:
+                     scrape: Scrape, peer: object = None) -> bytes:
     """The bytes to answer one connection with (empty: close without a word — nothing was asked)."""
     progress = [0]
     try:
@@ -118,5 +151,5 @@ async def _serve_one(reader: asyncio.StreamReader, ready: Callable[[], bool], he
         return b""
     if size == 0:
         return b""
-    status, ctype, body = _answer(parts, ready, scrape)
+    status, ctype, body = await _debug(parts, peer) or _answer(parts, ready, scrape)
     return _response(status, ctype, body, head_only=parts[:1] == ["HEAD"])
