@@ -247,7 +247,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[tuple[FakeKube, Issuer, int, Path]]:
+def control_plane(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[FakeKube, Issuer, int, Path]]:
+    """The real control plane on a fake API server; indirect param {"mesh": YAML, "objects": [(plural, obj)]} adds a
+    --mesh-config and objects present before it starts."""
+    setup: dict[str, Any] = getattr(request, "param", {})
     issuer = Issuer()
     jwks = tmp_path / "jwks.json"
     jwks.write_text(__import__("json").dumps(issuer.jwks()))
@@ -257,6 +260,8 @@ def control_plane(tmp_path: Path) -> Iterator[tuple[FakeKube, Issuer, int, Path]
                             ("pods", pod("web-2", "10.1.0.6")), ("endpointslices", slice_(endpoint("10.1.0.5",
                                                                                                     "web-1")))):
             kube.put_object(plural, obj)
+        for plural, obj in setup.get("objects", ()):
+            kube.put_object(plural, obj)
         ca_port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
         argv = [sys.executable, "-m", "controlplane", "--listen-address", "127.0.0.1", "--port", str(free_port()),
@@ -264,6 +269,9 @@ def control_plane(tmp_path: Path) -> Iterator[tuple[FakeKube, Issuer, int, Path]
                 "--self-signed-dir", str(tmp_path / "tls"), "--kubeconfig", str(kube.kubeconfig(tmp_path / "kc")),
                 "--ca-port", str(ca_port), "--ca-address", "127.0.0.1", "--ca-dir", str(tmp_path / "ca"),
                 "--plugin-certs", str(tmp_path / "none"), "--jwks", str(jwks), "--drain-duration", "0s"]
+        if "mesh" in setup:
+            (tmp_path / "mesh.yaml").write_text(setup["mesh"])
+            argv += ["--mesh-config", str(tmp_path / "mesh.yaml")]
         with open(tmp_path / "cp.log", "wb") as log:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -415,3 +423,30 @@ def test_a_bad_outbound_policy_or_root_namespace_is_one_line_and_exit_2(tmp_path
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and len(lines[0]) < 300 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(f"meshboot-webhook: {message}") or message in lines[0], lines[0]
+
+
+def _mesh_root_disable() -> dict[str, Any]:
+    pa = peer_auth("default", "DISABLE")
+    pa["metadata"]["namespace"] = "mesh-root"
+    return pa
+
+
+@pytest.mark.parametrize(("control_plane", "mesh_wide"), [
+    ({"mesh": "rootNamespace: mesh-root\n", "objects": [("peerauthentications", _mesh_root_disable())]}, True),
+    ({"mesh": "{}\n", "objects": [("peerauthentications", _mesh_root_disable())]}, False),
+], indirect=["control_plane"], ids=["rootNamespace-mesh-root", "default-istio-system"])
+def test_the_control_plane_takes_mesh_policy_from_its_root_namespace(
+        control_plane: tuple[FakeKube, Issuer, int, Path], mesh_wide: bool) -> None:
+    """MeshConfig rootNamespace reaches Discovery: a PeerAuthentication DISABLE in `mesh-root` is the mesh-wide
+    policy only when rootNamespace says so (clients then send plaintext: no tlsMode-istio match on the cluster);
+    with the default root (istio-system) it is just mesh-root's own namespace policy and demo keeps auto-mTLS."""
+    _, issuer, ca_port, tmp = control_plane
+    client = connect(ca_port, tmp / "ca" / "root-cert.pem", issuer.token(NS, "web"))
+    try:
+        client.send(sotw(P.CDS, node_id=NODE, NAMESPACE=NS, SERVICE_ACCOUNT="web"))
+        cds = client.recv(timeout=30)
+        web = next(c for c in (cluster_pb2.Cluster.FromString(r.value) for r in cds.resources) if c.name == WEB)
+        assert [m.name for m in web.transport_socket_matches] == ([] if mesh_wide else
+                                                                   ["tlsMode-istio", "tlsMode-disabled"])
+    finally:
+        client.close()
