@@ -66,6 +66,16 @@ def local_mesh(mesh: dict[str, Any] | None, gateway: str) -> dict[str, Any]:
     return out
 
 
+def _replica(node: Node, workdir: Path, bin_dir: Path, jwks: dict[str, Any], values: dict[str, Any], version: str,
+             apiserver: ApiServer, mesh: dict[str, Any], first: ControlPlane, n: int) -> ControlPlane:
+    """Replica n: its own address on the bridge (taken from the pod range, so no pod gets it), the first replica's
+    CA as plug-in certs (one root, one signing key), its own watch of the API server."""
+    address = node.allocate_ip()
+    node.ns.ip("addr", "add", f"{address}/{node.network.prefixlen}", "dev", node.bridge)
+    return ControlPlane.start(node, workdir, bin_dir, jwks, values, version, kubeconfig=apiserver.kubeconfig,
+                              mesh=mesh, name=f"istiod-{n}", address=address, bind=address, plugin_certs=first.ca_dir)
+
+
 _HELD = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -86,13 +96,15 @@ class LocalCluster:
     controllers: Controllers
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: list[PodRun] = field(default_factory=list)
+    replicas: list[ControlPlane] = field(default_factory=list)     # control_plane first
 
     @classmethod
     @contextlib.contextmanager
-    def up(cls, prefix: str = "mbd", kubernetes_version: str = "1.34",
-           values: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None) -> Iterator[LocalCluster]:
+    def up(cls, prefix: str = "mbd", kubernetes_version: str = "1.34", values: dict[str, Any] | None = None,
+           mesh: dict[str, Any] | None = None, replicas: int = 1) -> Iterator[LocalCluster]:
         """Node, control plane and kubelet; torn down in reverse order however the block ends (a second Ctrl-C
-        during the teardown is held back until it is done)."""
+        during the teardown is held back until it is done). `replicas=2` adds a second control-plane replica at
+        another bridge address (`replicas[1].address`), both then bound to their own address."""
         with contextlib.ExitStack() as stack:
             stack.callback(_hold_signals, False)                 # runs last
             workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
@@ -106,14 +118,21 @@ class LocalCluster:
             issuer = Issuer()
             vals = copy.deepcopy(values or {})
             vals.setdefault("global", {}).setdefault("caAddress", f"{node.gateway}:{C.CA_PORT}")
+            mesh_cfg = local_mesh(mesh, node.gateway)
             cp = ControlPlane.start(node, workdir, bin_dir, issuer.jwks(), vals, kubernetes_version,
-                                    kubeconfig=apiserver.kubeconfig, mesh=local_mesh(mesh, node.gateway))
+                                    kubeconfig=apiserver.kubeconfig, mesh=mesh_cfg,
+                                    bind=node.gateway if replicas > 1 else "0.0.0.0")
             stack.callback(cp.stop)
+            more = [_replica(node, workdir, bin_dir, issuer.jwks(), vals, kubernetes_version, apiserver, mesh_cfg,
+                             cp, n) for n in range(2, replicas + 1)]
+            for r in more:
+                stack.callback(r.stop)
             kubelet = Kubelet(node=node, workdir=workdir / "pods", images=local_images(bin_dir), issuer=issuer,
                               pod_prefix=prefix)
             (workdir / "pods").mkdir(mode=0o755)
             cluster = cls(workdir=workdir, node=node, control_plane=cp, kubelet=kubelet, apiserver=apiserver,
-                          controllers=Controllers(api=apiserver.api, runs=lambda: [], proxy=KubeProxy(node.ns)))
+                          controllers=Controllers(api=apiserver.api, runs=lambda: [], proxy=KubeProxy(node.ns)),
+                          replicas=[cp, *more])
             cluster.controllers.runs = lambda: list(cluster.pods)
             stack.callback(cluster.stop_pods)
             cluster.controllers.start()

@@ -6,6 +6,9 @@ the CA bundle it writes out, exactly as the API server verifies it with the Muta
 The CA's serving certificate carries the bridge IP as well, because pods reach it at `<gateway>:15012` (CA_ADDR), and
 so does discovery, served on the same port: the mesh config's `defaultConfig.discoveryAddress` is that address, so the
 agent (which verifies the discovery server by its host when no ISTIOD_SAN is set, as pilot-agent does) checks the IP.
+
+Replicas (`LocalCluster.up(replicas=2)`): a second process at another bridge address, sharing the first one's CA as
+plug-in certs and running its own watch of the API server; each replica can be stopped and started again (`restart`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonpatch
 import yaml
@@ -48,7 +51,8 @@ class Admission:
 
 @dataclass
 class ControlPlane:
-    """One `meshboot-webhook` process in the node netns: admission on :9443, CA on :15012."""
+    """One `meshboot-webhook` process (a replica of istiod) in the node netns: admission on :9443, CA and discovery
+    on :15012, at `address` (the bridge gateway for the first replica, another bridge address for a second)."""
 
     node: Node
     dir: Path
@@ -58,41 +62,60 @@ class ControlPlane:
     webhook_port: int = C.WEBHOOK_PORT
     ca_port: int = C.CA_PORT
     log: Path = field(default_factory=Path)
+    address: str = ""                                      # where pods and the API server reach it
+    argv: list[str] = field(default_factory=list)          # what restart() runs again
 
     @property
     def ca_address(self) -> str:
-        return f"{self.node.gateway}:{self.ca_port}"
+        return f"{self.address or self.node.gateway}:{self.ca_port}"
 
     @classmethod
     def start(cls, node: Node, workdir: Path, venv_bin: Path, jwks: dict[str, Any], values: dict[str, Any],
               kubernetes_version: str = "1.34", timeout: float = 30.0, kubeconfig: Path | None = None,
-              mesh: dict[str, Any] | None = None) -> ControlPlane:
-        d = workdir / "istiod"
+              mesh: dict[str, Any] | None = None, name: str = "istiod", address: str = "", bind: str = "0.0.0.0",
+              plugin_certs: Path | None = None) -> ControlPlane:
+        """Start one replica. `name` is its directory under `workdir`; `address` (default the gateway) is what its
+        serving certificate names and pods dial, `bind` what it listens on (a second replica needs both replicas
+        bound to their own address); `plugin_certs` shares another replica's CA (root and signing key, in Istio's
+        cacerts layout), as Istio's replicas share istio-ca-secret."""
+        d = workdir / name
         d.mkdir(parents=True)
         (d / "jwks.json").write_text(json.dumps(jwks))
         (d / "values.yaml").write_text(yaml.safe_dump(values))
         (d / "mesh.yaml").write_text(yaml.safe_dump(mesh or {}))    # the `istio` ConfigMap's `mesh` key
-        ca_dir = d / "ca"
-        log = d / "meshboot-webhook.log"
+        address = address or node.gateway
         argv = [str(venv_bin / "meshboot-webhook"),
-                "--listen-address", "0.0.0.0", "--port", str(C.WEBHOOK_PORT),
+                "--listen-address", bind, "--port", str(C.WEBHOOK_PORT),
                 "--ca-bundle-out", str(d / "webhook-ca-bundle.pem"), "--self-signed-dir", str(d / "webhook-tls"),
                 "--service-name", WEBHOOK_SERVICE, "--service-namespace", C.ISTIO_NAMESPACE,
                 "--values", str(d / "values.yaml"), "--mesh-config", str(d / "mesh.yaml"),
                 "--kubernetes-version", kubernetes_version,
                 "--log-level", "warning",
-                "--drain-duration", "0s",   # one replica and no endpoints controller: nothing to drain for
-                "--ca-port", str(C.CA_PORT), "--ca-address", "0.0.0.0",
-                "--ca-dir", str(ca_dir), "--plugin-certs", str(d / "no-plugin-certs"),
+                "--drain-duration", "0s",   # no endpoints controller in front of it: nothing to drain for
+                "--ca-port", str(C.CA_PORT), "--ca-address", bind,
+                "--ca-dir", str(d / "ca"), "--plugin-certs", str(plugin_certs or d / "no-plugin-certs"),
                 "--jwks", str(d / "jwks.json"), "--trust-domain", C.DEFAULT_TRUST_DOMAIN,
-                "--ca-dns-names", ",".join((*CA_DNS_NAMES, node.gateway))]
+                "--ca-dns-names", ",".join((*CA_DNS_NAMES, address))]
         if kubeconfig is not None:      # discovery watches the local API server and serves xDS on the CA's port
             argv += ["--kubeconfig", str(kubeconfig)]
-        with open(log, "ab") as out:
-            proc = node.ns.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=d)
-        cp = cls(node=node, dir=d, proc=proc, ca_bundle=d / "webhook-ca-bundle.pem", ca_dir=ca_dir, log=log)
-        cp._wait_up(timeout)
+        cp = cls(node=node, dir=d, proc=cast(subprocess.Popen, None), ca_bundle=d / "webhook-ca-bundle.pem",
+                 ca_dir=d / "ca", log=d / "meshboot-webhook.log", address=address, argv=argv)
+        cp.resume(timeout)
         return cp
+
+    def resume(self, timeout: float = 30.0) -> None:
+        """(Re)start the process from the same argv, directory and CA (a restart reuses the root in `ca_dir`, or the
+        shared plug-in certs) and wait until admission and the CA port answer."""
+        with open(self.log, "ab") as out:
+            self.proc = self.node.ns.popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                           cwd=self.dir)
+        self._wait_up(timeout)
+
+    def restart(self, down: float = 0.0, timeout: float = 30.0) -> None:
+        """`kubectl rollout restart` of this replica: SIGTERM, `down` seconds with nothing listening, start again."""
+        self.stop()
+        time.sleep(down)
+        self.resume(timeout)
 
     def _wait_up(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -102,7 +125,7 @@ class ControlPlane:
             if self.ca_bundle.exists() and (self.ca_dir / C.ROOT_CERT_KEY).exists():
                 try:
                     status, _ = self.node.call(self._https, "GET", "/readyz", None, 1.0)
-                    self.node.call(lambda: socket.create_connection((self.node.gateway, self.ca_port), 1).close())
+                    self.node.call(lambda: socket.create_connection((self.address, self.ca_port), 1).close())
                     if status == 200:
                         return
                 except OSError:
@@ -122,7 +145,7 @@ class ControlPlane:
         """HTTPS to the webhook at the node IP, verifying its certificate as the API server does: the CA bundle and
         the service's DNS name."""
         ctx = ssl.create_default_context(cafile=str(self.ca_bundle))
-        raw = socket.create_connection((self.node.gateway, self.webhook_port), timeout=timeout)
+        raw = socket.create_connection((self.address or self.node.gateway, self.webhook_port), timeout=timeout)
         conn = http.client.HTTPSConnection(WEBHOOK_HOST, self.webhook_port, timeout=timeout, context=ctx)
         conn.sock = ctx.wrap_socket(raw, server_hostname=WEBHOOK_HOST)
         try:
