@@ -11,7 +11,7 @@ namespace-level setting reaches the L4 config).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import peerauth
@@ -168,6 +168,34 @@ def build(objects: Mapping[str, Objects], mesh: Mesh | None = None,
     model = Model(services=tuple(services.values()), endpoints=tuple(endpoints), mesh=mesh or Mesh(),
                   mode_for=mode_for, namespace_mode=namespace_mode)
     return Built(model=model, workloads=workloads, ips=ips, problems=(*problems, *pa_problems))
+
+
+def with_slices(previous: Built, old: Mapping[str, Objects],
+                new: Mapping[str, Objects]) -> tuple[Built, frozenset[Key]] | None:
+    """`build(new)` derived from `previous` (the build of `old`) when only EndpointSlices differ, and the Services
+    whose slices changed: only their endpoints are rebuilt (an endpoint change rebuilt 5,000 pods and 1,000 services:
+    0.24 s at 1,000 services x 5 endpoints). None when another kind differs. Objects are compared by identity: the
+    store never mutates a stored object and keeps an unchanged kind's mapping, so `is` is exact and cheap."""
+    if any(new.get(k) is not old.get(k) for k in new.keys() | old.keys() if k != "EndpointSlice"):
+        return None
+    was, now = old.get("EndpointSlice", {}), new.get("EndpointSlice", {})
+    changed = [k for k in was.keys() | now.keys() if was.get(k) is not now.get(k)]
+    touched = frozenset((k[0], label) for k in changed for obj in (was.get(k), now.get(k)) if obj is not None
+                        if (label := _meta(obj).get("labels", {}).get(SERVICE_NAME_LABEL)))
+    svc_objs = new.get("Service", {})
+    routed = {s.key: svc_objs[s.key] for s in previous.model.services}
+    by_ip = {(w.namespace, ip): w for key, w in previous.workloads.items() for ip in previous.ips[key]}
+    endpoints = [e for e in previous.model.endpoints if e.service not in touched]
+    mine = {k for k, obj in now.items() if (k[0], _meta(obj).get("labels", {}).get(SERVICE_NAME_LABEL)) in touched}
+    redone = tuple(f"EndpointSlice {k[0]}/{k[1]} left out:" for k in {*mine, *changed})
+    problems = [p for p in previous.problems if not p.startswith(redone)]
+    for key in sorted(mine):
+        try:
+            endpoints += slice_endpoints(now[key], routed, previous.workloads, by_ip)
+        except ModelError as e:
+            problems.append(f"EndpointSlice {key[0]}/{key[1]} left out: {e}")
+    model = replace(previous.model, endpoints=tuple(endpoints))
+    return Built(model=model, workloads=previous.workloads, ips=previous.ips, problems=tuple(problems)), touched
 
 
 def _node_ips(node: Node) -> tuple[str, ...]:

@@ -1,0 +1,110 @@
+"""Served derived from the previous one (an EndpointSlice-only change): the same resources as a Served built from
+scratch, with the unchanged clusters, listeners and per-proxy resources reused as objects (real store, real
+generator)."""
+from __future__ import annotations
+
+from typing import Any
+
+from discovery import kinds
+from discovery import protocol as P
+from discovery.model import Mesh
+from discovery.service import Served
+from discovery.store import Store
+from tests.discovery.test_discovery_service import NODE, endpoint, parsed_node, pod, service, slice_
+
+NS = "demo"
+
+
+def store_of(*objs: tuple[str, dict[str, Any]]) -> Store:
+    store = Store(kinds.KINDS)
+    grouped: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in kinds.KINDS}
+    for kind, obj in objs:
+        kept = kinds.keep(kind, obj)
+        grouped[kind][kinds.key_of(kept)] = kept
+    for kind, objects in grouped.items():
+        store.replace(kind, objects)
+    return store
+
+
+def put(store: Store, kind: str, obj: dict[str, Any]) -> None:
+    kept = kinds.keep(kind, obj)
+    store.put(kind, kinds.key_of(kept), kept)
+
+
+def mesh() -> Store:
+    """web (web-1, web-2 as sa web) and db (db-1), each with its EndpointSlice."""
+    return store_of(("Service", service()), ("Service", service("db", "10.96.0.11")),
+                    ("Pod", pod("web-1", "10.1.0.5")), ("Pod", pod("web-2", "10.1.0.6")),
+                    ("Pod", pod("db-1", "10.1.0.9", sa="db", app="db")), ("Pod", pod("other-1", "10.1.0.8", sa="x")),
+                    ("EndpointSlice", slice_(endpoint("10.1.0.5", "web-1"), endpoint("10.1.0.6", "web-2"))),
+                    ("EndpointSlice", slice_(endpoint("10.1.0.9", "db-1"), name="db-abc", svc="db")))
+
+
+def wire(served: Served, type_url: str) -> dict[str, bytes]:
+    proxy = parsed_node(NODE, NAMESPACE=NS, SERVICE_ACCOUNT="web")
+    return {n: m.SerializeToString(deterministic=True) for n, m in served.resources_for(proxy, type_url).items()}
+
+
+def same_as_fresh(store: Store, derived: Served) -> None:
+    fresh = Served(store.snapshot(), Mesh())
+    for type_url in (P.CDS, P.EDS, P.LDS):
+        assert wire(derived, type_url) == wire(fresh, type_url)
+    assert sorted(derived.built.problems) == sorted(fresh.built.problems)
+
+
+def pushed(store: Store, previous: Served | None = None) -> Served:
+    served = Served(store.snapshot(), Mesh(), previous=previous)
+    wire(served, P.CDS)          # what a push does: the proxy's resources, hence the shared ones
+    return served
+
+
+def test_an_endpoint_change_reuses_clusters_listeners_and_proxies() -> None:
+    store = mesh()
+    first = pushed(store)
+    put(store, "EndpointSlice", slice_(endpoint("10.1.0.5", "web-1"), endpoint("10.1.0.6", "web-2", ready=False)))
+    second = pushed(store, first)
+    same_as_fresh(store, second)
+    assert second.shared.clusters is first.shared.clusters and second.shared.listeners is first.shared.listeners
+    db = "outbound|80||db.demo.svc.cluster.local"
+    assert second.endpoints[db] is first.endpoints[db]            # only web's assignment was generated again
+    assert second._proxies == first._proxies                      # no per-proxy generation
+
+
+def test_changes_between_pushes_derive_from_the_last_pushed_served() -> None:
+    store = mesh()
+    first = pushed(store)
+    put(store, "EndpointSlice", slice_(endpoint("10.1.0.5", "web-1")))
+    between = Served(store.snapshot(), Mesh(), previous=first)
+    assert between.built is not None                               # classified, never pushed
+    put(store, "EndpointSlice", slice_(endpoint("10.1.0.9", "db-1", ready=False), name="db-abc", svc="db"))
+    last = pushed(store, between)
+    same_as_fresh(store, last)
+    assert last.shared.clusters is first.shared.clusters
+
+
+def test_a_change_of_identities_or_of_another_kind_builds_anew() -> None:
+    store = mesh()
+    first = pushed(store)
+    put(store, "EndpointSlice", slice_(endpoint("10.1.0.5", "web-1"), endpoint("10.1.0.8", "other-1")))
+    second = pushed(store, first)                                  # web's SANs now include sa x: CDS differs
+    same_as_fresh(store, second)
+    assert second.shared.clusters is not first.shared.clusters
+    put(store, "Service", service(ip="10.96.0.10", publishNotReadyAddresses=True))
+    third = pushed(store, second)
+    same_as_fresh(store, third)
+    assert third.shared.clusters is not second.shared.clusters
+
+
+def test_slice_problems_follow_the_slice() -> None:
+    store = mesh()
+    first = pushed(store)
+    bad = slice_(endpoint("10.1.0.5", "web-1"), name="web-bad")
+    bad["ports"] = [{"name": "http", "port": 0, "protocol": "TCP"}]
+    put(store, "EndpointSlice", bad)
+    second = pushed(store, first)
+    same_as_fresh(store, second)
+    assert any("web-bad" in p for p in second.built.problems)
+    store.put("EndpointSlice", (NS, "web-bad"), None)
+    third = pushed(store, second)
+    same_as_fresh(store, third)
+    assert not any("web-bad" in p for p in third.built.problems)
