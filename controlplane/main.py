@@ -124,9 +124,10 @@ def kube_client(kubeconfig: str) -> Any:
     return client.ApiClient(cfg)
 
 
-def ca_service(args: argparse.Namespace) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
+def ca_service(args: argparse.Namespace, started: list[discovery.Discovery] | None = None,
+               ) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
     """The CA as a service of the injector's loop (`--ca-port 0`: a stopper that does nothing), with discovery on
-    its gRPC server when enabled (started after the CA, stopped before it)."""
+    its gRPC server when enabled (started after the CA, stopped before it; appended to `started`)."""
     async def start() -> Callable[[], Awaitable[None]]:
         found: discovery.Discovery | None = None
         extra: tuple[ca.ExtraService, ...] = ()
@@ -140,6 +141,8 @@ def ca_service(args: argparse.Namespace) -> Callable[[], Awaitable[Callable[[], 
             return stop_ca
         running = found
         await running.start()
+        if started is not None:
+            started.append(running)
         unregister = monitoring.add_debug(running.debug)    # /debug/syncz, /debug/config_dump on 15014
         if args.grpc_addr:
             await running.serve_plaintext(*grpc_address(args.grpc_addr))
@@ -181,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {problem}", file=sys.stderr)
         return 2
     make_cert = (lambda: mesh_ca_serving_cert(args)) if args.serving_cert == "mesh-ca" else None
-    services = (ca_service(args),) if args.ca_port else ()
+    started: list[discovery.Discovery] = []
+    if discovery_enabled(args):   # istiod is not ready until its caches synced: nor is the injector until discovery
+        server.add_ready_gate(lambda: None if started and started[0].ready else
+                              "discovery has not synced with the Kubernetes API yet")
+    services = (ca_service(args, started),) if args.ca_port else ()
     return server.run(args, prog=PROG, serving_cert=make_cert, services=services)
 
 

@@ -376,6 +376,12 @@ def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
     return len(ops) // 2
 
 
+def add_ready_gate(gate: Gate) -> None:
+    """Another part's readiness in the same process (the control plane's discovery, until its first sync): /readyz
+    answers 503 with `gate()`'s reason while it gives one. Register before `run`."""
+    _GATES.append(gate)
+
+
 def watch_webhook_ca_bundle(api_client: Any, name: str, bundle: Callable[[], bytes]) -> CABundlePatcher:
     """Keep caBundle = `bundle()` on every webhook of configuration `name` (watched, re-patched on any drift, retried
     with back-off); the injector is not ready until it was right once (webhook/cabundle.py)."""

@@ -268,6 +268,36 @@ def test_many_proxies_bounded_syncz_and_plaintext_needs_the_token(plane: Plane) 
             c.close()
 
 
+def test_readyz_waits_for_discoverys_first_sync(tmp_path: Path) -> None:
+    """The API server fails every Pod list: the injector serves /healthz but is not ready until discovery has listed
+    everything once (istiod's readiness waits for its caches); once the API answers, it is."""
+    issuer = Issuer()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    with FakeKube() as kube:
+        kube.add_namespace(NS)
+        kube.fail_next("GET", "/api/v1/pods", *[500] * 1000)
+        proc, ports = start_plane(tmp_path, kube.kubeconfig(tmp_path / "kc"), jwks)
+        url = f"https://127.0.0.1:{ports[0]}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if get(url + "/healthz")[0] == 200:
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, (tmp_path / "cp.log").read_text()[-2000:]
+                    time.sleep(0.1)
+            code, body = get(url + "/readyz")
+            assert code == 503 and b"discovery has not synced" in body, body
+            assert get(f"http://127.0.0.1:{ports[1]}/readyz")[0] == 503        # the monitoring port agrees
+            with kube.cond:
+                kube.failures.clear()
+            assert wait_ready(url, timeout=60) == b"ready\n"
+        finally:
+            stop(proc)
+
+
 # ---- the pure part, and delta --------------------------------------------------------------------------------
 
 def test_delta_config_dump_is_what_the_stream_holds() -> None:
