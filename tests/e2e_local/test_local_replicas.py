@@ -150,8 +150,9 @@ def test_two_replicas_serve_one_mesh(mesh: tuple[LocalCluster, PodRun, PodRun]) 
 
 def test_replica_restart_under_a_steady_client(mesh: tuple[LocalCluster, PodRun, PodRun]) -> None:
     """pod-a's app GETs Service server every 50 ms while replica 1 (pod-a's) is stopped for 3 s and started again:
-    no request fails (Envoy keeps its config), pod-a's agent logs the lost stream and the reconnect, pod-b's stream
-    to replica 2 is untouched, and a change made after the restart reaches pod-a's Envoy."""
+    no request fails (while it is down, pod-a has no connection to it and Envoy still holds pod-b's endpoint),
+    pod-a's agent logs the lost stream and the reconnect, pod-b's stream to replica 2 is untouched, and a change
+    made after the restart reaches pod-a's Envoy."""
     c, pa, pb = mesh
     one, _ = c.replicas
     ip = c.apiserver.api.get("services", NS, "server")["spec"]["clusterIP"]
@@ -170,7 +171,14 @@ def test_replica_restart_under_a_steady_client(mesh: tuple[LocalCluster, PodRun,
     try:
         time.sleep(1.0)
         old_pid = one.proc.pid
-        one.restart(down=3.0)
+        one.stop()
+        down = time.monotonic()
+        _wait("pod-a's agent to see the stream end", lambda: "upstream XDS stream ended" in
+              pa.logs(C.PROXY_CONTAINER)[since_a:], 10)
+        assert _xds_peers(pa) == set()                              # replica 1 is really gone ...
+        assert mtls.wait_for_endpoint(pa, OUTBOUND, f"{pb.ip}:{PORT}", 1)  # ... and Envoy keeps its config
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - down)))
+        one.resume()                                                # same argv, directory and CA
         assert one.proc.pid != old_pid
         _wait("pod-a's agent to reconnect", lambda: "reconnected to upstream XDS server" in
               pa.logs(C.PROXY_CONTAINER)[since_a:], 30)
