@@ -263,8 +263,7 @@ def _clause(raw: Mapping[str, Any], fields: tuple[tuple[str, str, str, bool], ..
     for pos, neg, key, _ in fields:
         values = _values(raw.get(pos), key, f"{field_}.{pos}", budget)
         not_values = _values(raw.get(neg), key, f"{field_}.{neg}", budget)
-        if key == "source.serviceAccount" and len(values) + len(not_values) > 0 and \
-                max(len(values), len(not_values)) > MAX_SERVICE_ACCOUNTS:
+        if key == "source.serviceAccount" and max(len(values), len(not_values)) > MAX_SERVICE_ACCOUNTS:
             raise _Invalid(f"{field_}.{pos}", f"more than {MAX_SERVICE_ACCOUNTS} service accounts")
         if values or not_values:
             conds.append(_cond(key, values, not_values, namespace))
@@ -783,15 +782,21 @@ def _string_match(m: string_pb2.StringMatcher, text: str) -> bool:
 
 
 def _in_cidr(cidr: address_pb2.CidrRange, ip: str) -> bool:
+    """Envoy's CidrRange match (the range masked; another address family never matches)."""
     if not ip:
         raise ExplainError("an IP rule needs the address (source or destination ip)")
-    network = ipaddress.ip_network(f"{cidr.address_prefix}/{cidr.prefix_len.value}", strict=False)
-    address = ipaddress.ip_address(ip)
+    try:
+        network = ipaddress.ip_network(f"{cidr.address_prefix}/{cidr.prefix_len.value}", strict=False)
+        address = ipaddress.ip_address(ip)
+    except ValueError as exc:
+        raise ExplainError(f"not an IP address or range: {_show(ip)} / {_show(cidr.address_prefix)}") from exc
     return address.version == network.version and address in network
 
 
 def _principal_matches(p: rbac_pb2.Principal, src: Source) -> bool:
-    """Envoy's Principal: `authenticated` never matches a plaintext connection; with TLS it tests the URI SAN."""
+    """Envoy's Principal: `authenticated` never matches a plaintext connection (so its not_id always does); with TLS
+    it tests the peer certificate's URI SAN (Envoy then tries DNS SANs and the subject: Istio's certificates carry
+    only the SPIFFE URI). Without a proxy protocol, remote_ip is the peer address like direct_remote_ip."""
     kind = p.WhichOneof("identifier")
     if kind == "any":
         return p.any

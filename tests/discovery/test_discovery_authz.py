@@ -342,6 +342,8 @@ def test_custom_is_refused_and_denies_what_it_matches() -> None:
     assert (got.verdict, got.filter, got.policy) == (
         A.DENY, 0, "ns[foo]-policy[ext]-rule[0]-deny-due-to-bad-CUSTOM-action")
     assert A.explain(fs, A.Source(SLEEP, IP), A.Destination(80)).verdict == A.ALLOW
+    dry = ap("ext", "foo", {"action": "CUSTOM", "provider": {"name": "my-authz"}, "rules": [{}]}, dry_run=True)
+    assert A.for_workload(A.compile([dry])[0], "foo", {}, TD) == []
 
 
 # ---- hostile objects ---------------------------------------------------------------------------------------------
@@ -396,6 +398,10 @@ HOSTILE = [
     ({"rules": [{"from": [{"source": {"principals": [f"p{i}" for i in range(1000)]}}]}] * 5},
      "spec.rules[4].from[0].source.principals", A.ALLOW),
     ({"provider": {"name": "x"}, "rules": [{}]}, "spec.provider", A.ALLOW),
+    ({"action": "DENY", "rules": [{"from": [{"source": {"serviceAccounts": [f"s{i}" for i in range(17)]}}]}]},
+     "spec.rules[0].from[0].source.serviceAccounts", A.DENY),
+    ({"action": "DENY", "rules": [{"when": [{"key": "destination.port", "notValues": ["http"]}]}]},
+     "spec.rules[0].when[0].notValues[0]", A.DENY),
 ]
 
 
@@ -457,6 +463,9 @@ def test_explain_interprets_envoy_rbac() -> None:
                                                  "principals": [{"any": True}]}})
     with pytest.raises(A.ExplainError, match="permission 'metadata'"):
         A.explain([odd], A.Source(SLEEP, IP), dst(1))
+    by_ip = filters_for([IP_ALLOW])
+    with pytest.raises(A.ExplainError, match="not an IP address"):
+        A.explain(by_ip, A.Source(SLEEP, "10.0.0.300"), dst(1))
 
 
 # ---- real Envoy accepts what we generate --------------------------------------------------------------------------
