@@ -52,6 +52,21 @@ fuzz: sysdeps $(STAMP)
 e2e: $(STAMP)
 	$(PY) -m pytest -q e2e/kind
 
+# Build both images with the tag the chart installs (values.yaml global.hub/global.tag) and load them into a kind
+# cluster, so `helm install` finds them there: make kind-images [KIND_CLUSTER=kind] [HUB=...] [TAG=...]
+.PHONY: kind-images
+HUB ?= ghcr.io/meshboot
+TAG ?= 0.1.0
+KIND_CLUSTER ?= kind
+kind-images:
+	@for image in webhook agent; do \
+	  ref="$(HUB)/meshboot-$$image:$(TAG)"; \
+	  echo "+ docker build -f Dockerfile.$$image -t $$ref ."; \
+	  docker build -f Dockerfile.$$image -t "$$ref" . || exit 1; \
+	  echo "+ kind load docker-image $$ref --name $(KIND_CLUSTER)"; \
+	  kind load docker-image "$$ref" --name "$(KIND_CLUSTER)" || exit 1; \
+	done
+
 bench: sysdeps $(STAMP)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; }
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from e2e.kind.helmbin import helm_binary
+from e2e.kind.preflight import helm_fallback_problem, tool_problems
 from meshboot import constants as C
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +37,14 @@ def run(cmd: list[str], *, timeout: float = 600, check: bool = True, env: dict[s
 
 
 def missing_tools() -> list[str]:
-    """What keeps the kind suite from running here, in words a user can act on; empty when all is present."""
-    missing = [t for t in ("docker", "kind", "kubectl") if shutil.which(t) is None]
+    """What keeps the kind suite from running here, in words a user can act on; empty when all is present: docker
+    (with a reachable engine), kind and kubectl at their version floors, and a Helm that runs here."""
+    have = {t for t in ("docker", "kind", "kubectl") if shutil.which(t) is not None}
+    missing = [t for t in ("docker", "kind", "kubectl") if t not in have]
+    if shutil.which("helm") is None and not os.environ.get("HELM"):
+        problem = helm_fallback_problem()
+        if problem:
+            missing.append(problem)
     if "docker" not in missing:
         try:
             info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
@@ -47,7 +54,7 @@ def missing_tools() -> list[str]:
                 missing.append(f"a reachable Docker engine (`docker info`: {lines[-1].strip()})")
         except subprocess.TimeoutExpired:
             missing.append("a reachable Docker engine (`docker info` timed out)")
-    return missing
+    return missing + tool_problems(have)
 
 
 def helm_command() -> list[str]:

@@ -1,6 +1,8 @@
-"""The kind suite's cluster: created once per run, with both images built and loaded and the chart installed;
-deleted at the end (MESHBOOT_E2E_KEEP=1 keeps it for poking around). Skips the whole suite, saying why, when
-docker (with a reachable engine), kind or kubectl is missing."""
+"""The kind suite's cluster: created once per run (or reused: MESHBOOT_KIND_CLUSTER), checked against the
+Kubernetes floor, both images built and loaded by `make kind-images` with a content tag and the chart installed at
+that tag; on a failure the logs and `kubectl describe` are saved before the cluster is deleted (MESHBOOT_E2E_KEEP=1
+keeps it). Skips the whole suite, saying why, when docker (with a reachable engine), kind, kubectl or a runnable helm
+is missing or a tool is below its version floor."""
 from __future__ import annotations
 
 import base64
@@ -11,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from e2e.kind import manifests as M
-from e2e.kind.cluster import CHART, REPO_ROOT, Cluster, missing_tools, run, wait_for
-from e2e.kind.settings import CLUSTER_NAME, HUB, KEEP, NODE_IMAGE, RELEASE, RELEASE_NS, TAG, WEBHOOK_CONFIG
+from e2e.kind.cluster import REPO_ROOT, Cluster, missing_tools, wait_for
+from e2e.kind.images import content_tag
+from e2e.kind.lifecycle import artifacts_dir, bring_up, build_and_load, check_server, install, tear_down
+from e2e.kind.settings import CLUSTER_NAME, KEEP, WEBHOOK_CONFIG
 from meshboot import constants as C
 
 _MISSING: list[str] | None = None
@@ -23,7 +27,8 @@ def _why_skip() -> str | None:
     if _MISSING is None:
         _MISSING = missing_tools()
     if _MISSING:
-        return "kind e2e needs " + ", ".join(_MISSING) + " (install docker, kind, kubectl; helm is optional)"
+        return ("kind e2e needs " + ", ".join(_MISSING) +
+                " (docker, kind, kubectl and helm at the versions in README \"Deploy\")")
     return None
 
 
@@ -41,40 +46,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=why))
 
 
-def _build_and_load(cluster: Cluster) -> None:
-    for image, dockerfile in (("meshboot-webhook", "Dockerfile.webhook"), ("meshboot-agent", "Dockerfile.agent")):
-        ref = f"{HUB}/{image}:{TAG}"
-        run(["docker", "build", "-f", str(REPO_ROOT / dockerfile), "-t", ref, str(REPO_ROOT)], timeout=1800)
-        run(["kind", "load", "docker-image", ref, "--name", cluster.name], timeout=600)
-
-
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
-    keep = KEEP
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     workdir = Path(tempfile.mkdtemp(prefix="meshboot-kind-"))
     c = Cluster(CLUSTER_NAME, workdir / "kubeconfig")
-    existing = run(["kind", "get", "clusters"]).stdout.split()
-    created = CLUSTER_NAME not in existing
-    if created:
-        cmd = ["kind", "create", "cluster", "--name", CLUSTER_NAME, "--kubeconfig", str(c.kubeconfig),
-               "--wait", "180s"]
-        if NODE_IMAGE:
-            cmd.append(f"--image={NODE_IMAGE}")
-        run(cmd, timeout=900)
-    else:
-        run(["kind", "export", "kubeconfig", "--name", CLUSTER_NAME, "--kubeconfig", str(c.kubeconfig)])
+    created, failed = bring_up(c), True
     try:
-        _build_and_load(c)
-        c.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--create-namespace",
-               "--set", f"global.hub={HUB}", "--set", f"global.tag={TAG}",
-               # Envoys log each connection (Istio's default format) on istio-proxy's stdout: the mesh test reads it.
-               "--set", "meshConfig.accessLogFile=/dev/stdout", "--wait", "--timeout", "5m")
+        check_server(c)
+        tag = content_tag(REPO_ROOT)
+        build_and_load(c.name, tag)
+        install(c, tag)
+        failed = False
         yield c
+        failed = request.session.testsfailed > 0
     finally:
-        if created and not keep:
-            run(["kind", "delete", "cluster", "--name", CLUSTER_NAME], check=False, timeout=600)
-        elif keep:
-            print(f"keeping kind cluster {CLUSTER_NAME}; kubeconfig {c.kubeconfig}")
+        tear_down(c, created=created, keep=KEEP, failed=failed, out=artifacts_dir(c.name))
 
 
 @pytest.fixture(scope="session")

