@@ -488,6 +488,11 @@ EVERYTHING = [
     ap("ext", "foo", {"action": "CUSTOM", "provider": {"name": "p"}, "rules": [{}]}),
     ap("dry-allow", "foo", {"rules": [{}]}, dry_run=True),
     ap("dry-audit", "foo", {"action": "AUDIT", "rules": [{}]}, dry_run=True),
+    # The longest values allowed, as regexes: Envoy's RE2 program-size limit (the agent's bootstrap sets Istio's
+    # re2.max_program_size.error_level 32768) must not refuse them.
+    ap("long", "foo", {"action": "DENY", "rules": [{"from": [
+        {"source": {"namespaces": ["*" + "n*" * 300 + "x" * 423], "principals": ["*" + "p" * 1023]}},
+        {"source": {"serviceAccounts": ["a" * 150 + "/" + "b" * 169]}}]}]}),
 ]
 
 
@@ -496,7 +501,8 @@ def test_envoy_accepts_the_generated_filters(tmp_path: Path) -> None:
     policies, _ = A.compile(EVERYTHING)
     fs = A.for_workload(policies, "foo", {"app": "tcp-echo"}, TD)
     assert len(fs) == 4
-    boot = {"static_resources": {
+    boot = {"layered_runtime": {"layers": [{"name": "istio", "static_layer": {
+        "re2.max_program_size.error_level": "32768"}}]}, "static_resources": {
         "listeners": [{"name": "virtualInbound", "address": {"socket_address": {"address": "0.0.0.0",
                                                                                 "port_value": 15006}},
                        "filter_chains": [{"filters": [*[json_format.MessageToDict(f) for f in fs], {
