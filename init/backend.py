@@ -3,6 +3,7 @@
 Detection is Istio's rule — legacy if it is usable and already holds rules, else nft, else plain `iptables` — made
 cheap: "legacy holds rules" is first read from /proc/net/ip_tables_names (the legacy tables registered in this netns),
 so the common nft case runs no probe command. Usability is proven by the state check's `-save`, which must succeed.
+On a kernel without nf_tables (its netlink dump is refused as unsupported) legacy is tried before nft.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from .record import Record
 V4, V6 = 4, 6
 LOCK_RETRIES = 5
 CHECKED_TABLES = frozenset({"filter", "nat", "mangle", "raw"})
-_PROC_TABLES = {V4: "/proc/net/ip_tables_names", V6: "/proc/net/ip6_tables_names"}
+_PROC_TABLES = {V4: "ip_tables_names", V6: "ip6_tables_names"}
+NFT_SUBSYS = 10                 # NFNL_SUBSYS_NFTABLES: the nfnetlink subsystem asked whether nf_tables is there
+_EINVAL, _EOPNOTSUPP, _EPROTONOSUPPORT = 22, 95, 93     # Linux errno values (no import of errno: start-up time)
 
 
 class BackendError(RuntimeError):
@@ -128,24 +131,42 @@ def _run(argv: list[str], stdin: str | None = None, timeout: float = 60) -> Resu
 
 
 def legacy_has_tables(family: int) -> bool:
-    try:
-        with open(_PROC_TABLES[family]) as f:
-            return bool(f.read().strip())
-    except OSError:
-        return False
+    """The legacy tables registered in this thread's netns (/proc/thread-self: /proc/net is the process leader's,
+    which differs for a thread that joined a pod's netns); /proc/net where thread-self is not mounted."""
+    for prefix in ("/proc/thread-self/net/", "/proc/net/"):
+        try:
+            with open(prefix + _PROC_TABLES[family]) as f:
+                return bool(f.read().strip())
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return False
 
 
 def nft_tables(family: int) -> set[str] | None:
     """Names of the nf_tables tables of this family in this netns, by one netlink dump (no subprocess);
     None if netlink cannot tell. An empty set means iptables-nft has nothing here: the state check is trivial."""
+    return _nft_dump(family)[0]
+
+
+def nft_support(errno: int) -> str:
+    """What a failed nf_tables dump says about the kernel (pure): "absent" when nfnetlink is missing
+    (EPROTONOSUPPORT at socket()) or has no nf_tables subsystem (EINVAL once the module could not be loaded, or
+    EOPNOTSUPP), "unknown" for anything else (EPERM without CAP_NET_ADMIN, a timeout)."""
+    return "absent" if errno in (_EPROTONOSUPPORT, _EINVAL, _EOPNOTSUPP) else "unknown"
+
+
+def _nft_dump(family: int) -> tuple[set[str] | None, int]:
+    """(table names, 0), or (None, errno) when the kernel refused or netlink failed (errno -1: unreadable)."""
     nfproto = 2 if family == V4 else 10
-    msg_type = (10 << 8) | 1          # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
+    msg_type = (NFT_SUBSYS << 8) | 1  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
     req = struct.pack("=IHHII", 20, msg_type, 0x301, 1, 0) + struct.pack("=BBH", nfproto, 0, 0)
     names: set[str] = set()
     try:
         s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
-    except OSError:
-        return None
+    except OSError as e:
+        return None, e.errno or -1
     try:
         s.settimeout(1.0)
         s.send(req)
@@ -155,12 +176,12 @@ def nft_tables(family: int) -> set[str] | None:
             while off + 16 <= len(data):
                 length, mtype = struct.unpack_from("=IH", data, off)
                 if length < 16:
-                    return None
+                    return None, -1
                 if mtype == 3:      # NLMSG_DONE
-                    return names
+                    return names, 0
                 if mtype == 2:      # NLMSG_ERROR
                     errno = struct.unpack_from("=i", data, off + 16)[0]
-                    return names if errno == 0 else None
+                    return (names, 0) if errno == 0 else (None, -errno)
                 pos, end = off + 20, off + length   # nlmsghdr + nfgenmsg
                 while pos + 4 <= end:
                     alen, atype = struct.unpack_from("=HH", data, pos)
@@ -170,8 +191,8 @@ def nft_tables(family: int) -> set[str] | None:
                         names.add(data[pos + 4:pos + alen].split(b"\0", 1)[0].decode())
                     pos += (alen + 3) & ~3
                 off += (length + 3) & ~3
-    except OSError:
-        return None
+    except OSError as e:
+        return None, e.errno or -1
     finally:
         s.close()
 
@@ -185,35 +206,46 @@ def _legacy_version_ok(cmd: str) -> bool:
     return parts >= (1, 6, 2)
 
 
-def candidates(family: int, force: str) -> list[Backend]:
-    """The backends to try, in Istio's order; the first whose `-save` succeeds is used."""
+def order(force: str, legacy_tables: bool, nft: str) -> list[str]:
+    """The backends to try, by kind ("legacy", "nft", "iptables"), the first usable one wins (pure).
+
+    Istio's rule — legacy when it already holds tables, else nft, else plain `iptables` — plus the case Istio leaves
+    to its plain fallback: on a kernel without nf_tables (`nft` is "absent") legacy comes before nft."""
+    if force in ("legacy", "nft"):
+        return [force]
+    if legacy_tables:
+        return ["legacy", "nft", "iptables"]
+    if nft == "absent":
+        return ["legacy", "nft", "iptables"]
+    return ["nft", "iptables"]
+
+
+def candidates(family: int, force: str, nft: str = "unknown") -> list[Backend]:
+    """The backends to try, in `order`'s order; the first whose `-save` succeeds is used. `nft`: what the kernel
+    said to an nf_tables dump ("present", "absent", "unknown")."""
     base = "iptables" if family == V4 else "ip6tables"
-    legacy = Backend(family, f"{base}-legacy", True, True)
-    nft = Backend(family, f"{base}-nft", False, False)
-    if force == "legacy":
-        return [legacy]
-    if force == "nft":
-        return [nft]
-    out: list[Backend] = []
-    if legacy_has_tables(family) and which(legacy.cmd):
-        out.append(legacy)
-    if which(nft.cmd):
-        out.append(nft)
-    out.append(Backend(family, base, False, False))
-    return out
+    kinds = {"legacy": Backend(family, f"{base}-legacy", True, True),
+             "nft": Backend(family, f"{base}-nft", False, False),
+             "iptables": Backend(family, base, False, False)}
+    picked = order(force, legacy_has_tables(family), nft)
+    if not force:   # unforced: only backends that are installed (plain `iptables` is always tried)
+        picked = [k for k in picked if k == "iptables" or which(kinds[k].cmd)]
+    return [kinds[k] for k in picked]
 
 
 def detect_and_save(family: int, force: str) -> tuple[Backend, str]:
-    """Pick the backend and read its current tables in one go (its `-save` is the usability probe)."""
+    """Pick the backend and read its current tables in one go (its `-save` is the usability probe). The kernel is
+    asked once whether it has nf_tables (a read-only netlink dump: trying, with no side effect); without it, legacy
+    is tried first."""
     errors: list[str] = []
-    for b in candidates(family, force):
+    tables, errno = _nft_dump(family) if force != "legacy" else (None, -1)
+    nft = "present" if tables is not None else nft_support(errno)
+    for b in candidates(family, force, nft):
         if not which(b.cmd) or not which(b.save):
             errors.append(f"{b.cmd}: not found on PATH")
             continue
-        if not b.legacy and b.cmd.endswith("-nft"):
-            tables = nft_tables(family)
-            if tables is not None and not tables & CHECKED_TABLES:
-                return b, ""  # nf_tables holds no iptables table here: nothing to read (saves a subprocess)
+        if not b.legacy and b.cmd.endswith("-nft") and tables is not None and not tables & CHECKED_TABLES:
+            return b, ""  # nf_tables holds no iptables table here: nothing to read (saves a subprocess)
         res = _run([b.save])
         if res.returncode == 0:
             if b.legacy:
@@ -224,7 +256,8 @@ def detect_and_save(family: int, force: str) -> tuple[Backend, str]:
             return b, res.stdout
         errors.append(f"{b.save}: exit {res.returncode}: {res.stderr.strip() or res.stdout.strip()}")
     forced = f" (forced by --force-iptables-binary={force})" if force else ""
-    raise BackendError(f"no usable IPv{family} iptables backend{forced}: " + "; ".join(errors))
+    kernel = " (the kernel has no nf_tables)" if nft == "absent" else ""
+    raise BackendError(f"no usable IPv{family} iptables backend{forced}{kernel}: " + "; ".join(errors))
 
 
 def save(b: Backend) -> str:
