@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
 from . import helper, uds
 from .config import AgentConfig
+from .dns.config import dns_settings
 from .envoy import Admin, EnvoyProcess, active_connections
 from .identity.caclient import CAClient
 from .identity.sds import serve as serve_sds
@@ -23,6 +25,9 @@ from .launch import Launched
 from .log import Log
 from .metrics import Metrics
 from .status import StatusServer, grpc_bootstrap_reason
+
+if TYPE_CHECKING:
+    from .dns.server import DnsServer
 
 log = Log("agent")
 
@@ -43,6 +48,7 @@ class Sidecar:
         self.reason = ""                  # "sigterm" | "quit"
         self.skip_drain = False
         self.envoy: EnvoyProcess = launched.envoy
+        self.dns: DnsServer | None = None       # the DNS proxy; NDS updates go to self.dns.set_table
 
     # -- control --
     def _signal(self, name: str) -> None:
@@ -92,6 +98,7 @@ class Sidecar:
         for name in self.early_signals:       # arrived while Envoy was starting
             self._signal(name)
 
+        self.dns = await self._start_dns()       # first in pilot-agent's Agent.Run too
         ca = None if cfg.file_certs is not None else CAClient(cfg)
         secrets = SecretManager(cfg, ca, self.metrics, prestarted=self.prestarted.get("keygen"),
                                 checker=self.prestarted.get("certcheck"))
@@ -126,6 +133,8 @@ class Sidecar:
         if not self.launched.custom:
             uds.remove(self.launched.bootstrap_path)
         await status.close()
+        if self.dns is not None:
+            await self.dns.close()
         await xds_server.stop(0.5)
         await sds_server.stop(0.5)
         uds.remove(cfg.xds_socket)
@@ -164,6 +173,24 @@ class Sidecar:
                     return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exit_task), 1.0)
+
+    async def _start_dns(self) -> DnsServer | None:
+        """The DNS proxy on 15053 when ISTIO_META_DNS_CAPTURE (or ISTIO_META_ENABLE_DNS_SERVER) is on, else None.
+
+        Its table starts empty, so every name is forwarded: no NDS table reaches it yet (standalone mode has none;
+        in proxy mode the NDS request on the upstream stream is still to be wired, and will call `set_table`).
+        A port it cannot take is logged and the pod runs without it (pilot-agent would not start); a bad
+        DNS_* / ISTIO_META_DNS_CAPTURE value is a configuration error (one line, exit 255)."""
+        if not dns_settings(self.cfg.env).enabled:
+            return None
+        from meshboot.nds import NameTable  # noqa: PLC0415 - only with DNS capture on (RSS budget)
+
+        from .dns.service import start  # noqa: PLC0415 - as above
+        try:
+            return await start(self.cfg.env, self.cfg.pod_namespace, self.cfg.domain, self.metrics, NameTable())
+        except OSError as e:
+            log.error("failed to start the DNS proxy; the app's DNS is captured to a closed port", error=str(e))
+            return None
 
     async def _serve_xds(self) -> grpc.aio.Server:
         cfg = self.cfg

@@ -5,7 +5,6 @@ prefix and its lists are capped.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ class DnsSettings:
 
 def parse_resolv_conf(text: str) -> ResolvConf:
     """`nameserver` (IP addresses only) and the last `search`/`domain` line, as Go's resolv.conf readers do."""
+    import ipaddress  # noqa: PLC0415 - only with DNS capture on; dns_settings() runs at every start
     servers: list[str] = []
     search: list[str] = []
     for line in text[:MAX_RESOLV_CONF].splitlines():
@@ -87,6 +87,7 @@ def dns_settings(env: Mapping[str, str], uid: int | None = None) -> DnsSettings:
 
 def listen_addresses(addr: str, rc: ResolvConf) -> list[tuple[str, int]]:
     """`localhost` means 127.0.0.1 and/or ::1, by the families of the resolv.conf servers (Istio's rule)."""
+    import ipaddress  # noqa: PLC0415 - as above
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
     if host != "localhost":

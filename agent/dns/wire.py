@@ -179,9 +179,26 @@ def is_reply_to(q: Query, data: bytes) -> bool:
 
 
 def fit(q: Query, data: bytes, limit: int) -> bytes:
-    """An upstream reply cut to the client's limit: if it does not fit, the header and question with TC set, so the
-    client asks again over TCP (the proxy forwards that over TCP too)."""
+    """An upstream reply cut to the client's limit as miekg's Truncate cuts it: the whole records that fit, in
+    order, and TC set. Keeping some answers matters: glibc takes a reply with no answers, no AA and no RA for a lame
+    server and never retries it over TCP. A reply that cannot be walked keeps only its header and question."""
     if len(data) <= limit:
         return data
-    _, flags = struct.unpack_from("!HH", data)
-    return HEADER.pack(q.id, flags | TC, 1, 0, 0, 0) + q.question
+    qid, flags, qd, *counts = HEADER.unpack_from(data)
+    kept = [0, 0, 0]
+    try:
+        _, end = read_name(data, HEADER.size, pointers=True)
+        end += 4
+        if qd != 1 or end > limit:
+            raise _Bad("question")
+        for section, count in enumerate(counts):
+            for _ in range(count):
+                nxt, _ = _skip_records(data, end, 1)
+                if nxt > limit:
+                    raise _Bad("full")
+                end, kept[section] = nxt, kept[section] + 1
+    except _Bad:
+        pass
+    if not any(kept):
+        return HEADER.pack(qid, flags | TC, 1, 0, 0, 0) + q.question
+    return HEADER.pack(qid, flags | TC, 1, *kept) + data[HEADER.size:end]

@@ -60,7 +60,7 @@ class _Tcp(socketserver.StreamRequestHandler):
                 self.wfile.write(struct.pack("!H", len(out)) + out)
 
 
-def serve(host: str, port: int) -> tuple[socketserver.BaseServer, socketserver.BaseServer]:
+def serve(host: str, port: int) -> tuple[socketserver.UDPServer, socketserver.TCPServer]:
     """UDP and TCP servers on host:port (port 0: the same free port for both), each in a daemon thread."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 

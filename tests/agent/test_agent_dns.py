@@ -11,6 +11,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import dns.edns
 import dns.flags
@@ -18,6 +19,7 @@ import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 import dns_upstream
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -28,7 +30,7 @@ from agent.dns import config as dnsconfig
 from agent.dns import server as dnsserver
 from agent.dns.resolver import Scope, build, lookup
 from agent.dns.server import DnsServer
-from agent.dns.wire import TYPE_A, TYPE_AAAA, TYPE_CNAME
+from agent.dns.wire import TYPE_A, TYPE_AAAA, TYPE_CNAME, Query, fit, parse_query
 from agent.metrics import Metrics
 from meshboot import nds
 from meshboot.nds import NameInfo, NameTable, NdsError
@@ -142,7 +144,7 @@ def test_dns_settings_follow_pilot_agents_env() -> None:
 
 # ---- NDS ----------------------------------------------------------------------------------------------------------
 
-def _nds_class() -> type:
+def _nds_class() -> Any:
     """istio.networking.nds.v1.NameTable built at runtime from the field numbers in istio's nds.proto."""
     fdp = descriptor_pb2.FileDescriptorProto(name="nds_test.proto", package="istio.networking.nds.v1",
                                              syntax="proto3")
@@ -324,7 +326,7 @@ def test_fuzz_any_packet_gets_a_parseable_reply_or_nothing(data: bytes) -> None:
 @pytest.fixture
 def upstream() -> Iterator[int]:
     udp, tcp = dns_upstream.serve("127.0.0.1", 0)
-    yield tcp.server_address[1]
+    yield tcp.socket.getsockname()[1]
     for s in (udp, tcp):
         s.shutdown()
         s.server_close()
@@ -364,7 +366,7 @@ def test_server_answers_mesh_names_and_forwards_the_rest_over_udp_and_tcp(upstre
             nx = dns.message.from_wire(await _udp(port, dns.message.make_query("nope.example.", "A").to_wire()))
             assert nx.rcode() == dns.rcode.NXDOMAIN
             big = dns.message.from_wire(await _udp(port, dns.message.make_query("big.example.", "A").to_wire()))
-            assert big.flags & dns.flags.TC and not big.answer                  # cut to 512: retry over TCP
+            assert big.flags & dns.flags.TC and 0 < len(big.answer[0]) < 100    # cut to 512: retry over TCP
             a, aaaa, big_tcp = (dns.message.from_wire(x) for x in await _tcp(
                 port, dns.message.make_query("web.demo.svc.cluster.local.", "A").to_wire(),
                 dns.message.make_query("external.example.", "AAAA").to_wire(),
@@ -415,3 +417,19 @@ def test_forwarded_queries_in_flight_are_bounded(upstream: int, monkeypatch: pyt
         finally:
             await s.close()
     asyncio.run(run())
+
+
+def test_an_upstream_reply_too_large_keeps_the_records_that_fit() -> None:
+    q = dns.message.make_query("big.example.", "A")
+    parsed = parse_query(q.to_wire())
+    assert isinstance(parsed, Query)
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text_list(q.question[0].name, 60, "IN", "A", [f"10.0.0.{i}" for i in range(99)]))
+    r.additional.append(dns.rrset.from_text("ns.example.", 60, "IN", "A", "10.1.1.1"))
+    wire = r.to_wire()
+    cut = dns.message.from_wire(fit(parsed, wire, 512))
+    assert cut.flags & dns.flags.TC and cut.id == q.id and 0 < len(cut.answer[0]) < 99 and not cut.additional
+    assert fit(parsed, wire, 4096) == wire
+    garbage = wire[:29] + b"\xff" * 600                             # records that cannot be walked
+    bare = dns.message.from_wire(fit(parsed, garbage, 512))
+    assert bare.flags & dns.flags.TC and not bare.answer and bare.question == q.question
