@@ -86,6 +86,7 @@ class Cluster:
 
     name: str
     kubeconfig: Path
+    tag: str = ""           # the images' content tag this run built and installed
 
     @property
     def env(self) -> dict[str, str]:

@@ -53,9 +53,9 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     created, failed = bring_up(c), True
     try:
         check_server(c)
-        tag = content_tag(REPO_ROOT)
-        build_and_load(c.name, tag)
-        install(c, tag)
+        c.tag = content_tag(REPO_ROOT)
+        build_and_load(c.name, c.tag)
+        install(c, c.tag)
         failed = False
         yield c
         failed = request.session.testsfailed > 0
@@ -74,9 +74,10 @@ def mesh(cluster: Cluster) -> Cluster:
     cluster.apply(M.namespace(M.MESH_NS, inject=True) + "---\n" + M.namespace(M.PLAIN_NS, inject=False))
     wait_for(f"ConfigMap {C.ROOT_CERT_CONFIGMAP} in {M.MESH_NS}",
              lambda: cluster.get_json("configmap", C.ROOT_CERT_CONFIGMAP, "-n", M.MESH_NS), timeout=120)
-    cluster.apply(M.server() + "---" + M.client())
-    cluster.apply(M.client(M.PLAIN_NS))
-    cluster.apply(M.client(M.MESH_NS, name="optout", labels={C.LABEL_INJECT: "false"}))
+    # the build's tag in each pod template: on a reused cluster, pods injected by an earlier build are replaced
+    cluster.apply(M.server(build=cluster.tag) + "---" + M.client(build=cluster.tag))
+    cluster.apply(M.client(M.PLAIN_NS, build=cluster.tag))
+    cluster.apply(M.client(M.MESH_NS, name="optout", labels={C.LABEL_INJECT: "false"}, build=cluster.tag))
     for ns, app in ((M.MESH_NS, "server"), (M.MESH_NS, "client"), (M.PLAIN_NS, "client"), (M.MESH_NS, "optout")):
         cluster.kubectl("rollout", "status", f"deployment/{app}", "-n", ns, "--timeout=300s", timeout=330)
     return cluster

@@ -10,6 +10,7 @@ SERVER_IMAGE = "python:3.11-slim"
 CLIENT_IMAGE = "curlimages/curl:8.11.1"
 # Has iptables (both backends) and ss; used only in ephemeral debug containers.
 NETSHOOT_IMAGE = "nicolaka/netshoot:v0.13"
+BUILD_ANNOTATION = "meshboot.io/e2e-build"
 
 
 def namespace(name: str, inject: bool) -> str:
@@ -17,7 +18,13 @@ def namespace(name: str, inject: bool) -> str:
     return f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{label}\n"
 
 
-def server(ns: str = MESH_NS) -> str:
+def _build(build: str) -> str:
+    """A pod-template annotation with the image tag: a reused cluster re-creates (and so re-injects) the pods when the
+    build changes, instead of keeping pods injected with an earlier build's images."""
+    return f", annotations: {{{BUILD_ANNOTATION}: {build!r}}}" if build else ""
+
+
+def server(ns: str = MESH_NS, build: str = "") -> str:
     return f"""
 apiVersion: apps/v1
 kind: Deployment
@@ -26,7 +33,7 @@ spec:
   replicas: 1
   selector: {{matchLabels: {{app: server}}}}
   template:
-    metadata: {{labels: {{app: server, version: v1}}}}
+    metadata: {{labels: {{app: server, version: v1}}{_build(build)}}}
     spec:
       terminationGracePeriodSeconds: 5
       containers:
@@ -45,7 +52,7 @@ spec:
 """
 
 
-def client(ns: str = MESH_NS, name: str = "client", labels: dict[str, str] | None = None) -> str:
+def client(ns: str = MESH_NS, name: str = "client", labels: dict[str, str] | None = None, build: str = "") -> str:
     extra = "".join(f", {k!r}: {v!r}" for k, v in (labels or {}).items())
     return f"""
 apiVersion: apps/v1
@@ -55,7 +62,7 @@ spec:
   replicas: 1
   selector: {{matchLabels: {{app: {name}}}}}
   template:
-    metadata: {{labels: {{app: {name}{extra}}}}}
+    metadata: {{labels: {{app: {name}{extra}}}{_build(build)}}}
     spec:
       terminationGracePeriodSeconds: 2
       containers:

@@ -51,7 +51,7 @@ def test_injected_pods_are_2_of_2_ready(mesh: Cluster, app: str) -> None:
     assert C.ANNOTATION_STATUS in pod["metadata"]["annotations"]
     for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
         if c["name"] in (C.INIT_CONTAINER, C.PROXY_CONTAINER):
-            assert "/meshboot-agent:" in c["image"]
+            assert c["image"].endswith(f"/meshboot-agent:{mesh.tag}"), "injected with this run's build"
     assert wait_for(f"{pod_name} 2/2", lambda: mesh.ready_column(M.MESH_NS, pod_name) == "2/2", timeout=180)
     assert _ready_counts(mesh.get_json("pod", pod_name, "-n", M.MESH_NS)) == (2, 2)
 

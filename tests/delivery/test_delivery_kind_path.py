@@ -274,3 +274,20 @@ def test_tear_down_deletes_only_what_it_created(tmp_path: Path, monkeypatch: pyt
     lifecycle.tear_down(Cluster("e2e", tmp_path / "kc"), created=created, keep=keep, failed=failed, out=out)
     assert ("kind delete cluster --name e2e" in f.argv()) == (created and not keep)
     assert out.exists() == failed
+
+
+def test_workloads_carry_the_build_so_a_reused_cluster_reinjects() -> None:
+    import kubernetes_validate
+
+    from e2e.kind import manifests as M
+
+    tag = images.content_tag(ROOT)
+    docs = [d for d in yaml.safe_load_all("---\n".join([M.server(build=tag), M.client(build=tag),
+                                                        M.client(name="optout", labels={"a": "b"}, build=tag)])) if d]
+    for d in docs:
+        kubernetes_validate.validate(d, "1.29.0", strict=True)
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 3
+    for d in deployments:
+        assert d["spec"]["template"]["metadata"]["annotations"] == {M.BUILD_ANNOTATION: tag}
+    assert "annotations" not in yaml.safe_load(M.client().split("---")[0])["spec"]["template"]["metadata"]
