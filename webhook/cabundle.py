@@ -63,7 +63,10 @@ def stale(obj: Any, bundle_b64: str) -> bool:
 def patch_ops(obj: Any, bundle_b64: str) -> list[dict[str, Any]]:
     """A JSON Patch setting caBundle on every entry, each guarded by a `test` of the entry's name."""
     ops: list[dict[str, Any]] = []
-    for i, hook in enumerate(_entries(obj)):
+    hooks = obj.get("webhooks") if isinstance(obj, dict) else None
+    for i, hook in enumerate(hooks if isinstance(hooks, list) else []):
+        if not isinstance(hook, dict):
+            continue            # indexes stay those of the stored list
         ops.append({"op": "test", "path": f"/webhooks/{i}/name", "value": hook.get("name")})
         ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle_b64})
     return ops
@@ -179,6 +182,9 @@ class CABundlePatcher:
         if obj is None:
             self.problem = "the configuration does not exist (yet)"
             return
+        md = obj.get("metadata") if isinstance(obj, dict) else None
+        if not isinstance(md, dict) or md.get("name") != self.name:
+            raise StreamError("an object that is not the watched configuration")
         bundle = base64.b64encode(self.bundle()).decode()
         if not stale(obj, bundle):
             self._synced()

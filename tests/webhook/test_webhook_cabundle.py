@@ -76,6 +76,8 @@ def test_decisions_are_per_entry() -> None:
     assert stale(obj, B64)
     assert stale(_mwc("a"), B64), "an entry without a caBundle is stale"
     assert not stale({"webhooks": "junk"}, B64) and not stale(None, B64)
+    assert [op["path"] for op in patch_ops({"webhooks": ["junk", _hook("a")]}, B64)] == [
+        "/webhooks/1/name", "/webhooks/1/clientConfig/caBundle"], "indexes are the stored list's"
     ops = patch_ops(obj, B64)
     assert ops == [{"op": "test", "path": "/webhooks/0/name", "value": "a"},
                    {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": B64},
@@ -255,3 +257,19 @@ def test_control_plane_is_not_ready_until_its_bundle_is_in_place(kube: FakeKube,
             proc.terminate()
             reap(proc)
     assert "Traceback" not in (tmp_path / "log").read_text(errors="replace")
+
+
+def test_hostile_stream_is_refused_with_one_line() -> None:
+    from webhook.cabundle import StreamError, lines, parse
+
+    assert list(lines([b'{"a":', b'1}\n\n{"b":2}'])) == [b'{"a":1}', b'{"b":2}']
+    with pytest.raises(StreamError, match="longer than 16 bytes"):
+        list(lines([b"x" * 10, b"y" * 10], cap=16))
+    for junk in (b"not json", b"[" * 200, b'{"a": NaN}'):
+        with pytest.raises(StreamError):
+            parse(junk)
+    p = CABundlePatcher(None, MWC, lambda: BUNDLE)
+    for event in ({"type": "ERROR", "object": {"code": 500, "message": "boom"}}, {"type": "WHAT", "object": {}},
+                  {"type": "MODIFIED", "object": {"metadata": {"name": "other"}, "webhooks": []}}, "junk"):
+        with pytest.raises(StreamError):
+            p._event(event)
