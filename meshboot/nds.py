@@ -12,6 +12,7 @@ Field numbers (istio/istio pkg/dns/proto/nds.proto):
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from .protowire import varint
@@ -32,7 +33,7 @@ class NdsError(ValueError):
     """The bytes are not a NameTable we accept (malformed or over a bound); the message says which."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NameInfo:
     ips: tuple[str, ...] = ()
     registry: str = ""
@@ -147,7 +148,8 @@ def decode_info(data: bytes, host: str) -> NameInfo:
             alt.append(_text(v, f"{host[:64]}: alt_hosts", MAX_NAME))
             if len(alt) > MAX_ALT_HOSTS:
                 raise NdsError(f"{host[:64]}: more than {MAX_ALT_HOSTS} alt_hosts")
-    return NameInfo(tuple(ips), scalars[2], scalars[3], scalars[4], tuple(alt))
+    # registry and namespace repeat across thousands of entries: one string object each
+    return NameInfo(tuple(ips), sys.intern(scalars[2]), scalars[3], sys.intern(scalars[4]), tuple(alt))
 
 
 def decode(data: bytes) -> NameTable:

@@ -40,14 +40,30 @@ class Scope:
 
 @dataclass
 class LookupTable:
-    """Names (lowercase, trailing dot) → index into `addrs` (v4 packed, v6 packed); search-suffixed names → CNAME."""
+    """Names (lowercase, trailing dot) → index into `addrs` (v4 packed, v6 packed). The search-suffixed names are
+    not stored: `<name><first>` is recognised at lookup time (`cname_target`), which halves the table's memory."""
 
     hosts: dict[str, int] = field(default_factory=dict)
     addrs: list[tuple[tuple[bytes, ...], tuple[bytes, ...]]] = field(default_factory=list)
-    cname: dict[str, str] = field(default_factory=dict)
+    first: str = ""                        # the first search domain, lowercase, with a trailing dot; "" for none
 
     def __len__(self) -> int:
-        return len(self.hosts) + len(self.cname)
+        return len(self.hosts)
+
+    def cname_target(self, name: str) -> str | None:
+        """The name that `name` is the first search-list try of, as Istio's CNAME table has it: `<h><first>` for
+        every h not already under the first search domain, unless that is a name of the same entry."""
+        first = self.first
+        if not first or not name.endswith(first):
+            return None
+        base = name[:-len(first)]
+        index = self.hosts.get(base)
+        if index is None or base.endswith(first) or self.hosts.get(name) == index:
+            return None
+        return base
+
+    def has(self, name: str) -> bool:
+        return name in self.hosts or self.cname_target(name) is not None
 
 
 def split_ips(ips: Sequence[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
@@ -83,34 +99,27 @@ def alt_hosts(host: str, ni: NameInfo, scope: Scope) -> set[str]:
 
 
 def build(nt: NameTable, scope: Scope) -> LookupTable:
-    """The lookup table for one NameTable; the NameTable's own bounds bound it (≤ (5 + alt_hosts) × 2 per entry)."""
-    lt = LookupTable()
-    first = scope.search[0].lower().rstrip(".") + "." if scope.search else ""
+    """The lookup table for one NameTable; the NameTable's own bounds bound it (≤ 4 + alt_hosts names per entry)."""
+    lt = LookupTable(first=scope.search[0].lower().rstrip(".") + "." if scope.search else "")
     for host, ni in nt.table.items():
-        names = alt_hosts(host, ni, scope)
         v4, v6 = split_ips(ni.ips)
         if not v4 and not v6:
             continue
         index = len(lt.addrs)
         lt.addrs.append((v4, v6))
-        lowered = {h.lower() for h in names}
-        for h in lowered:
-            lt.hosts[h] = index
-            if first and not h.endswith(first):
-                expanded = h + first
-                if expanded not in lowered:
-                    lt.cname[expanded] = h
+        for h in alt_hosts(host, ni, scope):
+            lt.hosts[h.lower()] = index
     return lt
 
 
 def _find(lt: LookupTable, name: str) -> tuple[str, bool] | None:
     """The table key that answers `name` and whether it is a wildcard, or None."""
-    if name in lt.hosts or name in lt.cname:
+    if lt.has(name):
         return name, False
     labels = name.rstrip(".").split(".")
     for i in range(len(labels)):
         key = "*." + ".".join(labels[i + 1:]) + "."
-        if key in lt.hosts or key in lt.cname:
+        if lt.has(key):
             return key, True
     return None
 
@@ -124,7 +133,7 @@ def lookup(lt: LookupTable, qtype: int, name: str, rng: random.Random | None = N
         return None
     key, wildcard = found
     out: list[Record] = []
-    target = lt.cname.get(key)
+    target = lt.cname_target(key)
     if target is not None:
         out.append(Record(name, TYPE_CNAME, TTL, encode_name(target)))
         key = target
