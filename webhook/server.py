@@ -41,7 +41,7 @@ from meshboot.files import stamps, write_atomic
 from meshboot.monitoring import start_monitoring
 from webhook import metrics
 from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCache, review_bytes
-from webhook.cabundle import CABundlePatcher
+from webhook.cabundle import CABundlePatcher, patch_ops
 from webhook.config import ConfigSource, parse_kubernetes_version
 from webhook.config import load_mesh as load_mesh  # for the wiring: discovery reads the same mesh config
 from webhook.errors import ConfigError
@@ -359,18 +359,13 @@ def self_signed(service: str, namespace: str, out_dir: str, ca_bundle_out: str |
 
 
 def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
-    """Set caBundle on every webhook of MutatingWebhookConfiguration `name` (what istiod does); returns the count.
-
-    A JSON Patch with a `test` of each webhook's name, so a concurrent edit fails the patch instead of being undone.
-    """
+    """Set caBundle on every webhook of MutatingWebhookConfiguration `name` once; returns the count. The server keeps
+    it right with `watch_webhook_ca_bundle`; this is the one-shot form of the same JSON Patch (`cabundle.patch_ops`:
+    a `test` of each webhook's name, so a concurrent edit fails the patch instead of being undone)."""
     from kubernetes import client  # noqa: PLC0415 - kubernetes only in a cluster, when asked to patch
     api = client.AdmissionregistrationV1Api(api_client)
-    mwc = api.read_mutating_webhook_configuration(name)
-    bundle = base64.b64encode(ca_pem).decode()
-    ops: list[dict[str, Any]] = []
-    for i, hook in enumerate(mwc.webhooks or []):
-        ops.append({"op": "test", "path": f"/webhooks/{i}/name", "value": hook.name})
-        ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle})
+    stored = api_client.sanitize_for_serialization(api.read_mutating_webhook_configuration(name))
+    ops = patch_ops(stored, base64.b64encode(ca_pem).decode())
     if ops:
         api.patch_mutating_webhook_configuration(name, ops, _content_type="application/json-patch+json")
     return len(ops) // 2
@@ -386,7 +381,7 @@ def watch_webhook_ca_bundle(api_client: Any, name: str, bundle: Callable[[], byt
     """Keep caBundle = `bundle()` on every webhook of configuration `name` (watched, re-patched on any drift, retried
     with back-off); the injector is not ready until it was right once (webhook/cabundle.py)."""
     patcher = CABundlePatcher(api_client, name, bundle).start()
-    _GATES.append(patcher.not_ready_reason)
+    add_ready_gate(patcher.not_ready_reason)
     return patcher
 
 
