@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +32,9 @@ from discovery import ads, debug
 from discovery import protocol as P
 from discovery.snapshot import StaticSnapshot
 from meshboot import constants as C
+from meshboot.monitoring import add_debug, start_monitoring
 from testing.fakekube import FakeKube
+from testing.sockets import serve_in_thread
 from testing.tokens import Issuer
 from tests.discovery.test_discovery_ads import NODE_A, Client, Harness, cla, delta, eds_cluster, sotw, tcp_listener
 from tests.discovery.test_discovery_service import (
@@ -131,17 +136,26 @@ def wait_ready(url: str, timeout: float = 30.0) -> bytes:
         time.sleep(0.1)
 
 
-def subscribe(client: Client, node_id: str, sa: str, nack_lds: bool = False) -> None:
-    """What Envoy does on start: CDS, EDS for the clusters it got, LDS; each ACKed (or LDS NACKed)."""
+def subscribe(client: Client, node_id: str, sa: str, nack_lds: bool = False) -> threading.Thread:
+    """What Envoy does: CDS, EDS for the clusters it got, LDS, then answer every response — ACK, or NACK each LDS —
+    in a thread, so a push the control plane makes at any time is answered too."""
+    names = {P.CDS: (), P.EDS: (WEB,), P.LDS: ()}
     client.send(sotw(P.CDS, node_id=node_id, NAMESPACE=NS, SERVICE_ACCOUNT=sa))
-    cds = client.recv(timeout=30)
-    client.send(sotw(P.CDS, nonce=cds.nonce, version=cds.version_info))
     client.send(sotw(P.EDS, (WEB,)))
-    eds = client.recv()
-    client.send(sotw(P.EDS, (WEB,), nonce=eds.nonce, version=eds.version_info))
     client.send(sotw(P.LDS))
-    lds = client.recv()
-    client.send(sotw(P.LDS, nonce=lds.nonce, error="listener rejected by this test" if nack_lds else None))
+
+    def answer() -> None:
+        while True:
+            try:
+                r = client.recv(timeout=60)
+            except (queue.Empty, grpc.RpcError):
+                return
+            nack = "listener rejected by this test" if nack_lds and r.type_url == P.LDS else None
+            client.send(sotw(r.type_url, names.get(r.type_url, ()), nonce=r.nonce, version=r.version_info,
+                             error=nack))
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return thread
 
 
 def proxy_status(plane: Plane, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -155,7 +169,7 @@ def rows_by_proxy(plane: Plane, expect: int) -> dict[str, Any]:
         code, body = get(plane.monitoring + "/debug/syncz")
         assert code == 200, body
         rows = {r["proxy"]: r for r in json.loads(body)}
-        settled = all(r["sync_status"][t] != "STALE" for r in rows.values() for t in ("CDS", "EDS", "LDS"))
+        settled = all(r["sync_status"][t] in ("SYNCED", "ERROR") for r in rows.values() for t in ("CDS", "EDS", "LDS"))
         if len(rows) == expect and settled:
             return rows
         assert time.monotonic() < deadline, rows
@@ -233,12 +247,50 @@ def test_config_dump_answers_hostile_queries_with_one_line(plane: Plane, query: 
     assert len(body) < 1024 and b"Traceback" not in body
 
 
-def test_unknown_debug_path_and_non_loopback_peers(plane: Plane) -> None:
+def test_unknown_debug_path_and_the_rest_of_the_monitoring_port(plane: Plane) -> None:
     wait_ready(plane.webhook)
     code, body = get(plane.monitoring + "/debug/pprof")
     assert code == 404 and b"/debug/syncz" in body
     code, body = get(plane.monitoring + "/metrics")
     assert code == 200 and b"pilot_xds" in body                              # the monitoring port is unchanged
+
+
+def own_address() -> str:
+    """This host's address on its default route (no packet is sent): a peer that is not loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            pytest.skip("no non-loopback IPv4 address on this host")
+        return str(s.getsockname()[0])
+
+
+def test_debug_answers_loopback_peers_only() -> None:
+    """Like istiod's debug handlers without a token: a client on the host (kubectl port-forward arrives there) is
+    served; one from another address is refused, while /metrics stays open to scrapers."""
+    address = own_address()
+
+    async def handler(target: str) -> tuple[str, str, bytes]:
+        return "200 OK", "application/json", json.dumps({"target": target}).encode()
+
+    unregister = add_debug(handler)
+    try:
+        with serve_in_thread(lambda: start_monitoring("0.0.0.0", 0)) as port:
+            assert get(f"http://127.0.0.1:{port}/debug/syncz?x=1") == (200, b'{"target": "/debug/syncz?x=1"}')
+            code, body = get(f"http://{address}:{port}/debug/syncz")
+            assert code == 403 and b"loopback clients only" in body
+            assert get(f"http://{address}:{port}/healthz")[0] == 200
+            time.sleep(0.2)     # the answer is on the wire before its handler returns: let it, then stop the loop
+    finally:
+        unregister()
+
+
+@pytest.mark.parametrize("value", ["15010", "host:", ":99999", ":1e3", ":١٥٠١٠"])
+def test_a_bad_grpc_addr_is_one_line_and_exit_2(value: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "controlplane", "--ca-dir", str(tmp_path), "--token-review",
+                           "--grpcAddr", value], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("meshboot-webhook: --grpcAddr: "), proc.stderr
+    assert proc.stderr.count("\n") == 1
 
 
 def test_many_proxies_bounded_syncz_and_plaintext_needs_the_token(plane: Plane) -> None:
