@@ -27,7 +27,7 @@ from .ads import MAX_STREAMS, AdsServer, Authenticate, new_grpc_server
 from .model import Mesh, ModelError, Proxy, Service
 from .peerauth import DEFAULT_ROOT_NAMESPACE
 from .push import DEBOUNCE_AFTER, DEBOUNCE_MAX, PushQueue, PushRequest
-from .snapshot import push_version
+from .snapshot import layered, push_version
 from .store import Changed, Key
 from .store import Snapshot as StoreSnapshot
 from .watch import Watcher
@@ -42,6 +42,9 @@ SYNC_WAIT = 30.0            # a proxy that connects before the first full list w
 MAX_PROXIES_CACHED = 8192   # per-proxy resources kept per snapshot (more connected proxies: rebuilt on demand)
 IGNORED = Gauge("meshboot_discovery_ignored_objects",
                 "Watched objects left out of the last pushed configuration (see the log for why)")
+PROBLEMS = Gauge("meshboot_discovery_object_problems",
+                 "Watched objects left out or not fully applied in the last pushed configuration, by kind", ["kind"])
+PROBLEM_KINDS = ("Service", "Pod", "EndpointSlice", "PeerAuthentication", "AuthorizationPolicy")
 
 
 class Served:
@@ -57,7 +60,7 @@ class Served:
                  previous: Served | None = None) -> None:
         self.objects, self.mesh, self.root_namespace = objects, mesh, root_namespace
         self._version = push_version()
-        self._proxies: dict[tuple[str, ...], dict[str, dict[str, Message]]] = {}
+        self._proxies: dict[tuple[str, ...], dict[str, Mapping[str, Message]]] = {}
         # The Served to derive from: never a chain (an anchor's own anchor is dropped once its resources exist).
         self._anchor: Served | None = previous
         if previous is not None and "shared" not in previous.__dict__:
@@ -109,11 +112,22 @@ class Served:
             return endpoints if known else {}
         if resources is None:
             mine = self._mine(proxy)
-            resources = {} if mine is None else generate.for_proxy(self.built.model, self.shared, mine).by_type()
+            resources = {} if mine is None else self._generate(mine)
             if len(self._proxies) >= MAX_PROXIES_CACHED:
                 self._proxies.clear()
             self._proxies[key] = resources
         return resources.get(type_url, {})
+
+    @cached_property
+    def _by_name(self) -> dict[str, dict[str, Message]]:
+        shared = self.shared
+        return {P.CDS: {c.name: c for c in shared.clusters}, P.LDS: {x.name: x for x in shared.listeners}}
+
+    def _generate(self, mine: Proxy) -> dict[str, Mapping[str, Message]]:
+        """The proxy's CDS and LDS (`generate.for_proxy`) as layers over the shared ones (snapshot.Layered)."""
+        res, shared, by_name = generate.for_proxy(self.built.model, self.shared, mine), self.shared, self._by_name
+        return {P.CDS: layered(by_name[P.CDS], shared.clusters, res.clusters, _name),
+                P.LDS: layered(by_name[P.LDS], shared.listeners, res.listeners, _name)}
 
     def _mine(self, proxy: P.Proxy) -> Proxy | None:
         """The generator's view of the connected node; None (logged) when the model refuses it."""
@@ -122,6 +136,10 @@ class Served:
         except ModelError as e:
             log.warning("no configuration for proxy", extra={"proxy": proxy.id[:200], "error": str(e)})
             return None
+
+
+def _name(resource: Any) -> str:
+    return str(resource.name)
 
 
 def _sliced_services(old: Served, new: Served, slices: frozenset[Key]) -> set[Key]:
@@ -144,6 +162,15 @@ def _endpoints_only(old: Served, new: Served, key: Key) -> bool:
     if a != b or b.headless or not b.selector:
         return False
     return generate.service_sans(old.built.model, a) == generate.service_sans(new.built.model, b)
+
+
+def problem_counts(problems: tuple[str, ...]) -> dict[str, int]:
+    """Problem lines per kind (each line starts with its kind); a bounded label set: anything else is "other"."""
+    counts = dict.fromkeys((*PROBLEM_KINDS, "other"), 0)
+    for problem in problems:
+        kind = problem.split(" ", 1)[0]
+        counts[kind if kind in PROBLEM_KINDS else "other"] += 1
+    return counts
 
 
 def classify(old: Served, new: Served, keys: Mapping[str, frozenset[Key]]) -> PushRequest | None:
@@ -259,6 +286,8 @@ class Discovery:
     def _report(self, problems: tuple[str, ...]) -> None:
         """Log each object left out once (until it is fixed), and count them."""
         IGNORED.set(len(problems))
+        for kind, count in problem_counts(problems).items():
+            PROBLEMS.labels(kind).set(count)
         for problem in problems:
             if problem not in self._reported:
                 log.warning("watched object ignored", extra={"problem": problem[:500]})

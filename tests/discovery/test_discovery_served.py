@@ -108,3 +108,31 @@ def test_slice_problems_follow_the_slice() -> None:
     third = pushed(store, second)
     same_as_fresh(store, third)
     assert not any("web-bad" in p for p in third.built.problems)
+
+
+def test_a_proxys_resources_are_layers_over_the_shared_ones_and_serialize_the_same() -> None:
+    from envoy.service.discovery.v3 import discovery_pb2 as dpb
+
+    from discovery import ads
+    from discovery.snapshot import Layered
+    served = pushed(mesh())
+    proxy = parsed_node(NODE, NAMESPACE=NS, SERVICE_ACCOUNT="web")
+    encoder = ads.Encoder()
+    for type_url in (P.CDS, P.LDS):
+        layers = served.resources_for(proxy, type_url)
+        assert isinstance(layers, Layered) and layers.shared is served.resources_for(
+            parsed_node("sidecar~10.1.0.9~db-1.demo~demo.svc.cluster.local", NAMESPACE=NS, SERVICE_ACCOUNT="db"),
+            type_url).shared                                        # one shared layer for every proxy
+        plain = dict(layers.items())
+        assert len(layers) == len(plain) and all(layers[n] is plain[n] for n in plain)
+        assert ("inbound|8080||" if type_url == P.CDS else "virtualInbound") in layers.own
+        watch = P.Watch(type_url, wildcard=True)
+        fast = dpb.DiscoveryResponse.FromString(ads._sotw_response(watch, layers, encoder, None, "v1", "n1"))
+        slow = dpb.DiscoveryResponse.FromString(ads._sotw_response(watch, plain, encoder, None, "v1", "n1"))
+        key = lambda r: r.value  # noqa: E731
+        assert sorted(fast.resources, key=key) == sorted(slow.resources, key=key) and len(fast.resources) == len(plain)
+    eds = served.resources_for(proxy, P.EDS)
+    watch = P.Watch(P.EDS, names=set(eds), names_from=tuple(eds))
+    twice = [ads._sotw_response(watch, eds, encoder, None, "v1", "n1") for _ in range(2)]
+    plain_watch = P.Watch(P.EDS, names=set(eds))
+    assert twice[0] == twice[1] == ads._sotw_response(plain_watch, eds, encoder, None, "v1", "n1")
