@@ -433,3 +433,32 @@ def test_an_upstream_reply_too_large_keeps_the_records_that_fit() -> None:
     garbage = wire[:29] + b"\xff" * 600                             # records that cannot be walked
     bare = dns.message.from_wire(fit(parsed, garbage, 512))
     assert bare.flags & dns.flags.TC and not bare.answer and bare.question == q.question
+
+
+@pytest.mark.fuzz
+@budget(300)
+@given(st.binary(min_size=12, max_size=2000), st.sampled_from([512, 1232, 4096]))
+def test_fuzz_an_upstream_reply_is_cut_to_the_limit_or_passed_whole(data: bytes, limit: int) -> None:
+    q = parse_query(dns.message.make_query("x.example.", "A").to_wire())
+    assert isinstance(q, Query)
+    out = fit(q, data, limit)
+    assert out == data if len(data) <= limit else len(out) <= limit and out[:2] == data[:2]
+
+
+def test_parallel_forwarding_takes_the_first_answer(upstream: int) -> None:
+    async def run() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:       # a nameserver that never answers
+            hole.bind(("127.0.0.2", upstream))
+            s = DnsServer(SCOPE, ["127.0.0.2", "127.0.0.1"], Metrics(), timeout=2, parallel=True,
+                          upstream_port=upstream)
+            s.set_table(TABLE)
+            await s.start([("127.0.0.1", 0)])
+            try:
+                for _ in range(4):
+                    t0 = time.monotonic()
+                    r = dns.message.from_wire(await _udp(s.addresses[0][2],
+                                                         dns.message.make_query("external.example.", "A").to_wire()))
+                    assert [x.to_text() for x in r.answer[0]] == ["203.0.113.7"] and time.monotonic() - t0 < 1
+            finally:
+                await s.close()
+    asyncio.run(run())
