@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 REDIRECT, TPROXY = "REDIRECT", "TPROXY"
+# The rule layout (MESHBOOT_IPTABLES_LAYOUT): "current" (default) is every current Istio's; "classic" is istio-init
+# 1.23's (seed 004), kept for nodes and tests that expect that rule set.
 LAYOUT_CLASSIC, LAYOUT_CURRENT = "classic", "current"
 MAX_OWNER_GROUPS_INCLUDE = 64
 # Bounds on tenant-written lists (annotations become these flags): memory, rule count and iptables-restore time stay
@@ -77,7 +79,7 @@ class CaptureConfig(Record):
     drop_invalid: bool = False
     enable_ipv6: bool = False
     host_ip: str = ""
-    layout: str = LAYOUT_CLASSIC
+    layout: str = LAYOUT_CURRENT
     # run switches (not rules)
     dry_run: bool = False
     skip_rule_apply: bool = False
@@ -389,10 +391,10 @@ def _env_fields(env: Mapping[str, str]) -> dict[str, object]:
     if len(lo4) != 1 or not lo4[0].startswith("127.") or not 8 <= int(lo4[0].partition("/")[2]) <= 32:
         raise ConfigError(f"{C.ENV_OUTBOUND_IPV4_LOOPBACK_CIDR}: {show(loopback)} is not one IPv4 loopback prefix "
                           "with a mask of 8..32")
-    layout = env.get(C.ENV_IPTABLES_LAYOUT, LAYOUT_CLASSIC) or LAYOUT_CLASSIC
-    if layout not in (LAYOUT_CLASSIC, LAYOUT_CURRENT):
-        raise ConfigError(f"{C.ENV_IPTABLES_LAYOUT}: {show(layout)} is not one of {LAYOUT_CLASSIC}, "
-                          f"{LAYOUT_CURRENT}")
+    layout = env.get(C.ENV_IPTABLES_LAYOUT, LAYOUT_CURRENT) or LAYOUT_CURRENT
+    if layout not in (LAYOUT_CURRENT, LAYOUT_CLASSIC):
+        raise ConfigError(f"{C.ENV_IPTABLES_LAYOUT}: {show(layout)} is not one of {LAYOUT_CURRENT}, "
+                          f"{LAYOUT_CLASSIC}")
     return dict(loopback_v4=lo4[0], owner_groups_include=groups_include, owner_groups_exclude=groups_exclude,
                 layout=layout)
 

@@ -235,9 +235,9 @@ ENV_OUTBOUND_OWNER_GROUPS = "ISTIO_OUTBOUND_OWNER_GROUPS"
 ENV_OUTBOUND_OWNER_GROUPS_EXCLUDE = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"
 ENV_OUTBOUND_IPV4_LOOPBACK_CIDR = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"
 ENV_DRY_RUN_FILE_PATH = "DRY_RUN_FILE_PATH"
-# meshboot-only: "classic" (default) writes the rules exactly as istio-init 1.2x does (seed 004: `-A OUTPUT -p tcp -j
-# ISTIO_OUTPUT`, no tunnel-port term in the proxy loopback rule); "current" writes today's Istio layout
-# (`-A OUTPUT -j ISTIO_OUTPUT`, `-p tcp ! --dport 15008` in the proxy loopback rule).
+# meshboot-only: "current" (default) writes today's Istio layout (`-A OUTPUT -j ISTIO_OUTPUT`, `-p tcp ! --dport
+# 15008` in the proxy loopback rule); "classic" writes the rules exactly as istio-init 1.23 does (seed 004: `-A OUTPUT
+# -p tcp -j ISTIO_OUTPUT`, no tunnel-port term in the proxy loopback rule).
 ENV_IPTABLES_LAYOUT = "MESHBOOT_IPTABLES_LAYOUT"
 
 # ---- injector (webhook/) additions ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from init_helpers import DEFAULT_ARGS, SEED_004_RESTORE
+from init_helpers import DEFAULT_ARGS, ISTIO_RESTORE
 
 from init.cli import main
 
@@ -16,7 +16,7 @@ def test_dry_run_prints_the_restore_input_and_records_commands(tmp_path: Path, c
     assert main([*DEFAULT_ARGS, "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "# iptables-restore --noflush (IPv4)"
-    assert out[1:1 + len(SEED_004_RESTORE)] == SEED_004_RESTORE
+    assert out[1:1 + len(ISTIO_RESTORE)] == ISTIO_RESTORE
     lines = record.read_text().splitlines()
     assert lines[:2] == ["iptables-save", "ip6tables-save"] and lines[2] == "* nat"
     assert lines[-1] in ("iptables-save", "ip6tables-save")

@@ -1,5 +1,6 @@
-"""Golden files for istio-iptables: the iptables-restore text for v4 and v6, in both rule layouts, for a table of
-flag sets (testdata/iptables/<case>.golden). A change to any rule shows up as a diff of these files in review;
+"""Golden files for istio-iptables: the iptables-restore text for v4 and v6, in both rule layouts (the default is
+current Istio's; tests/init/test_init_istio_goldens.py checks it against Istio's own goldens), for a table of flag
+sets (testdata/iptables/<case>.golden). A change to any rule shows up as a diff of these files in review;
 `REFRESH_GOLDEN=1 pytest tests/init/test_init_golden.py` rewrites them."""
 from __future__ import annotations
 
@@ -47,19 +48,20 @@ def _plan(argv: str, env: dict[str, str], resolv: str | None) -> Plan:
 
 
 def render(argv: str, env: dict[str, str], resolv: str | None) -> str:
-    """Both families in both layouts; the current layout is written out only where it differs from classic."""
+    """Both families in both layouts: the default (current Istio's) in full, the classic one (istio-init 1.23,
+    MESHBOOT_IPTABLES_LAYOUT=classic) written out only where it differs."""
     head = [f"# istio-iptables {argv}"]
     head += [f"# env {k}={v}" for k, v in sorted(env.items())]
     head += [f"# resolv.conf: {line}" for line in (resolv or "").splitlines()]
     head.append(f"# addresses: {', '.join(ADDRESSES)}")
-    classic = _plan(argv, env, resolv)
-    current = _plan(argv, {**env, "MESHBOOT_IPTABLES_LAYOUT": "current"}, resolv)
+    current = _plan(argv, env, resolv)
+    classic = _plan(argv, {**env, "MESHBOOT_IPTABLES_LAYOUT": "classic"}, resolv)
     out = ["\n".join(head) + "\n"]
-    out += [f"### v{rs.family} classic\n{rs.restore_text()}" for rs in (classic.v4, classic.v6)]
-    for rs, base in ((current.v4, classic.v4), (current.v6, classic.v6)):
+    out += [f"### v{rs.family} current (default)\n{rs.restore_text()}" for rs in (current.v4, current.v6)]
+    for rs, base in ((classic.v4, current.v4), (classic.v6, current.v6)):
         text = rs.restore_text()
         same = text == base.restore_text()
-        out.append(f"### v{rs.family} current: same as classic\n" if same else f"### v{rs.family} current\n{text}")
+        out.append(f"### v{rs.family} classic: same as current\n" if same else f"### v{rs.family} classic\n{text}")
     return "".join(out)
 
 

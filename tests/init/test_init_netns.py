@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from init_helpers import DEFAULT_ARGS, SEED_004_NAT, save_lines
+from init_helpers import CLASSIC, DEFAULT_ARGS, ISTIO_NAT, SEED_004_NAT, save_lines
 
 from testing.netns import Netns, pair
 
@@ -121,13 +121,20 @@ def pods6(root_required: None) -> Iterator[tuple[Netns, Netns]]:
         yield pod, peer
 
 
-def test_default_args_install_exactly_seed_004(pods: tuple[Netns, Netns]) -> None:
+def test_default_args_install_exactly_current_istio(pods: tuple[Netns, Netns]) -> None:
     pod, _ = pods
     res = tool(pod, *DEFAULT_ARGS)
     assert res.returncode == 0, res.stderr
-    assert save_lines(save(pod), "nat") == SEED_004_NAT
+    assert save_lines(save(pod), "nat") == ISTIO_NAT
     assert "ISTIO" not in save(pod, v6=True)  # no IPv6 address in the pod -> no v6 rules
     assert "iptables rules applied" in res.stdout
+
+
+def test_classic_layout_installs_exactly_seed_004(pods: tuple[Netns, Netns]) -> None:
+    pod, _ = pods
+    res = tool(pod, *DEFAULT_ARGS, env=CLASSIC)
+    assert res.returncode == 0, res.stderr
+    assert save_lines(save(pod), "nat") == SEED_004_NAT
 
 
 def test_both_program_names_and_python_m_work(pods: tuple[Netns, Netns]) -> None:
@@ -138,13 +145,14 @@ def test_both_program_names_and_python_m_work(pods: tuple[Netns, Netns]) -> None
         assert "-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in res.stdout
     assert "ISTIO" not in save(pod)  # dry-run changed nothing
     res = tool(pod, *DEFAULT_ARGS, name="istio-iptables")
-    assert res.returncode == 0 and save_lines(save(pod), "nat") == SEED_004_NAT
+    assert res.returncode == 0 and save_lines(save(pod), "nat") == ISTIO_NAT
 
 
-def test_redirect_capture_outbound_inbound_and_exemptions(pods: tuple[Netns, Netns]) -> None:
+@pytest.mark.parametrize("layout", ["current", "classic"])
+def test_redirect_capture_outbound_inbound_and_exemptions(pods: tuple[Netns, Netns], layout: str) -> None:
     pod, peer = pods
-    assert tool(pod, *DEFAULT_ARGS).returncode == 0
-    serve(pod, "0.0.0.0,15001", "0.0.0.0,15006", "0.0.0.0,8080", "0.0.0.0,15020")
+    assert tool(pod, *DEFAULT_ARGS, env={"MESHBOOT_IPTABLES_LAYOUT": layout}).returncode == 0
+    serve(pod, "0.0.0.0,15001", "0.0.0.0,15006", "0.0.0.0,8080", "0.0.0.0,15020", "0.0.0.0,15008")
     serve(peer, "0.0.0.0,8080")
     # outbound from an app (uid 0): lands on 15001, SO_ORIGINAL_DST is the address it dialled
     out = connect(pod, "10.99.0.2", 8080).split()
@@ -160,6 +168,9 @@ def test_redirect_capture_outbound_inbound_and_exemptions(pods: tuple[Netns, Net
     # proxy traffic to the pod's own IP goes to inbound capture, unless it comes from 127.0.0.6
     assert connect(pod, "10.99.0.1", 8080, uid=PROXY_UID).split()[:2] == ["15006", "10.99.0.1:8080"]
     assert connect(pod, "10.99.0.1", 8080, uid=PROXY_UID, src="127.0.0.6").split()[0] == "8080"
+    # the one behavioural difference: current Istio leaves the proxy's own HBONE dial (15008) alone
+    hbone = connect(pod, "10.99.0.1", 15008, uid=PROXY_UID).split()[0]
+    assert hbone == ("15008" if layout == "current" else "15006")
 
 
 def test_ipv6_capture(pods6: tuple[Netns, Netns]) -> None:
@@ -168,7 +179,7 @@ def test_ipv6_capture(pods6: tuple[Netns, Netns]) -> None:
     assert res.returncode == 0, res.stderr
     v6_nat = save_lines(save(pod, v6=True), "nat")
     assert v6_nat == [ln.replace("127.0.0.6/32", "::6/128").replace("127.0.0.1/32", "::1/128")
-                      for ln in SEED_004_NAT]
+                      for ln in ISTIO_NAT]
     assert "inet6 ::6/128" in pod.ip("-6", "addr", "show", "dev", "lo")
     serve(pod, "::,15001", "::,15006", "::,8080", "::,15020")
     serve(peer, "::,8080")
@@ -227,7 +238,7 @@ def test_other_config_is_drift_and_reconcile_replaces(pods: tuple[Netns, Netns])
     assert tool(pod, *other).returncode == 0  # and the new config is now "in place"
     # back again, and the stale mangle ISTIO_DROP goes too
     assert tool(pod, *DEFAULT_ARGS, "--reconcile").returncode == 0
-    assert save_lines(save(pod), "nat") == SEED_004_NAT
+    assert save_lines(save(pod), "nat") == ISTIO_NAT
     assert "ISTIO" not in "\n".join(save_lines(save(pod), "mangle"))
 
 
@@ -291,7 +302,7 @@ def test_legacy_backend_forced_then_detected(pods: tuple[Netns, Netns]) -> None:
     pod, _ = pods
     res = tool(pod, *DEFAULT_ARGS, "--force-iptables-binary=legacy")
     assert res.returncode == 0 and "legacy" in res.stdout, res.stderr
-    assert save_lines(save(pod, binary="iptables-legacy-save"), "nat") == SEED_004_NAT
+    assert save_lines(save(pod, binary="iptables-legacy-save"), "nat") == ISTIO_NAT
     assert "ISTIO" not in save(pod, binary="iptables-nft-save")
     res = tool(pod, *DEFAULT_ARGS)  # auto: legacy holds rules, so legacy is chosen again
     assert res.returncode == 0 and "already in place" in res.stdout
@@ -345,4 +356,4 @@ def test_legacy_waits_for_the_xtables_lock(pods: tuple[Netns, Netns], tmp_path: 
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert time.monotonic() - t0 >= 1.0
-    assert save_lines(save(pod, binary="iptables-legacy-save"), "nat") == SEED_004_NAT
+    assert save_lines(save(pod, binary="iptables-legacy-save"), "nat") == ISTIO_NAT

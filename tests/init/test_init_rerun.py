@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from init_helpers import DEFAULT_ARGS, SEED_004_NAT, save_lines
+from init_helpers import DEFAULT_ARGS, ISTIO_NAT, save_lines
 
 from testing.netns import Netns, pair
 
@@ -71,10 +71,10 @@ def test_two_concurrent_runs_both_succeed_with_the_same_rules(pod: Netns) -> Non
         assert pod.ip("rule").count("lookup 133") == 1
 
 
-def test_default_args_still_install_seed_004(pod: Netns) -> None:
+def test_default_args_still_install_current_istio(pod: Netns) -> None:
     _, res = _run(pod, *DEFAULT_ARGS)
     assert res.returncode == 0, res.stderr
-    assert save_lines(pod.run(["iptables-save"]).stdout, "nat") == SEED_004_NAT
+    assert save_lines(pod.run(["iptables-save"]).stdout, "nat") == ISTIO_NAT
 
 
 @pytest.mark.parametrize("layout", ["classic", "current"])

@@ -2,32 +2,37 @@
 from __future__ import annotations
 
 import pytest
-from init_helpers import DEFAULT_ARGS, SEED_004_RESTORE, config, plan, v4, v6
+from init_helpers import CLASSIC, DEFAULT_ARGS, ISTIO_RESTORE, SEED_004_RESTORE, config, plan, v4, v6
 
 from init.config import ConfigError
 from init.rules import build
 
-CURRENT = {"MESHBOOT_IPTABLES_LAYOUT": "current"}
+CURRENT = {"MESHBOOT_IPTABLES_LAYOUT": "current"}  # the default, also by name
 HEAD = ["* nat", "-N ISTIO_INBOUND", "-N ISTIO_REDIRECT", "-N ISTIO_IN_REDIRECT", "-N ISTIO_OUTPUT",
         "-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN",
         "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
         "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"]
-UID_GID_CLASSIC = [
-    "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+UID_GID = [  # current Istio: the proxy's own loopback traffic to 15008 (HBONE) is not sent back to 15006
+    "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
     "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN",
     "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
-    "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+    "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
     "-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN",
     "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN"]
 
 
-def test_default_injected_args_write_seed_004_restore_text() -> None:
-    assert v4(*DEFAULT_ARGS) == SEED_004_RESTORE
+def test_default_injected_args_write_current_istio_restore_text() -> None:
+    assert v4(*DEFAULT_ARGS) == ISTIO_RESTORE
+    assert v4(*DEFAULT_ARGS, env=CURRENT) == ISTIO_RESTORE
     assert plan(*DEFAULT_ARGS).v6.rules == []  # no IPv6 address -> no v6 rules
 
 
+def test_classic_layout_writes_seed_004_restore_text() -> None:
+    assert v4(*DEFAULT_ARGS, env=CLASSIC) == SEED_004_RESTORE
+
+
 def test_current_layout_jumps_all_protocols_and_spares_the_tunnel_port() -> None:
-    lines = v4(*DEFAULT_ARGS, env=CURRENT)
+    lines = v4(*DEFAULT_ARGS)
     assert "-A OUTPUT -j ISTIO_OUTPUT" in lines
     assert "-A OUTPUT -p tcp -j ISTIO_OUTPUT" not in lines
     assert ("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 "
@@ -36,7 +41,7 @@ def test_current_layout_jumps_all_protocols_and_spares_the_tunnel_port() -> None
             "-j ISTIO_IN_REDIRECT") in lines
     # everything else is the same rule for rule
     strip = [ln.replace(" -p tcp ! --dport 15008", "") for ln in lines]
-    assert strip == [ln.replace("-A OUTPUT -p tcp -j", "-A OUTPUT -j") for ln in SEED_004_RESTORE]
+    assert strip == [ln.replace("-A OUTPUT -p tcp -j", "-A OUTPUT -j") for ln in v4(*DEFAULT_ARGS, env=CLASSIC)]
 
 
 def test_inbound_port_list_redirects_only_those_ports_and_ignores_d() -> None:
@@ -49,8 +54,8 @@ def test_inbound_port_list_redirects_only_those_ports_and_ignores_d() -> None:
 
 def test_empty_inbound_ports_capture_nothing_inbound_but_keep_the_chain() -> None:
     lines = v4("-b", "", "-i", "*")
-    assert lines == [*HEAD, "-A OUTPUT -p tcp -j ISTIO_OUTPUT", "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
-                    *UID_GID_CLASSIC, "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+    assert lines == [*HEAD, "-A OUTPUT -j ISTIO_OUTPUT", "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
+                    *UID_GID, "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
                     "-A ISTIO_OUTPUT -j ISTIO_REDIRECT", "COMMIT"]
 
 
@@ -104,7 +109,7 @@ def test_bad_values_give_one_error_naming_the_flag(args: tuple[str, ...], where:
 
 def test_outbound_ports_include_and_exclude() -> None:
     lines = v4("-i", "", "-q", "3306,5432", "-o", "25")
-    assert lines[lines.index("-A OUTPUT -p tcp -j ISTIO_OUTPUT") + 1:][:3] == [
+    assert lines[lines.index("-A OUTPUT -j ISTIO_OUTPUT") + 1:][:3] == [
         "-A ISTIO_OUTPUT -p tcp --dport 25 -j RETURN", "-A ISTIO_OUTPUT -p udp --dport 25 -j RETURN",
         "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN"]
     assert lines[-3:] == ["-A ISTIO_OUTPUT -p tcp --dport 3306 -j ISTIO_REDIRECT",
@@ -115,13 +120,13 @@ def test_uid_and_gid_lists_are_processed_in_sequence() -> None:
     lines = v4("-u", "1,2", "-g", "3")
     owner = [ln for ln in lines if "-owner" in ln]
     assert owner == [
-        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1 -j ISTIO_IN_REDIRECT",
+        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1 -j ISTIO_IN_REDIRECT",
         "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1 -j RETURN",
         "-A ISTIO_OUTPUT -m owner --uid-owner 1 -j RETURN",
-        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 2 -j ISTIO_IN_REDIRECT",
+        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 2 -j ISTIO_IN_REDIRECT",
         "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 2 -j RETURN",
         "-A ISTIO_OUTPUT -m owner --uid-owner 2 -j RETURN",
-        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --gid-owner 3 -j ISTIO_IN_REDIRECT",
+        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 3 -j ISTIO_IN_REDIRECT",
         "-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 3 -j RETURN",
         "-A ISTIO_OUTPUT -m owner --gid-owner 3 -j RETURN"]
 
@@ -192,7 +197,7 @@ def test_interface_that_does_not_exist_is_a_warning() -> None:
 def test_ipv6_rules_use_v6_loopback_and_passthrough() -> None:
     lines = v6(*DEFAULT_ARGS)
     assert lines == [ln.replace("127.0.0.6/32", "::6/128").replace("127.0.0.1/32", "::1/128")
-                     for ln in SEED_004_RESTORE]
+                     for ln in ISTIO_RESTORE]
     p = plan(*DEFAULT_ARGS, addresses=("fd00::5",))
     assert p.v4.rules and p.v6.rules
 
@@ -269,8 +274,8 @@ def test_drop_invalid() -> None:
     assert v4("--drop-invalid=false", env={"INVALID_DROP": "true"})[0] == "* nat"  # argv wins over env
 
 
-def test_dns_capture_all() -> None:
-    lines = v4("--redirect-dns", "--capture-all-dns", "-u", "1337", "-g", "1337")
+def test_dns_capture_all_classic_layout() -> None:
+    lines = v4("--redirect-dns", "--capture-all-dns", "-u", "1337", "-g", "1337", env=CLASSIC)
     nat = lines[:lines.index("COMMIT") + 1]
     raw = lines[len(nat):]
     assert "-N ISTIO_OUTPUT_DNS" in nat
@@ -296,7 +301,7 @@ def test_dns_capture_all() -> None:
 
 
 def test_dns_current_layout_uses_multiport_for_uids_only() -> None:
-    lines = v4("--redirect-dns", "--capture-all-dns", env=CURRENT)
+    lines = v4("--redirect-dns", "--capture-all-dns")
     assert ("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp -m multiport ! --dports 53,15008 -m owner "
             "--uid-owner 1337 -j ISTIO_IN_REDIRECT") in lines
     assert ("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 "
