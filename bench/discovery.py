@@ -22,7 +22,8 @@ Targets: full config <= 3 s, convergence p99 <= 500 ms, RSS <= 600 MB, <= 3x the
 CPU 0 and the clients to the other CPUs (as bench/ca.py), so the server has one core, like istiod's 1 vCPU.
 
     .venv/bin/python bench/discovery.py [--services 1000] [--endpoints 5] [--proxies 500] [--procs 8]
-                                        [--changes 30] [--profile FILE]      (quick: --services 100 --proxies 50)
+                                        [--changes 30] [--profile FILE [--profile-from full|changes]]
+                                        (quick: --services 100 --proxies 50)
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ TARGET_FULL_S, TARGET_P99_MS, TARGET_RSS_MB, TARGET_RATIO = 3.0, 500.0, 600.0, 3
 NAMESPACES = 10
 TICK = os.sysconf("SC_CLK_TCK")
 STDERR = tempfile.TemporaryFile()      # the children's stderr: shown after the run, minus gRPC's shutdown noise
+PROFILE: list[cProfile.Profile | None] = [None]     # the server's profiler (--profile), for --profile-from
 NOISE = ("CancelledError", "Traceback (most recent call last)", "_schedule_rpc_coro", "GOAWAY")
 
 
@@ -220,6 +222,8 @@ async def run_server(args: argparse.Namespace) -> None:
         if line[0] in ("change", "full"):
             t0 = time.monotonic()
             if line[0] == "change":
+                if PROFILE[0] is not None and args.profile_from == "changes" and line[1] == "0":
+                    PROFILE[0].enable()
                 toggle(watcher.store, int(line[1]) * 7919, args.services, args.endpoints, unready)
             else:
                 generation += 1
@@ -474,7 +478,8 @@ async def start(role: str, args: argparse.Namespace, board: Board) -> tuple[Any,
     """The server (CPU 0) and the client processes (the other CPUs), all started and ready, not yet connected."""
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, client_cpus = ({cpus[0]}, set(cpus[1:])) if len(cpus) > 1 and args.pin else (set(cpus), set(cpus))
-    extra = ["--profile", args.profile] if args.profile and role == "server" else []
+    extra = ["--profile", args.profile, "--profile-from", args.profile_from] if args.profile and role == "server" \
+        else []
     server = await spawn(["--role", role, *size_args(args), *extra], server_cpus, board.server_line)
     word = await asyncio.wait_for(board.server.get(), 300)
     info = json.loads(word[1])
@@ -497,9 +502,10 @@ async def full_config(server: Any, clients: list[Any], board: Board, n: int) -> 
     return took, cpu_s(server.pid) - cpu0
 
 
-async def one_push(server: Any, board: Board, n: int, command: str, types: tuple[str, ...]) -> dict[str, float]:
-    """A change → every proxy ACKed the version it made (of every type in `types`)."""
-    cpu0 = cpu_s(server.pid)
+async def one_push(server: Any, clients: list[Any], board: Board, n: int, command: str,
+                   types: tuple[str, ...]) -> dict[str, float]:
+    """A change → every proxy ACKed the version it made (of every type in `types`); server and clients' CPU."""
+    cpu0, client0 = cpu_s(server.pid), sum(cpu_s(c.pid) for c in clients)
     tell(server, command)
     word = await asyncio.wait_for(board.server.get(), 60)
     version, changed = word[1], float(word[2])
@@ -507,7 +513,7 @@ async def one_push(server: Any, board: Board, n: int, command: str, types: tuple
     last = max(max(board.acks[(t, version)].values()) for t in types)
     await asyncio.sleep(0.05)
     return {"converge_ms": (last - changed) * 1000, "after_debounce_ms": (last - board.pushed[version]) * 1000,
-            "cpu_s": cpu_s(server.pid) - cpu0}
+            "cpu_s": cpu_s(server.pid) - cpu0, "clients_cpu_s": sum(cpu_s(c.pid) for c in clients) - client0}
 
 
 async def stop(server: Any, clients: list[Any]) -> None:
@@ -538,8 +544,9 @@ async def measure_ads(args: argparse.Namespace) -> dict[str, Any]:
         full_s, full_cpu = await full_config(server, clients, board, args.proxies)
         client_cpu = sum(cpu_s(c.pid) for c in clients) - client_cpu0
         rss_full, hwm_full = rss_mb(server.pid)
-        pushes = [await one_push(server, board, args.proxies, f"change {i}", ("eds",)) for i in range(args.changes)]
-        full_push = await one_push(server, board, args.proxies, "full", ("cds", "eds", "lds"))
+        pushes = [await one_push(server, clients, board, args.proxies, f"change {i}", ("eds",))
+                  for i in range(args.changes)]
+        full_push = await one_push(server, clients, board, args.proxies, "full", ("cds", "eds", "lds"))
         rss, hwm = rss_mb(server.pid)
         tell(server, "gen")
         gen = await asyncio.wait_for(board.server.get(), 120)
@@ -554,7 +561,9 @@ async def measure_ads(args: argparse.Namespace) -> dict[str, Any]:
             "converge_p50_ms": round(pct(conv, 0.5), 1), "converge_p99_ms": round(pct(conv, 0.99), 1),
             "after_debounce_p50_ms": round(pct(after, 0.5), 1), "after_debounce_p99_ms": round(pct(after, 0.99), 1),
             "cpu_s_per_endpoint_push": round(statistics.mean(p["cpu_s"] for p in pushes), 4),
+            "clients_cpu_s_per_endpoint_push": round(statistics.mean(p["clients_cpu_s"] for p in pushes), 4),
             "full_push_ms": round(full_push["converge_ms"], 1), "full_push_cpu_s": round(full_push["cpu_s"], 3),
+            "full_push_clients_cpu_s": round(full_push["clients_cpu_s"], 3),
             "rss_mb_after_full_config": round(rss_full, 1),
             "rss_peak_mb_after_full_config": round(hwm_full, 1), "rss_mb": round(rss, 1), "rss_peak_mb": round(hwm, 1)}
 
@@ -594,8 +603,10 @@ def report(args: argparse.Namespace, ads: dict[str, Any], floor: dict[str, Any])
     print(f"one endpoint changes -> every proxy ACKed ({args.changes} changes): p50 {a['converge_p50_ms']} ms, "
           f"p99 {a['converge_p99_ms']} ms (target {TARGET_P99_MS:.0f} ms: {word[ok['converge_p99']]}); after the 100 ms"
           f" debounce: p50 {a['after_debounce_p50_ms']} ms, p99 {a['after_debounce_p99_ms']} ms")
-    print(f"  server CPU per endpoint push: {a['cpu_s_per_endpoint_push']} s; a full push (all types, regenerated): "
-          f"{a['full_push_ms']} ms to every ACK, {a['full_push_cpu_s']} CPU s")
+    print(f"  server CPU per endpoint push: {a['cpu_s_per_endpoint_push']} s (clients: "
+          f"{a['clients_cpu_s_per_endpoint_push']} s); a full push (all types, regenerated): "
+          f"{a['full_push_ms']} ms to every ACK, {a['full_push_cpu_s']} CPU s (clients "
+          f"{a['full_push_clients_cpu_s']} s)")
     print(f"server RSS: {a['rss_mb_after_full_config']} MB after full config (peak so far "
           f"{a['rss_peak_mb_after_full_config']} MB), {a['rss_mb']} MB after the pushes, peak "
           f"{a['rss_peak_mb']} MB (target {TARGET_RSS_MB:.0f} MB: {word[ok['rss']]}); Istio publishes 1 vCPU and "
@@ -621,6 +632,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--changes", type=int, default=30)
     ap.add_argument("--no-pin", dest="pin", action="store_false")
     ap.add_argument("--profile", default="", help="cProfile the ADS server into this file; the top is printed")
+    ap.add_argument("--profile-from", choices=("full", "changes"), default="full",
+                    help="profile the whole run, or from the first endpoint change on")
     ap.add_argument("--role", choices=("main", "server", "floor", "clients"), default="main")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--lo", type=int, default=0)
@@ -635,8 +648,8 @@ def main() -> int:
     args = parse()
     if args.role in ("server", "floor", "clients"):
         run = {"server": run_server, "floor": run_floor, "clients": run_clients}[args.role]
-        profile = cProfile.Profile() if args.profile else None
-        if profile:
+        profile = PROFILE[0] = cProfile.Profile() if args.profile else None
+        if profile and args.profile_from == "full":
             profile.enable()
         asyncio.run(run(args))
         if profile:
