@@ -367,8 +367,9 @@ def _rules(role: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 
 def test_rbac_is_least_privilege(default: Rendered) -> None:
     cluster = _rules(default.one("ClusterRole"))
+    # discovery's informers
     watched = {("", "services"), ("", "pods"), ("discovery.k8s.io", "endpointslices"),
-               ("security.istio.io", "peerauthentications")}     # discovery's informers
+               ("security.istio.io", "peerauthentications"), ("security.istio.io", "authorizationpolicies")}
     assert set(cluster) == {("", "namespaces"), ("authentication.k8s.io", "tokenreviews"), ("", "configmaps"),
                             ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"), *watched}
     assert cluster[("authentication.k8s.io", "tokenreviews")]["verbs"] == ["create"]
