@@ -144,13 +144,17 @@ def ca_service(args: argparse.Namespace, started: list[discovery.Discovery] | No
         if started is not None:
             started.append(running)
         unregister = monitoring.add_debug(running.debug)    # /debug/syncz, /debug/config_dump on 15014
-        if args.grpc_addr:
-            await running.serve_plaintext(*grpc_address(args.grpc_addr))
 
         async def stop() -> None:
             unregister()
             await running.stop()
             await stop_ca()
+        if args.grpc_addr:
+            try:
+                await running.serve_plaintext(*grpc_address(args.grpc_addr))
+            except OSError:
+                await stop()                # start-up fails: leave nothing running behind it
+                raise
         return stop
     return start
 

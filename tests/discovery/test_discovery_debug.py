@@ -320,6 +320,22 @@ def test_many_proxies_bounded_syncz_and_plaintext_needs_the_token(plane: Plane) 
             c.close()
 
 
+def test_a_busy_grpc_addr_fails_start_up_with_one_line(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(Issuer().jwks()))
+    with FakeKube() as kube, socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc, _ = start_plane(tmp_path, kube.kubeconfig(tmp_path / "kc"), jwks, "--grpcAddr", f"127.0.0.1:{port}")
+        try:
+            assert proc.wait(60) != 0
+        finally:
+            stop(proc)
+    log = (tmp_path / "cp.log").read_text()
+    assert f"--grpcAddr: cannot listen on 127.0.0.1:{port}" in log and "Traceback" not in log
+
+
 def test_readyz_waits_for_discoverys_first_sync(tmp_path: Path) -> None:
     """The API server fails every Pod list: the injector serves /healthz but is not ready until discovery has listed
     everything once (istiod's readiness waits for its caches); once the API answers, it is."""
