@@ -149,7 +149,9 @@ def test_list_errors_keep_it_unready_with_the_reason(kube: FakeKube) -> None:
         p.stop()
 
 
-def test_gone_relists_and_keeps_watching(kube: FakeKube, patcher: CABundlePatcher) -> None:
+def test_gone_relists_and_keeps_watching(kube: FakeKube, patcher: CABundlePatcher,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="meshboot.webhook.cabundle")
     kube.put_object("mutatingwebhookconfigurations", _mwc("namespace.sidecar-injector.istio.io"))
     patcher.start()
     assert kube.wait_for(lambda k: _in_place(k, 1))
@@ -157,6 +159,8 @@ def test_gone_relists_and_keeps_watching(kube: FakeKube, patcher: CABundlePatche
     kube.add_namespace("bump")          # history moves on, then is compacted past the watcher's resourceVersion
     kube.compact()
     assert kube.wait_for(lambda k: patcher.lists > lists, timeout=5), "410 Gone did not relist"
+    assert any("watch expired; relisting" in r.getMessage() for r in caplog.records), "relisted for another reason"
+    assert not any(r.levelname == "WARNING" for r in caplog.records), "410 is routine, not a failure"
     gone = [r for r in kube.recorded("GET", LIST) if r.query.get("watch") == ["true"]]
     assert gone, "never watched"
     kube.put_object("mutatingwebhookconfigurations", _mwc("namespace.sidecar-injector.istio.io", bundle=""))
