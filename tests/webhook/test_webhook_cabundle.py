@@ -87,8 +87,7 @@ def test_decisions_are_per_entry() -> None:
 
 def test_configuration_created_late_is_patched_then_ready(kube: FakeKube, patcher: CABundlePatcher) -> None:
     patcher.start()
-    assert kube.wait_for(lambda k: bool(k.recorded("GET", LIST))), "never listed"
-    time.sleep(0.2)
+    assert kube.wait_for(lambda k: "does not exist" in (patcher.not_ready_reason() or "")), "never listed"
     reason = patcher.not_ready_reason()
     assert reason is not None and "does not exist" in reason and MWC in reason
     ok = _patches("ok")
