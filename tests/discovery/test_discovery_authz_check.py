@@ -1,4 +1,4 @@
-"""meshboot-authz-check (controlplane/authz_check.py) over config dumps of listeners discovery generated: the chain
+"""meshboot-authz-check (discovery/authz_check.py) over config dumps of listeners discovery generated: the chain
 Envoy would pick, the deciding policy and the verdict; hostile dumps and arguments are one line and exit 1. The
 same command against a real Envoy's dump is in tests/e2e_local/test_local_authz.py."""
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
-from controlplane import authz_check
-from discovery import authz
+from discovery import authz, authz_check
 from discovery import generate as g
 from discovery.model import STRICT, Mesh, Model, Proxy, Workload
 

@@ -22,11 +22,12 @@ from typing import Any
 from envoy.config.listener.v3 import listener_components_pb2 as lc
 from google.protobuf import json_format
 
-from discovery import authz
-from discovery.debug import MAX_DUMP_BYTES
-from discovery.status import Failed, fetch
 from meshboot import constants as C
 from meshboot import jsonsafe
+
+from . import authz
+from .debug import MAX_DUMP_BYTES
+from .status import Failed, fetch
 
 PROG = "meshboot-authz-check"
 TIMEOUT = 30.0
