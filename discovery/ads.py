@@ -285,7 +285,8 @@ class AdsServer:
                                              request.resource_names_unsubscribe,
                                              dict(request.initial_resource_versions), error)
         else:
-            watch, decision = P.sotw_decide(old, type_url, request.response_nonce, request.resource_names, error)
+            watch, decision = P.sotw_decide(old, type_url, request.response_nonce, request.resource_names, error,
+                                            P.names_wire(request))
         if watch is None:
             return
         P.check_names(watch)

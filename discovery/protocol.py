@@ -11,10 +11,12 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import struct_pb2
 
 from meshboot import constants as C
+from meshboot.protowire import varint
 
 CDS = C.CLUSTER_TYPE_URL
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -155,8 +157,10 @@ class Watch:
     acked_at: float = 0.0
     last_error: str = ""
     always_respond: bool = False
-    # SotW only: the request's name list `names` was last derived from, as sent (ACKs mostly repeat it).
+    # SotW only: the request's name list `names` was last derived from, as sent (ACKs mostly repeat it), and the
+    # list as serialized (`names_wire`), which settles an ACK repeating it without decoding its names.
     names_from: tuple[str, ...] = ()
+    names_wire: bytes | None = None
     # Delta only: name -> version of what this proxy was last sent.
     sent_versions: dict[str, str] = field(default_factory=dict)
 
@@ -192,22 +196,45 @@ class Decision:
     names: frozenset[str] | None = None   # respond with only these (None = all the watch selects)
 
 
+def _field_size(number: int, size: int) -> int:
+    return len(varint(number << 3 | 2)) + len(varint(size)) + size
+
+
+def names_wire(request: Any) -> bytes | None:
+    """A SotW DiscoveryRequest's resource_names as serialized: its canonical re-serialization (fields in number
+    order) minus the fields before (version_info) and after (type_url, response_nonce, error_detail), so equal bytes
+    mean equal lists. Comparing them settles an ACK that repeats its names; making the 1,000 Python strings of an
+    EDS ACK and comparing them was ~30% of the server's busy time in an endpoint push (py-spy, 1,000 services,
+    500 proxies). None for a request with a node or resource locators (not worth it). Unknown fields, serialized
+    last, can only make two equal lists look different (a fallback to comparing the lists)."""
+    if request.HasField("node") or len(request.resource_locators):
+        return None
+    wire = request.SerializeToString()
+    head = _field_size(1, len(request.version_info.encode())) if request.version_info else 0
+    tail = sum(_field_size(n, len(v.encode())) for n, v in ((4, request.type_url), (5, request.response_nonce)) if v)
+    if request.HasField("error_detail"):
+        tail += _field_size(6, request.error_detail.ByteSize())
+    return wire[head:len(wire) - tail]
+
+
 def sotw_decide(watch: Watch | None, type_url: str, nonce: str, names: Iterable[str],
-                error: str | None) -> tuple[Watch | None, Decision]:
+                error: str | None, wire: bytes | None = None) -> tuple[Watch | None, Decision]:
     """istiod's ShouldRespond for state-of-the-world: returns the (possibly new) watch and what to do. An ACK that
     lists the same names, in the same order, as the request the watch's names came from (every EDS ACK of a push)
-    is settled by comparing the lists: no sets are built."""
-    listed = tuple(names)
+    is settled by comparing the lists as serialized (`wire`, from `names_wire`) when given, else as tuples: no sets
+    are built."""
     if error is not None and watch is not None:
         watch.nacked(error)
         return watch, Decision(Kind.NACK, False)
+    same = wire is not None and watch is not None and wire == watch.names_wire
+    listed = watch.names_from if same and watch is not None else tuple(names)
     if type_url not in WILDCARD_TYPES and not listed and watch is not None:
-        watch.names, watch.names_from = set(), ()
+        watch.names, watch.names_from, watch.names_wire = set(), (), wire
         return watch, Decision(Kind.UNSUBSCRIBE, False)
     if not nonce or watch is None:
         requested = set(listed)
         watch = watch or Watch(type_url)
-        watch.names, watch.names_from = requested - {"*"}, listed
+        watch.names, watch.names_from, watch.names_wire = requested - {"*"}, listed, wire
         watch.wildcard = type_url in WILDCARD_TYPES and (not requested or "*" in requested)
         return watch, Decision(Kind.INITIAL, True)
     if nonce != watch.nonce_sent:
@@ -215,10 +242,12 @@ def sotw_decide(watch: Watch | None, type_url: str, nonce: str, names: Iterable[
     watch.acked()
     added: set[str] = set()
     changed = listed != watch.names_from
-    if changed:
+    if not changed:
+        watch.names_wire = wire          # the same list: its bytes settle the next ACK
+    else:
         clean = set(listed) - {"*"}
         added, changed = clean - watch.names, clean != watch.names
-        watch.names, watch.names_from = clean, listed
+        watch.names, watch.names_from, watch.names_wire = clean, listed, wire
     if watch.always_respond:
         watch.always_respond = False
         return watch, Decision(Kind.ACK, True)
