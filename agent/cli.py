@@ -12,11 +12,15 @@ import stat
 import sys
 import time
 import urllib.parse
+from typing import TYPE_CHECKING
 
 from meshboot import constants as C
 from meshboot.syntax import parse_go_bool
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
 
 USAGE = """usage: meshboot-agent <command> [flags]
 
@@ -101,7 +105,7 @@ def run_proxy(argv: list[str]) -> int:
             raise ConfigError(f"{path}: {e.strerror}") from None
 
     try:
-        cfg = build_config(flags, dict(os.environ), read, os.path.exists, _which_envoy)
+        cfg = _load_config(build_config(flags, dict(os.environ), read, os.path.exists, _which_envoy))
     except ConfigError as e:
         log.error(f"invalid configuration: {e}")
         return 255
@@ -150,6 +154,14 @@ def run_proxy(argv: list[str]) -> int:
         launched.envoy.kill()
         log.error(f"agent failed: {e}", exc=not isinstance(e, OSError))
         return 255
+
+
+def _load_config(cfg: AgentConfig) -> AgentConfig:
+    """Check the inputs that parts started later read themselves (the DNS proxy's env: DNS_*, ISTIO_META_DNS_CAPTURE)
+    now, so a bad value is the one `invalid configuration` line before Envoy starts, not a failure after it."""
+    from .dns.config import dns_settings  # noqa: PLC0415 - proxy only; other commands skip it
+    dns_settings(cfg.env)
+    return cfg
 
 
 def _executable(path: str) -> bool:

@@ -177,20 +177,38 @@ class Sidecar:
     async def _start_dns(self) -> DnsServer | None:
         """The DNS proxy on 15053 when ISTIO_META_DNS_CAPTURE (or ISTIO_META_ENABLE_DNS_SERVER) is on, else None.
 
-        Its table starts empty, so every name is forwarded: no NDS table reaches it yet (standalone mode has none;
-        in proxy mode the NDS request on the upstream stream is still to be wired, and will call `set_table`).
-        A port it cannot take is logged and the pod runs without it (pilot-agent would not start); a bad
-        DNS_* / ISTIO_META_DNS_CAPTURE value is a configuration error (one line, exit 255)."""
+        Proxy mode: no table until the first NDS response (the XDS proxy asks for it and calls `_apply_name_table`),
+        and until then SERVFAIL, as pilot-agent's server answers before its first table. Standalone mode has no NDS:
+        an empty table, so every name is forwarded. A port it cannot take is logged and the pod runs without it
+        (pilot-agent would not start); a bad DNS_* / ISTIO_META_DNS_CAPTURE value was refused by cli.py before
+        Envoy started."""
         if not dns_settings(self.cfg.env).enabled:
             return None
         from meshboot.nds import NameTable  # noqa: PLC0415 - only with DNS capture on (RSS budget)
 
         from .dns.service import start  # noqa: PLC0415 - as above
         try:
-            return await start(self.cfg.env, self.cfg.pod_namespace, self.cfg.domain, self.metrics, NameTable())
+            return await start(self.cfg.env, self.cfg.pod_namespace, self.cfg.domain, self.metrics,
+                               NameTable() if self.cfg.standalone else None)
         except OSError as e:
             log.error("failed to start the DNS proxy; the app's DNS is captured to a closed port", error=str(e))
             return None
+
+    @staticmethod
+    def _nds_type() -> str:
+        from meshboot.nds import TYPE_URL  # noqa: PLC0415 - only with DNS capture on (RSS budget)
+        return TYPE_URL
+
+    def _apply_name_table(self, value: bytes) -> None:
+        """An NDS response's NameTable, decoded whole (bounded; NdsError: the XDS proxy NACKs it and the DNS proxy
+        keeps its table) and then swapped in at once."""
+        from meshboot.nds import decode  # noqa: PLC0415 - only with DNS capture on (RSS budget)
+        nt = decode(value)
+        if self.dns is not None:
+            first = not self.dns.ready
+            self.dns.set_table(nt)
+            if first:
+                log.info("first name table applied: the DNS proxy answers from it", hosts=len(nt.table))
 
     async def _serve_xds(self) -> grpc.aio.Server:
         cfg = self.cfg
@@ -202,7 +220,8 @@ class Sidecar:
             handler = ads.StandaloneADS(asyncio.ensure_future(ads.load_resources(pre))).handler()
         else:
             from .xds.proxy import XdsProxy  # noqa: PLC0415 - only the mode in use is loaded (RSS budget)
-            handler = XdsProxy(cfg, self.metrics).handler()
+            handlers = {} if self.dns is None else {self._nds_type(): self._apply_name_table}
+            handler = XdsProxy(cfg, self.metrics, handlers=handlers).handler()
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000),
                                           ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                                           ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),

@@ -9,12 +9,18 @@ its last config meanwhile. While the upstream is unreachable the new stream wait
 and fails at once) paces the next attempt: 0.5 s·2ⁿ up to 30 s, each ×U(0.75, 1.25), so Envoy's quick local retries
 cannot hammer a broken control plane; the first response of a stream resets it, and a stream that was healthy is
 followed by an immediate attempt. Messages are forwarded as bytes; only a response's type URL is read (wire.py).
+
+Types the agent handles itself (pilot-agent's XdsProxy `handlers`; here NDS when the DNS proxy runs) are asked for on
+each upstream stream right after Envoy's first LDS request on it (so again after every reconnect), never forwarded
+to Envoy: the first resource of a response goes to the handler, and the agent ACKs it, or NACKs it (INTERNAL, the
+handler's error as the message) when the handler raises; a response without resources is ignored, as pilot-agent.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import grpc
@@ -35,6 +41,11 @@ SOTW = f"/{SERVICE}/StreamAggregatedResources"
 RECONNECT_INITIAL = 0.5     # seconds; Envoy's own default xDS retry base
 RECONNECT_MAX = 30.0        # Envoy's default cap
 DELTA = f"/{SERVICE}/DeltaAggregatedResources"
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+INTERNAL = 13                 # grpc codes.Internal: pilot-agent's NACK code for a response its handler refused
+# type URL -> apply the first resource's Any.value; raises to refuse it (the NACK's message is the error)
+Handlers = Mapping[str, Callable[[bytes], None]]
+Write = Callable[[bytes], Awaitable[None]]
 
 
 def forwardable(type_url: str) -> bool:
@@ -43,8 +54,10 @@ def forwardable(type_url: str) -> bool:
 
 
 class XdsProxy:
-    def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None, backoff: Backoff | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, metrics: Metrics | None = None, backoff: Backoff | None = None,
+                 handlers: Handlers | None = None) -> None:
         self.cfg = cfg
+        self.handlers: Handlers = handlers or {}
         self.metrics = metrics
         self._current: asyncio.Event | None = None
         self._backoff = backoff or Backoff(RECONNECT_INITIAL, RECONNECT_MAX)
@@ -86,13 +99,19 @@ class XdsProxy:
         call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)(
             None, metadata=md, wait_for_ready=True)
         m = self.metrics
+        delta = method == DELTA
+        write = _serialized(call)
 
         async def pump() -> None:
+            first_lds = bool(self.handlers)       # pilot-agent's initialRequestsSent, per upstream stream
             try:
                 async for req in request_iterator:
                     if m is not None:
                         m.xds_requests.inc()
-                    await call.write(req)
+                    await write(req)
+                    if first_lds and wire.request_type_url(req, delta) == LDS:
+                        first_lds = False
+                        await self._initial_requests(write, delta)
                 await call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
                 pass
@@ -114,6 +133,9 @@ class XdsProxy:
                     healthy = True
                     self._connected()
                 type_url = wire.response_type_url(resp)
+                if type_url in self.handlers:
+                    await self._handle(write, type_url, resp, delta)
+                    continue
                 if not forwardable(type_url):
                     log.error("dropping response of unknown type", type=type_url)
                     continue
@@ -132,6 +154,37 @@ class XdsProxy:
             for t in tasks:
                 t.cancel()
             await channel.close(grace=None)
+
+    async def _initial_requests(self, write: Write, delta: bool) -> None:
+        """The agent's own first request of each type it handles (no names: NDS is a wildcard type)."""
+        for type_url in self.handlers:
+            if self.metrics is not None:
+                self.metrics.xds_requests.inc()
+            await write(wire.delta_discovery_request(type_url) if delta else wire.discovery_request(type_url))
+
+    async def _handle(self, write: Write, type_url: str, resp: bytes, delta: bool) -> None:
+        """Apply a response of a type the agent handles, then ACK it, or NACK it with the handler's reason."""
+        if self.metrics is not None:
+            self.metrics.xds_responses.inc()
+        try:
+            r = wire.decode_response(resp, delta)
+        except wire.WireError as e:
+            log.error("malformed response from upstream", type=type_url, error=str(e))
+            return
+        if r.first is None:
+            return                                  # pilot-agent: "empty response, nothing to do" (no ACK)
+        error = None
+        try:
+            self.handlers[type_url](r.first)
+        except Exception as e:  # noqa: BLE001 - whatever the handler refused is the NACK's reason
+            error = wire.Status(INTERNAL, str(e)[:1024] or type(e).__name__)
+            log.error("refusing a response from upstream (NACK)", type=type_url, error=error.message)
+        ack = (wire.delta_discovery_request(type_url, r.nonce, error) if delta
+               else wire.discovery_request(type_url, r.version, r.nonce, error))
+        if self.metrics is not None:
+            self.metrics.xds_requests.inc()
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.UsageError):   # the stream is ending anyway
+            await write(ack)
 
     async def _paced(self, mine: asyncio.Event) -> bool:
         """Wait out the back-off after a failed upstream stream (Envoy's stream stays open, so Envoy keeps its
@@ -173,3 +226,13 @@ class XdsProxy:
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         async for resp in self._forward(DELTA, request_iterator, context):
             yield resp
+
+
+def _serialized(call: grpc.aio.StreamStreamCall) -> Write:
+    """One writer at a time on the upstream call: Envoy's requests and the agent's own ACKs come from two tasks."""
+    lock = asyncio.Lock()
+
+    async def write(req: bytes) -> None:
+        async with lock:
+            await call.write(req)
+    return write

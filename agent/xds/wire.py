@@ -198,3 +198,73 @@ def tls_secret(name: str, chain_pem: bytes, key_pem: bytes) -> bytes:
 def root_secret(name: str, ca_pem: bytes) -> bytes:
     """Secret{name=1, validation_context=4{trusted_ca=1}}."""
     return ld(1, name) + ld_always(4, ld_always(1, _data_source(ca_pem)))
+
+
+# ---- the agent's own requests on the upstream stream (NDS: pilot-agent's XdsProxy handlers) --------------------------
+
+def request_type_url(buf: bytes, delta: bool) -> str:
+    """type_url of a DiscoveryRequest (field 4) or DeltaDiscoveryRequest (field 2): read only until the proxy has
+    seen Envoy's first LDS request, the point where pilot-agent adds its own requests."""
+    want = 2 if delta else 4
+    for f, _, v in fields(buf):
+        if f == want and isinstance(v, bytes):
+            return _str(v)
+    return ""
+
+
+def _status_bytes(st: Status) -> bytes:
+    return vint(1, st.code & 0xFFFFFFFFFFFFFFFF) + ld(2, st.message)
+
+
+def discovery_request(type_url: str, version: str = "", nonce: str = "", error: Status | None = None) -> bytes:
+    """DiscoveryRequest{version_info=1, type_url=4, response_nonce=5, error_detail=6}: a first request, an ACK, or
+    (with `error`) a NACK."""
+    out = ld(1, version) + ld(4, type_url) + ld(5, nonce)
+    return out + (ld_always(6, _status_bytes(error)) if error is not None else b"")
+
+
+def delta_discovery_request(type_url: str, nonce: str = "", error: Status | None = None) -> bytes:
+    """DeltaDiscoveryRequest{type_url=2, response_nonce=6, error_detail=7}."""
+    out = ld(2, type_url) + ld(6, nonce)
+    return out + (ld_always(7, _status_bytes(error)) if error is not None else b"")
+
+
+@dataclass
+class Response:
+    """What the agent reads of a response it handles itself: the version and nonce to ACK, the first resource."""
+    version: str = ""
+    nonce: str = ""
+    first: bytes | None = None        # the first resource's Any.value; None when the response has no resources
+
+
+def _any_value(buf: bytes) -> bytes:
+    """google.protobuf.Any's value (field 2)."""
+    value = b""
+    for f, _, v in fields(buf):
+        if f == 2 and isinstance(v, bytes):
+            value = v
+    return value
+
+
+def decode_response(buf: bytes, delta: bool) -> Response:
+    """A DiscoveryResponse{version_info=1, resources=2 (Any), nonce=5} or a DeltaDiscoveryResponse{
+    system_version_info=1, resources=2 (Resource{resource=2 (Any)}), nonce=5}; only the first resource is kept
+    (pilot-agent's handlers treat their types as singletons)."""
+    out = Response()
+    for f, _, v in fields(buf):
+        if not isinstance(v, bytes):
+            continue
+        if f == 1:
+            out.version = _str(v)
+        elif f == 5:
+            out.nonce = _str(v)
+        elif f == 2 and out.first is None:
+            if delta:
+                inner = b""
+                for rf, _, rv in fields(v):
+                    if rf == 2 and isinstance(rv, bytes):
+                        inner = rv
+                out.first = _any_value(inner)
+            else:
+                out.first = _any_value(v)
+    return out
