@@ -175,7 +175,7 @@ def mesh_ca_serving_cert(args: argparse.Namespace) -> tuple[str, str] | None:
             log.warning("--webhook-config-name ignored: no Kubernetes API")
         else:
             # watched and re-patched whenever it drifts; every replica patches the same root
-            server.watch_webhook_ca_bundle(mesh.api_client, args.webhook_config_name, lambda: mesh.bundle)
+            server.watch_webhook_ca_bundles(mesh.api_client, args.webhook_config_name, lambda: mesh.bundle)
     return mesh.cert, mesh.key
 
 

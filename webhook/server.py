@@ -385,6 +385,12 @@ def watch_webhook_ca_bundle(api_client: Any, name: str, bundle: Callable[[], byt
     return patcher
 
 
+def watch_webhook_ca_bundles(api_client: Any, names: str, bundle: Callable[[], bytes]) -> list[CABundlePatcher]:
+    """--webhook-config-name is a comma list: a revision's configuration and its tags' (istio-revision-tag-<tag>)
+    all call this injector, so each keeps the same caBundle."""
+    return [watch_webhook_ca_bundle(api_client, n.strip(), bundle) for n in names.split(",") if n.strip()]
+
+
 def detect_kubernetes_version(api_client: Any) -> str | None:
     """For native sidecars in `auto` mode: the oldest kubelet among the nodes (Istio wants every node >= 1.33).
 
@@ -427,7 +433,8 @@ def build_parser(prog: str = "python -m webhook.server", description: str = __do
     p.add_argument("--service-namespace", default=C.ISTIO_NAMESPACE)
     p.add_argument("--ca-bundle-out", help="where to write the self-signed CA bundle (PEM)")
     p.add_argument("--self-signed-dir", help="where to keep the self-signed cert/key (default: a temp dir)")
-    p.add_argument("--webhook-config-name", help="MutatingWebhookConfiguration whose caBundle to patch (in cluster)")
+    p.add_argument("--webhook-config-name", help="MutatingWebhookConfigurations whose caBundle to patch (in "
+                                                  "cluster), comma-separated: the revision's and its tags'")
     p.add_argument("--values", help="Istio injector values (the `values` key of istio-sidecar-injector)")
     p.add_argument("--mesh-config", help="MeshConfig YAML (with defaultConfig)")
     p.add_argument("--injector-config", help="injector config: policy, alwaysInjectSelector, neverInjectSelector")
@@ -555,7 +562,7 @@ def _self_signed(args: argparse.Namespace) -> tuple[str, str]:
     except Exception as e:  # noqa: BLE001 - report, keep serving (the operator can patch it)
         log.error("could not patch caBundle", extra={"webhook_config": args.webhook_config_name, "error": str(e)})
         return cert, key
-    watch_webhook_ca_bundle(api, args.webhook_config_name, lambda: ca_pem)
+    watch_webhook_ca_bundles(api, args.webhook_config_name, lambda: ca_pem)
     return cert, key
 
 

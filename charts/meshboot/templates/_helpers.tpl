@@ -3,12 +3,53 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{- define "meshboot.fullname" -}}
-{{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
-{{- else -}}
-{{- printf "%s-webhook" (include "meshboot.name" .) | trunc 63 | trimSuffix "-" -}}
+{{/* The control plane's name without its revision: a tag's Service keeps it, so the name outlives a move. */}}
+{{- define "meshboot.baseName" -}}
+{{- .Values.fullnameOverride | default (printf "%s-webhook" (include "meshboot.name" .)) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{- define "meshboot.tagServiceName" -}}
+{{- printf "%s-revision-tag-%s" (include "meshboot.baseName" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* A revision's objects carry its name, as istiod-<revision> does: two releases never share a name. */}}
+{{- define "meshboot.fullname" -}}
+{{- $base := include "meshboot.baseName" . -}}
+{{- if .Values.revision -}}
+{{- $base = printf "%s-%s" $base .Values.revision -}}
+{{- end -}}
+{{- $base | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The istio.io/rev value of this control plane: its revision, "default" for the unrevisioned one (Istio's). */}}
+{{- define "meshboot.revLabel" -}}
+{{- .Values.revision | default "default" -}}
+{{- end -}}
+
+{{/* Istio's webhook configuration names: <name>[-<revision>], and a tag's istio-revision-tag-<tag> (with
+-<namespace> outside istio-system, as Istio's chart names them). */}}
+{{- define "meshboot.webhookConfigName" -}}
+{{- if .Values.revision -}}
+{{- printf "%s-%s" .Values.mutatingWebhook.name .Values.revision | trunc 253 -}}
+{{- else -}}
+{{- .Values.mutatingWebhook.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshboot.tagWebhookConfigName" -}}
+{{- $ctx := index . 0 -}}
+{{- if eq $ctx.Release.Namespace "istio-system" -}}
+{{- printf "istio-revision-tag-%s" (index . 1) -}}
+{{- else -}}
+{{- printf "istio-revision-tag-%s-%s" (index . 1) $ctx.Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Every webhook configuration this release owns (the server keeps their caBundle), comma-joined. */}}
+{{- define "meshboot.webhookConfigNames" -}}
+{{- $names := list (include "meshboot.webhookConfigName" .) -}}
+{{- range .Values.revisionTags }}{{ $names = append $names (include "meshboot.tagWebhookConfigName" (list $ . )) }}{{ end -}}
+{{- join "," $names -}}
 {{- end -}}
 
 {{- define "meshboot.serviceAccountName" -}}
@@ -42,6 +83,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: meshboot
+istio.io/rev: {{ include "meshboot.revLabel" . | quote }}
 {{- end -}}
 
 {{- define "meshboot.selectorLabels" -}}
@@ -106,6 +148,7 @@ self-managed
 {{- $names := list $host (printf "%s.%s" $host .Values.global.proxy.clusterDomain) (printf "istiod.%s.svc" .Release.Namespace) "istiod.istio-system.svc" -}}
 {{- $caHost := regexReplaceAll ":[0-9]+$" (include "meshboot.caAddress" .) "" -}}
 {{- $names = append $names $caHost -}}
+{{- range .Values.revisionTags }}{{ $names = append $names (printf "%s.%s.svc" (include "meshboot.tagServiceName" (list $ .)) $.Release.Namespace) }}{{ end -}}
 {{- range .Values.ca.extraDNSNames }}{{ $names = append $names . }}{{ end -}}
 {{- $names | uniq | join "," -}}
 {{- end -}}
@@ -122,6 +165,7 @@ self-managed
 {{/* One clear error for combinations the schema cannot express. */}}
 {{- define "meshboot.validate" -}}
 {{- $mode := .Values.certificates.mode -}}
+{{- include "meshboot.validateRevisions" . -}}
 {{- if and (include "meshboot.singleReplica" .) .Values.autoscaling.enabled -}}
 {{- fail (printf "autoscaling.enabled needs a serving certificate all replicas share, but certificates.mode is %s%s (a CA of each replica's own, one replica only): use certificates.mode=mesh-ca with meshboot's CA, cert-manager or provided" $mode (ternary " (mesh-ca falls back to self-managed: istiod.address is set or ca.enabled is false)" "" (eq $mode "mesh-ca"))) -}}
 {{- end -}}
@@ -171,4 +215,132 @@ failurePolicy: {{ .Values.mutatingWebhook.failurePolicy }}
 reinvocationPolicy: {{ .Values.mutatingWebhook.reinvocationPolicy }}
 timeoutSeconds: {{ .Values.mutatingWebhook.timeoutSeconds }}
 admissionReviewVersions: ["v1"]
+{{- end -}}
+
+{{/* Revisions and tags: the mistakes istioctl refuses, and the one the chart alone could make. */}}
+{{- define "meshboot.validateRevisions" -}}
+{{- if eq (toString .Values.revision) "default" -}}
+{{- fail "revision=default: the default revision is the one installed without a revision (leave revision empty); to make a revision the default, give it the tag default (revisionTags: [default])" -}}
+{{- end -}}
+{{- range .Values.revisionTags -}}
+{{- if and $.Values.revision (eq . $.Values.revision) -}}
+{{- fail (printf "revisionTags: tag %q is the name of this revision (a tag must not hide a revision, as istioctl tag set refuses)" .) -}}
+{{- end -}}
+{{- if and (eq . "default") (not $.Values.revision) -}}
+{{- fail "revisionTags: tag default on the unrevisioned release, which already takes istio-injection=enabled and istio.io/rev=default: both would select the same pods; give the tag to a revisioned release" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* cert-manager's CA injector fills every webhook's caBundle from the serving Certificate. */}}
+{{- define "meshboot.webhookAnnotations" -}}
+{{- if eq .Values.certificates.mode "cert-manager" -}}
+annotations:
+  cert-manager.io/inject-ca-from: {{ .Release.Namespace }}/{{ include "meshboot.fullname" . }}
+{{- end -}}
+{{- end -}}
+
+{{/* The webhook entries of Istio's chart for one istio.io/rev value (a revision or a tag): (list ctx value
+withDefault). withDefault adds the default revision's namespace./object. (and auto.) entries. */}}
+{{- define "meshboot.webhooks" -}}
+{{- $ctx := index . 0 -}}
+{{- $rev := index . 1 -}}
+- name: rev.namespace.sidecar-injector.istio.io
+  {{- include "meshboot.webhookCommon" $ctx | nindent 2 }}
+  namespaceSelector:
+    matchExpressions:
+      - key: istio.io/rev
+        operator: In
+        values: [{{ $rev | quote }}]
+      - key: istio-injection
+        operator: DoesNotExist
+  objectSelector:
+    matchExpressions:
+      - key: sidecar.istio.io/inject
+        operator: NotIn
+        values: ["false"]
+- name: rev.object.sidecar-injector.istio.io
+  {{- include "meshboot.webhookCommon" $ctx | nindent 2 }}
+  namespaceSelector:
+    matchExpressions:
+      - key: istio.io/rev
+        operator: DoesNotExist
+      - key: istio-injection
+        operator: DoesNotExist
+  objectSelector:
+    matchExpressions:
+      - key: sidecar.istio.io/inject
+        operator: NotIn
+        values: ["false"]
+      - key: istio.io/rev
+        operator: In
+        values: [{{ $rev | quote }}]
+{{- if index . 2 }}
+- name: namespace.sidecar-injector.istio.io
+  {{- include "meshboot.webhookCommon" $ctx | nindent 2 }}
+  namespaceSelector:
+    matchExpressions:
+      - key: istio-injection
+        operator: In
+        values: ["enabled"]
+  objectSelector:
+    matchExpressions:
+      - key: sidecar.istio.io/inject
+        operator: NotIn
+        values: ["false"]
+- name: object.sidecar-injector.istio.io
+  {{- include "meshboot.webhookCommon" $ctx | nindent 2 }}
+  namespaceSelector:
+    matchExpressions:
+      - key: istio-injection
+        operator: DoesNotExist
+      - key: istio.io/rev
+        operator: DoesNotExist
+  objectSelector:
+    matchExpressions:
+      - key: sidecar.istio.io/inject
+        operator: In
+        values: ["true"]
+      - key: istio.io/rev
+        operator: DoesNotExist
+{{- if $ctx.Values.sidecarInjectorWebhook.enableNamespacesByDefault }}
+- name: auto.sidecar-injector.istio.io
+  {{- include "meshboot.webhookCommon" $ctx | nindent 2 }}
+  namespaceSelector:
+    matchExpressions:
+      - key: istio-injection
+        operator: DoesNotExist
+      - key: istio.io/rev
+        operator: DoesNotExist
+      - key: kubernetes.io/metadata.name
+        operator: NotIn
+        values: ["kube-system", "kube-public", "kube-node-lease", "local-path-storage", {{ $ctx.Release.Namespace | quote }}]
+  objectSelector:
+    matchExpressions:
+      - key: sidecar.istio.io/inject
+        operator: DoesNotExist
+      - key: istio.io/rev
+        operator: DoesNotExist
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The control plane's Service ports (its Service and its tags'). */}}
+{{- define "meshboot.servicePorts" -}}
+# The API server calls the injector here (the webhook configuration's clientConfig.service).
+- name: https-webhook
+  port: 443
+  targetPort: https-webhook
+  protocol: TCP
+{{- if include "meshboot.caEnabled" . }}
+# Sidecars' CA_ADDR: Istio's CA protocol over TLS, like istiod:15012.
+- name: tls-ca
+  port: {{ .Values.ca.port }}
+  targetPort: tls-ca
+  protocol: TCP
+{{- end }}
+- name: http-monitoring
+  port: {{ .Values.webhook.monitoringPort }}
+  targetPort: http-monitoring
+  protocol: TCP
 {{- end -}}
