@@ -302,7 +302,9 @@ def build_config(values: Mapping[str, object], env: Mapping[str, str], host: Hos
     force = str(v["force_iptables_binary"])
     if force not in ("", "legacy", "nft"):
         raise ConfigError(f"--force-iptables-binary: {show(force)} is not one of '', legacy, nft")
-    if v["native_nftables"]:
+    if v["native_nftables"] and not v["skip_rule_apply"]:
+        # Writing nft rules is not implemented; validating them is (the probe does not care what wrote the rules),
+        # so CNI mode's istio-validation, which Istio renders with this flag too, runs.
         raise ConfigError("--native-nftables: the native nftables implementation is not supported by "
                           "meshboot-iptables; use the iptables backends (nft or legacy)")
     return CaptureConfig(
