@@ -144,3 +144,43 @@ def endpoint_tls_modes(run: PodRun, cluster: str) -> dict[str, str]:
                 meta = ((lb.get("metadata") or {}).get("filter_metadata") or {}).get("envoy.transport_socket_match")
                 out[f"{sa.get('address')}:{sa.get('port_value')}"] = str((meta or {}).get("tlsMode", ""))
     return out
+
+
+# ---- AuthorizationPolicy ------------------------------------------------------------------------------------------
+def authorization_policy(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """An AuthorizationPolicy as `kubectl apply` sends it (`spec` as written: `{}` is Istio's allow-nothing)."""
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def virtual_inbound(run: PodRun) -> dict[str, Any]:
+    """The pod's Envoy's active virtualInbound as its admin `/config_dump` shows it (`listener`, `last_updated`,
+    `version_info`); {} when it has none."""
+    for item in _config_dump(run, "resource=dynamic_listeners"):
+        state = item.get("active_state") or {}
+        if (state.get("listener") or {}).get("name") == C.VIRTUAL_INBOUND:
+            return dict(state)
+    return {}
+
+
+def inbound_rbac(run: PodRun, port: int) -> list[tuple[str, tuple[str, ...]]]:
+    """(action, RBAC policy names) of each RBAC network filter in the first virtualInbound chain of `port`, in chain
+    order ([] = no AuthorizationPolicy applies): what the server's Envoy enforces now."""
+    listener = virtual_inbound(run).get("listener") or {}
+    for chain in listener.get("filter_chains") or []:
+        if chain.get("name") == f"0.0.0.0_{port}":
+            return [(str((f["typed_config"].get("rules") or {}).get("action", "ALLOW")),
+                     tuple(sorted((f["typed_config"].get("rules") or {}).get("policies") or {})))
+                    for f in chain.get("filters") or [] if f.get("name") == "envoy.filters.network.rbac"]
+    return []
+
+
+def envoy_stats(run: PodRun, needle: str) -> dict[str, int]:
+    """The pod's Envoy's counters whose name holds `needle` (admin `/stats`, not the Prometheus inclusion list)."""
+    res = run.call(http_get, "127.0.0.1", C.ENVOY_ADMIN_PORT, f"/stats?filter={needle}", 3.0)
+    out: dict[str, int] = {}
+    for line in res.body.decode().splitlines():
+        name, _, value = line.partition(": ")
+        if needle in name and value.strip().isdigit():
+            out[name] = int(value)
+    return out
