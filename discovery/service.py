@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 from prometheus_client import Gauge
 
-from . import adapt, debug, generate
+from . import adapt, debug, generate, nds
 from . import protocol as P
 from .ads import MAX_STREAMS, AdsServer, Authenticate, new_grpc_server
 from .model import Mesh, ModelError, Proxy, Service
@@ -102,14 +102,19 @@ class Served:
         """Every proxy's EDS: the shared ClusterLoadAssignments (`generate.for_proxy` adds none of its own)."""
         return {e.cluster_name: e for e in self.shared.endpoints}
 
+    @cached_property
+    def name_table(self) -> Mapping[str, Message]:
+        """Every proxy's NDS (nds.py): the same table for all, built once per snapshot when first asked for."""
+        return nds.resources(self.built.model)
+
     def resources_for(self, proxy: P.Proxy, type_url: str) -> Mapping[str, Message]:
         key = (proxy.id, proxy.namespace, proxy.service_account, proxy.metadata.get("INSTANCE_IPS", ""))
         endpoints = self.endpoints
         resources = self._proxies.get(key)
-        if type_url == P.EDS:
+        if type_url in (P.EDS, P.NDS):
             # An endpoint push asks every proxy for EDS only: no need to generate its clusters and listeners.
             known = bool(resources) if resources is not None else self._mine(proxy) is not None
-            return endpoints if known else {}
+            return (endpoints if type_url == P.EDS else self.name_table) if known else {}
         if resources is None:
             mine = self._mine(proxy)
             resources = {} if mine is None else self._generate(mine)
