@@ -1,0 +1,150 @@
+"""Revision and tag routing: which injector the API server calls, from Istio's documented behaviour.
+
+Expected values come from Istio's docs and chart: istio-injection=enabled is the default revision's; istio.io/rev
+selects a revision or a tag; istio-injection takes precedence over istio.io/rev ("the istio-injection label must be
+removed because it takes precedence", canary upgrade guide); a namespace's istio.io/rev wins over a pod's (the
+rev.object. webhook needs the namespace unlabelled); sidecar.istio.io/inject=false is never sent; a disabled
+namespace is never injected; a tag routes to its revision and the tag default also takes istio-injection=enabled.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from webhook import revisions as R
+from webhook.errors import ConfigError
+from webhook.policy import NO_WEBHOOK
+
+INJ, REV, POD_INJ = "istio-injection", "istio.io/rev", "sidecar.istio.io/inject"
+BOTH = R.planes(["default", "canary"], {"prod-stable": "default", "prod-canary": "canary"})
+CANARY_ONLY = R.planes(["canary"], {})
+CANARY_DEFAULT_TAG = R.planes(["canary"], {"default": "canary"})
+MOVING_DEFAULT = R.planes(["default", "canary"], {"default": "canary"})
+
+# (id, planes, namespace labels, pod labels) -> (revision or None, configuration of the last call, webhook prefix,
+# words the reason must contain)
+CASES: list[tuple[str, R.ControlPlanes, dict[str, str], dict[str, str], Any, str, str, str]] = [
+    ("injection-enabled", BOTH, {INJ: "enabled"}, {}, "default", "meshboot-sidecar-injector", "namespace.", ""),
+    ("rev-canary", BOTH, {REV: "canary"}, {}, "canary", "meshboot-sidecar-injector-canary", "rev.namespace.", ""),
+    ("rev-default", BOTH, {REV: "default"}, {}, "default", "meshboot-sidecar-injector", "rev.namespace.", ""),
+    ("both-labels-injection-wins", BOTH, {INJ: "enabled", REV: "canary"}, {}, "default",
+     "meshboot-sidecar-injector", "namespace.", ""),
+    ("pod-opt-out", BOTH, {INJ: "enabled"}, {POD_INJ: "false"}, None, "", "", "sidecar.istio.io/inject=false"),
+    ("pod-opt-out-rev", BOTH, {REV: "canary"}, {POD_INJ: "false"}, None, "", "", "sidecar.istio.io/inject=false"),
+    ("ns-disabled", BOTH, {INJ: "disabled"}, {}, None, "", "", "istio-injection=disabled"),
+    ("ns-disabled-pod-true", BOTH, {INJ: "disabled"}, {POD_INJ: "true"}, None, "", "", "istio-injection=disabled"),
+    ("ns-disabled-pod-rev", BOTH, {INJ: "disabled"}, {REV: "canary"}, None, "", "", "istio-injection=disabled"),
+    ("pod-true", BOTH, {}, {POD_INJ: "true"}, "default", "meshboot-sidecar-injector", "object.", ""),
+    ("pod-rev", BOTH, {}, {REV: "canary"}, "canary", "meshboot-sidecar-injector-canary", "rev.object.", ""),
+    ("pod-rev-and-true", BOTH, {}, {REV: "canary", POD_INJ: "true"}, "canary",
+     "meshboot-sidecar-injector-canary", "rev.object.", ""),
+    ("ns-rev-beats-pod-rev", BOTH, {REV: "canary"}, {REV: "default"}, "canary",
+     "meshboot-sidecar-injector-canary", "rev.namespace.", ""),
+    ("tag-to-canary", BOTH, {REV: "prod-canary"}, {}, "canary", "istio-revision-tag-prod-canary",
+     "rev.namespace.", ""),
+    ("tag-to-default", BOTH, {REV: "prod-stable"}, {}, "default", "istio-revision-tag-prod-stable",
+     "rev.namespace.", ""),
+    ("pod-tag", BOTH, {}, {REV: "prod-canary"}, "canary", "istio-revision-tag-prod-canary", "rev.object.", ""),
+    ("unknown-rev", BOTH, {REV: "1-99-0"}, {}, None, "", "", "istio.io/rev=1-99-0 names no installed"),
+    ("unknown-pod-rev", BOTH, {}, {REV: "1-99-0"}, None, "", "", "istio.io/rev=1-99-0 names no installed"),
+    ("nothing", BOTH, {}, {}, None, "", "", "nothing selects it"),
+    ("no-default-installed", CANARY_ONLY, {INJ: "enabled"}, {}, None, "", "", "none is installed nor tagged"),
+    ("no-default-pod-true", CANARY_ONLY, {}, {POD_INJ: "true"}, None, "", "", "none is installed nor tagged"),
+    ("default-tag-takes-injection", CANARY_DEFAULT_TAG, {INJ: "enabled"}, {}, "canary",
+     "istio-revision-tag-default", "namespace.", ""),
+    ("default-tag-takes-pod-true", CANARY_DEFAULT_TAG, {}, {POD_INJ: "true"}, "canary",
+     "istio-revision-tag-default", "object.", ""),
+    ("default-tag-takes-rev-default", CANARY_DEFAULT_TAG, {REV: "default"}, {}, "canary",
+     "istio-revision-tag-default", "rev.namespace.", ""),
+    # While the unrevisioned release is still installed, both are called; configurations are called in name order
+    # and each re-injects, so meshboot-sidecar-injector (after istio-revision-tag-default) wins.
+    ("default-tag-beside-old-default", MOVING_DEFAULT, {INJ: "enabled"}, {}, "default",
+     "meshboot-sidecar-injector", "namespace.", "also called before it: istio-revision-tag-default (canary)"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_routing_table(case: tuple[Any, ...]) -> None:
+    _, cp, ns_labels, pod_labels, want_rev, want_config, want_prefix, want_words = case
+    r = R.route("apps", ns_labels, pod_labels, cp)
+    assert r.revision == want_rev, r.reason
+    if want_rev is not None:
+        assert r.called[-1].configuration == want_config
+        assert r.called[-1].name == want_prefix + R.WEBHOOK_SUFFIX
+    assert want_words in r.reason
+
+
+def test_enable_namespaces_by_default_skips_system_namespaces() -> None:
+    cp = R.planes(["default", "canary"], {}, enable_namespaces_by_default=True)
+    assert R.route("apps", {}, {}, cp).called[-1].name == "auto." + R.WEBHOOK_SUFFIX
+    for ns in ("kube-system", "kube-public", "kube-node-lease", "local-path-storage", "istio-system"):
+        assert R.route(ns, {}, {}, cp).revision is None, ns
+    # a label still opts out, and a revisioned control plane alone never takes unlabelled namespaces
+    assert R.route("apps", {}, {POD_INJ: "false"}, cp).revision is None
+    assert R.route("apps", {}, {}, R.planes(["canary"], {}, enable_namespaces_by_default=True)).revision is None
+
+
+LABEL_VALUES = {INJ: (None, "enabled", "disabled"), REV: (None, "default", "canary", "prod-canary", "other")}
+POD_VALUES = {POD_INJ: (None, "true", "false"), REV: (None, "default", "canary", "prod-canary", "other")}
+
+
+def _combos(domain: dict[str, tuple[str | None, ...]]) -> list[dict[str, str]]:
+    keys = list(domain)
+    return [{k: v for k, v in zip(keys, vals, strict=True) if v is not None}
+            for vals in itertools.product(*(domain[k] for k in keys))]
+
+
+@pytest.mark.parametrize("cp", [BOTH, CANARY_ONLY, CANARY_DEFAULT_TAG], ids=["both", "canary", "canary+default"])
+def test_each_configuration_calls_at_most_once_and_opt_outs_hold(cp: R.ControlPlanes) -> None:
+    """Istio's entries within one configuration are disjoint; `false` and `disabled` are never injected."""
+    for ns_labels, pod_labels in itertools.product(_combos(LABEL_VALUES), _combos(POD_VALUES)):
+        r = R.route("apps", ns_labels, pod_labels, cp)
+        configs = [w.configuration for w in r.called]
+        assert len(configs) == len(set(configs)), (ns_labels, pod_labels, configs)
+        if pod_labels.get(POD_INJ) == "false" or ns_labels.get(INJ) == "disabled":
+            assert r.revision is None, (ns_labels, pod_labels)
+        if r.revision is None:
+            assert r.reason
+
+
+def test_gate_and_explain() -> None:
+    canary = R.route("apps", {REV: "canary"}, {}, BOTH)
+    assert R.gate(canary, "canary") is None
+    other = R.gate(canary, "default")
+    assert other is not None and not other.inject and other.reason == R.OTHER_REVISION
+    none = R.gate(R.route("apps", {REV: "gone"}, {}, BOTH), "default")
+    assert none is not None and none.reason == NO_WEBHOOK and "gone" in none.message
+    assert R.explain_line(canary).startswith("revision canary: webhook rev.namespace.")
+    assert R.explain_line(R.route("apps", {}, {}, BOTH)).startswith("no injector: nothing selects it")
+
+
+@pytest.mark.parametrize(("revs", "tags", "needle"), [
+    ([], {}, "revisions: at least one"),
+    (["Canary"], {}, "revisions: 'Canary'"),
+    (["canary"], {"prod": "stable"}, "tags: tag 'prod' points at revision 'stable', which is not installed"),
+    (["default", "canary"], {"canary": "default"}, "tags: tag 'canary' has the name of an installed revision"),
+    (["default"], {"default": "default"}, "tags: tag 'default' on the default revision"),
+    (["canary"], {"a" * 31: "canary"}, "tags: 'aaaa"),
+    (["canary"], {"-x": "canary"}, "tags: '-x'"),
+])
+def test_bad_planes_are_one_clear_message(revs: list[str], tags: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match="^" + needle.replace("(", r"\(")):
+        R.planes(revs, tags)
+
+
+@pytest.mark.parametrize(("ns_labels", "pod_labels", "needle"), [
+    ({INJ: True}, {}, "namespace label 'istio-injection': value True is not a string"),
+    ({}, {POD_INJ: False}, "pod label 'sidecar.istio.io/inject': value False is not a string"),
+    ({}, ["x"], "pod labels: want a map"),
+])
+def test_hostile_labels_name_the_label(ns_labels: Any, pod_labels: Any, needle: str) -> None:
+    with pytest.raises(ConfigError, match="^" + needle):
+        R.route("apps", ns_labels, pod_labels, BOTH)
+
+
+def test_tag_configuration_outside_istio_system_carries_the_namespace() -> None:
+    cp = R.planes(["canary"], {"prod": "canary"}, namespace="mesh")
+    assert {w.configuration for w in R.webhooks(cp)} == {"meshboot-sidecar-injector-canary",
+                                                         "istio-revision-tag-prod-mesh"}
