@@ -12,14 +12,15 @@ from typing import Any, TextIO
 
 import yaml
 
+from webhook import revisions
 from webhook.config import ConfigSource
 from webhook.errors import ConfigError, InjectionError
 from webhook.inject import inject_pod
-from webhook.policy import Decision, decide_with_namespace, explain_lines
+from webhook.policy import Decision, decide, explain_lines
 from webhook.workloads import get_template, iter_objects, set_template, workload_deploy_meta
 
 
-def parse_labels(text: str | None) -> dict[str, str] | None:
+def parse_labels(text: str | None, flag: str = "--namespace-labels") -> dict[str, str] | None:
     """'a=b,c=d' -> {'a': 'b', 'c': 'd'}; None when not given; '' -> {} (a namespace without labels)."""
     if text is None:
         return None
@@ -29,10 +30,27 @@ def parse_labels(text: str | None) -> dict[str, str] | None:
         if not item:
             continue
         if "=" not in item:
-            raise ValueError(f"--namespace-labels: {item!r} is not KEY=VALUE")
+            raise ValueError(f"{flag}: {item!r} is not KEY=VALUE")
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def control_planes(settings: Any, revision: str | None = None, installed: str | None = None,
+                   tags: str | None = None) -> revisions.ControlPlanes:
+    """--revision (istioctl kube-inject's: this injector's revision, into values.revision), --revisions (what else is
+    installed) and --tags (TAG=REVISION): the webhooks gate A evaluates with --namespace-labels."""
+    if revision is not None:
+        own = "" if revision in ("", revisions.DEFAULT) else revisions.check_name("--revision", revision)
+        settings.values["revision"] = own
+    own = settings.revision or revisions.DEFAULT
+    revs = [r.strip() for r in installed.split(",") if r.strip()] if installed else [own]
+    if own not in revs:
+        raise ConfigError(f"--revisions: {','.join(revs)} leaves out this injector's revision {own} (--revision)")
+    return revisions.planes(revs, parse_labels(tags, "--tags") or {},
+                            namespace=settings.g.get("istioNamespace") or "istio-system",
+                            enable_namespaces_by_default=bool(
+                                settings.values["sidecarInjectorWebhook"].get("enableNamespacesByDefault")))
 
 
 class _Dumper(yaml.SafeDumper):
@@ -55,12 +73,25 @@ def _label(obj: dict[str, Any]) -> str:
 class Injector:
     """Walks documents, finds pod templates, decides and injects; collects explanations and warnings."""
 
-    def __init__(self, source: ConfigSource, namespace: str | None, namespace_labels: dict[str, str] | None) -> None:
+    def __init__(self, source: ConfigSource, namespace: str | None, namespace_labels: dict[str, str] | None,
+                 planes: revisions.ControlPlanes | None = None) -> None:
         self.settings = source.settings
         self.namespace = namespace
         self.namespace_labels = namespace_labels
+        self.planes = planes or control_planes(self.settings)
         self.decisions: list[tuple[str, Decision]] = []
+        self.routes: list[str | None] = []      # per decision with --namespace-labels: the injector called
         self.warnings: list[str] = []
+
+    def decide(self, pod: dict[str, Any], ns: str) -> Decision:
+        """Gate A when the namespace labels are known: the installed revisions' and tags' webhooks must call this
+        revision's injector (webhook/revisions.py); then the injector's own policy (gate B)."""
+        if self.namespace_labels is None:
+            return decide(pod, ns, self.settings)
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        routing = revisions.route(ns, self.namespace_labels, labels, self.planes)
+        self.routes.append(revisions.explain_line(routing) if routing.revision else None)
+        return revisions.gate(routing, self.settings.revision or revisions.DEFAULT) or decide(pod, ns, self.settings)
 
     def process(self, obj: dict[str, Any], where: str) -> None:
         template = get_template(obj)
@@ -70,7 +101,7 @@ class Injector:
         is_pod = obj.get("kind") == "Pod"
         pod = obj if is_pod else {"metadata": template.get("metadata") or {}, "spec": template.get("spec")}
         name = f"{_label(obj)} (namespace {ns})"
-        decision = decide_with_namespace(pod, ns, self.namespace_labels, self.settings)
+        decision = self.decide(pod, ns)
         self.decisions.append((name, decision))
         if decision.warning:
             self.warnings.append(f"{where}: {name}: {decision.warning}")
@@ -127,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "selectors are applied too, as the API server would")
     p.add_argument("--kubernetes-version", help="MAJOR.MINOR of the cluster; native sidecars in auto mode need 1.33")
     p.add_argument("--native-sidecars", choices=("auto", "true", "false"))
+    p.add_argument("--revision", help="control-plane revision of this injector (istioctl kube-inject --revision; "
+                                      "values.revision); with --namespace-labels only what its webhooks take")
+    p.add_argument("--revisions", help="installed revisions, comma-separated (default: --revision's): with "
+                                       "--namespace-labels, which revision's injector each pod reaches")
+    p.add_argument("--tags", help="revision tags, TAG=REVISION,... (istioctl tag set)")
     p.add_argument("--explain", action="store_true", help="print, per pod template, whether and why it is injected")
     return p
 
@@ -137,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         ns_labels = parse_labels(args.namespace_labels)
         source = ConfigSource(args.values, args.mesh_config, args.injector_config,
                               native_sidecars=args.native_sidecars, kubernetes_version=args.kubernetes_version)
-        injector = Injector(source, args.namespace, ns_labels)
+        planes = control_planes(source.settings, args.revision, args.revisions, args.tags)
+        injector = Injector(source, args.namespace, ns_labels, planes)
         if args.filename == "-":
             docs = run(sys.stdin, "<stdin>", injector)
         else:
@@ -160,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns_labels is None:
             print("(namespace labels not given: only the injector's own policy is evaluated; pass "
                   "--namespace-labels to include the webhook selectors)")
-        for line in explain_lines(injector.decisions):
-            print(line)
+        for i, line in enumerate(explain_lines(injector.decisions)):
+            route = injector.routes[i] if i < len(injector.routes) else None
+            print(line + (f"; called: {route}" if route else ""))
         return 0
     text = yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
     if args.output == "-":

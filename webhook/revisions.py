@@ -146,7 +146,7 @@ def _why_none(ns_labels: Mapping[str, str], pod_labels: Mapping[str, str], cp: C
     pod_inj, pod_rev = pod_labels.get(C.LABEL_INJECT), pod_labels.get(C.LABEL_REV)
     has_default = DEFAULT in cp.revisions or DEFAULT in cp.tags
     if pod_inj == "false" and (ns_inj == "enabled" or ns_rev or pod_rev):
-        return f"pod label {C.LABEL_INJECT}=false: no injector is called for it"
+        return f"not sent to any injector: pod label {C.LABEL_INJECT}=false"
     if ns_inj is not None and ns_inj != "enabled":
         return (f"namespace label {C.LABEL_INJECTION_NS}={ns_inj} turns injection off (it takes precedence over "
                 f"{C.LABEL_REV})")
@@ -162,7 +162,7 @@ def _why_none(ns_labels: Mapping[str, str], pod_labels: Mapping[str, str], cp: C
     if pod_inj == "true" and not has_default:
         return (f"pod label {C.LABEL_INJECT}=true is taken by the default revision, and none is installed nor "
                 f"tagged default ({_names(cp)})")
-    return (f"nothing selects it: label the namespace {C.LABEL_INJECTION_NS}=enabled or {C.LABEL_REV}=<revision "
+    return (f"no webhook selects it: label the namespace {C.LABEL_INJECTION_NS}=enabled or {C.LABEL_REV}=<revision "
             f"or tag>, or the pod {C.LABEL_INJECT}=true or {C.LABEL_REV}=<revision or tag>")
 
 

@@ -9,11 +9,14 @@ namespace is never injected; a tag routes to its revision and the tag default al
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import pytest
+import yaml
 
 from webhook import revisions as R
+from webhook.cli import main
 from webhook.errors import ConfigError
 from webhook.policy import NO_WEBHOOK
 
@@ -49,7 +52,7 @@ CASES: list[tuple[str, R.ControlPlanes, dict[str, str], dict[str, str], Any, str
     ("pod-tag", BOTH, {}, {REV: "prod-canary"}, "canary", "istio-revision-tag-prod-canary", "rev.object.", ""),
     ("unknown-rev", BOTH, {REV: "1-99-0"}, {}, None, "", "", "istio.io/rev=1-99-0 names no installed"),
     ("unknown-pod-rev", BOTH, {}, {REV: "1-99-0"}, None, "", "", "istio.io/rev=1-99-0 names no installed"),
-    ("nothing", BOTH, {}, {}, None, "", "", "nothing selects it"),
+    ("nothing", BOTH, {}, {}, None, "", "", "no webhook selects it"),
     ("no-default-installed", CANARY_ONLY, {INJ: "enabled"}, {}, None, "", "", "none is installed nor tagged"),
     ("no-default-pod-true", CANARY_ONLY, {}, {POD_INJ: "true"}, None, "", "", "none is installed nor tagged"),
     ("default-tag-takes-injection", CANARY_DEFAULT_TAG, {INJ: "enabled"}, {}, "canary",
@@ -117,7 +120,7 @@ def test_gate_and_explain() -> None:
     none = R.gate(R.route("apps", {REV: "gone"}, {}, BOTH), "default")
     assert none is not None and none.reason == NO_WEBHOOK and "gone" in none.message
     assert R.explain_line(canary).startswith("revision canary: webhook rev.namespace.")
-    assert R.explain_line(R.route("apps", {}, {}, BOTH)).startswith("no injector: nothing selects it")
+    assert R.explain_line(R.route("apps", {}, {}, BOTH)).startswith("no injector: no webhook selects it")
 
 
 @pytest.mark.parametrize(("revs", "tags", "needle"), [
@@ -148,3 +151,59 @@ def test_tag_configuration_outside_istio_system_carries_the_namespace() -> None:
     cp = R.planes(["canary"], {"prod": "canary"}, namespace="mesh")
     assert {w.configuration for w in R.webhooks(cp)} == {"meshboot-sidecar-injector-canary",
                                                          "istio-revision-tag-prod-mesh"}
+
+
+# ---- meshboot-inject --revision / --revisions / --tags / --explain -------------------------------------------------
+
+POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "apps"},
+       "spec": {"containers": [{"name": "app", "image": "app:1"}]}}
+
+
+def _cli(tmp_path: Any, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    f = tmp_path / "pod.yaml"
+    f.write_text(yaml.safe_dump(POD))
+    rc = main(["-f", str(f), "--kubernetes-version", "1.33", *args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_cli_revision_injects_as_that_revision(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
+    rc, out, err = _cli(tmp_path, capsys, "--revision", "canary")
+    assert rc == 0, err
+    ann = yaml.safe_load(out)["metadata"]["annotations"]
+    # Istio's sidecar template: the istio.io/rev annotation and the status's revision name the injecting revision
+    assert ann["istio.io/rev"] == "canary" and json.loads(ann["sidecar.istio.io/status"])["revision"] == "canary"
+    rc, out, _ = _cli(tmp_path, capsys, "--revision", "default")
+    ann = yaml.safe_load(out)["metadata"]["annotations"]
+    assert ann["istio.io/rev"] == "default" and json.loads(ann["sidecar.istio.io/status"])["revision"] == "default"
+
+
+@pytest.mark.parametrize(("args", "want"), [
+    (["--revision", "canary", "--revisions", "default,canary", "--namespace-labels", "istio.io/rev=canary"],
+     "WILL be injected"),
+    (["--revisions", "default,canary", "--namespace-labels", "istio.io/rev=canary"], "[other_revision]"),
+    (["--revision", "canary", "--revisions", "default,canary", "--tags", "prod=canary",
+      "--namespace-labels", "istio.io/rev=prod"], "called: revision canary: webhook rev.namespace."),
+    (["--revision", "canary", "--namespace-labels", "istio-injection=enabled"], "none is installed nor tagged"),
+    (["--revision", "canary", "--tags", "default=canary", "--namespace-labels", "istio-injection=enabled"],
+     "of istio-revision-tag-default (tag default -> revision canary)"),
+    (["--namespace-labels", "istio.io/rev=1-99-0"], "istio.io/rev=1-99-0 names no installed revision or tag"),
+])
+def test_cli_explain_names_the_revision_or_tag(tmp_path: Any, capsys: pytest.CaptureFixture, args: list[str],
+                                               want: str) -> None:
+    rc, out, err = _cli(tmp_path, capsys, "--explain", *args)
+    assert rc == 0, err
+    assert want in out, out
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--revision", "Canary"], "--revision: 'Canary' is not a revision/tag name"),
+    (["--revision", "canary", "--revisions", "default"], "--revisions: default leaves out this injector's revision"),
+    (["--tags", "prod"], "--tags: 'prod' is not KEY=VALUE"),
+    (["--tags", "prod=canary"], "tags: tag 'prod' points at revision 'canary', which is not installed"),
+])
+def test_cli_bad_revision_flags_are_one_line(tmp_path: Any, capsys: pytest.CaptureFixture, args: list[str],
+                                             needle: str) -> None:
+    rc, out, err = _cli(tmp_path, capsys, *args)
+    assert rc == 1 and out == ""
+    assert err.startswith("meshboot-inject: ") and needle in err and err.count("\n") == 1, err
