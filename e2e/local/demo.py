@@ -1,7 +1,8 @@
 """`make demo`: the whole pod, locally — two pods injected by the real webhook, run in network namespaces on a local
 node, 2/2 READY, a request from pod-a's app to Service `server`'s ClusterIP in mutual TLS between the two Envoys
 (configured by meshboot's discovery), pod-b's SPIFFE identity, a pod without a sidecar served in plaintext, then
-refused once a STRICT PeerAuthentication is applied live.
+refused once a STRICT PeerAuthentication is applied live, and an AuthorizationPolicy allowing only pod-a's identity on
+pod-b, applied live: a second mesh pod (pod-c, another service account) refused by pod-b's Envoy, pod-a served.
 
 Needs root (network namespaces, iptables). Everything it makes is removed on exit, also on failure or Ctrl-C; with
 `--keep` (`make demo KEEP=1`) it stays up, detached, until `--down` (`make demo-down`).
@@ -41,7 +42,7 @@ def checks(f: scenario.Facts) -> list[tuple[str, bool]]:
     out += mtls_checks(f)
     out.append((f"pod-b serves {f.expected_spiffe_id}",
                 f.served is not None and f.expected_spiffe_id in f.served.spiffe_ids))
-    return out + service_checks(f) + strict_checks(f)
+    return out + service_checks(f) + strict_checks(f) + authz_checks(f)
 
 
 def _peer_line(lines: list[str], peer: str) -> bool:
@@ -76,6 +77,23 @@ def strict_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
         (f"{scenario.PLAIN} (no sidecar) refused under STRICT", not st.plain.response and not st.plain.app_b),
         ("pod-a still answered 200 under STRICT, pod-b's Envoy naming its peer",
          st.a_to_b.response.get("status") == 200 and _peer_line(st.a_to_b.log_b, scenario.CLIENT_SPIFFE_ID)),
+    ]
+
+
+def authz_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
+    """The AuthorizationPolicy applied live: pod-b's RBAC filter, pod-c refused and counted, pod-a still served."""
+    az = f.authz
+    if az is None:
+        return [("AuthorizationPolicy applied", False)]
+    name = scenario.AUTHZ_POLICY["metadata"]["name"]
+    return [
+        (f"AuthorizationPolicy {scenario.NAMESPACE}/{name} reached pod-b's Envoy live in {az.seconds:.1f}s "
+         f"(RBAC filters {az.rbac_before} → {az.rbac_after})",
+         az.rbac_before == [] and az.rbac_after == [("ALLOW", (f"ns[{scenario.NAMESPACE}]-policy[{name}]-rule[0]",))]),
+        (f"{scenario.OTHER} (mesh pod, another identity) refused by pod-b's Envoy (tcp.rbac.denied {az.denied})",
+         not az.other.response and not az.other.app_b and az.denied >= 1),
+        ("pod-a (allowed identity) still answered 200",
+         az.a_to_b.response.get("status") == 200 and _peer_line(az.a_to_b.log_b, scenario.CLIENT_SPIFFE_ID)),
     ]
 
 

@@ -24,6 +24,7 @@ from e2e.local.cluster import LocalCluster
 from e2e.local.controlplane import Admission
 from e2e.local.kubelet import PodRun, http_get
 from meshboot import constants as C
+from testing.netns import poll
 
 MANIFESTS = Path(__file__).parent / "manifests" / "pods.yaml"
 SERVICES = Path(__file__).parent / "manifests" / "services.yaml"
@@ -38,6 +39,10 @@ CLIENT = mtls.CLIENT
 OUTBOUND_CLUSTER = f"outbound|80||{SERVICE}.{NAMESPACE}.svc.cluster.local"
 INBOUND_CLUSTER = f"inbound|{APP_PORT}||"
 CLIENT_SPIFFE_ID = C.spiffe_id(NAMESPACE, "client")
+OTHER = "pod-c"                                  # a second mesh client (service account other-client)
+AUTHZ_POLICY = mtls.authorization_policy(NAMESPACE, "server-allow-pod-a", {
+    "selector": {"matchLabels": {"app": SERVICE}}, "action": "ALLOW",
+    "rules": [{"from": [{"source": {"principals": [f"cluster.local/ns/{NAMESPACE}/sa/client"]}}]}]})
 
 
 @dataclass
@@ -89,6 +94,7 @@ class Facts:
     workdir: Path | None = None
     services: ServiceFacts | None = None
     strict: StrictFacts | None = None
+    authz: AuthzFacts | None = None
 
 
 @dataclass
@@ -119,6 +125,20 @@ class StrictFacts:
     seconds: float
     plain: mtls.Request
     a_to_b: mtls.Request
+
+
+@dataclass
+class AuthzFacts:
+    """An AuthorizationPolicy allowing only pod-a's identity on pod-b, created live: pod-b's RBAC filters before and
+    after, how long the push took to reach pod-b's Envoy, pod-c (another identity) and pod-a afterwards, and pod-b's
+    Envoy's count of denied connections."""
+
+    rbac_before: list[tuple[str, tuple[str, ...]]]
+    rbac_after: list[tuple[str, tuple[str, ...]]]
+    seconds: float
+    other: mtls.Request
+    a_to_b: mtls.Request
+    denied: int
 
 
 def load_pods() -> list[dict[str, Any]]:
@@ -203,6 +223,8 @@ def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
         clock.mark("services")
         _strict(facts, cluster, by_name[PLAIN], pa, pb, say)
         clock.mark("strict")
+        _authz(facts, cluster, by_name[OTHER], pa, pb, say)
+        clock.mark("authz")
         if hold is not None:
             facts.timings = clock.timings
             hold(cluster, facts)
@@ -376,6 +398,35 @@ def _strict(facts: Facts, cluster: LocalCluster, plain: PodRun, pa: PodRun, pb: 
         + (f"HTTP {a_r.response.get('status')}" if a_r.response else f"failed: {a_r.error}")
         + "; pod-b envoy access log: " + " | ".join(a_r.log_b))
     facts.strict = StrictFacts(chains_before=before, chains_after=after, seconds=seconds, plain=plain_r, a_to_b=a_r)
+
+
+def _authz(facts: Facts, cluster: LocalCluster, pc: PodRun, pa: PodRun, pb: PodRun,
+           say: Callable[[str], None]) -> None:
+    """An AuthorizationPolicy on pod-b allowing only pod-a's identity, created in the API server while everything
+    runs: once pod-b's Envoy has the RBAC filter, pod-c (a mesh pod with another service account) is refused by
+    pod-b's Envoy and pod-a is still served."""
+    before = mtls.inbound_rbac(pb, APP_PORT)
+    t0 = time.monotonic()
+    cluster.apiserver.api.create("authorizationpolicies", AUTHZ_POLICY)
+    after = poll(lambda: mtls.inbound_rbac(pb, APP_PORT), bool, 10.0)
+    seconds = round(time.monotonic() - t0, 2)
+    say(f"\n== kubectl apply AuthorizationPolicy {NAMESPACE}/{AUTHZ_POLICY['metadata']['name']} (ALLOW from "
+        f"principal cluster.local/ns/{NAMESPACE}/sa/client on app={SERVICE}), no restart: pod-b's Envoy RBAC filters "
+        f"for 0.0.0.0_{APP_PORT} {before} → {after} in {seconds:.1f}s")
+    url = f"http://{facts.cluster_ip}:80"
+    path = f"/?from={OTHER}&id={uuid.uuid4().hex[:8]}"
+    other = mtls.request(pc, url + path, path, pb, None, OUTBOUND_CLUSTER, INBOUND_CLUSTER, wait=0.5)
+    say(f"   kubectl exec {OTHER} (sa other-client) -- GET {url}{path}\n   → "
+        + (f"HTTP {other.response.get('status')}" if other.response else f"refused: {other.error}"))
+    path = f"/?from=pod-a&id={uuid.uuid4().hex[:8]}"
+    a_r = mtls.request(pa, url + path, path, pb, pa, OUTBOUND_CLUSTER, INBOUND_CLUSTER,
+                       expect_b="downstream_peer=spiffe://")
+    say(f"   kubectl exec pod-a (sa client) -- GET {url}{path}\n   → "
+        + (f"HTTP {a_r.response.get('status')}" if a_r.response else f"failed: {a_r.error}"))
+    denied = mtls.envoy_stats(pb, "rbac.denied").get("tcp.rbac.denied", 0)
+    say(f"   pod-b envoy: tcp.rbac.denied {denied}")
+    facts.authz = AuthzFacts(rbac_before=before, rbac_after=after, seconds=seconds, other=other, a_to_b=a_r,
+                             denied=denied)
 
 
 def leftovers(facts: Facts) -> list[str]:

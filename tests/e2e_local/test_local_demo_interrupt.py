@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from e2e.local import scenario
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO = [sys.executable, "-m", "e2e.local.demo"]
 
@@ -48,7 +50,7 @@ def test_interrupted_demo_cleans_up(root_required: None) -> None:
     node = re.search(r"^== node (mbd[0-9a-f]{6})", "".join(seen), re.M)
     assert node is not None
     names = {node.group(1), *re.findall(r"netns (mbd[0-9a-f]{6})", kubelet_line)}
-    assert len(names) == 3
+    assert len(names) == 1 + len(scenario.load_pods())     # the node and each injected pod
     workdir = re.search(r"\[workdir (\S+)\]", kubelet_line)
     assert workdir is not None
     listed = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())

@@ -139,6 +139,19 @@ def test_strict_peer_authentication_applied_live(facts: scenario.Facts) -> None:
                for line in st.a_to_b.log_b), st.a_to_b.log_b
 
 
+def test_authorization_policy_applied_live(facts: scenario.Facts) -> None:
+    """ALLOW only pod-a's identity on pod-b, created in the API server: pod-b's Envoy gets the RBAC filter without a
+    restart, pod-c (a mesh pod with another service account) is refused by it and counted, pod-a still answered."""
+    az = facts.authz
+    assert az is not None
+    assert az.rbac_before == [] and az.rbac_after == [("ALLOW", ("ns[demo]-policy[server-allow-pod-a]-rule[0]",))]
+    assert not az.other.response and az.other.error and not az.other.app_b, az.other
+    assert az.denied >= 1
+    assert az.a_to_b.response.get("status") == 200 and az.a_to_b.app_b
+    assert any("downstream_peer=spiffe://cluster.local/ns/demo/sa/client " in line for line in az.a_to_b.log_b)
+    assert "pod-c" in facts.pods and facts.pods["pod-c"].service_account == "other-client"
+
+
 def test_pod_b_serves_its_spiffe_identity(facts: scenario.Facts) -> None:
     assert facts.expected_spiffe_id == "spiffe://cluster.local/ns/demo/sa/server"
     assert facts.served is not None and facts.served.chain_verified
