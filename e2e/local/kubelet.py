@@ -7,6 +7,10 @@ native sidecar — restartPolicy Always — is started and its startupProbe awai
 image's entrypoint plus the spec's command/args after `$(VAR)` expansion, the spec's env, and the user its
 securityContext names. Each container sees its own root directory (its CWD, which is how the agent resolves
 `./etc/istio/proxy` and `./var/run/secrets/...`), with volume mounts as symlinks into the pod's volume directories.
+With a cluster DNS address set (the kubelet's --cluster-dns), a pod's /etc/resolv.conf is the kubelet's for its
+dnsPolicy (ClusterFirst: that nameserver, `<ns>.svc.<domain> svc.<domain> <domain>`, ndots:5; plus dnsConfig), written
+to /etc/netns/<netns>/resolv.conf, which `ip netns exec` — how every container process starts — mounts over
+/etc/resolv.conf.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from testing.tokens import Issuer
 
 POD_CIDR = "10.244.0.0/24"
 NODE_NAME = "meshboot-node"
+ETC_NETNS = Path("/etc/netns")       # iproute2: `ip netns exec NS` bind-mounts /etc/netns/NS/<file> over /etc/<file>
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -318,6 +323,7 @@ class PodRun:
                         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         finally:
             self.netns.close()
+            shutil.rmtree(ETC_NETNS / self.netns.name, ignore_errors=True)
 
     def _hook(self, c: ContainerRun, which: str, timeout: float) -> str:
         """Run a postStart/preStop handler (exec in the container, or httpGet from the node); "" if it succeeded
@@ -360,6 +366,8 @@ class Kubelet:
     secrets: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     pod_prefix: str = "mbd"
     start_timeout: float = 30.0
+    cluster_dns: str = ""              # the kubelet's --cluster-dns ("": pods keep the host's resolv.conf)
+    cluster_domain: str = "cluster.local"
     runs: list[PodRun] = field(default_factory=list)     # every sandbox made, so stop_all() can reach it
 
     @property
@@ -399,8 +407,13 @@ class Kubelet:
             for sub in ("volumes", "rootfs", "logs"):
                 (d / sub).mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
+            text = resolv_conf(pod, self.cluster_dns, self.cluster_domain)
+            if text is not None:
+                (ETC_NETNS / ns.name).mkdir(mode=0o755, parents=True)
+                (ETC_NETNS / ns.name / "resolv.conf").write_text(text)
         except BaseException:
             ns.close()
+            shutil.rmtree(ETC_NETNS / ns.name, ignore_errors=True)
             raise
         return PodRun(pod=pod, netns=ns, node=self.node, dir=d)
 
@@ -549,6 +562,27 @@ class Kubelet:
             if code != 0:
                 raise PodFailed(f"pod {run.name}: init container {c.name} exited {code} (Init:Error)\n"
                                 f"{run.log_tails([c.name])}")
+
+
+def resolv_conf(pod: Pod, cluster_dns: str, domain: str) -> str | None:
+    """The pod's resolv.conf as the kubelet writes it, or None for the node's own (dnsPolicy Default, or ClusterFirst
+    without a cluster DNS address, which the kubelet also falls back to)."""
+    spec = pod["spec"]
+    policy = spec.get("dnsPolicy") or "ClusterFirst"
+    extra = spec.get("dnsConfig") or {}
+    if policy == "None":
+        servers, search, options = [], [], []
+    elif policy in ("ClusterFirst", "ClusterFirstWithHostNet") and cluster_dns:
+        ns = pod["metadata"].get("namespace") or "default"
+        servers, search, options = [cluster_dns], [f"{ns}.svc.{domain}", f"svc.{domain}", domain], ["ndots:5"]
+    else:
+        return None
+    servers += [str(s) for s in extra.get("nameservers") or []]
+    search += [str(s) for s in extra.get("searches") or []]
+    options += [f"{o['name']}:{o['value']}" if o.get("value") else str(o["name"]) for o in extra.get("options") or []]
+    lines = [f"search {' '.join(search)}"] if search else []
+    lines += [f"nameserver {s}" for s in servers[:3]]             # glibc reads three
+    return "\n".join([*lines, *([f"options {' '.join(options)}"] if options else [])]) + "\n"
 
 
 def _with_status(pod: Pod, node: Node) -> Pod:
