@@ -11,7 +11,17 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from delivery_chart import CRD_KINDS, KUBE_VERSIONS, Rendered, RenderError, arg_map, container_by_name, lint, render
+from delivery_chart import (
+    CRD_KINDS,
+    KUBE_VERSIONS,
+    Rendered,
+    RenderError,
+    arg_map,
+    container_by_name,
+    lint,
+    render,
+    render_notes,
+)
 
 from webhook import revisions as R
 
@@ -188,3 +198,11 @@ def test_every_document_validates(helm: Any, values: dict[str, Any], kube_versio
 def test_bad_revision_values_are_refused(helm: Any, values: dict[str, Any], needle: str) -> None:
     with pytest.raises(RenderError, match=needle.replace("(", r"\(")):
         render(values)
+
+
+def test_notes_name_the_revision_and_its_label(helm: Any) -> None:
+    notes = render_notes(CANARY)
+    assert "MutatingWebhookConfiguration/meshboot-sidecar-injector-canary" in notes
+    assert "kubectl label namespace <ns> istio-injection- istio.io/rev=canary --overwrite" in notes
+    assert "istio-injection=enabled" not in notes
+    assert "kubectl label namespace <ns> istio-injection=enabled --overwrite" in render_notes({})
