@@ -489,3 +489,13 @@ def test_problems_are_counted_by_kind_with_a_bounded_label_set() -> None:
                                      "Service demo/web left out: z", "Ünknown\n kind"))
     assert counts == {"Service": 1, "Pod": 0, "EndpointSlice": 0, "PeerAuthentication": 0, "AuthorizationPolicy": 2,
                       "other": 1}
+
+
+def test_an_authorization_policy_change_is_a_full_push() -> None:
+    """Its filters are in each selected proxy's LDS: never an EDS-only push."""
+    from discovery import service
+    new: Any = object()
+    request = service.classify(new, new, {"AuthorizationPolicy": frozenset({("demo", "web")})})
+    assert request is not None and request.full and request.reasons == frozenset({"authorizationpolicy"})
+    both = service.classify(new, new, {"AuthorizationPolicy": frozenset(), "EndpointSlice": frozenset()})
+    assert both is not None and both.full
