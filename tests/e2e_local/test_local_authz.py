@@ -360,12 +360,18 @@ def test_authz_check_on_the_servers_config_dump_agrees_with_envoy(mesh: Mesh, tm
     path.write_bytes(dump)
     cases = [("client", NS, "client", 80), ("client", NS, "client", 90), ("outsider", OTHER, "outsider", 80),
              ("plain", "", "", 80)]
+    command = str(Path(sys.executable).parent / "meshboot-authz-check")
     for client, ns, sa, port in cases:
         target = {80: 8080, 90: 9090}[port]
         who = ["--plaintext"] if not ns else ["--source-namespace", ns, "--source-sa", sa]
-        r = subprocess.run([str(Path(sys.executable).parent / "meshboot-authz-check"), "--config-dump", str(path),
-                            *who, "--source-ip", mesh.runs[client].ip, "--port", str(target), "--json"],
-                           capture_output=True, text=True, timeout=30)
+        args = [*who, "--source-ip", mesh.runs[client].ip, "--port", str(target), "--json"]
+        real = verdict(mesh, client, "server-1", port)
+        r = subprocess.run([command, "--config-dump", str(path), *args], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         said = json.loads(r.stdout)
-        assert said["verdict"] == verdict(mesh, client, "server-1", port), (client, port, said)
+        assert said["verdict"] == real, (client, port, said)
+        # The control plane's view of the same proxy (/debug/config_dump on 15014, loopback in the node's namespace).
+        r = mesh.cluster.node.ns.run([command, f"server-1.{NS}", "--control-plane",
+                                      f"http://127.0.0.1:{C.MONITORING_PORT}", *args], check=False, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["verdict"] == real, (client, port, r.stdout)
