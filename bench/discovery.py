@@ -538,6 +538,7 @@ def pct(values: list[float], q: float) -> float:
 async def measure_ads(args: argparse.Namespace) -> dict[str, Any]:
     """The ADS server: full config, endpoint convergence (args.changes times), one full push, RSS."""
     board = Board()
+    load_before = os.getloadavg()[0]
     server, clients, info = await start("server", args, board)
     try:
         client_cpu0 = sum(cpu_s(c.pid) for c in clients)
@@ -565,7 +566,8 @@ async def measure_ads(args: argparse.Namespace) -> dict[str, Any]:
             "full_push_ms": round(full_push["converge_ms"], 1), "full_push_cpu_s": round(full_push["cpu_s"], 3),
             "full_push_clients_cpu_s": round(full_push["clients_cpu_s"], 3),
             "rss_mb_after_full_config": round(rss_full, 1),
-            "rss_peak_mb_after_full_config": round(hwm_full, 1), "rss_mb": round(rss, 1), "rss_peak_mb": round(hwm, 1)}
+            "rss_peak_mb_after_full_config": round(hwm_full, 1), "rss_mb": round(rss, 1), "rss_peak_mb": round(hwm, 1),
+            "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
 
 
 async def measure_floor(args: argparse.Namespace) -> dict[str, Any]:
@@ -590,7 +592,8 @@ def report(args: argparse.Namespace, ads: dict[str, Any], floor: dict[str, Any])
     word = {True: "met", False: "MISSED"}
     print(f"mesh: {args.services} services x {args.endpoints} endpoints, {args.proxies} proxies in {args.procs} client "
           f"processes (one gRPC channel each, SotW ADS, real ACKs); {os.cpu_count()} CPUs, shared machine; server "
-          f"{'pinned to one CPU, clients on the other' if args.pin else 'not pinned'}")
+          f"{'pinned to one CPU, clients on the other' if args.pin else 'not pinned'}; load average (1 min) "
+          f"{a['load_1min_before']} before, {a['load_1min_after']} after")
     print(f"  objects made {a['objects_s']} s; first sync (adapt.build + push + generate.common) {a['first_build_s']}"
           f" s (before the clock); timed again after the run: adapt.build {a['adapt_build_s']} s, generate.common "
           f"{a['common_s']} s, generate.for_proxy x {args.proxies} {a['per_proxy_generate_s']} s")
