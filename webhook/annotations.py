@@ -167,7 +167,8 @@ def parse_status(v: str) -> dict[str, list[str]]:
 
 
 def parse_overrides(v: str) -> dict[str, list[dict[str, Any]]]:
-    """proxy.istio.io/overrides: the user's own istio-proxy/istio-init, kept by a previous injection."""
+    """proxy.istio.io/overrides: the user's own containers that a template overwrote (their istio-proxy/istio-init,
+    or an app container a custom template changed), kept by a previous injection."""
     doc = load_json(v)
     if not isinstance(doc, dict):
         raise ValueError("want a JSON object")
@@ -175,10 +176,9 @@ def parse_overrides(v: str) -> dict[str, list[dict[str, Any]]]:
         lst = doc.get(key)
         if lst is None:
             continue
-        if not isinstance(lst, list) or not all(isinstance(c, dict) and c.get("name") in (C.PROXY_CONTAINER,
-                                                                                          C.INIT_CONTAINER)
-                                                for c in lst):
-            raise ValueError(f"{key}: want a list of containers named {C.PROXY_CONTAINER} or {C.INIT_CONTAINER}")
+        if not isinstance(lst, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                and c["name"] for c in lst):
+            raise ValueError(f"{key}: want a list of containers, each with a name")
     return doc
 
 

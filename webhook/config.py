@@ -20,6 +20,7 @@ from meshboot import constants as C
 from meshboot.durations import parse_duration
 from meshboot.files import stamp
 from meshboot.syntax import is_ascii_digits
+from webhook import templates as tpl_mod
 from webhook.errors import ConfigError
 
 # Istio's chart defaults for the keys the sidecar template reads, with meshboot's documented differences.
@@ -159,6 +160,13 @@ class Settings:
     native_sidecars: str = "auto"
     kubernetes_version: tuple[int, int] | None = None
     generation: int = 0
+    # Templates (Istio's injector config `templates`, `aliases`, `defaultTemplates`): the custom ones compiled.
+    templates: dict[str, tpl_mod.Template] = field(default_factory=tpl_mod.builtin_templates)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    default_templates: tuple[str, ...] = (tpl_mod.SIDECAR,)
+    # True when the values set global.proxy.holdApplicationUntilProxyStarts (Istio: it ORs with the pod's
+    # ProxyConfig); meshboot's own default (on) is instead a default a pod's proxy.istio.io/config can turn off.
+    hold_explicit: bool = False
 
     # ---- typed accessors (validated once in `build_settings`) ----
     @property
@@ -180,6 +188,12 @@ class Settings:
     @property
     def trust_domain(self) -> str:
         return self.mesh.get("trustDomain") or self.g.get("trustDomain") or C.DEFAULT_TRUST_DOMAIN
+
+    def has_template(self, name: str) -> bool:
+        return name in tpl_mod.PROXY_TEMPLATES or name in self.templates
+
+    def template_names(self) -> list[str]:
+        return sorted({*tpl_mod.PROXY_TEMPLATES, *self.templates})
 
     def native_default(self) -> bool:
         """The injector-wide native sidecar choice before the pod annotation (auto: by Kubernetes version)."""
@@ -394,6 +408,10 @@ def build_settings(values: Mapping[str, Any] | None = None, mesh: Mapping[str, A
         kubernetes_version or inj.get("kubernetesVersion"))
     ann = inj.get("injectedAnnotations", sw.get("injectedAnnotations")) or {}
     _check(isinstance(ann, Mapping), f"{sources[2]}: injectedAnnotations", "want a map of strings")
+    templates, aliases, defaults = _templates(inj, sw, sources)
+    user_g = (values or {}).get("global")
+    user_p = user_g.get("proxy") if isinstance(user_g, Mapping) else None
+    hold_explicit = isinstance(user_p, Mapping) and "holdApplicationUntilProxyStarts" in user_p
     return Settings(
         values=vals, mesh=m, policy=policy,
         always_inject_selector=_selectors(inj.get("alwaysInjectSelector", sw.get("alwaysInjectSelector")),
@@ -401,7 +419,30 @@ def build_settings(values: Mapping[str, Any] | None = None, mesh: Mapping[str, A
         never_inject_selector=_selectors(inj.get("neverInjectSelector", sw.get("neverInjectSelector")),
                                          f"{sources[2]}: neverInjectSelector"),
         injected_annotations={str(k): str(v) for k, v in ann.items()},
-        native_sidecars=native, kubernetes_version=kv, generation=generation)
+        native_sidecars=native, kubernetes_version=kv, generation=generation,
+        templates=templates, aliases=aliases, default_templates=defaults, hold_explicit=hold_explicit)
+
+
+def _templates(inj: Mapping[str, Any], sw: Mapping[str, Any], sources: tuple[str, str, str]
+               ) -> tuple[dict[str, tpl_mod.Template], dict[str, tuple[str, ...]], tuple[str, ...]]:
+    """Custom templates from the values (`sidecarInjectorWebhook.templates`) and the injector config (`templates`,
+    which wins), `aliases` and `defaultTemplates`, all checked now so a bad one fails the load, not a pod."""
+    templates = tpl_mod.builtin_templates()
+    templates.update(tpl_mod.load_templates(sw.get("templates"), f"{sources[0]}: sidecarInjectorWebhook"))
+    templates.update(tpl_mod.load_templates(inj.get("templates"), sources[2]))
+    _check(len(templates) <= tpl_mod.MAX_TEMPLATES + 1, f"{sources[2]}: templates",
+           f"more than {tpl_mod.MAX_TEMPLATES} templates")
+    aliases = tpl_mod.load_aliases(inj.get("aliases"), sources[2])
+    raw = inj.get("defaultTemplates") or [tpl_mod.SIDECAR]
+    _check(isinstance(raw, list) and 0 < len(raw) <= tpl_mod.MAX_SELECTED and all(isinstance(n, str) for n in raw),
+           f"{sources[2]}: defaultTemplates", f"want a list of at most {tpl_mod.MAX_SELECTED} template names")
+    for name in (n for names in aliases.values() for n in names):
+        _check(name in tpl_mod.PROXY_TEMPLATES or name in templates, f"{sources[2]}: aliases",
+               f"{shown(name)} is not a template")
+    for name in raw:
+        _check(name in tpl_mod.PROXY_TEMPLATES or name in templates or name in aliases,
+               f"{sources[2]}: defaultTemplates", f"{shown(name)} is not a template")
+    return templates, aliases, tuple(raw)
 
 
 def _stamp(path: str | None) -> tuple | None:

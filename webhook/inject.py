@@ -12,7 +12,9 @@ from typing import Any
 
 from meshboot import constants as C
 from webhook import annotations as ann_mod
+from webhook import overlay as overlay_mod
 from webhook import probes, prometheus
+from webhook import templates as tpl_mod
 from webhook.config import PROXY_CONFIG_DEFAULTS, Settings, shown
 from webhook.errors import InjectionError
 from webhook.workloads import DeployMeta, pod_deploy_meta
@@ -97,7 +99,11 @@ def choices(pod: Mapping[str, Any], settings: Settings, parsed: Mapping[str, Any
         native = annotations[C.ANNOTATION_NATIVE_SIDECAR] != "false"
     else:
         native = settings.native_default()
-    hold = bool(pc.get("holdApplicationUntilProxyStarts")) or bool(settings.proxy["holdApplicationUntilProxyStarts"])
+    pod_hold = pc.get("holdApplicationUntilProxyStarts")
+    if settings.hold_explicit or pod_hold is None:  # Istio: the ProxyConfig's value ORs with the values'
+        hold = bool(pod_hold) or bool(settings.proxy["holdApplicationUntilProxyStarts"])
+    else:  # meshboot's own default (on) yields to the pod's (or the mesh's) ProxyConfig
+        hold = bool(pod_hold)
     sp = annotations.get(C.ANNOTATION_STATUS_PORT)
     status_port = int(sp) if sp not in (None, "") else int(settings.proxy["statusPort"])
     return Choices(mode, native, hold, status_port, pc)
@@ -553,8 +559,10 @@ def _strip(pod: dict[str, Any], annotations: dict[str, str], status_port: int) -
     if overrides:
         saved = _annotation(ann_mod.parse_overrides, overrides, ANNOTATION_OVERRIDES)
         for key in ("containers", "initContainers"):
-            for c in saved.get(key) or []:
-                spec.setdefault(key, []).append(c)
+            for i, c in enumerate(saved.get(key) or []):
+                _validate_container(c, f"annotation {ANNOTATION_OVERRIDES}: {key}[{i}]")
+                if not any(x.get("name") == c["name"] for x in spec.get(key) or []):  # Istio's reinsertOverrides
+                    spec.setdefault(key, []).append(c)
     return carried
 
 
@@ -582,7 +590,7 @@ def _writable_copy(pod: Mapping[str, Any], namespace: str | None) -> dict[str, A
     return out
 
 
-def _take_user_containers(spec: dict[str, Any], annotations: dict[str, str]
+def _take_user_containers(spec: dict[str, Any], annotations: dict[str, str], need_app: bool = True
                           ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Pop the user's own istio-proxy / istio-init out of the pod, recording them in proxy.istio.io/overrides the
     first time (Istio's overwritten containers), so a re-injection can apply them again."""
@@ -597,7 +605,7 @@ def _take_user_containers(spec: dict[str, Any], annotations: dict[str, str]
                 in_init = c is user_init or c.get("restartPolicy") == "Always"
                 saved.setdefault("initContainers" if in_init else "containers", []).append(c)
         annotations[ANNOTATION_OVERRIDES] = _compact_sorted(saved)
-    if not containers:
+    if not containers and need_app:
         raise InjectionError("failed to process pod: spec.containers: the pod has no application container")
     return user_proxy, user_init
 
@@ -678,11 +686,13 @@ def _overwrite_cluster_info(env: list[dict[str, Any]], settings: Settings,
     return moved
 
 
-def post_process_pod(spec: dict[str, Any], env: list[dict[str, Any]], annotations: dict[str, str],
+def post_process_pod(spec: dict[str, Any], proxy_env: list[dict[str, Any]] | None, annotations: dict[str, str],
                      settings: Settings, carried: Mapping[str, str | None],
                      url_env: Mapping[str, str] | None) -> dict[str, str]:
     """Istio's postProcessPod on the placed pod: cluster info into istio-proxy's env, the prometheus merge, the app
-    probes rewritten to the agent. `carried`: env a previous injection held (re-injection). Returns the moved env."""
+    probes rewritten to the agent (only when there is an istio-proxy). `carried`: env a previous injection held
+    (re-injection). Returns the moved env."""
+    env = proxy_env if proxy_env is not None else []
     moved = _overwrite_cluster_info(env, settings, url_env)
     prom_env = prometheus.apply_merge(annotations, settings.mesh)
     # Re-injection: the app's original prometheus.io/* survive only in the old env (the merge overwrote them).
@@ -694,7 +704,7 @@ def post_process_pod(spec: dict[str, Any], env: list[dict[str, Any]], annotation
         rewrite = bool(settings.values["sidecarInjectorWebhook"]["rewriteAppHTTPProbe"])
     probe_port = int(annotations.get(C.ANNOTATION_STATUS_PORT) or settings.default_proxy_config.get("statusPort")
                      or C.STATUS_PORT)
-    if rewrite and probe_port:
+    if rewrite and probe_port and proxy_env is not None:
         probers = probes.rewrite_app_probes(spec, probe_port)
         probers = probes.merge_probers(probers, carried.get(C.ENV_APP_PROBERS))
         if probers:
@@ -722,19 +732,33 @@ def apply_metadata(meta: dict[str, Any], labels: dict[str, str], annotations: di
                    ch: Choices, dm: DeployMeta, app: str | None, network: str | None, status: str) -> None:
     """Istio's applyMetadata: the mesh labels (tlsMode, canonical name/revision, tunnel, network), the default
     container for kubectl, the configured injected annotations, the revision and `status` (what was injected)."""
+    _sidecar_metadata(labels, annotations, settings, ch, dm, app)
+    _injected_metadata(meta, labels, annotations, settings, network, status)
+
+
+def _sidecar_metadata(labels: dict[str, str], annotations: dict[str, str], settings: Settings, ch: Choices,
+                      dm: DeployMeta, app: str | None) -> None:
+    """The sidecar template's metadata: tlsMode, canonical name/revision, tunnel, kubectl's default container and
+    the revision."""
     labels.setdefault(C.LABEL_SECURITY_TLS_MODE, "istio")
     labels[C.LABEL_CANONICAL_NAME] = canonical_name(labels, dm)
     labels.setdefault(C.LABEL_CANONICAL_REVISION, labels.get("app.kubernetes.io/version") or labels.get("version")
                       or "latest")
     if (ch.proxy_config.get("proxyMetadata") or {}).get("ISTIO_META_ENABLE_HBONE") == "true":
         labels.setdefault(LABEL_TUNNEL, "http")
-    if network:
-        labels.setdefault(LABEL_NETWORK, network)
     if app:
         annotations.setdefault(C.ANNOTATION_DEFAULT_CONTAINER, app)
         annotations.setdefault(C.ANNOTATION_DEFAULT_LOGS_CONTAINER, app)
-    annotations.update(settings.injected_annotations)
     annotations[ANNOTATION_REV] = settings.revision or "default"
+
+
+def _injected_metadata(meta: dict[str, Any], labels: dict[str, str], annotations: dict[str, str],
+                       settings: Settings, network: str | None, status: str) -> None:
+    """What every template gets (Istio's applyMetadata): the network label, the configured injected annotations
+    and `status`."""
+    if network:
+        labels.setdefault(LABEL_NETWORK, network)
+    annotations.update(settings.injected_annotations)
     annotations[C.ANNOTATION_STATUS] = status
     meta["labels"] = labels
     meta["annotations"] = annotations
@@ -744,33 +768,110 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
                deploy_meta: DeployMeta | None = None, url_env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The injected pod (a new object). Raises InjectionError for invalid pods or annotations.
 
-    Istio's injectPod order: undo a previous injection, render the template, reapply the user's overrides, place
-    the containers, post-process, merge the volumes, then the metadata that records what was injected."""
+    Istio's injectPod order: undo a previous injection, render the templates the pod selects
+    (`inject.istio.io/templates`), reapply the user's overrides, place the containers, post-process, merge the
+    volumes, then the metadata that records what was injected."""
     validate_pod_shape(pod)
     out = _writable_copy(pod, namespace)
     meta, spec = out["metadata"], out["spec"]
     annotations: dict[str, str] = dict(meta.get("annotations") or {})
     labels: dict[str, str] = dict(meta.get("labels") or {})
     ch = choices(out, settings, ann_mod.validate(annotations))
+    names = tpl_mod.select(annotations, settings.default_templates, settings.aliases, settings.has_template,
+                           settings.template_names)
+    proxy_tpl = _proxy_template(names)
     carried: dict[str, str | None] = {}
-    if C.ANNOTATION_STATUS in annotations:
+    reinjected = C.ANNOTATION_STATUS in annotations
+    if reinjected:
         mesh_status_port = int(settings.default_proxy_config.get("statusPort") or C.STATUS_PORT)
         carried = _strip(out, annotations, mesh_status_port)
+    dm = deploy_meta or pod_deploy_meta(out, meta.get("namespace") or "")
+    ctx = _template_context(out, annotations, labels, settings, ch, dm)
+    injected = _Injected()
+    if proxy_tpl == "sidecar":
+        proxy: dict[str, Any] | None = _inject_sidecar(out, annotations, labels, settings, ch, dm, injected)
+    elif proxy_tpl is not None:
+        from webhook import gateway  # noqa: PLC0415 - gateway renders with this module's helpers (import cycle)
+        proxy = gateway.inject_gateway(out, annotations, settings, ch, dm, injected)
+    else:
+        proxy = None
+    for name in (n for n in names if n not in tpl_mod.PROXY_TEMPLATES):
+        overlay_mod.apply(out, annotations, labels, tpl_mod.render(settings.templates[name], ctx), injected,
+                          _merge_map, record=not reinjected)
+    moved = post_process_pod(spec, proxy["env"] if proxy is not None else None, annotations, settings, carried,
+                             url_env)
+    app = next((c["name"] for c in spec["containers"] if c.get("name") != C.PROXY_CONTAINER), None)
+    if proxy_tpl == "sidecar":
+        _sidecar_metadata(labels, annotations, settings, ch, dm, app)
+    elif proxy_tpl is not None:
+        from webhook import gateway  # noqa: PLC0415 - as above
+        gateway.gateway_metadata(labels, annotations, settings, canonical_name(labels, dm), app)
+    _injected_metadata(meta, labels, annotations, settings, moved.get(ENV_NETWORK), injected.status(settings))
+    return out
+
+
+class _Injected:
+    """The names every rendered template added, for `sidecar.istio.io/status` (Istio lists the rendered templates'
+    containers, init containers, volumes and pull secrets; an empty list is null)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, list[str]] = {"initContainers": [], "containers": [], "volumes": [],
+                                            "imagePullSecrets": []}
+
+    def add(self, key: str, names: list[str] | None) -> None:
+        self.names[key] += [n for n in names or [] if n not in self.names[key]]
+
+    def status(self, settings: Settings) -> str:
+        n = self.names
+        return _compact({"initContainers": n["initContainers"] or None, "containers": n["containers"] or None,
+                         "volumes": n["volumes"] or None, "imagePullSecrets": n["imagePullSecrets"] or None,
+                         "revision": settings.revision or "default"})
+
+
+def _proxy_template(names: list[str]) -> str | None:
+    """The one template that renders istio-proxy (sidecar, gateway or grpc-agent), if any; two different ones would
+    render two proxies into one pod, which is refused."""
+    found = list(dict.fromkeys(n for n in names if n in tpl_mod.PROXY_TEMPLATES))
+    if len(found) > 1:
+        raise InjectionError(f"failed to run injection template: annotation {tpl_mod.ANNOTATION_TEMPLATES}: "
+                             f"templates {' and '.join(found)} each render istio-proxy; select one of them")
+    return found[0] if found else None
+
+
+def _template_context(pod: dict[str, Any], annotations: Mapping[str, str], labels: Mapping[str, str],
+                      settings: Settings, ch: Choices, dm: DeployMeta) -> tpl_mod.Context:
+    """What custom templates read: the pod as it was before this injection rendered anything."""
+    spec = pod["spec"]
+    meta = pod["metadata"]
+    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
+               or (ch.proxy_config.get("image") or {}).get("imageType") or settings.g.get("variant") or "")
+    g = settings.g
+    proxy = image_name(g["hub"], annotations.get(C.ANNOTATION_PROXY_IMAGE) or settings.proxy["image"], g["tag"],
+                       variant)
+    init = image_name(g["hub"], annotations.get(C.ANNOTATION_PROXY_IMAGE) or g["proxy_init"]["image"], g["tag"],
+                      variant)
+    return tpl_mod.Context(
+        meta={"name": meta.get("name") or "", "namespace": meta.get("namespace") or "", "labels": dict(labels),
+              "annotations": dict(annotations)},
+        spec={"containers": list(spec["containers"]), "initContainers": list(spec.get("initContainers") or []),
+              "serviceAccountName": spec.get("serviceAccountName") or ""},
+        deploy={"name": dm.name, "namespace": dm.namespace, "kind": dm.kind},
+        values=settings.values, mesh=settings.mesh,
+        scalars={"Revision": settings.revision, "ProxyImage": proxy, "ProxyInitImage": init})
+
+
+def _inject_sidecar(out: dict[str, Any], annotations: dict[str, str], labels: Mapping[str, str],
+                    settings: Settings, ch: Choices, dm: DeployMeta, injected: _Injected) -> dict[str, Any]:
+    """The `sidecar` template: render istio-init/istio-proxy, reapply the user's, place them, merge the volumes."""
+    spec = out["spec"]
     inits: list[dict[str, Any]] = spec.get("initContainers") or []
     user_proxy, user_init = _take_user_containers(spec, annotations)
-    dm = deploy_meta or pod_deploy_meta(out, meta.get("namespace") or "")
     proxy, init = _render_sidecar(out, annotations, labels, settings, ch, dm)
     proxy, init = reapply_overwritten_containers(proxy, init, user_proxy, user_init, ch)
     status_init, status_containers = reorder_pod(spec, proxy, init, inits, ch)
-    moved = post_process_pod(spec, proxy["env"], annotations, settings, carried, url_env)
     volume_names, pull_names = _merge_volumes(out, annotations, settings)
-    status = _compact({
-        "initContainers": status_init or None,
-        "containers": status_containers,
-        "volumes": volume_names,
-        "imagePullSecrets": pull_names or None,
-        "revision": settings.revision or "default",
-    })
-    app = next((c["name"] for c in spec["containers"] if c.get("name") != C.PROXY_CONTAINER), None)
-    apply_metadata(meta, labels, annotations, settings, ch, dm, app, moved.get(ENV_NETWORK), status)
-    return out
+    injected.add("initContainers", status_init)
+    injected.add("containers", status_containers)
+    injected.add("volumes", volume_names)
+    injected.add("imagePullSecrets", pull_names)
+    return proxy

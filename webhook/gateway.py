@@ -1,0 +1,207 @@
+"""The `gateway` template: an Istio gateway Deployment's istio-proxy (`proxy router`), as Istio's gateway template and
+its goldens shape it.
+
+A gateway pod is its own proxy: no istio-init (nothing is captured), istio-proxy always in `containers` (a gateway is
+never a native sidecar), its env, ports and readiness probe the gateway's own (no startup probe, no app probers, no
+CRL, no user volumes), it runs as 1337 and the pod may bind low ports
+(`net.ipv4.ip_unprivileged_port_start=0`, or `gateways.securityContext` from the values).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from meshboot import constants as C
+from webhook.config import Settings
+from webhook.inject import (
+    CUSTOM_BOOTSTRAP_MOUNT,
+    CUSTOM_BOOTSTRAP_VOLUME,
+    ENV_NETWORK,
+    Choices,
+    _ann_or,
+    _field_env,
+    _http_probe,
+    _pod_ports_json,
+    _take_user_containers,
+    image_name,
+    json_copy,
+    proxy_config_env,
+    reapply_overwritten_containers,
+    reorder_pod,
+)
+from webhook.overlay import Recorder
+from webhook.workloads import DeployMeta
+
+GATEWAY_VOLUMES = ("workload-socket", "credential-socket", "workload-certs", CUSTOM_BOOTSTRAP_VOLUME, "istio-envoy",
+                   "istio-data", "istio-podinfo", "istio-token", "istiod-ca-cert", "istio-certs")
+
+
+def gateway_args(annotations: Mapping[str, str], settings: Settings) -> list[str]:
+    p, g = settings.proxy, settings.g
+    args = ["proxy", "router", "--domain", f"$(POD_NAMESPACE).svc.{p.get('clusterDomain') or 'cluster.local'}",
+            "--proxyLogLevel=" + _ann_or(annotations, C.ANNOTATION_LOG_LEVEL, p["logLevel"]),
+            "--proxyComponentLogLevel=" + _ann_or(annotations, C.ANNOTATION_COMPONENT_LOG_LEVEL,
+                                                  p["componentLogLevel"]),
+            "--log_output_level=" + _ann_or(annotations, C.ANNOTATION_AGENT_LOG_LEVEL, g["logging"]["level"])]
+    if int(g["sts"].get("servicePort") or 0):
+        args.append(f"--stsPort={int(g['sts']['servicePort'])}")
+    if g.get("logAsJson"):
+        args.append("--log_as_json")
+    return args
+
+
+def gateway_env(annotations: Mapping[str, str], settings: Settings, ch: Choices, dm: DeployMeta,
+                apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The gateway template's env, in its order (GOMEMLIMIT before the app containers; the workload name is the
+    deployment's, never a label)."""
+    g = settings.g
+    ns_name = g.get("istioNamespace") or C.ISTIO_NAMESPACE
+    istiod = "istiod" + (f"-{settings.revision}" if settings.revision else "")
+    names = ",".join(c.get("name", "") for c in apps if c.get("name") != C.PROXY_CONTAINER)
+    env: list[dict[str, Any]] = [
+        {"name": C.ENV_PILOT_CERT_PROVIDER, "value": str(g.get("pilotCertProvider") or "istiod")},
+        {"name": C.ENV_CA_ADDR, "value": str(g.get("caAddress") or f"{istiod}.{ns_name}.svc:{C.CA_PORT}")},
+        _field_env(C.ENV_POD_NAME, "metadata.name"),
+        _field_env(C.ENV_POD_NAMESPACE, "metadata.namespace"),
+        _field_env(C.ENV_INSTANCE_IP, "status.podIP"),
+        _field_env(C.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
+        _field_env(C.ENV_HOST_IP, "status.hostIP"),
+        {"name": C.ENV_CPU_LIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.cpu"}}},
+        {"name": C.ENV_PROXY_CONFIG, "value": proxy_config_env(ch.proxy_config)},
+        {"name": C.ENV_POD_PORTS, "value": _pod_ports_json(apps)},
+        {"name": C.ENV_GOMEMLIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.memory"}}},
+        {"name": C.ENV_APP_CONTAINERS, **({"value": names} if names else {})},
+        {"name": C.ENV_CLUSTER_ID, "value": str(g["multiCluster"].get("clusterName") or C.DEFAULT_CLUSTER_ID)},
+        _field_env(C.ENV_NODE_NAME, "spec.nodeName"),
+        {"name": C.ENV_INTERCEPTION_MODE, "value": str(ch.proxy_config.get("interceptionMode") or "REDIRECT")},
+    ]
+    if g.get("network"):
+        env.append({"name": ENV_NETWORK, "value": str(g["network"])})
+    if dm.name:
+        env.append({"name": C.ENV_WORKLOAD_NAME, "value": dm.name})
+    if dm.name and dm.kind:
+        env.append({"name": C.ENV_OWNER, "value": dm.owner()})
+    if C.ANNOTATION_BOOTSTRAP_OVERRIDE in annotations:
+        env.append({"name": "ISTIO_BOOTSTRAP_OVERRIDE", "value": C.CUSTOM_BOOTSTRAP_FILE})
+    env.append({"name": C.ENV_MESH_ID, "value": str(g.get("meshID") or settings.trust_domain)})
+    if settings.trust_domain:
+        env.append({"name": C.ENV_TRUST_DOMAIN, "value": settings.trust_domain})
+    md = ch.proxy_config.get("proxyMetadata") or {}
+    env += [{"name": k, "value": md[k]} for k in sorted(md)]
+    return env
+
+
+def _mounts(annotations: Mapping[str, str], settings: Settings) -> list[dict[str, Any]]:
+    m: list[dict[str, Any]] = [{"mountPath": C.MOUNT_WORKLOAD_SOCKET, "name": "workload-socket"},
+                               {"mountPath": C.MOUNT_CREDENTIAL_UDS, "name": "credential-socket"},
+                               {"mountPath": C.MOUNT_WORKLOAD_CERTS, "name": "workload-certs"}]
+    if settings.g.get("pilotCertProvider", "istiod") == "istiod":
+        m.append({"mountPath": C.MOUNT_ISTIOD_CA, "name": "istiod-ca-cert"})
+    m.append({"mountPath": C.MOUNT_ISTIO_DATA, "name": "istio-data"})
+    if C.ANNOTATION_BOOTSTRAP_OVERRIDE in annotations:
+        m.append({"mountPath": CUSTOM_BOOTSTRAP_MOUNT, "name": CUSTOM_BOOTSTRAP_VOLUME})
+    m += [{"mountPath": C.MOUNT_ISTIO_ENVOY, "name": "istio-envoy"},
+          {"mountPath": C.MOUNT_ISTIO_TOKEN, "name": "istio-token"}]
+    if settings.g.get("mountMtlsCerts"):
+        m.append({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": True})
+    m.append({"mountPath": C.MOUNT_ISTIO_PODINFO, "name": "istio-podinfo"})
+    return m
+
+
+def gateway_volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: Settings
+                    ) -> list[dict[str, Any]]:
+    """The gateway's volumes: the sidecar's, without the CRL and the user volumes."""
+    g = settings.g
+    v: list[dict[str, Any]] = [{"emptyDir": {}, "name": "workload-socket"},
+                               {"emptyDir": {}, "name": "credential-socket"},
+                               {"emptyDir": {}, "name": "workload-certs"}]
+    if C.ANNOTATION_BOOTSTRAP_OVERRIDE in annotations:
+        v.append({"configMap": {"name": annotations[C.ANNOTATION_BOOTSTRAP_OVERRIDE]}, "name": CUSTOM_BOOTSTRAP_VOLUME})
+    v += [{"emptyDir": {"medium": "Memory"}, "name": "istio-envoy"},
+          {"emptyDir": {}, "name": "istio-data"},
+          {"downwardAPI": {"items": [{"fieldRef": {"fieldPath": "metadata.labels"}, "path": "labels"},
+                                     {"fieldRef": {"fieldPath": "metadata.annotations"}, "path": "annotations"}]},
+           "name": "istio-podinfo"},
+          {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+              "audience": str(g["sds"]["token"].get("aud") or C.TOKEN_AUDIENCE),
+              "expirationSeconds": C.TOKEN_EXPIRATION_SECONDS, "path": "istio-token"}}]}}]
+    if g.get("pilotCertProvider", "istiod") == "istiod":
+        v.append({"configMap": {"name": g.get("trustBundleName") or C.ROOT_CERT_CONFIGMAP}, "name": "istiod-ca-cert"})
+    if g.get("mountMtlsCerts"):
+        sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        v.append({"name": "istio-certs", "secret": {"optional": True, "secretName": f"istio.{sa}"}})
+    return v
+
+
+def render_gateway(annotations: Mapping[str, str], settings: Settings, ch: Choices, dm: DeployMeta,
+                   apps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gateway's istio-proxy container."""
+    p, g = settings.proxy, settings.g
+    name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or p["image"]
+    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
+               or (ch.proxy_config.get("image") or {}).get("imageType") or g.get("variant") or "")
+    c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": image_name(g["hub"], name, g["tag"], variant),
+                         "ports": [{"containerPort": C.ENVOY_PROMETHEUS_PORT, "name": "http-envoy-prom",
+                                    "protocol": "TCP"}],
+                         "args": gateway_args(annotations, settings)}
+    if p.get("lifecycle"):
+        c["lifecycle"] = json_copy(p["lifecycle"])
+    c["securityContext"] = {"runAsGroup": C.PROXY_GID, "runAsUser": C.PROXY_UID}
+    c["env"] = gateway_env(annotations, settings, ch, dm, apps)
+    if g.get("imagePullPolicy"):
+        c["imagePullPolicy"] = g["imagePullPolicy"]
+    c["readinessProbe"] = _http_probe(int(p["readinessPeriodSeconds"]), int(p["readinessInitialDelaySeconds"]),
+                                      int(p["readinessFailureThreshold"]))
+    c["volumeMounts"] = _mounts(annotations, settings)
+    return c
+
+
+def gateway_pod_security_context(pod_sc: Any, settings: Settings) -> dict[str, Any]:
+    """The pod's securityContext with the gateway template's on top (`gateways.securityContext`, else the sysctl
+    that lets the non-root proxy bind ports below 1024)."""
+    own = (settings.values.get("gateways") or {}).get("securityContext") if isinstance(
+        settings.values.get("gateways"), Mapping) else None
+    over = json_copy(own) if isinstance(own, Mapping) and own else {
+        "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]}
+    return {**(pod_sc if isinstance(pod_sc, Mapping) else {}), **over}
+
+
+def gateway_metadata(labels: dict[str, str], annotations: dict[str, str], settings: Settings, canonical: str,
+                     app: str | None) -> None:
+    """The gateway template's metadata: canonical name/revision, the revision, kubectl's default container (no
+    tlsMode: a gateway's inbound is not the mesh's sidecar mTLS)."""
+    labels[C.LABEL_CANONICAL_NAME] = canonical
+    labels.setdefault(C.LABEL_CANONICAL_REVISION, labels.get("app.kubernetes.io/version") or labels.get("version")
+                      or "latest")
+    annotations[C.LABEL_REV] = settings.revision or "default"
+    if app:
+        annotations.setdefault(C.ANNOTATION_DEFAULT_LOGS_CONTAINER, app)
+        annotations.setdefault(C.ANNOTATION_DEFAULT_CONTAINER, app)
+
+
+def inject_gateway(pod: dict[str, Any], annotations: dict[str, str], settings: Settings, ch: Choices,
+                   dm: DeployMeta, injected: Recorder) -> dict[str, Any]:
+    """The `gateway` template on the pod: istio-proxy rendered, the user's own `istio-proxy` (`image: auto`) merged
+    on top, placed in `containers`, the volumes and the pod securityContext; returns istio-proxy."""
+    spec = pod["spec"]
+    inits: list[dict[str, Any]] = spec.get("initContainers") or []
+    user_proxy, user_init = _take_user_containers(spec, annotations, need_app=False)
+    if user_init is not None:       # the gateway renders no istio-init: the user's stays theirs
+        inits.append(user_init)
+    gw = dataclasses.replace(ch, native=False)
+    proxy = render_gateway(annotations, settings, gw, dm, spec["containers"])
+    proxy, _ = reapply_overwritten_containers(proxy, None, user_proxy, None, gw)
+    _, status_containers = reorder_pod(spec, proxy, None, inits, gw)
+    volumes = gateway_volumes(pod, annotations, settings)
+    names = {v["name"] for v in volumes}
+    spec["volumes"] = volumes + [v for v in spec.get("volumes") or [] if v.get("name") not in names]
+    pull = [{"name": str(s if isinstance(s, str) else s.get("name"))} for s in settings.g.get("imagePullSecrets") or []]
+    if pull:
+        pnames = {p["name"] for p in pull}
+        spec["imagePullSecrets"] = pull + [s for s in spec.get("imagePullSecrets") or [] if s.get("name") not in pnames]
+    spec["securityContext"] = gateway_pod_security_context(spec.get("securityContext"), settings)
+    injected.add("containers", status_containers)
+    injected.add("volumes", [v["name"] for v in volumes])
+    injected.add("imagePullSecrets", [p["name"] for p in pull])
+    return proxy
