@@ -1,6 +1,7 @@
 """`make demo`: the whole pod, locally — two pods injected by the real webhook, run in network namespaces on a local
 node, 2/2 READY, a request from pod-a's app to Service `server`'s ClusterIP in mutual TLS between the two Envoys
-(configured by meshboot's discovery), pod-b's SPIFFE identity, a pod without a sidecar served in plaintext, then
+(configured by meshboot's discovery), pod-a resolving Service `server`'s name through its own agent (DNS capture,
+the name table from discovery's NDS), pod-b's SPIFFE identity, a pod without a sidecar served in plaintext, then
 refused once a STRICT PeerAuthentication is applied live, and an AuthorizationPolicy allowing only pod-a's identity on
 pod-b, applied live: a second mesh pod (pod-c, another service account) refused by pod-b's Envoy, pod-a served.
 
@@ -40,6 +41,7 @@ def checks(f: scenario.Facts) -> list[tuple[str, bool]]:
         out.append((f"{name}: {p.ready[0]}/{p.ready[1]} READY, 15021 → {p.readyz_status}",
                     p.ready[0] == p.ready[1] == 2 and p.readyz_status == 200))
     out += mtls_checks(f)
+    out += dns_checks(f)
     out.append((f"pod-b serves {f.expected_spiffe_id}",
                 f.served is not None and f.expected_spiffe_id in f.served.spiffe_ids))
     return out + service_checks(f) + strict_checks(f) + authz_checks(f)
@@ -63,6 +65,17 @@ def mtls_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
         (f"pod-b's Envoy took it in mTLS (TLSv1.3) on {scenario.INBOUND_CLUSTER} from peer {scenario.CLIENT_SPIFFE_ID}",
          r is not None and _peer_line(r.log_b, scenario.CLIENT_SPIFFE_ID)),
     ]
+
+
+def dns_checks(f: scenario.Facts) -> list[tuple[str, bool]]:
+    """pod-a resolves the Service's names to its ClusterIP, answered by its agent (no DNS server at the nameserver)."""
+    d = f.dns
+    if d is None:
+        return [("pod-a resolves Service server's name through its agent", False)]
+    names = ", ".join(d.answers)
+    return [(f"pod-a resolves {names} → {f.cluster_ip} through its agent ({d.agent_requests:.0f} queries reached it; "
+             "no DNS server runs at the pod's nameserver)",
+             bool(d.answers) and all(a == [f.cluster_ip] for a in d.answers.values()) and d.agent_requests >= 1)]
 
 
 def strict_checks(f: scenario.Facts) -> list[tuple[str, bool]]:

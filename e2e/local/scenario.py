@@ -6,9 +6,12 @@ istio-proxy and the app → iptables and sockets inside the pods → both pods R
 from pod-a's app to pod-b's app through both Envoys → the SPIFFE ID in the certificate pod-b serves. Alongside, the
 API server holds the pods and the Service `server` (manifests/services.yaml), whose EndpointSlice lists pod-b once
 ready, and a pod without a sidecar reaches pod-b's app through the Service's ClusterIP (kube-proxy's DNAT on the node).
+The pods capture DNS (mesh config proxyMetadata ISTIO_META_DNS_CAPTURE): the kubelet's --cluster-dns is the node's
+bridge address, where no DNS server runs, so pod-a resolving the Service's name is answered by its own agent (NDS).
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -40,6 +43,20 @@ OUTBOUND_CLUSTER = f"outbound|80||{SERVICE}.{NAMESPACE}.svc.cluster.local"
 INBOUND_CLUSTER = f"inbound|{APP_PORT}||"
 CLIENT_SPIFFE_ID = C.spiffe_id(NAMESPACE, "client")
 OTHER = "pod-c"                                  # a second mesh client (service account other-client)
+# Every injected agent runs its DNS proxy, fed with the Services by discovery (NDS); istio-init captures port 53.
+MESH = {"defaultConfig": {"proxyMetadata": {C.ENV_DNS_CAPTURE: "true"}}}
+ETC_NETNS = Path("/etc/netns")
+# Run in pod-a's app (kubectl exec): getaddrinfo of each name through the pod's resolv.conf, IPv4.
+RESOLVE = """\
+import json, socket, sys
+out = {}
+for name in sys.argv[1:]:
+    try:
+        out[name] = sorted({a[4][0] for a in socket.getaddrinfo(name, 80, socket.AF_INET, socket.SOCK_STREAM)})
+    except OSError as e:
+        out[name] = f"error: {e}"
+print(json.dumps(out))
+"""
 AUTHZ_POLICY = mtls.authorization_policy(NAMESPACE, "server-allow-pod-a", {
     "selector": {"matchLabels": {"app": SERVICE}}, "action": "ALLOW",
     "rules": [{"from": [{"source": {"principals": [f"cluster.local/ns/{NAMESPACE}/sa/client"]}}]}]})
@@ -95,6 +112,17 @@ class Facts:
     services: ServiceFacts | None = None
     strict: StrictFacts | None = None
     authz: AuthzFacts | None = None
+    dns: DnsFacts | None = None
+
+
+@dataclass
+class DnsFacts:
+    """pod-a's app resolving Service `server`'s names: what getaddrinfo returned, how many queries pod-a's agent
+    counted meanwhile (istio_agent_dns_requests_total), the pod's resolv.conf."""
+
+    answers: dict[str, Any]
+    agent_requests: float
+    resolv_conf: str
 
 
 @dataclass
@@ -199,7 +227,8 @@ def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
     """Run the whole flow once, cleaning up everything it made before returning (or raising); `hold`, if given, runs
     last with everything still up (`make demo KEEP=1` waits there until `make demo-down`)."""
     clock = _Clock()
-    with LocalCluster.up(prefix=prefix, kubernetes_version=kubernetes_version) as cluster:
+    with LocalCluster.up(prefix=prefix, kubernetes_version=kubernetes_version, mesh=MESH) as cluster:
+        cluster.kubelet.cluster_dns = cluster.node.gateway       # pods' nameserver; no DNS server runs there
         cp = cluster.control_plane
         say(f"== node {cluster.node.ns.name}: bridge {cluster.node.bridge} {cluster.node.gateway}/"
             f"{cluster.node.network.prefixlen}; meshboot-webhook (injector :{cp.webhook_port} + CA :{cp.ca_port}) "
@@ -217,6 +246,8 @@ def run_flow(prefix: str = "mbd", say: Callable[[str], None] = lambda _s: None,
         _say_inside_pod_a(facts, pa, say)
         _request_a_to_b(facts, cluster, pa, pb, say)
         clock.mark("traffic")
+        _dns(facts, pa, say)
+        clock.mark("dns")
         _served_certificate(facts, cluster, pb, say)
         clock.mark("spiffe")
         _services(facts, cluster, by_name[PLAIN], pb, say)
@@ -311,6 +342,30 @@ def _request_a_to_b(facts: Facts, cluster: LocalCluster, pa: PodRun, pb: PodRun,
     say("   pod-a envoy access log: " + " | ".join(r.log_a))
     say("   pod-b envoy access log: " + " | ".join(r.log_b))
     say("   pod-b app log: " + " | ".join(r.app_b))
+
+
+def _agent_dns_requests(run: PodRun) -> float:
+    body = run.call(http_get, "127.0.0.1", C.STATUS_PORT, "/stats/prometheus", 3.0).body.decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith("istio_agent_dns_requests_total"))
+
+
+def _dns(facts: Facts, pa: PodRun, say: Callable[[str], None]) -> None:
+    """pod-a's app resolves Service `server` by its short, namespaced and full names: istio-init sends the query to
+    pod-a's agent, which answers from the name table discovery sent it (there is no DNS server at the nameserver)."""
+    names = (SERVICE, f"{SERVICE}.{NAMESPACE}", f"{SERVICE}.{NAMESPACE}.svc.cluster.local")
+    before = _agent_dns_requests(pa)
+
+    def resolve() -> dict[str, Any]:
+        res = pa.exec("app", ["python3", "-c", RESOLVE, *names], timeout=30)
+        return json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr.strip()[-200:]}
+    answers = poll(resolve, lambda r: all(r.get(n) == [facts.cluster_ip] for n in names), 10.0)
+    conf = pa.exec("app", ["cat", "/etc/resolv.conf"]).stdout
+    facts.dns = DnsFacts(answers=answers, agent_requests=_agent_dns_requests(pa) - before, resolv_conf=conf)
+    say(f"\n== kubectl exec pod-a -c app -- getaddrinfo {' '.join(names)}   (resolv.conf: "
+        + "; ".join(line for line in conf.splitlines() if line) + ")")
+    say("   → " + ", ".join(f"{n} {a}" for n, a in answers.items())
+        + f"; pod-a's agent answered ({facts.dns.agent_requests:.0f} queries in istio_agent_dns_requests_total)")
 
 
 def _served_certificate(facts: Facts, cluster: LocalCluster, pb: PodRun, say: Callable[[str], None]) -> None:
@@ -441,6 +496,7 @@ def leftovers(facts: Facts) -> list[str]:
         if stat[stat.rindex(")") + 2] == "Z":
             continue      # dead; reaping orphans is PID 1's job
         left.append(f"process {pid} ({what})")
+    left += [f"dir {ETC_NETNS / n}" for n in facts.netns_names if (ETC_NETNS / n).exists()]
     if facts.workdir is not None and facts.workdir.exists():
         left.append(f"dir {facts.workdir}")
     return left

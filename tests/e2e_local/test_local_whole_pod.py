@@ -127,6 +127,19 @@ def test_request_a_to_b_goes_through_the_cluster_ip_in_mutual_tls(facts: scenari
         facts.app_b_log_lines
 
 
+def test_pod_a_resolves_service_b_through_its_agent(facts: scenario.Facts) -> None:
+    """DNS capture on (mesh proxyMetadata): pod-a's app resolves `server`, `server.demo` and the full name to the
+    Service's ClusterIP. The pod's nameserver is the node's bridge address, where no DNS server runs: the answer
+    came from pod-a's agent (its DNS request counter moved), from the name table discovery sent over NDS."""
+    d = facts.dns
+    assert d is not None
+    assert d.answers == {n: [facts.cluster_ip] for n in ("server", "server.demo", "server.demo.svc.cluster.local")}
+    assert d.agent_requests >= 3
+    assert "nameserver 10.244.0.1" in d.resolv_conf and "search demo.svc.cluster.local" in d.resolv_conf
+    dns_rules = [r for r in facts.pods["pod-a"].chains.get("ISTIO_OUTPUT_DNS", []) if "REDIRECT" in r]
+    assert dns_rules and all(f"--to-ports {C.DNS_PROXY_PORT}" in r and "-d 10.244.0.1/32" in r for r in dns_rules)
+
+
 def test_strict_peer_authentication_applied_live(facts: scenario.Facts) -> None:
     """STRICT for the namespace, created in the API server: pod-b's Envoy gets a TLS-only inbound chain without a
     restart, the client without a sidecar is refused (its request never reaches the app), pod-a still answered."""
