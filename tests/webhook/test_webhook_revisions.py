@@ -8,6 +8,7 @@ namespace is never injected; a tag routes to its revision and the tag default al
 """
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 from typing import Any
@@ -207,3 +208,36 @@ def test_cli_bad_revision_flags_are_one_line(tmp_path: Any, capsys: pytest.Captu
     rc, out, err = _cli(tmp_path, capsys, *args)
     assert rc == 1 and out == ""
     assert err.startswith("meshboot-inject: ") and needle in err and err.count("\n") == 1, err
+
+
+# ---- the server keeps the caBundle of the revision's and its tags' configurations -------------------------------
+
+def test_webhook_config_name_list_patches_every_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart passes --webhook-config-name=<revision's>,istio-revision-tag-<tag>: each gets the bundle, and the
+    injector is ready only when all are right (one gate each)."""
+    from meshboot import pki
+    from testing.fakekube import FakeKube
+    from webhook import server
+
+    bundle, _ = pki.self_signed_serving(["meshboot-webhook-canary.istio-system.svc"])
+    b64 = base64.b64encode(bundle).decode()
+    gates: list[Any] = []
+    monkeypatch.setattr(server, "add_ready_gate", gates.append)
+    names = ["meshboot-sidecar-injector-canary", "istio-revision-tag-prod"]
+    hook = {"name": "rev.namespace." + R.WEBHOOK_SUFFIX, "sideEffects": "None", "admissionReviewVersions": ["v1"],
+            "clientConfig": {"service": {"name": "meshboot-webhook-canary", "namespace": "istio-system"}}}
+    with FakeKube() as kube:
+        for n in [*names, "someone-elses"]:
+            kube.put_object("mutatingwebhookconfigurations", {"metadata": {"name": n}, "webhooks": [hook]})
+        patchers = server.watch_webhook_ca_bundles(kube.api_client(), " , ".join(names) + ",", lambda: bundle)
+        try:
+            assert [p.name for p in patchers] == names and len(gates) == 2
+            for n in names:
+                assert kube.wait_for(lambda k, n=n: k.get("mutatingwebhookconfigurations", "", n)["webhooks"][0][
+                    "clientConfig"].get("caBundle") == b64), n
+            assert kube.wait_for(lambda k: all(g() is None for g in gates))
+            other = kube.get("mutatingwebhookconfigurations", "", "someone-elses")
+            assert other is not None and "caBundle" not in other["webhooks"][0]["clientConfig"]
+        finally:
+            for p in patchers:
+                p.stop()
