@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from discovery import protocol as P
+from discovery.ads import SERVICE
+from meshboot.protowire import varint
 
 TARGET_FULL_S, TARGET_P99_MS, TARGET_RSS_MB, TARGET_RATIO = 3.0, 500.0, 600.0, 3.0
 NAMESPACES = 10
@@ -324,10 +326,22 @@ def lite_cluster() -> Any:
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("benchlite.Cluster"))
 
 
+def request_bytes(request: Any) -> bytes:
+    return request if isinstance(request, bytes) else bytes(request.SerializeToString())
+
+
+def ack(resp: Any, names_block: bytes) -> bytes:
+    """The ACK of `resp` as Envoy serializes it (fields in number order), its resource_names the block serialized
+    once per name list: making 1,000 strings into a message per EDS ACK was ~90 µs of a client's CPU per proxy."""
+    def field(number: int, value: str) -> bytes:
+        data = value.encode()
+        return varint(number << 3 | 2) + varint(len(data)) + data if data else b""
+    return field(1, resp.version_info) + names_block + field(4, resp.type_url) + field(5, resp.nonce)
+
+
 async def run_proxy(p: int, args: argparse.Namespace, lite: Any) -> None:
     """One Envoy-like SotW ADS stream: report `A p type t version` per ACK and `F p t` once CDS+EDS+LDS are ACKed."""
     import grpc
-    from envoy.service.discovery.v3 import ads_pb2_grpc
     from envoy.service.discovery.v3 import discovery_pb2 as dpb
     from google.protobuf import struct_pb2
     node_id, meta = proxy_node(p, args.services, args.endpoints, args.proxies)
@@ -343,24 +357,22 @@ async def run_proxy(p: int, args: argparse.Namespace, lite: Any) -> None:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{args.port}", options=[
         ("grpc.max_receive_message_length", 512 * 1024 * 1024), ("grpc.use_local_subchannel_pool", 1)])
     token = f"Bearer {meta['NAMESPACE']}/{meta['SERVICE_ACCOUNT']}"
-    call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
-        requests(), metadata=(("authorization", token),))
+    stream = channel.stream_stream(f"/{SERVICE}/StreamAggregatedResources", request_serializer=request_bytes,
+                                   response_deserializer=dpb.DiscoveryResponse.FromString)
+    call = stream(requests(), metadata=(("authorization", token),))
     out.put_nowait(dpb.DiscoveryRequest(node=node, type_url=P.CDS))
     eds_names: list[str] | None = None
+    eds_block = b""
     acked: set[str] = set()
     full = False
     async for resp in call:
-        names: list[str] = []
         if resp.type_url == P.CDS:
             want = sorted(c.eds_cluster_config.service_name or c.name for c in map(lite.FromString, (
                 r.value for r in resp.resources)) if c.type == 3)
             if want != eds_names:
                 out.put_nowait(dpb.DiscoveryRequest(type_url=P.EDS, resource_names=want))
-                eds_names = want
-        elif resp.type_url == P.EDS:
-            names = eds_names or []
-        out.put_nowait(dpb.DiscoveryRequest(type_url=resp.type_url, version_info=resp.version_info,
-                                            response_nonce=resp.nonce, resource_names=names))
+                eds_names, eds_block = want, dpb.DiscoveryRequest(resource_names=want).SerializeToString()
+        out.put_nowait(ack(resp, eds_block if resp.type_url == P.EDS else b""))
         if resp.type_url == P.CDS and P.LDS not in acked and "lds-asked" not in acked:
             out.put_nowait(dpb.DiscoveryRequest(type_url=P.LDS))
             acked.add("lds-asked")
