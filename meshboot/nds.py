@@ -1,6 +1,6 @@
 """NDS, Istio's name table for the agent's DNS proxy: `istio.networking.nds.v1.NameTable` on the wire.
 
-Shared by discovery (which will serve the table) and the agent (which answers DNS from it), so it lives here.
+Shared by discovery (which serves the table, discovery/nds.py) and the agent (which answers DNS from it).
 Hand-framed rather than generated: the agent's process must not load protobuf (its RSS budget), and the message is
 two levels deep. The table comes from the control plane, so decoding is bounded (entries, IPs, names, string
 sizes) and refuses what breaks a bound with `NdsError`, which the receiver turns into a NACK.
