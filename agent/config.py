@@ -19,6 +19,7 @@ from meshboot.durations import parse_duration as _go_duration
 from meshboot.syntax import parse_go_bool
 
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
+SUPPORTED_NODE_TYPES = ("sidecar", "router")   # router: a gateway (`proxy router`), no capture, config from discovery
 
 
 class ConfigError(ValueError):
@@ -438,8 +439,9 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
     In pilot-agent's order and seams: the pod, ProxyConfig, CA settings, XDS settings, Envoy, the status port."""
     if flags.node_type not in NODE_TYPES:
         raise ConfigError(f"proxy type {show(flags.node_type)}: want one of {', '.join(NODE_TYPES)}")
-    if flags.node_type != "sidecar":
-        raise ConfigError(f"proxy type {show(flags.node_type)} is not supported by meshboot (sidecar only)")
+    if flags.node_type not in SUPPORTED_NODE_TYPES:
+        raise ConfigError(f"proxy type {show(flags.node_type)} is not supported by meshboot (sidecar and router "
+                          "only)")
     pod_name, pod_ns = _need(environ, C.ENV_POD_NAME), _need(environ, C.ENV_POD_NAMESPACE)
     annotations = parse_downward_api(read(C.POD_ANNOTATIONS_FILE) or "")
     labels = parse_downward_api(read(C.POD_LABELS_FILE) or "")
@@ -453,6 +455,9 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
         raise ConfigError(f"env {C.ENV_SERVICE_ACCOUNT} is required (the workload identity's service account)")
     ca = ca_settings(env, pc, exists, file_certs)
     xds = xds_settings(env, pc, exists, file_certs)
+    if flags.node_type == "router" and not xds.get("discovery_address"):
+        raise ConfigError("proxy router needs a discovery address (ProxyConfig discoveryAddress): a gateway's "
+                          "listeners come from the control plane, standalone mode serves only a sidecar's")
     envoy = envoy_settings(flags, env, pc, exists, which)
     status = status_settings(env, pc)
     return AgentConfig(

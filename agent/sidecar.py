@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from meshboot import constants as C
+
 from . import helper, uds
 from .config import AgentConfig
 from .dns.config import dns_settings
@@ -30,6 +32,14 @@ if TYPE_CHECKING:
     from .dns.server import DnsServer
 
 log = Log("agent")
+
+
+def dns_env(cfg: AgentConfig) -> dict[str, str]:
+    """The env the DNS proxy reads: pilot-agent serves DNS capture to a sidecar only; a router (gateway) runs the
+    DNS proxy only with ISTIO_META_ENABLE_DNS_SERVER (Istio's DNSAtGateway)."""
+    if cfg.node_type == "sidecar":
+        return cfg.env
+    return {k: v for k, v in cfg.env.items() if k != C.ENV_DNS_CAPTURE}
 
 
 class Sidecar:
@@ -75,7 +85,10 @@ class Sidecar:
         inbound listening sockets now, so new inbound connections are refused while in-flight ones finish.
         """
         suffix = "&skip_exit" if skip_exit else ""
-        for q in (f"/drain_listeners?inboundonly&graceful{suffix}", f"/drain_listeners?inboundonly{suffix}"):
+        queries = [f"/drain_listeners?inboundonly&graceful{suffix}", f"/drain_listeners?inboundonly{suffix}"]
+        if self.cfg.node_type != "sidecar":  # a router (gateway): pilot-agent's graceful drain of every listener
+            queries = [f"/drain_listeners?graceful{suffix}"]
+        for q in queries:
             try:
                 r = await self.admin.post(q)
                 if r.status != 200:
@@ -182,13 +195,14 @@ class Sidecar:
         an empty table, so every name is forwarded. A port it cannot take is logged and the pod runs without it
         (pilot-agent would not start); a bad DNS_* / ISTIO_META_DNS_CAPTURE value was refused by cli.py before
         Envoy started."""
-        if not dns_settings(self.cfg.env).enabled:
+        env = dns_env(self.cfg)
+        if not dns_settings(env).enabled:
             return None
         from meshboot.nds import NameTable  # noqa: PLC0415 - only with DNS capture on (RSS budget)
 
         from .dns.service import start  # noqa: PLC0415 - as above
         try:
-            return await start(self.cfg.env, self.cfg.pod_namespace, self.cfg.domain, self.metrics,
+            return await start(env, self.cfg.pod_namespace, self.cfg.domain, self.metrics,
                                NameTable() if self.cfg.standalone else None)
         except OSError as e:
             log.error("failed to start the DNS proxy; the app's DNS is captured to a closed port", error=str(e))

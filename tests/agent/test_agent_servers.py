@@ -325,8 +325,8 @@ def test_cli_subcommands() -> None:
     errors = [line for line in r.stdout.splitlines() if "\terror\t" in line]
     assert len(errors) == 1 and "env POD_NAME is required" in errors[0], r.stdout
     assert "--someFutureFlag=1" in r.stdout                                  # tolerated, logged
-    r = run_cli("proxy", "router", env={"POD_NAMESPACE": "ns", "POD_NAME": "p"})
-    assert r.returncode == 255 and "sidecar only" in r.stdout
+    r = run_cli("proxy", "waypoint", env={"POD_NAMESPACE": "ns", "POD_NAME": "p"})
+    assert r.returncode == 255 and "sidecar and router only" in r.stdout
     r = run_cli("request", "GET", "/stats", "--debug-port", "8080")
     assert r.returncode == 1 and "not allowed" in r.stderr
 
