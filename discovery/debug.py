@@ -1,4 +1,5 @@
-"""istiod's debug endpoints for discovery: /debug/syncz, /debug/config_dump?proxyID=, /debug/connections.
+"""istiod's debug endpoints for discovery: /debug/syncz, /debug/config_dump?proxyID=, /debug/connections,
+/debug/authorizationz.
 
 The pure part turns the ADS server's rows (`AdsServer.sync_status()`) and one proxy's last-sent resources
 (`ads.sent_config`) into istiod's JSON; `handle(ads, target)` is the thin shell the monitoring port (15014, where
@@ -14,7 +15,7 @@ import json
 import re
 import socket
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,7 +23,7 @@ from envoy.admin.v3 import config_dump_pb2, config_dump_shared_pb2
 from google.protobuf import any_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from . import ads
+from . import ads, authz
 from . import protocol as P
 
 MAX_PROXY_ID_CHARS = 253 + 1 + 63          # <pod>.<namespace>: a pod name and a namespace at their Kubernetes bounds
@@ -30,7 +31,11 @@ MAX_DUMP_RESOURCES = 50_000                # one proxy's dump: refused above thi
 MAX_DUMP_BYTES = 64 * 1024 * 1024          # ... and above this once rendered
 MAX_QUERY_CHARS = 2048
 _PROXY_ID = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")   # DNS-1123 subdomain characters: pod names and namespaces
-NOT_FOUND = b"not found: /debug/syncz, /debug/config_dump?proxyID=<pod>.<namespace>, /debug/connections\n"
+NOT_FOUND = (b"not found: /debug/syncz, /debug/config_dump?proxyID=<pod>.<namespace>, /debug/connections, "
+             b"/debug/authorizationz\n")
+MAX_LISTED_POLICIES = 10_000               # /debug/authorizationz lists at most this many (and says how many more)
+AUTHZ_KIND = "AuthorizationPolicy"
+Authorization = tuple[authz.Policies, tuple[str, ...]]   # the served snapshot's policies and every watched problem
 _DUMPING = threading.Lock()                # one dump rendered at a time (each is CPU-bound, in a thread)
 
 # istiod's SyncStatus fields per type: <field>_sent / <field>_acked carry nonces.
@@ -78,6 +83,26 @@ def connections(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     clients = [{"connectionId": r["connection_id"], "connectedAt": _rfc3339(r["connected_at"]),
                 "address": r["address"], "proxy": r["proxy"], "watches": sorted(r["resources"])} for r in rows]
     return {"totalClients": len(clients), "clients": clients}
+
+
+def _scope(policy: authz.Policy) -> str:
+    if policy.mesh_wide:
+        return "mesh"
+    return "namespace" if policy.selectors is None else "workload"
+
+
+def authorizationz(policies: authz.Policies, problems: Iterable[str]) -> dict[str, Any]:
+    """istiod's /debug/authorizationz, meshboot's shape: every compiled AuthorizationPolicy (scope, the action enforced
+    — a refused policy's fail-closed form — and its problem) and every AuthorizationPolicy problem, so a policy that
+    cannot be applied is visible where proxy-status looks, not only in the log."""
+    every = [*policies.mesh, *(p for ns in sorted(policies.namespaces) for p in policies.namespaces[ns]
+                               if not p.mesh_wide)]
+    listed = [{"namespace": p.namespace, "name": p.name, "scope": _scope(p), "action": p.action,
+               "rules": len(p.rules), "dry_run": p.dry_run, "problem": p.problem}
+              for p in every[:MAX_LISTED_POLICIES]]
+    found = [p for p in problems if p.startswith(AUTHZ_KIND + " ")]
+    return {"root_namespace": policies.root_namespace, "total": len(every), "policies": listed,
+            "not_listed": len(every) - len(listed), "problems": found[:MAX_LISTED_POLICIES]}
 
 
 def proxy_id(query: str) -> str:
@@ -152,10 +177,14 @@ def _json(value: Any) -> tuple[str, str, bytes]:
     return "200 OK", "application/json", json.dumps(value, indent=1).encode() + b"\n"
 
 
-async def handle(server: ads.AdsServer, target: str, istiod: str = "") -> tuple[str, str, bytes]:
-    """Answer one GET of /debug/...: (status line, content type, body). Never raises."""
+async def handle(server: ads.AdsServer, target: str, istiod: str = "",
+                 authorization: Callable[[], Authorization] | None = None) -> tuple[str, str, bytes]:
+    """Answer one GET of /debug/...: (status line, content type, body). Never raises. `authorization` gives the served
+    snapshot's policies and problems (None: /debug/authorizationz is not served)."""
     parts = urlsplit(target[:MAX_QUERY_CHARS * 2])
     try:
+        if parts.path == "/debug/authorizationz" and authorization is not None:
+            return _json(authorizationz(*authorization()))
         if parts.path == "/debug/syncz":
             return _json(syncz(server.sync_status(), istiod or socket.gethostname()))
         if parts.path == "/debug/connections":

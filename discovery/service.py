@@ -24,6 +24,7 @@ from prometheus_client import Gauge
 from . import adapt, debug, generate, nds
 from . import protocol as P
 from .ads import MAX_STREAMS, AdsServer, Authenticate, new_grpc_server
+from .debug import Authorization
 from .model import Mesh, ModelError, Proxy, Service
 from .peerauth import DEFAULT_ROOT_NAMESPACE
 from .push import DEBOUNCE_AFTER, DEBOUNCE_MAX, PushQueue, PushRequest
@@ -230,9 +231,13 @@ class Discovery:
         return port
 
     async def debug(self, target: str) -> tuple[str, str, bytes]:
-        """istiod's /debug/syncz, /debug/config_dump?proxyID=, /debug/connections (debug.py), for the monitoring
-        port."""
-        return await debug.handle(self.ads, target)
+        """istiod's /debug/syncz, /debug/config_dump?proxyID=, /debug/connections, /debug/authorizationz (debug.py),
+        for the monitoring port."""
+        return await debug.handle(self.ads, target, authorization=self._authorization)
+
+    def _authorization(self) -> Authorization:
+        built = self.served.built
+        return built.model.authz, built.problems
 
     async def start(self) -> None:
         """Start the informers; the first full push happens once every kind is listed."""

@@ -26,6 +26,7 @@ PROG = "meshboot-proxy-status"
 COLUMNS = ("CDS", "LDS", "EDS", "RDS")      # istioctl's order
 MAX_SYNCZ_BYTES = 64 * 1024 * 1024
 TIMEOUT = 30.0
+MAX_WARNINGS = 20
 
 
 class Failed(Exception):
@@ -87,7 +88,24 @@ def run(args: argparse.Namespace) -> str:
         raise Failed(f"/debug/syncz: not JSON ({e})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise Failed("/debug/syncz: expected a list of proxies")
-    return json.dumps(rows, indent=2) if args.json else table(rows)
+    return json.dumps(rows, indent=2) if args.json else table(rows) + policy_warnings(args)
+
+
+def policy_warnings(args: argparse.Namespace) -> str:
+    """A line per AuthorizationPolicy the control plane could not apply as written (/debug/authorizationz), after the
+    table: such a policy fails closed, and whoever reads proxy-status should see why traffic is refused. Nothing
+    when the endpoint is not there or has nothing to say."""
+    try:
+        body = fetch(args.control_plane, "/debug/authorizationz", MAX_SYNCZ_BYTES, args.timeout)
+        problems = jsonsafe.load(body.decode("utf-8", "replace"), max_bytes=MAX_SYNCZ_BYTES).get("problems")
+    except (Failed, ValueError, AttributeError):
+        return ""
+    if not isinstance(problems, list) or not problems:
+        return ""
+    shown = [f"\n  {str(p)[:500]}" for p in problems[:MAX_WARNINGS]]
+    more = f"\n  … and {len(problems) - MAX_WARNINGS} more" if len(problems) > MAX_WARNINGS else ""
+    return (f"\n\n{len(problems)} AuthorizationPolicy problem(s): the control plane enforces these fail-closed "
+            f"(/debug/authorizationz):{''.join(shown)}{more}")
 
 
 def main(argv: list[str] | None = None) -> int:

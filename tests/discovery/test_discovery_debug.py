@@ -418,3 +418,48 @@ def test_proxy_status_table_and_unreachable_control_plane() -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "is not an http:// or https:// URL" in bad.stderr
     assert C.MONITORING_PORT == 15014
+
+
+def _policy(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": NS}, "spec": spec}
+
+
+def test_authorizationz_and_proxy_status_show_a_policy_that_cannot_be_applied(plane: Plane) -> None:
+    """Issue 12: a policy meshboot cannot apply is reported in the debug view, not only in the log — and shown in
+    its fail-closed form, never as allow-all."""
+    wait_ready(plane.webhook)
+    plane.kube.put_object("authorizationpolicies", _policy("ok", {"action": "ALLOW", "rules": [{}]}))
+    plane.kube.put_object("authorizationpolicies", _policy("ext", {"action": "CUSTOM", "provider": {"name": "x"},
+                                                                   "rules": [{}]}))
+    deadline = time.monotonic() + 10
+    while True:
+        code, body = get(plane.monitoring + "/debug/authorizationz")
+        assert code == 200, body
+        view = json.loads(body)
+        if view["total"] == 2:
+            break
+        assert time.monotonic() < deadline, view
+        time.sleep(0.05)
+    by_name = {p["name"]: p for p in view["policies"]}
+    assert by_name["ok"] == {"namespace": NS, "name": "ok", "scope": "namespace", "action": "ALLOW", "rules": 1,
+                             "dry_run": False, "problem": ""}
+    assert by_name["ext"]["action"] == "CUSTOM" and "CUSTOM needs an extension provider" in by_name["ext"]["problem"]
+    assert [p for p in view["problems"] if f"{NS}/ext" in p] == [by_name["ext"]["problem"]]
+
+    table = proxy_status(plane)
+    assert table.returncode == 0, table.stderr
+    assert "1 AuthorizationPolicy problem(s)" in table.stdout and f"AuthorizationPolicy {NS}/ext" in table.stdout
+    plane.kube.delete_object("authorizationpolicies", NS, "ext")
+    plane.kube.delete_object("authorizationpolicies", NS, "ok")
+
+
+def test_authorizationz_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from discovery import authz
+    objects = [_policy(f"p{i}", {"rules": [{}]}) for i in range(30)]
+    policies, problems = authz.compile(objects)
+    monkeypatch.setattr(debug, "MAX_LISTED_POLICIES", 10)
+    view = debug.authorizationz(policies, [*problems, "Service x/y: ignored", *(f"AuthorizationPolicy a/{i}: bad"
+                                                                             for i in range(25))])
+    assert (view["total"], len(view["policies"]), view["not_listed"]) == (30, 10, 20)
+    assert len(view["problems"]) == 10 and all(p.startswith("AuthorizationPolicy ") for p in view["problems"])
