@@ -160,6 +160,8 @@ def down() -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    for ns in state["netns"]:      # a pod's resolv.conf (kubelet.ETC_NETNS), when the holder could not remove it
+        shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
     shutil.rmtree(state["workdir"], ignore_errors=True)
     shutil.rmtree(state_dir(), ignore_errors=True)
     print(f"torn down the kept demo (pid {holder}): netns {', '.join(state['netns'])}, bridge {state['bridge']}, "
