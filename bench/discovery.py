@@ -5,10 +5,10 @@ the watcher's store → a Served per store version (adapt.build, generate.common
 service.classify → push.PushQueue with its 100 ms debounce → ads.AdsServer on a real loopback port, the node checked
 against its token); only the informer threads are replaced: the bench lists 1,000 Services x 5 sidecar Pods (their
 EndpointSlices, 10 Namespaces) into the store and writes each change as a watch event would (store.put). Client
-processes run asyncio gRPC streams, one channel (TCP connection) per proxy, that speak
-SotW ADS as Envoy does: CDS wildcard, EDS for the EDS clusters named in CDS, LDS, each response ACKed with its
-version and nonce. Clients read only the names they need from the resources (a three-field protobuf view), so the
-two cores go to the server. Figures:
+processes run asyncio gRPC streams, one channel (TCP connection) per proxy, that speak SotW ADS as Envoy does: CDS
+wildcard, EDS for the EDS clusters named in CDS, LDS, each response ACKed with its version and nonce (serialized as
+Envoy does, fields in number order). Clients read only the names they need from the resources (a three-field
+protobuf view) so that the server is what is measured; their CPU is printed. Figures:
 1. start -> every proxy holds a full config (CDS, complete EDS and LDS ACKed), from the clients' go (processes
    already started; the first sync's build is before the clock, its time is printed too);
 2. one endpoint changes (an endpoint turns unready in its EndpointSlice) -> every proxy has ACKed the EDS push,
