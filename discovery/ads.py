@@ -45,6 +45,7 @@ HANDSHAKE_TIMEOUT_MS = 10_000
 # istiod's PILOT_PUSH_THROTTLE default: proxies pushed at once. Each push holds its responses (a SotW CDS is the
 # whole mesh) until written, so pushing every proxy at once holds the mesh once per proxy.
 MAX_JOINED_BYTES = 64 * 1024 * 1024   # joined response bodies an Encoder keeps per push (more: joined per proxy)
+MAX_JOINED = 4096                     # and how many (each keeps the mapping it was joined from alive)
 PUSH_THROTTLE = min(15 + 5 * len(os.sched_getaffinity(0)), 100)
 
 # authenticate(token) -> (namespace, service_account), plain or awaitable; raises to refuse the token.
@@ -122,7 +123,7 @@ class Encoder:
             return hit[1]
         chosen = sorted(resources) if names is None else sorted(n for n in names if n in resources)
         body = b"".join([self.entry(type_url, resources[n]) for n in chosen])
-        if self._joined_bytes + len(body) <= MAX_JOINED_BYTES:
+        if self._joined_bytes + len(body) <= MAX_JOINED_BYTES and len(self._joined) < MAX_JOINED:
             self._joined[cache_key] = (resources, body)      # kept: its id is not reused while cached
             self._joined_bytes += len(body)
         return body

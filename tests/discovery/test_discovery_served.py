@@ -136,3 +136,16 @@ def test_a_proxys_resources_are_layers_over_the_shared_ones_and_serialize_the_sa
     twice = [ads._sotw_response(watch, eds, encoder, None, "v1", "n1") for _ in range(2)]
     plain_watch = P.Watch(P.EDS, names=set(eds))
     assert twice[0] == twice[1] == ads._sotw_response(plain_watch, eds, encoder, None, "v1", "n1")
+
+
+def test_joined_bodies_are_bounded_and_still_right(monkeypatch: Any) -> None:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from discovery import ads
+    monkeypatch.setattr(ads, "MAX_JOINED", 1)
+    encoder = ads.Encoder()
+    a = {"a": cluster_pb2.Cluster(name="a")}
+    b = {"b": cluster_pb2.Cluster(name="b")}
+    assert encoder.joined(P.CDS, a) == encoder.entry(P.CDS, a["a"])
+    assert encoder.joined(P.CDS, b) == encoder.entry(P.CDS, b["b"])          # over the bound: joined, not kept
+    assert len(encoder._joined) == 1 and encoder.joined(P.CDS, a) is encoder.joined(P.CDS, a)
