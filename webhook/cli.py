@@ -17,7 +17,7 @@ from webhook.config import ConfigSource
 from webhook.errors import ConfigError, InjectionError
 from webhook.inject import inject_pod
 from webhook.policy import Decision, decide, explain_lines
-from webhook.workloads import get_template, iter_objects, set_template, workload_deploy_meta
+from webhook.workloads import get_template, iter_objects, pod_deploy_meta, set_template, workload_deploy_meta
 
 
 def parse_labels(text: str | None, flag: str = "--namespace-labels") -> dict[str, str] | None:
@@ -110,7 +110,9 @@ class Injector:
                 self.warnings.append(f"Skipping injection because {name} has host networking enabled")
             return
         try:
-            injected = inject_pod(pod, self.settings, deploy_meta=workload_deploy_meta(obj, ns))
+            # A Pod's workload is its controller, as the webhook infers it (Istio's kube-inject does the same).
+            dm = pod_deploy_meta(pod, ns) if is_pod else workload_deploy_meta(obj, ns)
+            injected = inject_pod(pod, self.settings, deploy_meta=dm)
         except InjectionError as e:
             raise InjectionError(f"{where}: {name}: {e}") from None
         if is_pod:

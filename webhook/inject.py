@@ -12,6 +12,7 @@ from typing import Any
 
 from meshboot import constants as C
 from webhook import annotations as ann_mod
+from webhook import otel as otel_mod
 from webhook import overlay as overlay_mod
 from webhook import probes, prometheus
 from webhook import templates as tpl_mod
@@ -251,6 +252,9 @@ def _proxy_env(pod: Mapping[str, Any], annotations: Mapping[str, str], labels: M
     env.append({"name": C.ENV_MESH_ID, "value": str(g.get("meshID") or settings.trust_domain)})
     if settings.trust_domain:
         env.append({"name": C.ENV_TRUST_DOMAIN, "value": settings.trust_domain})
+    otel_attrs = otel_mod.resource_attributes(mesh, annotations, labels, dm.namespace, app_containers)
+    if otel_attrs:
+        env.append({"name": otel_mod.ENV, "value": otel_attrs})
     md = ch.proxy_config.get("proxyMetadata") or {}
     env += [{"name": k, "value": md[k]} for k in sorted(md)]
     return env
