@@ -177,10 +177,11 @@ def test_spire_overlay_reaches_the_native_proxy() -> None:
 
 @pytest.mark.parametrize(("value", "message"), [
     ("nope", "annotation inject.istio.io/templates: requested template 'nope' not found; have custom, gateway, "
-             "grpc-agent, grpc-simple, sidecar, spire"),
+             "grpc-simple, sidecar, spire"),
+    ("grpc-agent", "template 'grpc-agent': proxyless gRPC with the agent is not supported by meshboot yet"),
     ("sidecar, nope", "requested template 'nope' not found"),
     ("", "requested template '' not found"),
-    ("waypoint", "template 'waypoint' is Istio's (ambient / Gateway API) and not supported by meshboot"),
+    ("waypoint", "template 'waypoint': ambient mode is not supported by meshboot"),
     ("sidecar,gateway", "templates sidecar and gateway each render istio-proxy; select one of them"),
     (",".join(["sidecar"] * 17), "more than 16 templates"),
 ])
@@ -216,7 +217,7 @@ def test_default_templates_from_the_injector_config() -> None:
 def test_istio_configmap_builtin_texts_are_skipped() -> None:
     """An Istio injector ConfigMap carries every built-in's Go template text: meshboot renders those in code."""
     s = build_settings(injector={"templates": {"sidecar": "{{ define \"x\" }}", "gateway": "{{ toYaml . }}",
-                                               "waypoint": "{{ x }}", "custom": CUSTOM}})
+                                               "grpc-agent": "{{ x }}", "waypoint": "{{ x }}", "custom": CUSTOM}})
     assert set(s.templates) == {"custom", "grpc-simple"}
 
 
