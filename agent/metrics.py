@@ -165,6 +165,11 @@ class Metrics:
         self.xds_requests = Counter("istio_agent_xds_proxy_requests", "XDS requests from Envoy forwarded upstream.")
         self.xds_responses = Counter("istio_agent_xds_proxy_responses", "XDS responses forwarded to Envoy.")
         self.xds_upstream_errors = Counter("istio_agent_xds_upstream_errors", "Upstream XDS stream failures.")
+        # No pilot-agent counterpart (istiod counts them as pilot_total_xds_rejects{type}); type = LDS, CDS, … .
+        self.xds_nacks = Counter("istio_agent_xds_proxy_nacks", "XDS responses Envoy rejected (NACKs).", ("type",))
+        self.xds_stripped = Counter("istio_agent_xds_stripped_extensions",
+                                    "Telemetry-only Istio extensions Envoy lacks, removed from pushed config.",
+                                    ("extension",))
         self.scrapes = Counter("istio_agent_scrapes", "Merged metrics scrapes.")
         self.scrape_failures = Counter("istio_agent_scrape_failures", "Failed scrapes of Envoy or the app.",
                                        ("target",))

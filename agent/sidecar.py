@@ -29,6 +29,8 @@ from .metrics import Metrics
 from .status import StatusServer, grpc_bootstrap_reason
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .dns.server import DnsServer
 
 log = Log("agent")
@@ -59,6 +61,7 @@ class Sidecar:
         self.skip_drain = False
         self.envoy: EnvoyProcess = launched.envoy
         self.dns: DnsServer | None = None       # the DNS proxy; NDS updates go to self.dns.set_table
+        self.xds_ready: Callable[[], str] = lambda: ""   # proxy mode: Envoy's LDS/CDS NACK, for readiness
 
     # -- control --
     def _signal(self, name: str) -> None:
@@ -119,6 +122,7 @@ class Sidecar:
         secrets.start()
         sds_server = await serve_sds(cfg.workload_socket, secrets, self.metrics)
         xds_server = await self._serve_xds()
+        status.xds_ready = self.xds_ready
         log.info("agent started", mode="standalone" if cfg.standalone else "proxy",
                  spiffe=cfg.spiffe_id if cfg.file_certs is None else "file-mounted",
                  setup_ms=int((time.monotonic() - t0) * 1000))
@@ -235,7 +239,9 @@ class Sidecar:
         else:
             from .xds.proxy import XdsProxy  # noqa: PLC0415 - only the mode in use is loaded (RSS budget)
             handlers = {} if self.dns is None else {self._nds_type(): self._apply_name_table}
-            handler = XdsProxy(cfg, self.metrics, handlers=handlers).handler()
+            proxy = XdsProxy(cfg, self.metrics, handlers=handlers)
+            self.xds_ready = proxy.not_ready_reason
+            handler = proxy.handler()
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000),
                                           ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                                           ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),

@@ -45,6 +45,7 @@ class StatusServer:
         self.on_drain = on_drain
         self.extra_ready = extra_ready       # "" = ok, else the reason (e.g. grpc bootstrap missing)
         self.cert_ready: Callable[[], str] = lambda: ""   # SecretManager.not_ready_reason, once it exists
+        self.xds_ready: Callable[[], str] = lambda: ""    # XdsProxy.not_ready_reason: Envoy NACKed LDS/CDS
         self.terminating = False
         self._config_ok = False
         self._live_ok = False
@@ -67,6 +68,9 @@ class StatusServer:
         cert = self.cert_ready()
         if cert:
             return cert
+        nack = self.xds_ready()
+        if nack:
+            return nack
         if not (self._config_ok and self._live_ok):
             try:
                 st = await self.admin.state()

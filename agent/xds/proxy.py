@@ -14,6 +14,11 @@ Types the agent handles itself (pilot-agent's XdsProxy `handlers`; here NDS when
 each upstream stream right after Envoy's first LDS request on it (so again after every reconnect), never forwarded
 to Envoy: the first resource of a response goes to the handler, and the agent ACKs it, or NACKs it (INTERNAL, the
 handler's error as the message) when the handler raises; a response without resources is ignored, as pilot-agent.
+
+Upstream Envoy (extensions.py): the extensions Envoy has are read from its first request's node; Istio's
+telemetry-only extensions it lacks are stripped from LDS/CDS responses before they are forwarded (logged once per
+extension, counted). Envoy's NACKs are logged with their message, counted, and an LDS/CDS one holds readiness
+(`not_ready_reason`) until Envoy ACKs that type again.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from ..config import AgentConfig
 from ..identity.caclient import call_metadata, read_token
 from ..identity.secrets import Backoff
 from ..log import Log
-from . import wire
+from . import extensions, wire
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -63,6 +68,13 @@ class XdsProxy:
         self._backoff = backoff or Backoff(RECONNECT_INITIAL, RECONNECT_MAX)
         self._failing = False               # the last upstream stream ended before any response
         self._lost_at: float | None = None  # when the last healthy upstream stream ended (for the reconnect log)
+        self._stripper: extensions.Stripper | None = None   # once Envoy's node said which extensions it has
+        self._reported: set[str] = set()    # extensions whose stripping was logged (once each)
+        self.nacks = extensions.Nacks()
+
+    def not_ready_reason(self) -> str:
+        """"" unless Envoy NACKed the latest LDS or CDS push (for /healthz/ready)."""
+        return self.nacks.reason()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -104,10 +116,13 @@ class XdsProxy:
 
         async def pump() -> None:
             first_lds = bool(self.handlers)       # pilot-agent's initialRequestsSent, per upstream stream
+            first = True
             try:
                 async for req in request_iterator:
                     if m is not None:
                         m.xds_requests.inc()
+                    self._observe(req, delta, first)
+                    first = False
                     await write(req)
                     if first_lds and wire.request_type_url(req, delta) == LDS:
                         first_lds = False
@@ -141,7 +156,7 @@ class XdsProxy:
                     continue
                 if m is not None:
                     m.xds_responses.inc()
-                yield resp
+                yield self._strip(resp, delta)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and mine.is_set():
                 return
@@ -154,6 +169,38 @@ class XdsProxy:
             for t in tasks:
                 t.cancel()
             await channel.close(grace=None)
+
+    def _observe(self, req: bytes, delta: bool, first: bool) -> None:
+        """Read what Envoy says: on a stream's first request which extensions it has; on each, ACK or NACK."""
+        try:
+            if first and (known := extensions.envoy_extensions(req, delta)) is not None:
+                self._stripper = extensions.Stripper(known)
+                if self._stripper.missing:
+                    log.info("Envoy lacks Istio's telemetry extensions: stripping them from pushed config",
+                             extensions=",".join(sorted(self._stripper.missing)))
+            ack = extensions.read_ack(req, delta)
+        except wire.WireError:
+            return                                  # forwarded as is; the upstream decides
+        if self.nacks.observe(ack):
+            kind = extensions.short_type(ack.type_url)
+            log.error("Envoy rejected config (NACK)", type=kind, nonce=ack.nonce, error=ack.error)
+            if self.metrics is not None:
+                self.metrics.xds_nacks.labels(kind).inc()
+
+    def _strip(self, resp: bytes, delta: bool) -> bytes:
+        """The response with the telemetry-only extensions Envoy lacks removed (the same bytes when none are)."""
+        s = self._stripper
+        if s is None:
+            return resp
+        out = s.response(resp, delta)
+        for ext, n in s.stripped.items():
+            if self.metrics is not None:
+                self.metrics.xds_stripped.labels(ext).inc(n)
+            if ext not in self._reported:
+                self._reported.add(ext)
+                log.warn("stripped an extension Envoy lacks from pushed config (telemetry only)",
+                         extension=ext, filter=extensions.TELEMETRY.get(ext, ""))
+        return out
 
     async def _initial_requests(self, write: Write, delta: bool) -> None:
         """The agent's own first request of each type it handles (no names: NDS is a wildcard type)."""
