@@ -14,6 +14,14 @@ TPROXY_ROUTE_TABLE = 133
 INBOUND_PASSTHROUGH_SRC_V4 = "127.0.0.6"
 INBOUND_PASSTHROUGH_SRC_V6 = "::6"
 
+# ---- versions ------------------------------------------------------------------------------------------------
+# The Istio release meshboot follows (docs and istiod behaviour are this minor's: ../shared/reference describes
+# istio/istio at VERSION 1.32). The agent reports it as node metadata ISTIO_VERSION, as pilot-agent reports its own
+# build's version, so istiod picks the code paths of a current proxy; `ISTIO_META_ISTIO_VERSION` overrides it (as in
+# Istio). meshboot's own release goes in the separate node metadata key MESHBOOT_VERSION.
+ISTIO_VERSION = "1.32.0"
+MESHBOOT_VERSION_META = "MESHBOOT_VERSION"
+
 # ---- ports -----------------------------------------------------------------------------------------------------
 ENVOY_ADMIN_PORT = 15000
 OUTBOUND_CAPTURE_PORT = 15001      # -p, ISTIO_REDIRECT, virtualOutbound

@@ -188,8 +188,7 @@ def test_bootstrap_is_accepted_by_envoy(tmp_path) -> None:
         assert boot["node"]["id"] == cfg.node_id and boot["node"]["cluster"] == "web.prod"
         assert meta["LABELS"] == {"app": "web", "extra": "x"} and meta["CLUSTER_ID"] == "Kubernetes"
         assert meta["NAMESPACE"] == "prod" and meta["INSTANCE_IPS"] == "10.1.2.3"
-        assert boot["admin"]["address"]["socket_address"] == {"protocol": "TCP", "address": "127.0.0.1",
-                                                              "port_value": 15000}
+        assert boot["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
         names = {c["name"] for c in boot["static_resources"]["clusters"]}
         assert names == {"prometheus_stats", "agent", "sds-grpc", "xds-grpc"}
         assert [lst["name"] for lst in boot["static_resources"]["listeners"]] == ["0.0.0.0_15090", "0.0.0.0_15021"]
