@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import statistics
@@ -192,11 +193,35 @@ def generation_cost(disco: Any, args: argparse.Namespace) -> tuple[float, float,
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
+class GcPauses:
+    """The server's garbage-collector pauses (gc.callbacks): a full collection walks every tracked object, and the
+    control plane holds hundreds of thousands; a pause during a push lands in the convergence figures."""
+
+    def __init__(self) -> None:
+        self.started, self.pauses = 0.0, [0.0, 0.0, 0.0]
+        self.longest, self.counts = [0.0, 0.0, 0.0], [0, 0, 0]
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        took, g = time.perf_counter() - self.started, info["generation"]
+        self.pauses[g] += took
+        self.counts[g] += 1
+        self.longest[g] = max(self.longest[g], took)
+
+    def words(self) -> list[str]:
+        """Per generation: collections, total seconds, longest seconds."""
+        return [f"{self.counts[g]}/{self.pauses[g]:.3f}/{self.longest[g]:.3f}" for g in range(3)]
+
+
 async def run_server(args: argparse.Namespace) -> None:
     """The control plane's discovery (discovery.service.Discovery: store → Served → classify → PushQueue →
     AdsServer) on a watcher whose store the bench writes; obeys `change N`, `full`, `gen`, `quit` on stdin."""
     from discovery import ads, kinds
     from discovery.service import Discovery
+    gc_pauses = GcPauses()
     t = time.perf_counter()
     watcher = bench_watcher(mesh_objects(args.services, args.endpoints))
     objects_s = time.perf_counter() - t
@@ -232,8 +257,11 @@ async def run_server(args: argparse.Namespace) -> None:
                 obj = kinds.keep("Service", service_object(0, generation))
                 watcher.store.put("Service", kinds.key_of(obj), obj)
             say("changed", await served_version(disco), f"{t0:.6f}")
+        elif line[0] == "gc":
+            say("gc", *gc_pauses.words())
         elif line[0] == "gen":
-            say("gen", *(f"{x:.3f}" for x in generation_cost(disco, args)), disco.ads.encoder.encoded)
+            gcs = gc_pauses.words()
+            say("gen", *(f"{x:.3f}" for x in generation_cost(disco, args)), disco.ads.encoder.encoded, *gcs)
         else:
             break
     await disco.stop()
@@ -542,6 +570,12 @@ async def stop(server: Any, clients: list[Any]) -> None:
             await proc.wait()
 
 
+def gc_during(before: str, after: str) -> dict[str, float]:
+    """Full (generation 2) collections between two `count/total/longest` words; longest is the run's."""
+    (n0, t0, _), (n1, t1, longest) = (w.split("/") for w in (before, after))
+    return {"count": int(n1) - int(n0), "total_s": round(float(t1) - float(t0), 3), "longest_s": float(longest)}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -557,8 +591,12 @@ async def measure_ads(args: argparse.Namespace) -> dict[str, Any]:
         full_s, full_cpu = await full_config(server, clients, board, args.proxies)
         client_cpu = sum(cpu_s(c.pid) for c in clients) - client_cpu0
         rss_full, hwm_full = rss_mb(server.pid)
+        tell(server, "gc")
+        gc_before = await asyncio.wait_for(board.server.get(), 30)
         pushes = [await one_push(server, clients, board, args.proxies, f"change {i}", ("eds",))
                   for i in range(args.changes)]
+        tell(server, "gc")
+        gc_pushes = await asyncio.wait_for(board.server.get(), 30)
         full_push = await one_push(server, clients, board, args.proxies, "full", ("cds", "eds", "lds"))
         rss, hwm = rss_mb(server.pid)
         tell(server, "gen")
@@ -571,6 +609,8 @@ async def measure_ads(args: argparse.Namespace) -> dict[str, Any]:
             "full_config_clients_cpu_s": round(client_cpu, 3), "objects_s": info["objects_s"],
             "first_build_s": info["build_s"], "adapt_build_s": float(gen[1]), "common_s": float(gen[2]),
             "per_proxy_generate_s": float(gen[3]), "resources_encoded_last_push": int(gen[4]),
+            "gc_full_collections_in_endpoint_pushes": gc_during(gc_before[3], gc_pushes[3]),
+            "gc_full_collections_in_full_push": gc_during(gc_pushes[3], gen[7]),
             "converge_p50_ms": round(pct(conv, 0.5), 1), "converge_p99_ms": round(pct(conv, 0.99), 1),
             "after_debounce_p50_ms": round(pct(after, 0.5), 1), "after_debounce_p99_ms": round(pct(after, 0.99), 1),
             "cpu_s_per_endpoint_push": round(statistics.mean(p["cpu_s"] for p in pushes), 4),
@@ -622,6 +662,9 @@ def report(args: argparse.Namespace, ads: dict[str, Any], floor: dict[str, Any])
           f"{a['clients_cpu_s_per_endpoint_push']} s); a full push (all types, regenerated): "
           f"{a['full_push_ms']} ms to every ACK, {a['full_push_cpu_s']} CPU s (clients "
           f"{a['full_push_clients_cpu_s']} s)")
+    g, h = a["gc_full_collections_in_endpoint_pushes"], a["gc_full_collections_in_full_push"]
+    print(f"  full garbage collections (pauses): {g['count']} taking {g['total_s']} s during the endpoint pushes, "
+          f"{h['count']} taking {h['total_s']} s during the full push (the run's longest {h['longest_s']} s)")
     print(f"server RSS: {a['rss_mb_after_full_config']} MB after full config (peak so far "
           f"{a['rss_peak_mb_after_full_config']} MB), {a['rss_mb']} MB after the pushes, peak "
           f"{a['rss_peak_mb']} MB (target {TARGET_RSS_MB:.0f} MB: {word[ok['rss']]}); Istio publishes 1 vCPU and "
