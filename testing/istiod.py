@@ -379,8 +379,8 @@ async def main(argv: list[str] | None = None) -> None:
 
     cfg = CAConfig(port=args.port, address=args.address, ca_dir=Path(args.ca_dir), plugin_certs=None,
                    jwks=args.jwks, dns_names=(C.ISTIOD_SAN,), ip_sans=())
-    await serve(cfg, extra=(ExtraService(register, max_rpcs=64),))
-    print(f"istiod serving on {args.address}:{args.port} pid={os.getpid()}", flush=True)
+    running = await serve(cfg, extra=(ExtraService(register, max_rpcs=64),))   # kept: the server lives with it
+    print(f"istiod serving on {args.address}:{running.port} pid={os.getpid()}", flush=True)
     await watch(path, holder[0])
 
 
