@@ -25,11 +25,12 @@ if TYPE_CHECKING:
 USAGE = """usage: meshboot-agent <command> [flags]
 
 commands:
-  proxy sidecar [flags]   run the sidecar agent (Envoy bootstrap, SDS, XDS, status port)
+  proxy sidecar [flags]   run the sidecar agent (Envoy bootstrap, SDS, XDS, status port);
+                          --print-bootstrap prints the Envoy bootstrap for this environment and exits
   istio-iptables [flags]  set up the pod's traffic capture (same as meshboot-iptables)
   wait [flags]            block until the proxy is ready (hold-application postStart hook)
   request METHOD PATH [BODY] [--debug-port PORT]   call Envoy's admin API (or the agent's)
-  version                 print the version
+  version                 print the version (and the Istio release it follows)
 """
 
 
@@ -56,6 +57,8 @@ def proxy_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_target", default="stdout")
     p.add_argument("--log_caller", default="")
     p.add_argument("--log_stacktrace_level", default="default:none")
+    p.add_argument("--print-bootstrap", action="store_true",
+                   help="print the Envoy bootstrap the agent would write for this environment, then exit")
     return p
 
 
@@ -94,21 +97,13 @@ def run_proxy(argv: list[str]) -> int:
                   proxy_log_level=args.proxyLogLevel, proxy_component_log_level=args.proxyComponentLogLevel,
                   service_cluster=args.serviceCluster, concurrency=args.concurrency, template_file=args.templateFile,
                   outlier_log_path=args.outlierLogPath, log_output_level=args.log_output_level, log_as_json=as_json)
-
-    def read(path: str) -> str | None:
-        try:
-            with open(path) as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise ConfigError(f"{path}: {e.strerror}") from None
-
     try:
-        cfg = _load_config(build_config(flags, dict(os.environ), read, os.path.exists, _which_envoy))
+        cfg = _load_config(build_config(flags, dict(os.environ), _read_text, os.path.exists, _which_envoy))
     except ConfigError as e:
         log.error(f"invalid configuration: {e}")
         return 255
+    if args.print_bootstrap:
+        return _print_bootstrap(cfg)
     # Helpers started now run in parallel with everything below: the key + CSR, the issued chain's checker (its
     # Python + ssl start-up would otherwise follow the CA's answer), and the standalone config.
     from . import helper  # noqa: PLC0415 - proxy only; other commands skip it
@@ -125,8 +120,8 @@ def run_proxy(argv: list[str]) -> int:
     except OSError as e:
         log.error(f"cannot start a helper process ({sys.executable}): {e}")
         return 255
-    log.info("meshboot agent", version=__version__, pod=f"{cfg.pod_name}.{cfg.pod_namespace}",
-             node=cfg.node_id)
+    log.info("meshboot agent", version=__version__, istio_version=C.ISTIO_VERSION,
+             pod=f"{cfg.pod_name}.{cfg.pod_namespace}", node=cfg.node_id)
     # From here Envoy exists: a SIGTERM before asyncio's handlers are in place must not kill the agent and leave Envoy
     # orphaned. Remember it; the sidecar acts on it as soon as it runs.
     early_signals: list[str] = []
@@ -156,12 +151,46 @@ def run_proxy(argv: list[str]) -> int:
         return 255
 
 
+def _read_text(path: str) -> str | None:
+    """A config file's text; None when absent; another error is the config error naming the file."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        from .config import ConfigError  # noqa: PLC0415 - as run_proxy's
+        raise ConfigError(f"{path}: {e.strerror}") from None
+
+
 def _load_config(cfg: AgentConfig) -> AgentConfig:
-    """Check the inputs that parts started later read themselves (the DNS proxy's env: DNS_*, ISTIO_META_DNS_CAPTURE)
-    now, so a bad value is the one `invalid configuration` line before Envoy starts, not a failure after it."""
-    from .dns.config import dns_settings  # noqa: PLC0415 - proxy only; other commands skip it
+    """Check the inputs that parts started later read themselves (the DNS proxy's env: DNS_*, ISTIO_META_DNS_CAPTURE;
+    the bootstrap's annotations, node metadata and ProxyConfig telemetry, ~0.2 ms to render) now, so a bad value is
+    the one `invalid configuration` line before Envoy starts, not a failure after it."""
+    from . import bootstrap  # noqa: PLC0415 - proxy only; other commands skip it
+    from .dns.config import dns_settings  # noqa: PLC0415 - as above
     dns_settings(cfg.env)
+    bootstrap.envoy_bootstrap(cfg)
+    bootstrap.grpc_bootstrap(cfg)
     return cfg
+
+
+def _print_bootstrap(cfg: AgentConfig) -> int:
+    """`proxy sidecar --print-bootstrap`: what Envoy would be given (a customConfigFile as is), for debugging."""
+    import json  # noqa: PLC0415 - only here
+
+    from . import bootstrap  # noqa: PLC0415 - as above
+    custom = str(cfg.proxy_config.get("customConfigFile") or "")
+    if custom:
+        try:
+            with open(custom) as f:
+                sys.stdout.write(f.read())
+        except OSError as e:
+            print(f"meshboot-agent: customConfigFile {custom}: {e.strerror}", file=sys.stderr)
+            return 255
+        return 0
+    print(json.dumps(bootstrap.envoy_bootstrap(cfg), indent=2))
+    return 0
 
 
 def _executable(path: str) -> bool:
@@ -277,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "request":
         return run_request(rest)
     if cmd == "version":
-        print(f"meshboot-agent version {__version__}")
+        print(f"meshboot-agent version {__version__} (Istio {C.ISTIO_VERSION})")
         return 0
     print(f"meshboot-agent: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 64

@@ -379,3 +379,24 @@ def test_service_cluster_follows_tracing_service_name() -> None:
                "PROXY_CONFIG": json.dumps({"tracingServiceName": mode})}
         cfg = build_config(Flags(), env, files.get, lambda p: p in files, lambda n: "/bin/envoy")
         assert nodemeta.service_cluster(cfg, nodemeta.node_metadata(cfg)) == want, mode
+
+
+def test_print_bootstrap_prints_what_the_agent_would_write(tmp_path: Path) -> None:
+    """`meshboot-agent proxy sidecar --print-bootstrap`: the JSON on stdout, exit 0; a bad input is one line, 255."""
+    import sys
+    (tmp_path / "var/run/secrets/istio").mkdir(parents=True)
+    (tmp_path / "var/run/secrets/istio/root-cert.pem").write_text("x")
+    env = {"PATH": os.environ.get("PATH", ""), "POD_NAME": "web-1", "POD_NAMESPACE": "shop", "SERVICE_ACCOUNT": "web",
+           "INSTANCE_IP": "10.1.2.3", "ENVOY_BINARY": envoy_binary(), "ISTIO_META_MESH_ID": "m1"}
+    argv = [sys.executable, "-I", "-m", "agent", "proxy", "sidecar", "--print-bootstrap"]
+    r = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    boot = json.loads(r.stdout)
+    assert boot["node"]["id"] == "sidecar~10.1.2.3~web-1.shop~shop.svc.cluster.local"
+    assert boot["node"]["metadata"]["MESH_ID"] == "m1" and boot["node"]["metadata"]["ISTIO_VERSION"] == C.ISTIO_VERSION
+    assert not (tmp_path / "etc/istio/proxy/envoy-rev.json").exists()        # printed, not written; Envoy not run
+    r = subprocess.run(argv, env={**env, "ISTIO_META_POD_PORTS": "8080"}, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    out = (r.stdout + r.stderr).strip()
+    assert r.returncode == 255 and "invalid configuration" in out and "ISTIO_META_POD_PORTS" in out, out
+    assert len(out.splitlines()) == 1, out
