@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
 
 from meshboot import constants as C
+from meshboot.syntax import parse_go_bool
 
 from . import helper, uds
 from .config import AgentConfig
@@ -121,7 +123,7 @@ class Sidecar:
         status.cert_ready = secrets.not_ready_reason
         secrets.start()
         sds_server = await serve_sds(cfg.workload_socket, secrets, self.metrics)
-        xds_server = await self._serve_xds()
+        xds_server = await self._serve_xds(secrets)
         status.xds_ready = self.xds_ready
         log.info("agent started", mode="standalone" if cfg.standalone else "proxy",
                  spiffe=cfg.spiffe_id if cfg.file_certs is None else "file-mounted",
@@ -228,7 +230,14 @@ class Sidecar:
             if first:
                 log.info("first name table applied: the DNS proxy answers from it", hosts=len(nt.table))
 
-    async def _serve_xds(self) -> grpc.aio.Server:
+    def _pcds(self, secrets: SecretManager) -> dict[str, Callable[[bytes], None]]:
+        """PCDS (xds/pcds.py) with PROXY_CONFIG_XDS_AGENT, as pilot-agent: istiod's trust bundle into ROOTCA."""
+        from .xds import pcds  # noqa: PLC0415 - proxy mode only (RSS budget)
+        if parse_go_bool(self.cfg.env.get(pcds.ENV_ENABLE, "")) is not True:
+            return {}
+        return {pcds.TYPE_URL: pcds.handler(secrets.set_trust_bundle)}
+
+    async def _serve_xds(self, secrets: SecretManager) -> grpc.aio.Server:
         cfg = self.cfg
         handler: grpc.GenericRpcHandler
         if cfg.standalone:
@@ -239,6 +248,7 @@ class Sidecar:
         else:
             from .xds.proxy import XdsProxy  # noqa: PLC0415 - only the mode in use is loaded (RSS budget)
             handlers = {} if self.dns is None else {self._nds_type(): self._apply_name_table}
+            handlers.update(self._pcds(secrets))      # after NDS: pilot-agent's order of its initial requests
             proxy = XdsProxy(cfg, self.metrics, handlers=handlers)
             self.xds_ready = proxy.not_ready_reason
             handler = proxy.handler()

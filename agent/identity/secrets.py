@@ -148,6 +148,7 @@ class SecretManager:
         self._watched: dict[str, tuple] = {}
         self._tasks: list[asyncio.Task] = []
         self._rotation: asyncio.Task | None = None
+        self._trust_bundle: tuple[str, ...] = ()   # istiod's extra trust anchors (PCDS caCertificatesPem)
 
     # -- lifecycle --
     def start(self) -> None:
@@ -183,6 +184,29 @@ class SecretManager:
     @property
     def workload(self) -> Workload | None:
         return self._workload
+
+    @property
+    def trust_bundle(self) -> tuple[str, ...]:
+        return self._trust_bundle
+
+    def set_trust_bundle(self, certs: tuple[str, ...]) -> bool:
+        """istiod's mesh trust anchors (PCDS caCertificatesPem, one PEM certificate each, sorted), served in ROOTCA
+        beside the CA's root so a root rotation in istiod reaches Envoy live. A change pushes ROOTCA; the same
+        bundle again changes nothing (pilot-agent's UpdateConfigTrustBundle). True when it changed."""
+        if certs == self._trust_bundle:
+            return False
+        self._trust_bundle = certs
+        log.info("mesh trust bundle updated (PCDS), pushing ROOTCA", certificates=len(certs))
+        self._notify({C.SDS_ROOTCA})
+        return True
+
+    def root_bundle(self, root_pem: bytes) -> bytes:
+        """ROOTCA's trusted CAs: the CA's root alone while istiod sent no bundle, else the union of its
+        certificates and the bundle's, de-duplicated and sorted (pilot-agent's mergeConfigTrustBundle)."""
+        if not self._trust_bundle:
+            return root_pem
+        roots = {x509lite.pem_certificate(der) for der in x509lite.pem_certs(root_pem)}
+        return "".join(sorted(roots | set(self._trust_bundle))).encode()
 
     # -- generation --
     async def _warm(self) -> None:
@@ -373,7 +397,7 @@ class SecretManager:
             return TlsSecret(wl.chain_pem, wl.key_pem)
         if name == C.SDS_ROOTCA:
             wl = await self.get_workload()
-            return RootSecret(wl.root_pem)
+            return RootSecret(self.root_bundle(wl.root_pem))
         if name.startswith("file-cert:"):
             cert_p, sep, key_p = name[len("file-cert:"):].partition("~")
             if not sep:

@@ -48,6 +48,14 @@ def pem_certs(pem: bytes) -> list[bytes]:
     return [base64.b64decode(b"".join(m.group(1).split())) for m in _PEM.finditer(pem)]
 
 
+def pem_certificate(der: bytes) -> str:
+    """One certificate as 64-column PEM: the one form trust anchors are compared and sorted in (ROOTCA's merge with
+    istiod's PCDS bundle), whatever line width their source used."""
+    b64 = base64.b64encode(der).decode()
+    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+
+
 def leaf_serial_and_expiry(pem: bytes) -> tuple[int, float]:
     """Serial number and NotAfter (epoch seconds) of the first certificate in `pem`."""
     certs = pem_certs(pem)
