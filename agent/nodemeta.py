@@ -63,11 +63,13 @@ def raw_metadata(env: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     return raw, origin
 
 
-def _pod_ports(v: Any, where: str) -> str:
+def _pod_ports(v: Any, where: str) -> str | None:
     """POD_PORTS: a string holding a JSON list of {name, containerPort, protocol}, re-marshalled as Go does."""
     if not isinstance(v, str):
         raise ConfigError(f"{where}: POD_PORTS must be a string holding a JSON list, got {show(v)}")
-    ports = load_json(v, where) if v.strip() else None
+    if not v.strip():
+        return None                    # nothing to type (kept as given)
+    ports = load_json(v, where)
     if not isinstance(ports, list):
         raise ConfigError(f"{where}: POD_PORTS must be a JSON list of ports, got {show(v)}")
     out = []
