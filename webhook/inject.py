@@ -12,9 +12,9 @@ from typing import Any
 
 from meshboot import constants as C
 from webhook import annotations as ann_mod
+from webhook import cni, probes, prometheus
 from webhook import otel as otel_mod
 from webhook import overlay as overlay_mod
-from webhook import probes, prometheus
 from webhook import templates as tpl_mod
 from webhook.config import PROXY_CONFIG_DEFAULTS, Settings, shown
 from webhook.errors import InjectionError
@@ -628,8 +628,11 @@ def _render_sidecar(pod: dict[str, Any], annotations: Mapping[str, str], labels:
                              image_name(g["hub"], proxy_name, g["tag"], variant), resources, pod["spec"]["containers"])
     init = None
     if ch.interception_mode != "NONE":
+        cni.check_native_nftables(settings.values)
         init = _init_container(annotations, settings, ch,
                                image_name(g["hub"], init_name, g["tag"], variant), resources)
+        if cni.enabled(settings.values):
+            init = cni.as_validation(init)
     return proxy, init
 
 
@@ -647,6 +650,8 @@ def reapply_overwritten_containers(proxy: dict[str, Any], init: dict[str, Any] |
             proxy.setdefault("securityContext", {})["runAsUser"] = 0
         elif init is not None and isinstance(run_as, int) and not isinstance(run_as, bool) and run_as > 0:
             init["args"][init["args"].index("-u") + 1] = str(run_as)
+        if init is not None and init["name"] == C.VALIDATION_CONTAINER:
+            cni.adopt_user_ids(init, user_proxy, ch.interception_mode == "TPROXY")
     if user_init is not None and init is not None:
         init = merge_user_container(init, user_init)
     return proxy, init
@@ -654,18 +659,21 @@ def reapply_overwritten_containers(proxy: dict[str, Any], init: dict[str, Any] |
 
 def reorder_pod(spec: dict[str, Any], proxy: dict[str, Any], init: dict[str, Any] | None,
                 inits: list[dict[str, Any]], ch: Choices) -> tuple[list[str], list[str] | None]:
-    """Istio's reorderPod: native sidecars go to the init side (istio-init, istio-proxy, then the user's); classic
-    puts istio-proxy in containers, first when the app waits for the proxy, and istio-init after the user's inits.
-    Returns the injected names for the status annotation (init containers, containers)."""
+    """Istio's reorderPod: native sidecars go to the init side (istio-init or istio-validation, istio-proxy, then the
+    user's); classic puts istio-proxy in containers, first when the app waits for the proxy, istio-init after the
+    user's inits and istio-validation before them. Returns the injected names for the status annotation (init
+    containers, containers)."""
     containers: list[dict[str, Any]] = spec["containers"]
+    first = [init] if init else []
     if ch.native:
-        spec["initContainers"] = [*([init] if init else []), proxy, *inits]
-        status_init = ([C.INIT_CONTAINER] if init else []) + [C.PROXY_CONTAINER]
+        spec["initContainers"] = [*first, proxy, *inits]
+        status_init = [c["name"] for c in first] + [C.PROXY_CONTAINER]
         status_containers: list[str] | None = None
-    else:
-        spec["initContainers"] = inits + ([init] if init else [])
+    else:  # istio-validation first, to hold back the user's inits until capture works; istio-init last
+        validating = init is not None and init["name"] == C.VALIDATION_CONTAINER
+        spec["initContainers"] = [*first, *inits] if validating else [*inits, *first]
         spec["containers"] = [proxy, *containers] if ch.hold else [*containers, proxy]
-        status_init = [C.INIT_CONTAINER] if init else []
+        status_init = [c["name"] for c in first]
         status_containers = [C.PROXY_CONTAINER]
     if not spec["initContainers"]:
         del spec["initContainers"]
@@ -873,6 +881,8 @@ def _inject_sidecar(out: dict[str, Any], annotations: dict[str, str], labels: Ma
     proxy, init = _render_sidecar(out, annotations, labels, settings, ch, dm)
     proxy, init = reapply_overwritten_containers(proxy, init, user_proxy, user_init, ch)
     status_init, status_containers = reorder_pod(spec, proxy, init, inits, ch)
+    if cni.enabled(settings.values):  # the capture settings, for the CNI plugin to read
+        annotations.update(cni.plugin_annotations(annotations, settings.values, ch.interception_mode, ch.status_port))
     volume_names, pull_names = _merge_volumes(out, annotations, settings)
     injected.add("initContainers", status_init)
     injected.add("containers", status_containers)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from meshboot import constants as C
 
 Merge = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
-_OURS = (C.PROXY_CONTAINER, C.INIT_CONTAINER)
+_OURS = (C.PROXY_CONTAINER, C.INIT_CONTAINER, C.VALIDATION_CONTAINER)
 
 
 class Recorder(Protocol):
