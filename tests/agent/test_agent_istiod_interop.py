@@ -16,8 +16,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
 
 from meshboot import constants as C
+from testing.istiod import Refused, check_node
 from testing.netns import Netns
 from tests.agent.pod import PY, REPO, Pod
 
@@ -139,6 +142,35 @@ def test_istiod_refuses_a_node_whose_identity_does_not_match(pod: Pod) -> None:
     start_istiod(pod)
     pod.path(C.TOKEN_PATH).write_text(pod.issuer.token("other", pod.sa, pod=pod.name))
     pod.start_agent(PROXY_CONFIG=json.dumps({"discoveryAddress": "localhost:15012"}))
-    wait_for(lambda: "stream refused code=PERMISSION_DENIED" in istiod_log(pod)
-             or "stream refused code=UNAUTHENTICATED" in istiod_log(pod), 30, "istiod to refuse the stream")
+    wait_for(lambda: "stream refused code=PERMISSION_DENIED" in istiod_log(pod), 30, "istiod to refuse the stream")
+    assert "stream accepted" not in istiod_log(pod)
     assert pod.http(READY)[0] != 200
+
+
+def node(node_id: str = "sidecar~10.0.0.1~web-1.default~default.svc.cluster.local", **meta: str) -> base_pb2.Node:
+    """A node as the agent's bootstrap writes it; a field given as "<unset>" is left out."""
+    fields = {"NAMESPACE": "default", "CLUSTER_ID": "Kubernetes", "ISTIO_VERSION": "1.32.0",
+              "SERVICE_ACCOUNT": "web", "INSTANCE_IPS": "10.0.0.1"}
+    fields.update(meta)
+    md = struct_pb2.Struct()
+    md.update({k: v for k, v in fields.items() if v != "<unset>"})
+    return base_pb2.Node(id=node_id, metadata=md)
+
+
+@pytest.mark.parametrize(("n", "code", "words"), [
+    (node("sidecar~10.0.0.1~web-1.default"), "INVALID_ARGUMENT", "missing parts"),
+    (node("proxyless~10.0.0.1~web-1.default~default.svc.cluster.local"), "INVALID_ARGUMENT", "invalid node type"),
+    (node("sidecar~not-an-ip~web-1.default~d", INSTANCE_IPS="<unset>"), "INVALID_ARGUMENT", "no valid IP"),
+    (node(NAMESPACE="<unset>"), "INVALID_ARGUMENT", "NAMESPACE"),
+    (node(CLUSTER_ID="<unset>"), "INVALID_ARGUMENT", "CLUSTER_ID"),
+    (node(ISTIO_VERSION="meshboot"), "INVALID_ARGUMENT", "ISTIO_VERSION"),
+    (node(CLUSTER_ID="other"), "UNAUTHENTICATED", "ClusterID"),
+    (node(NAMESPACE="other"), "PERMISSION_DENIED", "authorization failed"),
+    (node(SERVICE_ACCOUNT="other"), "PERMISSION_DENIED", "authorization failed"),
+], ids=["parts", "type", "ip", "namespace", "cluster", "version", "cluster-header", "identity-ns", "identity-sa"])
+def test_istiod_node_checks(n: Any, code: str, words: str) -> None:
+    """testing/istiod.py refuses as istiod does (ads.go initConnection, auth.go checkConnectionIdentity)."""
+    assert check_node(node(), "Kubernetes", ("default", "web")) == "web-1.default"
+    with pytest.raises(Refused) as e:
+        check_node(n, "Kubernetes", ("default", "web"))
+    assert e.value.code.name == code and words in str(e.value), (e.value.code, str(e.value))
