@@ -233,7 +233,11 @@ class Sidecar:
     def _pcds(self, secrets: SecretManager) -> dict[str, Callable[[bytes], None]]:
         """PCDS (xds/pcds.py) with PROXY_CONFIG_XDS_AGENT, as pilot-agent: istiod's trust bundle into ROOTCA."""
         from .xds import pcds  # noqa: PLC0415 - proxy mode only (RSS budget)
-        if parse_go_bool(self.cfg.env.get(pcds.ENV_ENABLE, "")) is not True:
+        value = self.cfg.env.get(pcds.ENV_ENABLE, "")
+        on = parse_go_bool(value)
+        if value and on is None:       # pilot-agent's env.Register: logged, the default (false) used
+            log.warn("invalid boolean, using the default false", env=pcds.ENV_ENABLE, value=value[:64])
+        if on is not True:
             return {}
         return {pcds.TYPE_URL: pcds.handler(secrets.set_trust_bundle)}
 
