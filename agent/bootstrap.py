@@ -82,6 +82,30 @@ def _route_listener(name: str, address: str, port: int, stat_prefix: str, path: 
     }
 
 
+def _secure_listener(wildcard: str, port: int, stat_prefix: str, routes: list[tuple[str, str]]) -> dict[str, Any]:
+    """An mTLS metrics listener (ENVOY_SECURE_[MERGED_]METRICS_PORT): the workload certificate over SDS, a client
+    certificate from the mesh required."""
+    lst = _route_listener(f"{wildcard}_{port}", wildcard, port, stat_prefix, routes[0][0], routes[0][1])
+    chain = lst["filter_chains"][0]
+    chain["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] = [
+        {"match": {"prefix": path}, "route": {"cluster": cluster}} for path, cluster in routes]
+    sds = {"api_config_source": {"api_type": "GRPC", "grpc_services": [{"envoy_grpc": {"cluster_name": C.SDS_CLUSTER}}],
+                                 "set_node_on_first_message_only": True, "transport_api_version": "V3"},
+           "resource_api_version": "V3"}
+    lst["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]
+    lst["filter_chains"] = [{"filter_chain_match": {"transport_protocol": "tls"}, "transport_socket": {
+        "name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True, "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds}],
+                "combined_validation_context": {
+                    "default_validation_context": {},
+                    "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds}}}}},
+        "filters": chain["filters"]}]
+    return lst
+
+
 def _runtime(cfg: AgentConfig) -> dict[str, Any]:
     """Istio's static runtime layer (FIPS and fragment-stripping variants from the env), with ProxyConfig
     runtimeValues applied ("" removes a key, "true"/"false" become booleans)."""
@@ -154,6 +178,13 @@ def _static_resources(cfg: AgentConfig, meta: dict[str, Any], extra: list[dict[s
     port = cfg.envoy_prometheus_port
     listeners = [_route_listener(f"{metrics_addr}_{port}", metrics_addr, port, "stats", C.PROMETHEUS_STATS_PATH,
                                  "prometheus_stats", compressors)]
+    secure, merged = nodemeta.secure_metrics_ports(cfg)
+    if secure:
+        listeners.append(_secure_listener(wildcard, secure, "secure_stats",
+                                          [(C.PROMETHEUS_STATS_PATH, "prometheus_stats")]))
+    if merged:
+        listeners.append(_secure_listener(wildcard, merged, "secure_merged_stats",
+                                          [(C.PROMETHEUS_STATS_PATH, "agent"), ("/metrics", "agent")]))
     if cfg.status_port:
         listeners.append(_route_listener(f"{wildcard}_{cfg.envoy_status_port}", wildcard, cfg.envoy_status_port,
                                          "agent", C.HEALTHZ_READY_PATH, "agent"))

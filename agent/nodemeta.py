@@ -17,7 +17,7 @@ from meshboot import constants as C
 from meshboot.syntax import parse_go_bool
 
 from . import __version__
-from .config import AgentConfig, ConfigError, load_json, show
+from .config import AgentConfig, ConfigError, load_json, parse_int, show
 
 # NodeMetadata fields by JSON type (istio/istio pkg/model/proxy.go); anything else passes through untouched.
 _STRING_BOOLS = frozenset({"ENABLE_SELF_DISCOVERY", "DNS_CAPTURE", "DNS_AUTO_ALLOCATE", "ENABLE_HBONE",
@@ -146,6 +146,12 @@ def locality(labels: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in zip(("region", "zone", "sub_zone"), parts, strict=False) if v}
 
 
+def secure_metrics_ports(cfg: AgentConfig) -> tuple[int, int]:
+    """ENVOY_SECURE_METRICS_PORT / ENVOY_SECURE_MERGED_METRICS_PORT (0 = no such mTLS listener, the default)."""
+    return tuple(parse_int(cfg.env.get(name) or 0, f"env {name}", 0, 65535)   # type: ignore[return-value]
+                 for name in ("ENVOY_SECURE_METRICS_PORT", "ENVOY_SECURE_MERGED_METRICS_PORT"))
+
+
 def node_metadata(cfg: AgentConfig) -> dict[str, Any]:
     """pilot-agent's node metadata for this pod (keys sorted, as Go's map marshalling gives them)."""
     raw, origin = raw_metadata(cfg.env)
@@ -161,6 +167,8 @@ def node_metadata(cfg: AgentConfig) -> dict[str, Any]:
         C.MESHBOOT_VERSION_META: __version__,
         "INSTANCE_IPS": ",".join(dict.fromkeys(cfg.instance_ips)),
         "ENVOY_STATUS_PORT": cfg.envoy_status_port, "ENVOY_PROMETHEUS_PORT": cfg.envoy_prometheus_port,
+        **dict(zip(("ENVOY_SECURE_METRICS_PORT", "ENVOY_SECURE_MERGED_METRICS_PORT"), secure_metrics_ports(cfg),
+                   strict=True)),
         "ENVOY_SKIP_DEPRECATED_LOGS": "true", "METADATA_DISCOVERY": "false",
         "WORKLOAD_IDENTITY_SOCKET_FILE": cfg.env.get(C.ENV_WORKLOAD_SOCKET_FILE) or "socket",
         "PROXY_CONFIG": proxy_config_json(cfg.proxy_config),
@@ -170,7 +178,7 @@ def node_metadata(cfg: AgentConfig) -> dict[str, Any]:
         "EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true" if cfg.exit_on_zero_active else "",
         "OUTLIER_LOG_PATH": cfg.flags.outlier_log_path,
     }
-    meta.update({k: v for k, v in own.items() if v not in ("", [], {}, None)})
+    meta.update({k: v for k, v in own.items() if v not in ("", [], {}, None, 0)})
     return dict(sorted(meta.items()))
 
 

@@ -46,7 +46,7 @@ RUNNING_ANNOTATIONS = {"istio.io/insecurepath": '{"paths":["/metrics","/live"]}'
 GDMC = "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS"
 
 # TestGolden's table: case → (env, annotations, compliance policy). The ambient case (ENABLE_HBONE: Istio-only
-# metadata discovery) and secure_metrics (ENVOY_SECURE_*_METRICS_PORT, not supported) are not meshboot's.
+# metadata discovery, which upstream Envoy lacks) is not meshboot's.
 CASES: dict[str, tuple[dict[str, str], dict[str, str], str]] = {
     "xdsproxy": ({}, {}, ""), "auth": ({}, {}, ""), "authsds": ({}, {}, ""), "default": ({}, {}, ""),
     "explicit_internal_address": ({}, {}, ""),
@@ -74,7 +74,9 @@ CASES: dict[str, tuple[dict[str, str], dict[str, str], str]] = {
     "global_downstream_connection_settings": ({}, {}, ""),
     "global_downstream_connection_settings_with_meta": ({GDMC: "10000"}, {}, ""),
     "stats_compression": ({}, {}, ""),
+    "secure_metrics": ({"ENVOY_SECURE_METRICS_PORT": "15091", "ENVOY_SECURE_MERGED_METRICS_PORT": "15092"}, {}, ""),
 }
+PROXYCFG_BASE = {"secure_metrics": "default"}                                     # Istio's proxyCfgBase
 REFUSED = {"tracing_lightstep": "ProxyConfig.tracing.lightstep: not supported"}   # upstream Envoy has no Lightstep
 
 # Node metadata keys that are the test harness's, not pilot-agent's behaviour: Istio's test passes these through
@@ -181,7 +183,8 @@ def _refresh(src: Path) -> None:
     cases = {}
     for name in sorted({*CASES, *REFUSED}):
         golden = json.loads((td / f"{name}_golden.json").read_text())
-        cases[name] = {"proxycfg": (td / f"{name}.proxycfg").read_text(), "golden": _delta(golden, base)}
+        proxycfg = (td / f"{PROXYCFG_BASE.get(name, name)}.proxycfg").read_text()
+        cases[name] = {"proxycfg": proxycfg, "golden": _delta(golden, base)}
     commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     DATA.parent.mkdir(parents=True, exist_ok=True)
     def one(v: Any) -> str:
@@ -216,7 +219,8 @@ def golden(name: str) -> dict[str, Any]:
 def agent_bootstrap(name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], Any]:
     env, annotations, compliance = CASES.get(name) or ({}, {}, "")
     pc = parse_proxycfg(data()["cases"][name]["proxycfg"])
-    pc["configPath"] = f"/tmp/bootstrap/{name}"        # as Istio's loadProxyConfig (its out dir normalised to /tmp)
+    # As Istio's loadProxyConfig (its output directory normalised to /tmp):
+    pc["configPath"] = f"/tmp/bootstrap/{PROXYCFG_BASE.get(name, name)}"
     pc.setdefault("statusPort", 15020)
     if GDMC in env:                                      # Istio's test puts it in proxyMetadata too
         pc["proxyMetadata"] = {**pc.get("proxyMetadata", {}), GDMC: env[GDMC]}
