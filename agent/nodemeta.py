@@ -17,7 +17,7 @@ from meshboot import constants as C
 from meshboot.syntax import parse_go_bool
 
 from . import __version__
-from .config import AgentConfig, ConfigError, load_json, parse_int, show
+from .config import AgentConfig, ConfigError, load_json, parse_duration, parse_int, show
 
 # NodeMetadata fields by JSON type (istio/istio pkg/model/proxy.go); anything else passes through untouched.
 _STRING_BOOLS = frozenset({"ENABLE_SELF_DISCOVERY", "DNS_CAPTURE", "DNS_AUTO_ALLOCATE", "ENABLE_HBONE",
@@ -33,6 +33,8 @@ _STRINGS = frozenset({"NAME", "OWNER", "OUTLIER_LOG_PATH", "APP_CONTAINERS", "IS
                       "TLS_CLIENT_CERT_CHAIN", "TLS_CLIENT_KEY", "TLS_CLIENT_ROOT_CERT", "BASE", "IDLE_TIMEOUT",
                       "HTTP10", "GENERATOR", "DNS_PROXY_ADDR", "AUTO_REGISTER_GROUP", "WORKLOAD_ENTRY",
                       "UNPRIVILEGED_POD", "CLOUDRUN_ADDR", "STS_PORT", "WORKLOAD_IDENTITY_SOCKET_FILE"})
+DURATION_FIELDS = frozenset({"drainDuration", "terminationDrainDuration", "fileFlushInterval",
+                             "parentShutdownDuration"})
 LOCALITY_LABELS = ("topology.istio.io/locality", "istio-locality")   # model.GetLocalityLabel's order
 LOCALITY_LABEL = "istio-locality"                                     # model.LocalityLabel: the sanitised copy
 APP_LABELS = ("app", "app.kubernetes.io/name", "service.istio.io/canonical-name")  # labels.GetApp's order
@@ -183,9 +185,14 @@ def node_metadata(cfg: AgentConfig) -> dict[str, Any]:
 
 
 def proxy_config_json(pc: dict[str, Any]) -> dict[str, Any]:
-    """PROXY_CONFIG as protojson writes it: empty strings, lists and maps left out (an empty message is kept)."""
-    return {k: v for k, v in pc.items()
-            if v not in ("", [], None) and not (v == {} and k in ("proxyMetadata", "runtimeValues"))}
+    """PROXY_CONFIG as protojson writes it: empty strings, lists and maps left out (an empty message is kept),
+    durations in protojson's form (`1h30m` → `5400s`: istiod parses this with protojson)."""
+    out = {k: v for k, v in pc.items()
+           if v not in ("", [], None) and not (v == {} and k in ("proxyMetadata", "runtimeValues"))}
+    for k in DURATION_FIELDS & out.keys():
+        secs = parse_duration(out[k], f"ProxyConfig.{k}")
+        out[k] = f"{int(secs)}s" if secs == int(secs) else f"{secs:.9f}".rstrip("0") + "s"
+    return out
 
 
 def service_cluster(cfg: AgentConfig, meta: dict[str, Any]) -> str:

@@ -310,7 +310,8 @@ def test_every_case_is_accepted_by_upstream_envoy(tmp_path: Path, monkeypatch: p
 def test_node_identity_as_pilot_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     """What Istio's harness makes up, the agent derives: node id, PILOT_SAN, ISTIO_VERSION, cluster, locality."""
     env = {"POD_NAME": "web-5d9f", "POD_NAMESPACE": "shop", "SERVICE_ACCOUNT": "web", "INSTANCE_IP": "10.1.2.3",
-           "PROXY_CONFIG": json.dumps({"discoveryAddress": "istiod.istio-system.svc:15012"}),
+           "PROXY_CONFIG": json.dumps({"discoveryAddress": "istiod.istio-system.svc:15012",
+                                       "terminationDrainDuration": "1m30s", "fileFlushInterval": "500ms"}),
            "ISTIO_META_WORKLOAD_NAME": "web", "ISTIO_META_DNS_CAPTURE": "1", "ISTIO_META_ENABLE_HBONE": "false",
            "ISTIO_META_POD_PORTS": '[{"containerPort": 8080, "protocol": "TCP", "name": "http", "x": 1}]'}
     files = {C.ROOT_CERT_PATH: "x", C.POD_LABELS_FILE: 'topology.istio.io/locality="r1.z1"\npod-template-hash="1"\n'}
@@ -324,6 +325,9 @@ def test_node_identity_as_pilot_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     assert meta["DNS_CAPTURE"] == "true" and meta["ENABLE_HBONE"] == "false"       # Go's StringBool round trip
     assert meta["POD_PORTS"] == '[{"name":"http","containerPort":8080,"protocol":"TCP"}]'
     assert list(meta) == sorted(meta)
+    pc = meta["PROXY_CONFIG"]                                                      # protojson's durations
+    assert (pc["drainDuration"], pc["terminationDrainDuration"], pc["fileFlushInterval"]) == ("45s", "90s", "0.5s")
+    assert "proxyMetadata" not in pc
     assert bootstrap.grpc_bootstrap(cfg)["node"]["metadata"]["ISTIO_VERSION"] == C.ISTIO_VERSION
     version = C.ISTIO_VERSION.split(".")
     assert len(version) == 3 and all(p.isdigit() for p in version) and int(version[1]) >= 30
