@@ -45,10 +45,10 @@ RUNNING_ENV = {"ISTIO_META_ISTIO_PROXY_SHA": "istio-proxy:sha", "ISTIO_META_INTE
 RUNNING_ANNOTATIONS = {"istio.io/insecurepath": '{"paths":["/metrics","/live"]}'}
 GDMC = "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS"
 
-# TestGolden's table: case → (env, annotations, compliance policy). The ambient case (ENABLE_HBONE: Istio-only
-# metadata discovery, which upstream Envoy lacks) is not meshboot's.
+# TestGolden's table: case → (env, annotations, compliance policy).
 CASES: dict[str, tuple[dict[str, str], dict[str, str], str]] = {
     "xdsproxy": ({}, {}, ""), "auth": ({}, {}, ""), "authsds": ({}, {}, ""), "default": ({}, {}, ""),
+    "ambient": ({"ISTIO_META_ENABLE_HBONE": "true"}, {}, ""),
     "explicit_internal_address": ({}, {}, ""),
     "running": (RUNNING_ENV, RUNNING_ANNOTATIONS, ""), "runningsds": (RUNNING_ENV, RUNNING_ANNOTATIONS, ""),
     "tracing_zipkin": ({}, {}, ""), "tracing_datadog": ({}, {}, ""), "metrics_no_statsd": ({}, {}, ""),
@@ -263,7 +263,21 @@ def _compare_meta(name: str, got: dict[str, Any], want: dict[str, Any]) -> None:
     assert set(got_pc) - set(want_pc) <= set(PROXY_CONFIG_DEFAULTS), f"{name}: PROXY_CONFIG extra keys"
 
 
+def _without_metadata_discovery(want: dict[str, Any]) -> None:
+    """Deliberate: with ENABLE_HBONE Istio turns on metadata discovery — METADATA_DISCOVERY "true", the Istio-only
+    `istio.workload.BootstrapExtension` (upstream Envoy has none) and the `workload_discovery` stats prefix. The
+    agent keeps it off, so the bootstrap stays loadable by upstream Envoy."""
+    assert want["node"]["metadata"]["METADATA_DISCOVERY"] == "true"
+    want["node"]["metadata"]["METADATA_DISCOVERY"] = "false"
+    assert want["bootstrap_extensions"][0]["name"] == "metadata_discovery"
+    del want["bootstrap_extensions"][0]
+    patterns = want["stats_config"]["stats_matcher"]["inclusion_list"]["patterns"]
+    patterns.remove({"prefix": "workload_discovery"})
+
+
 def _compare(name: str, got: dict[str, Any], want: dict[str, Any], cfg: Any) -> None:
+    if name == "ambient":
+        _without_metadata_discovery(want)
     # node: the id is the harness's (`sidecar~1.2.3.4~foo~bar`); the agent's is checked in test_node_identity.
     assert got["node"]["locality"] == want["node"]["locality"], name
     want_cluster = want["node"]["cluster"]
