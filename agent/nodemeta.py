@@ -129,9 +129,8 @@ def labels_of(cfg: AgentConfig, raw: dict[str, Any]) -> tuple[dict[str, str], di
     loc = locality_string(labels)
     if loc:
         labels[LOCALITY_LABEL] = loc
-        if LOCALITY_LABEL in static:
-            static = {**static, LOCALITY_LABEL: loc}
-    return labels, static
+    # Without a labels file Istio's LABELS and STATIC_LABELS are one Go map, so the sanitised locality shows in both.
+    return labels, (dict(labels) if static and not cfg.labels else static)
 
 
 def locality_string(labels: dict[str, str]) -> str:

@@ -336,6 +336,7 @@ def test_node_identity_as_pilot_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     assert node["cluster"] == "web.shop" and node["locality"] == {"region": "r1", "zone": "z1"}
     assert meta["PILOT_SAN"] == ["istiod.istio-system.svc"] and meta["ISTIO_VERSION"] == C.ISTIO_VERSION
     assert meta["LABELS"] == {"topology.istio.io/locality": "r1.z1", "istio-locality": "r1/z1"}
+    assert "STATIC_LABELS" not in meta                      # only with ISTIO_METAJSON_LABELS
     assert meta["DNS_CAPTURE"] == "true" and meta["ENABLE_HBONE"] == "false"       # Go's StringBool round trip
     assert meta["POD_PORTS"] == '[{"name":"http","containerPort":8080,"protocol":"TCP"}]'
     assert list(meta) == sorted(meta)
@@ -390,6 +391,18 @@ def test_hostile_annotations_are_one_clear_line(anno: dict[str, str], needle: st
     with pytest.raises(ConfigError) as e:
         bootstrap.envoy_bootstrap(cfg)
     assert needle in str(e.value), str(e.value)
+
+
+def test_static_labels_keep_their_locality_unsanitised_beside_a_labels_file() -> None:
+    """With a labels file, Istio's LABELS is a new map: only it gets the sanitised locality; STATIC_LABELS (from
+    ISTIO_METAJSON_LABELS) keeps the value as given. (Without one, the running case above: both have it.)"""
+    files = {C.ROOT_CERT_PATH: "x", C.POD_LABELS_FILE: 'app="a"\n'}
+    env = {"POD_NAME": "p", "POD_NAMESPACE": "n", "SERVICE_ACCOUNT": "s",
+           "ISTIO_METAJSON_LABELS": '{"istio-locality": "r.z"}'}
+    cfg = build_config(Flags(), env, files.get, lambda p: p in files, lambda n: "/bin/envoy")
+    meta = nodemeta.node_metadata(cfg)
+    assert meta["STATIC_LABELS"] == {"istio-locality": "r.z"}
+    assert meta["LABELS"] == {"istio-locality": "r/z", "app": "a"} and meta["istio-locality"] == "r.z"
 
 
 def test_service_cluster_follows_tracing_service_name() -> None:
