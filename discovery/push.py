@@ -8,6 +8,7 @@ EDS push of just those clusters); any other change makes the push full.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,17 @@ class Debounce:
             return None
         request, self.pending = self.pending, None
         return request
+
+
+def settle_heap() -> None:
+    """At a full push, once its model is built: collect every garbage cycle, then freeze what survives (the watched
+    objects, the model) so that the collector's automatic full collections, which stop the loop mid-push, skip it.
+    At 1,000 services x 5 endpoints the server tracks ~134,000 objects (the store's ~73,000 most of them) and a full
+    collection took 160-190 ms; one landed among 30 endpoint pushes of the bench, the convergence tail. Unfreezing
+    first means a cycle that dies after a freeze is collected at the next full push (never leaked for good)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class PushQueue:

@@ -27,7 +27,7 @@ from .ads import MAX_STREAMS, AdsServer, Authenticate, new_grpc_server
 from .debug import Authorization
 from .model import Mesh, ModelError, Proxy, Service
 from .peerauth import DEFAULT_ROOT_NAMESPACE
-from .push import DEBOUNCE_AFTER, DEBOUNCE_MAX, PushQueue, PushRequest
+from .push import DEBOUNCE_AFTER, DEBOUNCE_MAX, PushQueue, PushRequest, settle_heap
 from .snapshot import layered, push_version
 from .store import Changed, Key
 from .store import Snapshot as StoreSnapshot
@@ -291,6 +291,8 @@ class Discovery:
         served = request.snapshot
         if isinstance(served, Served):
             self._report(served.built.problems)
+            if request.full:
+                settle_heap()
         await self.ads.push(request)
 
     def _report(self, problems: tuple[str, ...]) -> None:

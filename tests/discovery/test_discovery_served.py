@@ -149,3 +149,25 @@ def test_joined_bodies_are_bounded_and_still_right(monkeypatch: Any) -> None:
     assert encoder.joined(P.CDS, a) == encoder.entry(P.CDS, a["a"])
     assert encoder.joined(P.CDS, b) == encoder.entry(P.CDS, b["b"])          # over the bound: joined, not kept
     assert len(encoder._joined) == 1 and encoder.joined(P.CDS, a) is encoder.joined(P.CDS, a)
+
+
+def test_settle_heap_collects_cycles_then_freezes_the_survivors() -> None:
+    import gc
+    import weakref
+
+    from discovery.push import settle_heap
+
+    class Node:
+        pass
+    try:
+        gc.freeze()
+        dead = Node()
+        dead.me = dead                     # type: ignore[attr-defined]  # a cycle frozen while alive, then dropped
+        gone = weakref.ref(dead)
+        del dead
+        kept = Node()
+        settle_heap()
+        assert gone() is None              # unfrozen first: the dropped cycle is collected
+        assert gc.get_freeze_count() > 0 and gc.is_tracked(kept)
+    finally:
+        gc.unfreeze()
