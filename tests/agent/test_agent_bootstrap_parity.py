@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import bootstrap, nodemeta
 from agent.config import PROXY_CONFIG_DEFAULTS, ConfigError, Flags, build_config
 from meshboot import constants as C
+from testing.fuzzing import budget
 from tests.agent.pod import envoy_binary
 
 DATA = Path(__file__).resolve().parents[2] / "testdata" / "agent" / "bootstrap_parity.json"
@@ -435,3 +438,36 @@ def test_print_bootstrap_prints_what_the_agent_would_write(tmp_path: Path) -> No
     out = (r.stdout + r.stderr).strip()
     assert r.returncode == 255 and "invalid configuration" in out and "ISTIO_META_POD_PORTS" in out, out
     assert len(out.splitlines()) == 1, out
+
+
+_META_KEYS = st.sampled_from(["DNS_CAPTURE", "POD_PORTS", "LABELS", "ENVOY_STATUS_PORT", "MESH_ID", "PILOT_SAN",
+                              "ISTIO_VERSION", "WORKLOAD_NAME", "LOAD_STATS_CONFIG_JSON", "X"])
+_JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                        max_leaves=12)
+_ANNOTATIONS = st.sampled_from(["sidecar.istio.io/statsInclusionPrefixes", "sidecar.istio.io/statsHistogramBuckets",
+                                "sidecar.istio.io/extraStatTags", "sidecar.istio.io/statsFlushInterval",
+                                "sidecar.istio.io/statsEvictionInterval", "sidecar.istio.io/statsInclusionRegexps"])
+
+
+@budget(150)
+@given(meta=st.dictionaries(_META_KEYS, st.text(max_size=40), max_size=4),
+       metajson=st.dictionaries(_META_KEYS, _JSONISH, max_size=3),
+       anno=st.dictionaries(_ANNOTATIONS, st.text(max_size=60), max_size=3),
+       pc=st.dictionaries(st.sampled_from(["tracing", "extraStatTags", "proxyStatsMatcher", "statsdUdpAddress",
+                                            "envoyMetricsService", "statsCompression", "connectionSettings"]),
+                          _JSONISH, max_size=3))
+def test_fuzz_bootstrap_is_a_bootstrap_or_one_config_error(meta: dict, metajson: dict, anno: dict, pc: dict) -> None:
+    """Tenant-chosen node metadata, annotations and ProxyConfig telemetry: the bootstrap (JSON, within 1 s) or the
+    one ConfigError line — never another exception."""
+    import time
+    env = {"POD_NAME": "p", "POD_NAMESPACE": "n", "SERVICE_ACCOUNT": "s", "PROXY_CONFIG": json.dumps(pc),
+           "ISTIO_METAJSON_F": json.dumps(metajson), **{f"ISTIO_META_{k}": v for k, v in meta.items()}}
+    files = {C.ROOT_CERT_PATH: "x", C.POD_ANNOTATIONS_FILE: "".join(f"{k}={json.dumps(v)}\n" for k, v in anno.items())}
+    t0 = time.monotonic()
+    try:
+        cfg = build_config(Flags(), env, files.get, lambda p: p in files, lambda n: "/bin/envoy")
+        json.dumps(bootstrap.envoy_bootstrap(cfg))
+    except ConfigError as e:
+        assert "\n" not in str(e) and len(str(e)) < 600, str(e)
+    assert time.monotonic() - t0 < 1.0
