@@ -450,6 +450,7 @@ _ANNOTATIONS = st.sampled_from(["sidecar.istio.io/statsInclusionPrefixes", "side
                                 "sidecar.istio.io/statsEvictionInterval", "sidecar.istio.io/statsInclusionRegexps"])
 
 
+@pytest.mark.fuzz
 @budget(150)
 @given(meta=st.dictionaries(_META_KEYS, st.text(max_size=40), max_size=4),
        metajson=st.dictionaries(_META_KEYS, _JSONISH, max_size=3),
