@@ -186,14 +186,42 @@ def _static_resources(cfg: AgentConfig, meta: dict[str, Any], extra: list[dict[s
         listeners.append(_secure_listener(wildcard, merged, "secure_merged_stats",
                                           [(C.PROMETHEUS_STATS_PATH, "agent"), ("/metrics", "agent")]))
     if cfg.status_port:
-        listeners.append(_route_listener(f"{wildcard}_{cfg.envoy_status_port}", wildcard, cfg.envoy_status_port,
-                                         "agent", C.HEALTHZ_READY_PATH, "agent"))
+        status = _route_listener(f"{wildcard}_{cfg.envoy_status_port}", wildcard, cfg.envoy_status_port, "agent",
+                                 C.HEALTHZ_READY_PATH, "agent")
+        if _env_bool(cfg, "ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL"):   # kubelet probes through a PROXY-protocol LB
+            status["listener_filters"] = [{"name": "envoy.listener.proxy_protocol", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
+                "allow_requests_without_proxy_protocol": True}}]
+        listeners.append(status)
+    if meta.get("ENABLE_SELF_DISCOVERY") == "true":
+        clusters.append(_local_cluster())
     return {"clusters": clusters, "listeners": listeners}
+
+
+def _env_bool(cfg: AgentConfig, name: str) -> bool:
+    value = parse_go_bool(cfg.env.get(name) or "false")
+    if value is None:
+        raise ConfigError(f"env {name}: invalid boolean {show(cfg.env[name])} (want true or false)")
+    return value
+
+
+def _local_cluster() -> dict[str, Any]:
+    """ISTIO_META_ENABLE_SELF_DISCOVERY: the workload's own endpoints over EDS, for zone-aware load balancing."""
+    return {"name": "local_cluster", "alt_stat_name": "local_cluster;", "type": "EDS", "connect_timeout": "1s",
+            "load_balancing_policy": {"policies": [{"typed_extension_config": {
+                "name": "envoy.load_balancing_policies.least_request", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3"
+                             ".LeastRequest",
+                    "locality_lb_config": {"zone_aware_lb_config": {"min_cluster_size": "1"}}}}}]},
+            "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"},
+                                   "service_name": "local_cluster"}}
 
 
 def _cluster_manager(cfg: AgentConfig, meta: dict[str, Any]) -> dict[str, Any] | None:
     """Outlier event log (`--outlierLogPath`) and LRS (ISTIO_META_LOAD_STATS_CONFIG_JSON), as Istio's template."""
     out: dict[str, Any] = {}
+    if meta.get("ENABLE_SELF_DISCOVERY") == "true":
+        out["local_cluster_name"] = "local_cluster"
     if cfg.flags.outlier_log_path:
         out["outlier_detection"] = {"event_log_path": cfg.flags.outlier_log_path}
     lrs = meta.get("LOAD_STATS_CONFIG_JSON")

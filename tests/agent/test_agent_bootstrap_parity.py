@@ -351,6 +351,33 @@ def test_node_identity_as_pilot_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(version) == 3 and all(p.isdigit() for p in version) and int(version[1]) >= 30
 
 
+def test_status_port_proxy_protocol_and_self_discovery_as_istios_template(tmp_path: Path) -> None:
+    """ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL and ISTIO_META_ENABLE_SELF_DISCOVERY: the template's optional parts
+    (no golden covers them), written as the template has them and accepted by upstream Envoy."""
+    env = {"POD_NAME": "p", "POD_NAMESPACE": "n", "SERVICE_ACCOUNT": "s",
+           "ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL": "1", "ISTIO_META_ENABLE_SELF_DISCOVERY": "true"}
+    files = {C.ROOT_CERT_PATH: "x"}
+    cfg = build_config(Flags(), env, files.get, lambda p: p in files, lambda n: "/bin/envoy")
+    boot = bootstrap.envoy_bootstrap(cfg)
+    status = boot["static_resources"]["listeners"][-1]
+    assert status["name"] == "0.0.0.0_15021"
+    assert status["listener_filters"][0]["name"] == "envoy.listener.proxy_protocol"
+    assert status["listener_filters"][0]["typed_config"]["allow_requests_without_proxy_protocol"] is True
+    local = boot["static_resources"]["clusters"][-1]
+    assert (local["name"], local["type"], local["eds_cluster_config"]["service_name"]) == (
+        "local_cluster", "EDS", "local_cluster")
+    assert boot["cluster_manager"] == {"local_cluster_name": "local_cluster", "enable_deferred_cluster_creation": True}
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps(boot))
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(p), "-l", "error"], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-600:]
+    env["ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL"] = "yes"
+    cfg = build_config(Flags(), env, files.get, lambda p: p in files, lambda n: "/bin/envoy")
+    with pytest.raises(ConfigError, match="env ENVOY_STATUS_PORT_ENABLE_PROXY_PROTOCOL: invalid boolean"):
+        bootstrap.envoy_bootstrap(cfg)
+
+
 @pytest.mark.parametrize("env,needle", [
     ({"ISTIO_META_DNS_CAPTURE": "yes"}, "env ISTIO_META_DNS_CAPTURE: DNS_CAPTURE must be a boolean"),
     ({"ISTIO_META_POD_PORTS": "[{\"containerPort\": \"80\"}]"}, "env ISTIO_META_POD_PORTS: POD_PORTS entry"),
