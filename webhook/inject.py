@@ -798,7 +798,9 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         mesh_status_port = int(settings.default_proxy_config.get("statusPort") or C.STATUS_PORT)
         carried = _strip(out, annotations, mesh_status_port)
     dm = deploy_meta or pod_deploy_meta(out, meta.get("namespace") or "")
-    ctx = _template_context(out, annotations, labels, settings, ch, dm)
+    overlays = [n for n in names if n not in tpl_mod.PROXY_TEMPLATES]
+    # Custom templates read the pod as it was before anything was rendered into it.
+    ctx = _template_context(out, annotations, labels, settings, ch, dm) if overlays else None
     injected = _Injected()
     if proxy_tpl == "sidecar":
         proxy: dict[str, Any] | None = _inject_sidecar(out, annotations, labels, settings, ch, dm, injected)
@@ -807,7 +809,8 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         proxy = gateway.inject_gateway(out, annotations, settings, ch, dm, injected)
     else:
         proxy = None
-    for name in (n for n in names if n not in tpl_mod.PROXY_TEMPLATES):
+    for name in overlays:
+        assert ctx is not None
         overlay_mod.apply(out, annotations, labels, tpl_mod.render(settings.templates[name], ctx), injected,
                           _merge_map, record=not reinjected)
     moved = post_process_pod(spec, proxy["env"] if proxy is not None else None, annotations, settings, carried,
@@ -841,7 +844,7 @@ class _Injected:
 
 
 def _proxy_template(names: list[str]) -> str | None:
-    """The one template that renders istio-proxy (sidecar, gateway or grpc-agent), if any; two different ones would
+    """The one template that renders istio-proxy (sidecar or gateway), if any; two different ones would
     render two proxies into one pod, which is refused."""
     found = list(dict.fromkeys(n for n in names if n in tpl_mod.PROXY_TEMPLATES))
     if len(found) > 1:

@@ -3,15 +3,18 @@ from the injector config, their selection, refusals and bounds. Expected values 
 grpc-simple, custom-template and spire goldens (pkg/kube/inject/testdata/inject)."""
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from typing import Any
 
+import jsonpatch
 import pytest
 import yaml
-from webhook_fixtures import settings, validate_pod
+from webhook_fixtures import review_body, settings, validate_pod
 
 from testing.golden import TESTDATA, check
+from webhook.admission import review
 from webhook.config import build_settings
 from webhook.errors import ConfigError, InjectionError
 from webhook.inject import inject_pod
@@ -62,6 +65,11 @@ CASES: dict[str, dict[str, Any]] = {
     "sidecar-spire": TEMPLATES,
     "gateway-spire": TEMPLATES,
 }
+
+
+def decode_patch(resp: dict[str, Any]) -> list[Any]:
+    assert resp["patchType"] == "JSONPatch"
+    return json.loads(base64.b64decode(resp["patch"]))
 
 
 def _pod(case: str) -> dict[str, Any]:
@@ -314,4 +322,32 @@ def test_rendered_output_bounded() -> None:
     pod["spec"]["containers"] = [{"name": f"c{i}", "image": "x"} for i in range(10)]
     text = "{{ range $c := .Spec.Containers }}#" + "x" * 60_000 + "\n{{ end }}"
     with pytest.raises(InjectionError, match="template 't': rendered output larger than 524288 bytes"):
+        inject_pod(pod, settings(injector={"templates": {"t": text}}))
+
+
+def test_gateway_admitted_through_the_admission_review() -> None:
+    """The gateway Deployment's pod was denied ("the pod has no application container"); now it is patched into the
+    gateway shape. An unknown template is denied with the message naming the annotation."""
+    pod = _pod("gateway")
+    s = settings()
+    doc = review(review_body(pod, namespace="istio-ingress"), s).response["response"]
+    assert doc["allowed"] is True
+    patched = jsonpatch.apply_patch(pod, decode_patch(doc))
+    assert patched == inject_pod(pod, s, namespace="istio-ingress")
+    assert _proxy(patched)["args"][1] == "router"
+    validate_pod(patched)
+    pod["metadata"]["annotations"]["inject.istio.io/templates"] = "gatewya"
+    doc = review(review_body(pod, namespace="istio-ingress"), s).response["response"]
+    assert doc["allowed"] is False
+    assert doc["status"]["message"].startswith("failed to run injection template: annotation "
+                                               "inject.istio.io/templates: requested template 'gatewya' not found")
+
+
+def test_render_work_bounded() -> None:
+    """Nested ranges over a tenant's many containers: refused after a bounded number of steps, quickly."""
+    pod = _pod("grpc-simple")
+    pod["metadata"]["annotations"]["inject.istio.io/templates"] = "t"
+    pod["spec"]["containers"] = [{"name": f"c{i}", "image": "x"} for i in range(400)]
+    text = "{{ range $a := .Spec.Containers }}{{ range $b := .Spec.Containers }}{{ end }}{{ end }}"
+    with pytest.raises(InjectionError, match="template 't': more than 100000 template steps"):
         inject_pod(pod, settings(injector={"templates": {"t": text}}))
