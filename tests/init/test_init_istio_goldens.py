@@ -1,14 +1,15 @@
 """The default layout against Istio's own goldens, field by field.
 
 testdata/iptables/istio/<case>.golden are Istio's files unchanged (tools/istio-iptables/pkg/capture/testdata in
-istio/istio, master of 2026-08; Apache-2.0): the commands its test stub records, i.e. the iptables-restore input per
-family between `iptables-save` lines. Each case below is the same configuration as Istio's run_test.go case of that
-name, given to meshboot as istio-init would receive it (flags, env, resolv.conf, the pod's addresses). They are never
-refreshed: a difference is a bug here, or Istio changed and the layout must follow.
+istio/istio; commit, date and license in testdata/iptables/istio/README.md): the commands its test stub records, i.e.
+the iptables-restore input per family between `iptables-save` lines. Each case below is the same configuration as
+Istio's run_test.go case of that name, given to meshboot as istio-init would receive it (flags, env, resolv.conf, the
+pod's addresses). They are never refreshed: a difference is a bug here, or Istio changed and the layout must follow.
 """
 from __future__ import annotations
 
 import difflib
+import re
 import shlex
 
 import pytest
@@ -73,6 +74,14 @@ def ours(case: str, layout: str | None = None) -> str:
 
 def test_every_istio_golden_has_a_case() -> None:
     assert {p.name.removesuffix(".golden") for p in ISTIO.glob("*.golden")} == set(CASES)
+
+
+def test_istio_goldens_state_their_provenance() -> None:
+    """Vendored files carry where they come from: Istio's repository, path, a full commit and the license."""
+    readme = (ISTIO / "README.md").read_text()
+    assert "tools/istio-iptables/pkg/capture/testdata" in readme and "Apache License 2.0" in readme
+    assert re.search(r"`[0-9a-f]{40}`", readme)
+    assert all(case in readme for case in CASES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
