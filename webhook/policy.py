@@ -1,4 +1,5 @@
-"""Whether a pod gets a sidecar, and why: the injector's policy (gate B) and the webhook selectors (gate A).
+"""Whether a pod gets a sidecar, and why: the injector's policy (gate B; gate A, the webhook selectors, is
+webhook/revisions.route over every installed revision and tag).
 
 The reason code is what `meshboot-inject --explain` prints and what `sidecar_injection_skip_total{reason}` counts,
 so it is a small fixed vocabulary.
@@ -128,58 +129,6 @@ def decide(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Decisi
                         warning)
     return Decision(False, POLICY_DISABLED, "skipped: injection policy is disabled and nothing opts the pod in",
                     warning)
-
-
-def webhook_fires(namespace: str, namespace_labels: Mapping[str, str], pod_labels: Mapping[str, str],
-                  settings: Settings) -> tuple[str | None, str]:
-    """Gate A: which of the MutatingWebhookConfiguration's webhooks (default revision) the API server would call.
-
-    Returns (webhook name or None, explanation). Selectors see labels only.
-    """
-    rev = settings.revision or "default"
-    ns_inj = namespace_labels.get(C.LABEL_INJECTION_NS)
-    ns_rev = namespace_labels.get(C.LABEL_REV)
-    pod_inj = pod_labels.get(C.LABEL_INJECT)
-    pod_rev = pod_labels.get(C.LABEL_REV)
-    not_false = pod_inj != "false"
-    candidates: list[tuple[str, bool]] = []
-    if not settings.revision:
-        candidates.append(("namespace.sidecar-injector.istio.io", ns_inj == "enabled" and not_false))
-        candidates.append(("object.sidecar-injector.istio.io",
-                           ns_inj is None and ns_rev is None and pod_inj == "true" and pod_rev is None))
-    candidates.append(("rev.namespace.sidecar-injector.istio.io", ns_rev == rev and ns_inj is None and not_false))
-    candidates.append(("rev.object.sidecar-injector.istio.io",
-                       ns_rev is None and ns_inj is None and not_false and pod_rev == rev))
-    if not settings.revision and settings.values["sidecarInjectorWebhook"].get("enableNamespacesByDefault"):
-        candidates.append(("auto.sidecar-injector.istio.io",
-                           ns_inj is None and ns_rev is None and namespace not in C.IGNORED_NAMESPACES
-                           and pod_inj is None and pod_rev is None))
-    for name, ok in candidates:
-        if ok:
-            return name, f"webhook {name} matches (namespace labels {dict(namespace_labels) or '{}'})"
-    if ns_inj is not None and ns_inj != "enabled":
-        why = f"namespace label {C.LABEL_INJECTION_NS}={ns_inj} disables injection"
-    elif pod_inj == "false":
-        why = f"pod label {C.LABEL_INJECT}=false"
-    elif ns_rev is not None and ns_rev != rev:
-        why = f"namespace label {C.LABEL_REV}={ns_rev} selects another revision"
-    elif pod_rev is not None and pod_rev != rev:
-        why = f"pod label {C.LABEL_REV}={pod_rev} selects another revision"
-    else:
-        why = (f"no webhook selects it: label the namespace {C.LABEL_INJECTION_NS}=enabled or the pod "
-               f"{C.LABEL_INJECT}=true")
-    return None, why
-
-
-def decide_with_namespace(pod: Mapping[str, Any], namespace: str, namespace_labels: Mapping[str, str] | None,
-                          settings: Settings) -> Decision:
-    """Both gates when the namespace labels are known (the CLI's --namespace-labels, --explain); else gate B only."""
-    if namespace_labels is not None:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        hook, why = webhook_fires(namespace, namespace_labels, labels, settings)
-        if hook is None:
-            return Decision(False, NO_WEBHOOK, f"skipped: {why}")
-    return decide(pod, namespace, settings)
 
 
 def explain_lines(decisions: Sequence[tuple[str, Decision]]) -> list[str]:

@@ -1,4 +1,5 @@
-"""The injection decision: reference/injection.md §1.1 (injector policy) and §1.2 (with the webhook selectors)."""
+"""The injection decision: reference/injection.md §1.1 (injector policy); §1.2 (with the webhook selectors) is in
+test_webhook_revisions.py, through revisions.route as the CLI and the server take it."""
 from __future__ import annotations
 
 import pytest
@@ -84,52 +85,6 @@ def test_unrecognised_value_warns_and_uses_default() -> None:
 def test_policy_from_values_auto_inject() -> None:
     s = settings(values={"global": {"proxy": {"autoInject": "disabled"}}})
     assert P.decide(pod(), "default", s).reason == P.POLICY_DISABLED
-
-
-# §1.2: namespace labels x pod labels (default revision) -> injected?
-NS_TABLE = [
-    ("no labels anywhere", {}, {}, {}, False),
-    ("auto webhook when namespaces are on by default", {}, {}, {"enableNamespacesByDefault": True}, True),
-    ("auto webhook never in kube-system", {}, {}, {"enableNamespacesByDefault": True, "_ns": "kube-system"}, False),
-    ("pod inj=true, no ns labels: object webhook", {}, {INJ: "true"}, {}, True),
-    ("pod rev=default: rev.object webhook", {}, {"istio.io/rev": "default"}, {}, True),
-    ("pod rev=canary: not our revision", {}, {"istio.io/rev": "canary"}, {}, False),
-    ("ns istio-injection=enabled", {"istio-injection": "enabled"}, {}, {}, True),
-    ("ns enabled + pod rev=canary: namespace label wins", {"istio-injection": "enabled"}, {"istio.io/rev": "canary"},
-     {}, True),
-    ("ns istio-injection=disabled, even pod inj=true", {"istio-injection": "disabled"}, {INJ: "true"}, {}, False),
-    ("ns istio-injection=other value", {"istio-injection": "yes"}, {}, {}, False),
-    ("ns rev=default", {"istio.io/rev": "default"}, {}, {}, True),
-    ("ns rev=default + pod rev=canary: namespace wins", {"istio.io/rev": "default"}, {"istio.io/rev": "canary"}, {},
-     True),
-    ("ns rev=canary: another revision", {"istio.io/rev": "canary"}, {"istio.io/rev": "default"}, {}, False),
-    ("ns enabled + rev=X: namespace webhook", {"istio-injection": "enabled", "istio.io/rev": "x"}, {}, {}, True),
-    ("ns enabled, pod label inj=false", {"istio-injection": "enabled"}, {INJ: "false"}, {}, False),
-    ("ns enabled, annotation-only inj=false: webhook fires, injector skips", {"istio-injection": "enabled"},
-     {"_ann": "false"}, {}, False),
-    ("no ns labels, annotation-only inj=true: no webhook", {}, {"_ann": "true"}, {}, False),
-]
-
-
-@pytest.mark.parametrize("case,ns_labels,pod_labels,opts,want", NS_TABLE, ids=[r[0] for r in NS_TABLE])
-def test_combined_outcome(case: str, ns_labels: dict, pod_labels: dict, opts: dict, want: bool) -> None:
-    opts = dict(opts)
-    ns = opts.pop("_ns", "apps")
-    labels = dict(pod_labels)
-    ann = labels.pop("_ann", None)
-    s = settings(values={"sidecarInjectorWebhook": opts} if opts else None)
-    d = P.decide_with_namespace(pod(labels=labels, annotations={INJ: ann} if ann else None), ns, ns_labels, s)
-    assert d.inject is want, d.message
-
-
-def test_without_namespace_labels_only_the_injector_policy_runs() -> None:
-    d = P.decide_with_namespace(pod(), "apps", None, settings())
-    assert d.inject and d.reason == P.POLICY_ENABLED
-
-
-def test_no_webhook_reason_names_the_namespace_label() -> None:
-    d = P.decide_with_namespace(pod(), "apps", {"istio-injection": "disabled"}, settings())
-    assert d.reason == P.NO_WEBHOOK and "istio-injection=disabled" in d.message
 
 
 @pytest.mark.parametrize("sel,labels,want", [

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 import yaml
+from webhook_fixtures import hello_pod, settings
 
 from webhook import revisions as R
 from webhook.cli import main
 from webhook.errors import ConfigError
-from webhook.policy import NO_WEBHOOK
+from webhook.policy import NO_WEBHOOK, decide
 
 INJ, REV, POD_INJ = "istio-injection", "istio.io/rev", "sidecar.istio.io/inject"
 BOTH = R.planes(["default", "canary"], {"prod-stable": "default", "prod-canary": "canary"})
@@ -122,6 +123,50 @@ def test_gate_and_explain() -> None:
     assert none is not None and none.reason == NO_WEBHOOK and "gone" in none.message
     assert R.explain_line(canary).startswith("revision canary: webhook rev.namespace.")
     assert R.explain_line(R.route("apps", {}, {}, BOTH)).startswith("no injector: no webhook selects it")
+
+
+# reference/injection.md §1.2: namespace labels x pod labels, the default revision alone -> injected? Gate A is
+# route, gate B the injector's own policy, combined as the CLI and the server do.
+P_ANN = "_ann"       # a pod annotation sidecar.istio.io/inject instead of the label (webhook selectors see labels only)
+NS_TABLE = [
+    ("no labels anywhere", {}, {}, False, "apps", False),
+    ("auto webhook when namespaces are on by default", {}, {}, True, "apps", True),
+    ("auto webhook never in kube-system", {}, {}, True, "kube-system", False),
+    ("pod inj=true, no ns labels: object webhook", {}, {POD_INJ: "true"}, False, "apps", True),
+    ("pod rev=default: rev.object webhook", {}, {REV: "default"}, False, "apps", True),
+    ("pod rev=canary: not our revision", {}, {REV: "canary"}, False, "apps", False),
+    ("ns istio-injection=enabled", {INJ: "enabled"}, {}, False, "apps", True),
+    ("ns enabled + pod rev=canary: namespace label wins", {INJ: "enabled"}, {REV: "canary"}, False, "apps", True),
+    ("ns istio-injection=disabled, even pod inj=true", {INJ: "disabled"}, {POD_INJ: "true"}, False, "apps", False),
+    ("ns istio-injection=other value", {INJ: "yes"}, {}, False, "apps", False),
+    ("ns rev=default", {REV: "default"}, {}, False, "apps", True),
+    ("ns rev=default + pod rev=canary: namespace wins", {REV: "default"}, {REV: "canary"}, False, "apps", True),
+    ("ns rev=canary: another revision", {REV: "canary"}, {REV: "default"}, False, "apps", False),
+    ("ns enabled + rev=X: namespace webhook", {INJ: "enabled", REV: "x"}, {}, False, "apps", True),
+    ("ns enabled, pod label inj=false", {INJ: "enabled"}, {POD_INJ: "false"}, False, "apps", False),
+    ("ns enabled, annotation-only inj=false: webhook fires, injector skips", {INJ: "enabled"}, {P_ANN: "false"},
+     False, "apps", False),
+    ("no ns labels, annotation-only inj=true: no webhook", {}, {P_ANN: "true"}, False, "apps", False),
+]
+
+
+@pytest.mark.parametrize("case,ns_labels,pod_labels,by_default,ns,want", NS_TABLE, ids=[r[0] for r in NS_TABLE])
+def test_combined_outcome(case: str, ns_labels: dict, pod_labels: dict, by_default: bool, ns: str,
+                          want: bool) -> None:
+    labels = dict(pod_labels)
+    ann = labels.pop(P_ANN, None)
+    pod = hello_pod()
+    pod["metadata"]["labels"] = labels
+    if ann:
+        pod["metadata"]["annotations"] = {POD_INJ: ann}
+    routing = R.route(ns, ns_labels, labels, R.planes(["default"], {}, enable_namespaces_by_default=by_default))
+    d = R.gate(routing, R.DEFAULT) or decide(pod, ns, settings())
+    assert d.inject is want, d.message
+
+
+def test_no_webhook_reason_names_the_namespace_label() -> None:
+    d = R.gate(R.route("apps", {INJ: "disabled"}, {}, R.planes(["default"], {})), R.DEFAULT)
+    assert d is not None and d.reason == NO_WEBHOOK and "istio-injection=disabled" in d.message
 
 
 @pytest.mark.parametrize(("revs", "tags", "needle"), [
