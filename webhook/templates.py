@@ -45,6 +45,7 @@ MAX_RENDERED_BYTES = 512 * 1024
 MAX_SELECTED = 16
 MAX_NAME = 63
 MAX_ACTIONS = 4096
+MAX_STEPS = 100_000          # nodes run per render (a range runs its body once per container)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
 _PLAIN = re.compile(r"^[A-Za-z0-9_./@+=-]*$")
 
@@ -455,34 +456,55 @@ def _eval(node: Any, ctx: Context, scope: Mapping[str, Any]) -> Any:
     return ctx.spec.get("serviceAccountName") or ""
 
 
-def _run(body: tuple[Any, ...], ctx: Context, scope: dict[str, Any], out: list[str]) -> None:
+class _Output:
+    """The rendered text, its size and the work done so far, both bounded (a range over a tenant's many containers,
+    or nested ranges, must not turn a small template into a long render)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.steps = 0
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size > MAX_RENDERED_BYTES:
+            raise InjectionError(f"rendered output larger than {MAX_RENDERED_BYTES} bytes")
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise InjectionError(f"more than {MAX_STEPS} template steps")
+
+
+def _run(body: tuple[Any, ...], ctx: Context, scope: dict[str, Any], out: _Output) -> None:
     for node in body:
+        out.step()
         if isinstance(node, Text):
-            out.append(node.text)
+            out.add(node.text)
         elif isinstance(node, Out):
             v = _eval(node.expr, ctx, scope)
             s = v if isinstance(v, _Quoted) else _text(v)
             if not isinstance(v, _Quoted) and not _PLAIN.match(s):
                 raise InjectionError(f"the value {s[:40]!r} is not plain text; the template must pipe it to quote")
-            out.append(s)
+            out.add(s)
         elif isinstance(node, If):
             _run(node.then if _truthy(_eval(node.cond, ctx, scope)) else node.orelse, ctx, scope, out)
         else:
             for i, c in enumerate(ctx.spec.get(node.source[0].lower() + node.source[1:]) or []):
+                out.step()
                 inner = {**scope, node.var: c}
                 if node.index:
                     inner[node.index] = i
                 _run(node.body, ctx, inner, out)
-        if sum(map(len, out)) > MAX_RENDERED_BYTES:
-            raise InjectionError(f"rendered output larger than {MAX_RENDERED_BYTES} bytes")
 
 
 def render(tpl: Template, ctx: Context) -> dict[str, Any]:
     """The template's overlay (metadata labels/annotations, spec), checked; InjectionError names the template."""
     try:
-        out: list[str] = []
+        out = _Output()
         _run(tpl.body, ctx, {}, out)
-        doc = yamlsafe.load("".join(out), max_bytes=MAX_RENDERED_BYTES)
+        doc = yamlsafe.load("".join(out.parts), max_bytes=MAX_RENDERED_BYTES)
     except InjectionError as e:
         raise InjectionError(f"failed to run injection template: template {tpl.name!r}: {e}") from None
     except yamlsafe.YAMLRefused as e:
