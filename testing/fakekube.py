@@ -50,6 +50,11 @@ _PATH = re.compile(
     r"/(?P<plural>[a-z]+)(?:/(?P<name>[A-Za-z0-9._-]+))?$")
 
 
+def _group(api_version: str) -> str:
+    """The API group of an apiVersion ("" for the core group's `v1`)."""
+    return api_version.rpartition("/")[0]
+
+
 @dataclass
 class Recorded:
     method: str
@@ -329,6 +334,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not m or m.group("plural") not in RESOURCES:
             return self._error(404, "NotFound", "the server could not find the requested resource")
         plural, ns, name = m.group("plural"), m.group("ns") or "", m.group("name")
+        if _group(m.group("group") or "v1") != _group(RESOURCES[plural][0]):
+            # kube-apiserver serves a resource under its own group only (no pods under /apis/..., no CRD under /api/v1)
+            return self._error(404, "NotFound", "the server could not find the requested resource")
         if f"{m.group('group') or 'v1'}/{plural}" in k.unserved:
             return self._error(404, "NotFound", "the server could not find the requested resource")
         namespaced = RESOURCES[plural][2]

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from e2e.local.kubelet import Node
-from testing.fakekube import FakeKube
+from testing.fakekube import RESOURCES, FakeKube
 
 Obj = dict[str, Any]
 
@@ -27,8 +27,11 @@ class ApiError(RuntimeError):
 
 
 def path_for(plural: str, namespace: str = "", name: str = "") -> str:
-    """The REST path of a resource (core `/api/v1`, EndpointSlices under `/apis/discovery.k8s.io/v1`)."""
-    base = "/apis/discovery.k8s.io/v1" if plural == "endpointslices" else "/api/v1"
+    """The REST path of a resource as kube-apiserver serves it: the core group under `/api/v1`, every other group
+    (EndpointSlices, webhook configurations, Istio's PeerAuthentication and AuthorizationPolicy CRDs) under
+    `/apis/<group>/<version>`, from the apiVersion the fake API server stamps (`RESOURCES`)."""
+    api_version = RESOURCES[plural][0]
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     ns = f"/namespaces/{namespace}" if namespace else ""
     return f"{base}{ns}/{plural}" + (f"/{name}" if name else "")
 
