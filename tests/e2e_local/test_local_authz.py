@@ -199,11 +199,12 @@ def test_allow_by_principal_and_denials_are_counted(mesh: Mesh) -> None:
     denied = poll(lambda: mtls.envoy_stats(mesh.runs["server-1"], "rbac.denied").get("tcp.rbac.denied", 0),
                   lambda n: n >= before + 2, 5.0)
     assert denied >= before + 2, f"tcp.rbac.denied {before} → {denied}"
-    # Istio's inclusion list keeps the `rbac.denied` suffix, so the denials reach the Prometheus port too (Istio's
-    # stats tags name it envoy_tcp_denied{tcp_prefix="rbac"}).
+    # Istio's inclusion list keeps the `rbac.denied` suffix, so the denials reach the Prometheus port too; Istio's
+    # stats tags (tcp_prefix, authz_enforce_result) name it envoy_tcp{authz_enforce_result="denied",tcp_prefix="rbac"}.
     prom = mesh.runs["server-1"].call(http_get, "127.0.0.1", C.ENVOY_PROMETHEUS_PORT, "/stats/prometheus", 3.0)
-    lines = [ln for ln in prom.body.decode().splitlines() if ln.startswith('envoy_tcp_denied{tcp_prefix="rbac"} ')]
-    assert lines and int(lines[0].split()[-1]) >= 2, lines
+    tcp = [ln for ln in prom.body.decode().splitlines() if ln.startswith("envoy_tcp{")]
+    lines = [ln for ln in tcp if 'authz_enforce_result="denied"' in ln and 'tcp_prefix="rbac"' in ln]
+    assert lines and int(lines[0].split()[-1]) >= 2, "\n".join(tcp)
 
 
 def test_deny_by_namespace_beats_allow(mesh: Mesh) -> None:
