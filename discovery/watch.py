@@ -16,11 +16,12 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from meshboot import jsonsafe
+from meshboot.kubewatch import StreamError, lines
 
 from . import kinds
 from .store import Store, Subscriber, on_loop
@@ -39,10 +40,6 @@ CONNECT_SECONDS = 10.0
 
 class Gone(Exception):
     """410: the resourceVersion (or continue token) is too old; only a relist recovers."""
-
-
-class StreamError(Exception):
-    """The stream is unusable (an oversized or unparsable line, an ERROR event other than 410)."""
 
 
 @dataclass(frozen=True)
@@ -82,22 +79,6 @@ def lister(api_client: Any, resource: Resource, api_version: str) -> Callable[..
     def call(**kw: Any) -> Any:
         return custom(group, version, resource.plural, **kw)
     return call
-
-
-def lines(chunks: Iterable[bytes], cap: int = MAX_EVENT_BYTES) -> Iterator[bytes]:
-    """Newline-separated lines from a byte stream; StreamError for a line longer than `cap` (pure)."""
-    buf = bytearray()
-    for chunk in chunks:
-        buf += chunk
-        while (end := buf.find(b"\n")) >= 0:
-            line = bytes(buf[:end])
-            del buf[:end + 1]
-            if line.strip():
-                yield line
-        if len(buf) > cap:
-            raise StreamError(f"a watch event longer than {cap} bytes")
-    if buf.strip():
-        yield bytes(buf)
 
 
 def parse(data: bytes, cap: int) -> Any:
@@ -233,7 +214,7 @@ class Informer:
                     _request_timeout=(CONNECT_SECONDS, self.watch_seconds + 60))
         self._resp = resp
         try:
-            for line in lines(resp.stream(65536)):
+            for line in lines(resp.stream(65536), MAX_EVENT_BYTES):
                 self._event(parse(line, MAX_EVENT_BYTES))
                 if self._stop.is_set():
                     return

@@ -2,9 +2,11 @@
 its pure-Python fallback giving the same answers), one Go parse_bool behind the injector's and istio-init's."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
-from meshboot import jsonsafe, yamlsafe
+from meshboot import jsonsafe, kubewatch, yamlsafe
 from meshboot.durations import parse_duration
 from meshboot.syntax import parse_go_bool
 
@@ -83,3 +85,15 @@ def test_json_numbers_are_finite(text: str) -> None:
     carried into a patch as Infinity."""
     with pytest.raises(jsonsafe.JSONRefused, match=r"not a JSON value|not a finite number"):
         jsonsafe.load(text)
+
+
+@pytest.mark.parametrize("reader", ["webhook.cabundle", "discovery.watch"])
+def test_watch_line_reader_bounds_every_line(reader: str) -> None:
+    """One reader for both watchers; its cap holds for a whole line that arrives in one chunk, not only for a line
+    still waiting for its newline."""
+    mod = importlib.import_module(reader)
+    assert mod.lines is kubewatch.lines and mod.StreamError is kubewatch.StreamError
+    assert list(kubewatch.lines([b'{"a":', b'1}\n\n{"b":2}', b"\n{"], cap=100)) == [b'{"a":1}', b'{"b":2}', b"{"]
+    for chunks in ([b"x" * 10, b"y" * 10], [b"x" * 20 + b"\n{}\n"], [b"{}\n" + b"x" * 17]):
+        with pytest.raises(kubewatch.StreamError, match="longer than 16 bytes"):
+            list(kubewatch.lines(chunks, cap=16))

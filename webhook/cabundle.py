@@ -17,12 +17,13 @@ import base64
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter
 
 from meshboot import jsonsafe
+from meshboot.kubewatch import StreamError, lines
 
 log = logging.getLogger("meshboot.webhook.cabundle")
 
@@ -38,10 +39,6 @@ PATCHES = Counter("meshboot_webhook_cabundle_patches",
 
 class Gone(Exception):
     """410: the resourceVersion is too old; only a relist recovers."""
-
-
-class StreamError(Exception):
-    """A response or watch event that cannot be used (over a bound, not JSON, an ERROR event other than 410)."""
 
 
 # ---- pure core --------------------------------------------------------------------------------------------------
@@ -91,22 +88,6 @@ def parse(data: bytes) -> Any:
         return jsonsafe.load(data.decode("utf-8", "replace"), max_bytes=MAX_BODY_BYTES, max_depth=MAX_DEPTH)
     except jsonsafe.JSONRefused as e:
         raise StreamError(str(e)) from None
-
-
-def lines(chunks: Iterable[bytes], cap: int = MAX_BODY_BYTES) -> Iterator[bytes]:
-    """Newline-separated watch events from a byte stream; StreamError for one longer than `cap`."""
-    buf = bytearray()
-    for chunk in chunks:
-        buf += chunk
-        while (end := buf.find(b"\n")) >= 0:
-            line = bytes(buf[:end])
-            del buf[:end + 1]
-            if line.strip():
-                yield line
-        if len(buf) > cap:
-            raise StreamError(f"a watch event longer than {cap} bytes")
-    if buf.strip():
-        yield bytes(buf)
 
 
 def _resource_version(raw: Any) -> str:
@@ -240,7 +221,7 @@ class CABundlePatcher:
                           _request_timeout=(CONNECT_SECONDS, self.watch_seconds + 60))
         self._resp = resp
         try:
-            for line in lines(resp.stream(65536)):
+            for line in lines(resp.stream(65536), MAX_BODY_BYTES):
                 rv = self._event(parse(line)) or rv
                 if self._stop.is_set():
                     break
