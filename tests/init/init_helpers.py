@@ -79,34 +79,13 @@ COMMIT
 CLASSIC = {"MESHBOOT_IPTABLES_LAYOUT": "classic"}
 
 # Current Istio (1.24+; its tools/istio-iptables/pkg/capture/testdata, e.g. inbound-ports-wildcard.golden, plus the
-# injected -d ports and -i '*'): the default restore input for the injected args. Differs from seed 004 in the OUTPUT
-# jump (no -p tcp) and the tunnel-port term of the two proxy-loopback rules.
-ISTIO_RESTORE = """\
-* nat
--N ISTIO_INBOUND
--N ISTIO_REDIRECT
--N ISTIO_IN_REDIRECT
--N ISTIO_OUTPUT
--A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
--A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
--A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A PREROUTING -p tcp -j ISTIO_INBOUND
--A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
--A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
--A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
--A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
--A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
--A ISTIO_OUTPUT -j ISTIO_REDIRECT
-COMMIT
-""".splitlines()
+# injected -d ports and -i '*'): the default restore input for the injected args. Seed 004 with exactly these lines
+# replaced: the OUTPUT jump (no -p tcp) and the tunnel-port term of the two proxy-loopback rules.
+_LOOPBACK = "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32{} -m owner --{}-owner 1337 -j ISTIO_IN_REDIRECT"
+CURRENT_LINES = {"-A OUTPUT -p tcp -j ISTIO_OUTPUT": "-A OUTPUT -j ISTIO_OUTPUT",
+                 **{_LOOPBACK.format("", who): _LOOPBACK.format(" -p tcp ! --dport 15008", who)
+                    for who in ("uid", "gid")}}
+ISTIO_RESTORE = [CURRENT_LINES.get(line, line) for line in SEED_004_RESTORE]
 
 # The same rules as `iptables-save -t nat` prints them (the kernel's order per chain, `-m tcp` added, `! -d` and `-s`
 # before `-o`).

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from init_helpers import CLASSIC, DEFAULT_ARGS, ISTIO_RESTORE, SEED_004_RESTORE, config, plan, v4, v6
+from init_helpers import CLASSIC, CURRENT_LINES, DEFAULT_ARGS, ISTIO_RESTORE, SEED_004_RESTORE, config, plan, v4, v6
 
 from init.config import ConfigError
 from init.rules import build
@@ -29,6 +29,8 @@ def test_default_injected_args_write_current_istio_restore_text() -> None:
 
 def test_classic_layout_writes_seed_004_restore_text() -> None:
     assert v4(*DEFAULT_ARGS, env=CLASSIC) == SEED_004_RESTORE
+    # the layouts differ in exactly the three lines ISTIO_RESTORE replaces
+    assert sum(line in CURRENT_LINES for line in SEED_004_RESTORE) == len(CURRENT_LINES) == 3
 
 
 def test_current_layout_jumps_all_protocols_and_spares_the_tunnel_port() -> None:
