@@ -11,7 +11,18 @@ from typing import Any
 
 import pytest
 import yaml
-from webhook_fixtures import arg, hello_pod, named, names, review_body, settings, validate_pod
+from webhook_fixtures import (
+    arg,
+    golden_input,
+    golden_inputs,
+    hello_pod,
+    named,
+    names,
+    render_golden,
+    review_body,
+    settings,
+    validate_pod,
+)
 
 from testing.golden import TESTDATA, check
 from webhook import cni
@@ -257,19 +268,13 @@ GOLDEN_CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def _render(pod: dict[str, Any]) -> str:
-    return yaml.safe_dump(pod, sort_keys=True, width=120, default_flow_style=False)
-
-
 def test_every_cni_golden_input_has_a_case() -> None:
-    inputs = {p.name.removesuffix(".yaml") for p in GOLDEN.glob("*.yaml") if not p.name.endswith(".golden.yaml")}
-    assert inputs == set(GOLDEN_CASES)
+    assert golden_inputs(GOLDEN) == set(GOLDEN_CASES)
 
 
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
 def test_cni_goldens(case: str) -> None:
-    pod = yaml.safe_load((GOLDEN / f"{case}.yaml").read_text())
-    check(GOLDEN / f"{case}.golden.yaml", _render(inject(pod, **GOLDEN_CASES[case])))
+    check(GOLDEN / f"{case}.golden.yaml", render_golden(inject(golden_input(GOLDEN, case), **GOLDEN_CASES[case])))
 
 
 VALIDATION_OVERLAY = """\

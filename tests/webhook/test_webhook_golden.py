@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import yaml
-from webhook_fixtures import settings
+from webhook_fixtures import golden_input, golden_inputs, render_golden, settings
 
 from testing.golden import TESTDATA, check
 from webhook.inject import inject_pod
@@ -34,33 +33,17 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (PROXY_CONFIG, ISTIO_META_POD_PORTS) as `|` blocks, readable in review."""
-
-
-def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
-
-
-_Dumper.add_representer(str, _str)
-
-
-def render(pod: dict[str, Any]) -> str:
-    return yaml.dump(pod, Dumper=_Dumper, sort_keys=True, width=120, default_flow_style=False)
-
-
 def test_every_input_has_a_case() -> None:
-    inputs = {p.name.removesuffix(".yaml") for p in INJECT.glob("*.yaml") if not p.name.endswith(".golden.yaml")}
-    assert inputs == set(CASES)
+    assert golden_inputs(INJECT) == set(CASES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_injected_pod_matches_golden(case: str) -> None:
-    pod = yaml.safe_load((INJECT / f"{case}.yaml").read_text())
-    check(INJECT / f"{case}.golden.yaml", render(inject_pod(pod, settings(**CASES[case]))))
+    pod = golden_input(INJECT, case)
+    check(INJECT / f"{case}.golden.yaml", render_golden(inject_pod(pod, settings(**CASES[case]))))
 
 
 def test_reinjection_golden_is_its_input() -> None:
     """The re-injection input is an injected pod: injecting it again changes nothing."""
-    pod = yaml.safe_load((INJECT / "reinject.yaml").read_text())
+    pod = golden_input(INJECT, "reinject")
     assert inject_pod(pod, settings()) == pod

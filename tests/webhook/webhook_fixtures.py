@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import yaml
 
 from webhook.config import Settings, build_settings
 
@@ -80,3 +82,28 @@ def names(containers: list[dict[str, Any]] | None) -> list[str]:
 
 def arg(args: list[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args else None
+
+
+class _GoldenDumper(yaml.SafeDumper):
+    """Multi-line strings (PROXY_CONFIG, ISTIO_META_POD_PORTS) as `|` blocks, readable in review."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_GoldenDumper.add_representer(str, _str)
+
+
+def render_golden(pod: dict[str, Any]) -> str:
+    """An injected pod as its golden file holds it: sorted keys, `|` blocks."""
+    return yaml.dump(pod, Dumper=_GoldenDumper, sort_keys=True, width=120, default_flow_style=False)
+
+
+def golden_inputs(folder: Path) -> set[str]:
+    """The cases of a golden folder: each <case>.yaml input, beside its <case>.golden.yaml."""
+    return {p.name.removesuffix(".yaml") for p in folder.glob("*.yaml") if not p.name.endswith(".golden.yaml")}
+
+
+def golden_input(folder: Path, case: str) -> Any:
+    return yaml.safe_load((folder / f"{case}.yaml").read_text())
