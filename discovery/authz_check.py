@@ -77,33 +77,64 @@ def load_dump(args: argparse.Namespace) -> Any:
         raise Failed(f"the config dump is not JSON ({e})") from None
 
 
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    """`value` as a JSON object (absent = empty); Failed naming `where` for another type."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise Failed(f"the config dump's {where} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _objects(value: Any, where: str) -> list[Mapping[str, Any]]:
+    """`value` as a list of JSON objects (absent = empty); Failed naming `where` otherwise."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise Failed(f"the config dump's {where} is not a list of objects")
+    return value
+
+
 def virtual_inbound(dump: Any) -> Mapping[str, Any]:
     """The active virtualInbound listener of a ConfigDump (Envoy's admin shape)."""
-    configs = dump.get("configs") if isinstance(dump, Mapping) else None
-    for cfg in configs if isinstance(configs, list) else ():
-        if not isinstance(cfg, Mapping) or cfg.get("@type") != LISTENERS_DUMP:
+    for cfg in _objects(_object(dump, "top level").get("configs"), "configs"):
+        if cfg.get("@type") != LISTENERS_DUMP:
             continue
-        for item in cfg.get("dynamic_listeners") or ():
-            listener = ((item or {}).get("active_state") or {}).get("listener") if isinstance(item, Mapping) else None
-            if isinstance(listener, Mapping) and listener.get("name") == C.VIRTUAL_INBOUND:
+        for item in _objects(cfg.get("dynamic_listeners"), "dynamic_listeners"):
+            listener = _object(_object(item.get("active_state"), "active_state").get("listener"), "listener")
+            if listener.get("name") == C.VIRTUAL_INBOUND:
                 return listener
     raise Failed("the config dump has no active virtualInbound listener (not a sidecar, or not configured yet)")
+
+
+# filter_chain_match fields read, with the JSON type each must have.
+_MATCH_FIELDS: dict[str, type] = {"destination_port": int, "transport_protocol": str, "application_protocols": list}
+
+
+def _match(chain: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A chain's filter_chain_match, the fields we read of the types Envoy's JSON gives them."""
+    match = _object(chain.get("filter_chain_match"), "filter_chain_match")
+    for key, kind in _MATCH_FIELDS.items():
+        value = match.get(key)
+        strings = not isinstance(value, list) or all(isinstance(v, str) for v in value)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or not strings):
+            raise Failed(f"the config dump's filter_chain_match.{key} of chain {str(chain.get('name'))[:60]!r} "
+                         f"is not a {'list of strings' if kind is list else kind.__name__}")
+    return match
 
 
 def _narrow(chains: list[Mapping[str, Any]], key: str, fits: Any) -> list[Mapping[str, Any]]:
     """One step of Envoy's filter chain match: the chains whose `key` matches specifically, else those without it
     (Envoy does not fall back to less specific chains once a specific one exists for the value)."""
-    def value(c: Mapping[str, Any]) -> Any:
-        return (c.get("filter_chain_match") or {}).get(key)
-    specific = [c for c in chains if value(c) and fits(value(c))]
-    return specific or [c for c in chains if not value(c)]
+    specific = [c for c in chains if _match(c).get(key) and fits(_match(c)[key])]
+    return specific or [c for c in chains if not _match(c).get(key)]
 
 
 def pick_chain(listener: Mapping[str, Any], port: int, mtls: bool) -> Mapping[str, Any] | None:
     """The chain Envoy picks for a connection to `port` (mTLS from a sidecar or plaintext), matching the fields we
     emit in Envoy's order: destination port, transport protocol, ALPN. None: no chain matches and Envoy closes the
     connection (e.g. plaintext to a STRICT port: its port has only a `tls` chain)."""
-    chains = [c for c in listener.get("filter_chains") or () if isinstance(c, Mapping)]
+    chains = _objects(listener.get("filter_chains"), "filter_chains")
     chains = _narrow(chains, "destination_port", lambda v: v == port)
     chains = _narrow(chains, "transport_protocol", lambda v: v == ("tls" if mtls else "raw_buffer"))
     chains = _narrow(chains, "application_protocols", lambda v: mtls and any(a in v for a in ISTIO_ALPN))
@@ -113,8 +144,8 @@ def pick_chain(listener: Mapping[str, Any], port: int, mtls: bool) -> Mapping[st
 def rbac_filters(chain: Mapping[str, Any]) -> list[lc.Filter]:
     """The chain's RBAC network filters as protos, in chain order (a filter we cannot read is an error)."""
     out = []
-    for f in chain.get("filters") or ():
-        if isinstance(f, Mapping) and f.get("name") == authz.FILTER_NAME:
+    for f in _objects(chain.get("filters"), "filters"):
+        if f.get("name") == authz.FILTER_NAME:
             try:
                 out.append(json_format.ParseDict(dict(f), lc.Filter()))
             except json_format.ParseError as e:

@@ -113,6 +113,37 @@ def test_hostile_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path:
     assert rc == 1 and message in err and err.count("\n") == 1, err
 
 
+def _inbound(listener: Any = None, item: Any = None, listeners: Any = None) -> str:
+    """A dump whose virtualInbound (or the structure around it) is `listener` / `item` / `listeners`."""
+    if listeners is None:
+        listeners = [{"active_state": {"listener": listener}} if item is None else item]
+    return json.dumps({"configs": [{"@type": authz_check.LISTENERS_DUMP, "dynamic_listeners": listeners}]})
+
+
+def _chains(*chains: Any) -> str:
+    return _inbound({"name": "virtualInbound", "filter_chains": list(chains)})
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (_inbound(listeners=5), "dynamic_listeners"),
+    (_inbound(item={"active_state": 5}), "active_state"),
+    (_inbound({"name": "virtualInbound", "filter_chains": 5}), "filter_chains"),
+    (_chains({"filter_chain_match": []}), "filter_chain_match"),
+    (_chains({"filter_chain_match": {"application_protocols": 5}}), "application_protocols"),
+    (_chains({"filter_chain_match": {"destination_port": "8080"}}), "destination_port"),
+    (_chains({"filters": 5}), "filters"),
+])
+def test_a_dump_of_the_wrong_shape_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str,
+                                              message: str) -> None:
+    """Each wrong type where the dump has a list or an object is named, never a TypeError's traceback."""
+    p = tmp_path / "dump.json"
+    p.write_text(content)
+    rc = authz_check.main(["--config-dump", str(p), "--source-namespace", "demo", "--source-ip", "10.0.0.1",
+                           "--port", "8080"])
+    err = capsys.readouterr().err
+    assert rc == 1 and message in err and err.count("\n") == 1, err
+
+
 @pytest.fixture
 def control_plane() -> Iterator[str]:
     """A stand-in for the monitoring port's /debug/config_dump (the real one: test_discovery_debug.py)."""
