@@ -49,7 +49,7 @@ from discovery.ads import SERVICE
 from meshboot.protowire import varint
 
 TARGET_FULL_S, TARGET_P99_MS, TARGET_RSS_MB, TARGET_RATIO = 3.0, 500.0, 600.0, 3.0
-NAMESPACES = 10
+NAMESPACES = 100
 TICK = os.sysconf("SC_CLK_TCK")
 STDERR = tempfile.TemporaryFile()      # the children's stderr: shown after the run, minus gRPC's shutdown noise
 PROFILE: list[cProfile.Profile | None] = [None]     # the server's profiler (--profile), for --profile-from
@@ -57,27 +57,36 @@ NOISE = ("CancelledError", "Traceback (most recent call last)", "_schedule_rpc_c
 
 
 # ---- the synthetic mesh (server side): Kubernetes objects, as the watcher stores them ----------------------------
+ROOT_NAMESPACE = "istio-system"         # meshConfig.rootNamespace's default: where mesh-wide policies live
+ROOT_POLICIES = 4                       # mesh-wide policies (root namespace); the rest are spread over the namespaces
+SIZE = {"namespaces": NAMESPACES}       # --namespaces, set by main() in every process
+
+
+def ns_of(s: int) -> str:
+    return f"ns-{s % SIZE['namespaces']}"
+
+
 def _ip(base: int, j: int) -> str:
     return f"10.{base + (j >> 16)}.{(j >> 8) & 255}.{j & 255}"
 
 
 def proxy_pod(p: int, services: int, endpoints: int, proxies: int) -> tuple[int, int]:
-    """(service, endpoint) of proxy p: spread evenly over the mesh's pods."""
-    j = p * (services * endpoints // proxies)
-    return j // endpoints, j % endpoints
+    """(service, endpoint) of proxy p: one pod of each Service first (so every namespace has proxies: Service s is in
+    namespace s mod N), then each Service's next pod."""
+    return p % services, (p // services) % endpoints
 
 
 def proxy_node(p: int, services: int, endpoints: int, proxies: int) -> tuple[str, dict[str, str]]:
     """The node id and metadata an injected sidecar of that pod sends."""
     s, k = proxy_pod(p, services, endpoints, proxies)
-    ns, ip = f"ns-{s % NAMESPACES}", _ip(1, s * endpoints + k)
+    ns, ip = ns_of(s), _ip(1, s * endpoints + k)
     node_id = f"sidecar~{ip}~svc-{s}-{k}.{ns}~{ns}.svc.cluster.local"
     return node_id, {"NAMESPACE": ns, "SERVICE_ACCOUNT": f"sa-{s}", "INSTANCE_IPS": ip, "ISTIO_VERSION": "1.28.0"}
 
 
 def slice_object(s: int, endpoints: int, unready: frozenset[int] = frozenset()) -> dict[str, Any]:
     """Service s's EndpointSlice as the API server sends it (endpoint k unready when k is in `unready`)."""
-    ns, name = f"ns-{s % NAMESPACES}", f"svc-{s}"
+    ns, name = ns_of(s), f"svc-{s}"
     return {"metadata": {"name": f"{name}-abcde", "namespace": ns,
                          "labels": {"kubernetes.io/service-name": name}},
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
@@ -88,21 +97,78 @@ def slice_object(s: int, endpoints: int, unready: frozenset[int] = frozenset()) 
 
 def service_object(s: int, generation: int = 0) -> dict[str, Any]:
     """Service s: http 80 -> the pods' named port http (8080); `generation` is a label a full push changes."""
-    ns, name = f"ns-{s % NAMESPACES}", f"svc-{s}"
+    ns, name = ns_of(s), f"svc-{s}"
     return {"metadata": {"name": name, "namespace": ns, "labels": {"app": name, "bench-gen": str(generation)}},
             "spec": {"type": "ClusterIP", "clusterIP": _ip(96, s), "selector": {"app": name},
                      "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}
 
 
-def mesh_objects(services: int, endpoints: int) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
-    """Every watched kind: 10 Namespaces, `services` Services with one EndpointSlice each, `endpoints` ready
-    sidecar Pods per Service, no PeerAuthentication (PERMISSIVE); each object cut by discovery.kinds.keep."""
+def _policy(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def _root_policy(i: int, generation: int) -> dict[str, Any]:
+    """Mesh-wide policies: DENY known-bad networks, DENY a quarantined namespace, AUDIT every identity; one root
+    policy with a selector (it applies in every namespace to the workloads it matches: none here)."""
+    bad = ["203.0.113.0/24", "198.51.100.0/24", *([f"192.0.2.{generation}/32"] if generation else [])]
+    specs = [{"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": bad}}]}]},
+             {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["quarantine", "ns-untrusted-*"]}}]}]},
+             {"action": "AUDIT", "rules": [{"from": [{"source": {"principals": ["*"]}}]}]},
+             {"selector": {"matchLabels": {"app": "prometheus"}}, "action": "ALLOW",
+              "rules": [{"from": [{"source": {"namespaces": ["monitoring"]}}], "to": [{"operation": {
+                  "ports": ["9090"]}}]}]}]
+    return _policy(ROOT_NAMESPACE, f"mesh-{i}", specs[i % len(specs)])
+
+
+def policy_object(i: int, generation: int = 0) -> dict[str, Any]:
+    """AuthorizationPolicy i: the first ROOT_POLICIES mesh-wide; then, with j = i - ROOT_POLICIES, namespace
+    ns-(j mod N) gets, for m = j div N: m = 0 a namespace-wide DENY (some namespaces and a sandbox account, on the
+    app port); m >= 1 a workload ALLOW selecting svc-(n + N(m-1)) (a Service of that namespace): principals of two
+    clients on 8080, its namespace and the root namespace on 8080/15090, and a trusted network. `generation` > 0
+    adds a value (a policy change)."""
+    if i < ROOT_POLICIES:
+        return _root_policy(i, generation)
+    n_ns = SIZE["namespaces"]
+    n, m = (i - ROOT_POLICIES) % n_ns, (i - ROOT_POLICIES) // n_ns
+    ns, extra = f"ns-{n}", [f"cluster.local/ns/ns-{n}/sa/bench-gen-{generation}"] if generation else []
+    if m == 0:
+        return _policy(ns, "deny-untrusted", {"action": "DENY", "rules": [
+            {"from": [{"source": {"namespaces": ["sandbox", f"ns-{(n + 1) % n_ns}-dev",
+                                                 *([f"gen-{generation}"] if generation else [])]}}],
+             "to": [{"operation": {"ports": ["8080"]}}]},
+            {"from": [{"source": {"principals": [f"cluster.local/ns/{ns}/sa/sandbox"]}}]}]})
+    s = n + n_ns * (m - 1)
+    clients = [f"cluster.local/ns/ns-{(n + 1) % n_ns}/sa/sa-{(s + 1) % 1000}", f"cluster.local/ns/{ns}/sa/sa-{s}"]
+    return _policy(ns, f"allow-svc-{s}", {"selector": {"matchLabels": {"app": f"svc-{s}"}}, "action": "ALLOW",
+                                         "rules": [
+        {"from": [{"source": {"principals": [*clients, *extra]}}], "to": [{"operation": {"ports": ["8080"]}}]},
+        {"from": [{"source": {"namespaces": [ns, ROOT_NAMESPACE]}}], "to": [{"operation": {
+            "ports": ["8080", "15090"]}}]},
+        {"from": [{"source": {"ipBlocks": ["10.200.0.0/16"],
+                               "notPrincipals": [f"cluster.local/ns/{ns}/sa/sandbox"]}}]}]})
+
+
+def policy_change(c: int) -> int:
+    """The policy change number c rewrites: alternately a workload ALLOW (one selecting a Service that has a proxy)
+    and a namespace-wide DENY, in namespace 7c mod N."""
+    n_ns = SIZE["namespaces"]
+    n = (7 * c) % n_ns
+    return ROOT_POLICIES + n + n_ns * (1 + c % 4 if c % 2 == 0 else 0)
+
+
+def mesh_objects(services: int, endpoints: int, policies: int = 0) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
+    """Every watched kind: the Namespaces (and the root one), `services` Services with one EndpointSlice each,
+    `endpoints` ready sidecar Pods per Service, `policies` AuthorizationPolicies (policy_object), no
+    PeerAuthentication (PERMISSIVE); each object cut by discovery.kinds.keep."""
     from discovery import kinds
     raw: list[tuple[str, dict[str, Any]]] = [
-        ("Namespace", {"metadata": {"name": f"ns-{n}", "labels": {"istio-injection": "enabled"}},
-                       "status": {"phase": "Active"}}) for n in range(NAMESPACES)]
+        ("Namespace", {"metadata": {"name": name, "labels": {"istio-injection": "enabled"}},
+                       "status": {"phase": "Active"}})
+        for name in [ROOT_NAMESPACE, *(f"ns-{n}" for n in range(SIZE["namespaces"]))]]
+    raw += [("AuthorizationPolicy", policy_object(i)) for i in range(policies)]
     for s in range(services):
-        ns, name = f"ns-{s % NAMESPACES}", f"svc-{s}"
+        ns, name = ns_of(s), f"svc-{s}"
         raw += [("Service", service_object(s)), ("EndpointSlice", slice_object(s, endpoints))]
         raw += [("Pod", {"metadata": {"name": f"{name}-{k}", "namespace": ns,
                                       "labels": {"app": name, "security.istio.io/tlsMode": "istio"}},
@@ -172,12 +238,13 @@ async def served_version(disco: Any) -> str:
     return str(disco.served.version)
 
 
-def generation_cost(disco: Any, args: argparse.Namespace) -> tuple[float, float, float]:
-    """After the timed runs, for the breakdown: adapt.build, generate.common and 500 generate.for_proxy, timed once
-    more on a fresh Served of the same objects (seconds)."""
+def generation_cost(disco: Any, args: argparse.Namespace) -> tuple[float, float, float, float]:
+    """After the timed runs, for the breakdown: adapt.build, generate.common, 500 generate.for_proxy, and 500
+    authz.for_workload (part of for_proxy; its per-policy rendering cache warm from for_proxy), timed once more on a
+    fresh Served of the same objects (seconds)."""
     from google.protobuf import struct_pb2
 
-    from discovery import adapt, generate
+    from discovery import adapt, authz, generate
     from discovery.service import Served
     fresh = Served(disco.served.objects, disco.mesh, disco.root_namespace)
     t0 = time.perf_counter()
@@ -190,7 +257,12 @@ def generation_cost(disco: Any, args: argparse.Namespace) -> tuple[float, float,
         node = P.parse_node(node_id, struct_pb2.Struct(fields={k: struct_pb2.Value(string_value=v)
                                                                for k, v in meta.items()}))
         generate.for_proxy(built.model, shared, adapt.proxy_for(built, node))
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
+    t3 = time.perf_counter()
+    for p in range(args.proxies):
+        s = proxy_pod(p, args.services, args.endpoints, args.proxies)[0]
+        authz.for_workload(built.model.authz, ns_of(s), {"app": f"svc-{s}", "security.istio.io/tlsMode": "istio"},
+                           disco.mesh.trust_domain)
+    return t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3
 
 
 class GcPauses:
@@ -223,7 +295,7 @@ async def run_server(args: argparse.Namespace) -> None:
     from discovery.service import Discovery
     gc_pauses = GcPauses()
     t = time.perf_counter()
-    watcher = bench_watcher(mesh_objects(args.services, args.endpoints))
+    watcher = bench_watcher(mesh_objects(args.services, args.endpoints, args.policies))
     objects_s = time.perf_counter() - t
     disco = Discovery(None, watcher=watcher, authenticate=token_identity)
     server = ads.new_grpc_server()
@@ -257,6 +329,11 @@ async def run_server(args: argparse.Namespace) -> None:
                 obj = kinds.keep("Service", service_object(0, generation))
                 watcher.store.put("Service", kinds.key_of(obj), obj)
             say("changed", await served_version(disco), f"{t0:.6f}")
+        elif line[0] == "policy":
+            t0 = time.monotonic()
+            obj = kinds.keep("AuthorizationPolicy", policy_object(policy_change(int(line[1])), int(line[1]) + 1))
+            watcher.store.put("AuthorizationPolicy", kinds.key_of(obj), obj)
+            say("changed", await served_version(disco), f"{t0:.6f}")
         elif line[0] == "gc":
             say("gc", *gc_pauses.words())
         elif line[0] == "gen":
@@ -280,7 +357,7 @@ class FloorBodies:
         from discovery import ads
         from discovery.model import Mesh
         from discovery.service import Served
-        objects = mesh_objects(args.services, args.endpoints)
+        objects = mesh_objects(args.services, args.endpoints, args.policies)
         self.served = Served(bench_watcher(objects).store.snapshot(), Mesh())
         self.encoder = ads.Encoder()
         self.shared = {P.CDS: self.served.shared.clusters, P.EDS: self.served.shared.endpoints,
@@ -511,7 +588,8 @@ def tell(proc: asyncio.subprocess.Process, line: str) -> None:
 
 
 def size_args(args: argparse.Namespace) -> list[str]:
-    return ["--services", str(args.services), "--endpoints", str(args.endpoints), "--proxies", str(args.proxies)]
+    return ["--services", str(args.services), "--endpoints", str(args.endpoints), "--proxies", str(args.proxies),
+            "--namespaces", str(args.namespaces), "--policies", str(args.policies)]
 
 
 async def start(role: str, args: argparse.Namespace, board: Board) -> tuple[Any, list[Any], dict[str, Any]]:
@@ -542,17 +620,33 @@ async def full_config(server: Any, clients: list[Any], board: Board, n: int) -> 
     return took, cpu_s(server.pid) - cpu0
 
 
+def selected_proxies(c: int, args: argparse.Namespace) -> set[int]:
+    """The proxies policy change c's policy selects (authz.compile and authz.selected on it alone)."""
+    from discovery import authz, kinds
+    obj = kinds.keep("AuthorizationPolicy", policy_object(policy_change(c), c + 1))
+    policies, _ = authz.compile([obj], ROOT_NAMESPACE)
+    out = set()
+    for p in range(args.proxies):
+        s = proxy_pod(p, args.services, args.endpoints, args.proxies)[0]
+        if authz.selected(policies, ns_of(s), {"app": f"svc-{s}", "security.istio.io/tlsMode": "istio"}):
+            out.add(p)
+    return out
+
+
 async def one_push(server: Any, clients: list[Any], board: Board, n: int, command: str,
-                   types: tuple[str, ...]) -> dict[str, float]:
-    """A change → every proxy ACKed the version it made (of every type in `types`); server and clients' CPU."""
+                   types: tuple[str, ...], selected: set[int] | None = None) -> dict[str, float]:
+    """A change → every proxy ACKed the version it made (of every type in `types`); server and clients' CPU;
+    `selected`: also when those proxies had ACKed their LDS (a policy change: the proxies it selects)."""
     cpu0, client0 = cpu_s(server.pid), sum(cpu_s(c.pid) for c in clients)
     tell(server, command)
     word = await asyncio.wait_for(board.server.get(), 60)
     version, changed = word[1], float(word[2])
     await board.until(lambda: all(len(board.acks.get((t, version), ())) == n for t in types), 60, command)
     last = max(max(board.acks[(t, version)].values()) for t in types)
+    mine = max((board.acks[("lds", version)][p] for p in selected or ()), default=changed)
     await asyncio.sleep(0.05)
     return {"converge_ms": (last - changed) * 1000, "after_debounce_ms": (last - board.pushed[version]) * 1000,
+            "selected_lds_ms": (mine - changed) * 1000, "selected": len(selected or ()),
             "cpu_s": cpu_s(server.pid) - cpu0, "clients_cpu_s": sum(cpu_s(c.pid) for c in clients) - client0}
 
 
@@ -598,6 +692,8 @@ async def measure_ads(args: argparse.Namespace) -> dict[str, Any]:
         tell(server, "gc")
         gc_pushes = await asyncio.wait_for(board.server.get(), 30)
         full_push = await one_push(server, clients, board, args.proxies, "full", ("cds", "eds", "lds"))
+        policy = [await one_push(server, clients, board, args.proxies, f"policy {c}", ("cds", "eds", "lds"),
+                                 selected_proxies(c, args)) for c in range(args.policy_changes)]
         rss, hwm = rss_mb(server.pid)
         tell(server, "gen")
         gen = await asyncio.wait_for(board.server.get(), 120)
@@ -608,18 +704,32 @@ async def measure_ads(args: argparse.Namespace) -> dict[str, Any]:
     return {"full_config_s": round(full_s, 3), "full_config_server_cpu_s": round(full_cpu, 3),
             "full_config_clients_cpu_s": round(client_cpu, 3), "objects_s": info["objects_s"],
             "first_build_s": info["build_s"], "adapt_build_s": float(gen[1]), "common_s": float(gen[2]),
-            "per_proxy_generate_s": float(gen[3]), "resources_encoded_last_push": int(gen[4]),
+            "per_proxy_generate_s": float(gen[3]), "authz_for_workload_s": float(gen[4]),
+            "resources_encoded_last_push": int(gen[5]),
             "gc_full_collections_in_endpoint_pushes": gc_during(gc_before[3], gc_pushes[3]),
-            "gc_full_collections_in_full_push": gc_during(gc_pushes[3], gen[7]),
+            "gc_full_collections_in_full_pushes": gc_during(gc_pushes[3], gen[8]),
             "converge_p50_ms": round(pct(conv, 0.5), 1), "converge_p99_ms": round(pct(conv, 0.99), 1),
             "after_debounce_p50_ms": round(pct(after, 0.5), 1), "after_debounce_p99_ms": round(pct(after, 0.99), 1),
             "cpu_s_per_endpoint_push": round(statistics.mean(p["cpu_s"] for p in pushes), 4),
             "clients_cpu_s_per_endpoint_push": round(statistics.mean(p["clients_cpu_s"] for p in pushes), 4),
             "full_push_ms": round(full_push["converge_ms"], 1), "full_push_cpu_s": round(full_push["cpu_s"], 3),
-            "full_push_clients_cpu_s": round(full_push["clients_cpu_s"], 3),
+            "full_push_clients_cpu_s": round(full_push["clients_cpu_s"], 3), **policy_figures(policy),
             "rss_mb_after_full_config": round(rss_full, 1),
             "rss_peak_mb_after_full_config": round(hwm_full, 1), "rss_mb": round(rss, 1), "rss_peak_mb": round(hwm, 1),
             "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
+
+
+def policy_figures(pushes: list[dict[str, float]]) -> dict[str, Any]:
+    """A policy change → the selected proxies ACKed LDS, and → every proxy ACKed every type (a full push)."""
+    if not pushes:
+        return {"policy_changes": 0}
+    mine, every = [p["selected_lds_ms"] for p in pushes], [p["converge_ms"] for p in pushes]
+    return {"policy_changes": len(pushes), "policy_selected_proxies": [int(p["selected"]) for p in pushes],
+            "policy_selected_lds_p50_ms": round(pct(mine, 0.5), 1),
+            "policy_selected_lds_p99_ms": round(pct(mine, 0.99), 1),
+            "policy_all_p50_ms": round(pct(every, 0.5), 1), "policy_all_p99_ms": round(pct(every, 0.99), 1),
+            "cpu_s_per_policy_push": round(statistics.mean(p["cpu_s"] for p in pushes), 3),
+            "clients_cpu_s_per_policy_push": round(statistics.mean(p["clients_cpu_s"] for p in pushes), 3)}
 
 
 async def measure_floor(args: argparse.Namespace) -> dict[str, Any]:
@@ -642,13 +752,15 @@ def report(args: argparse.Namespace, ads: dict[str, Any], floor: dict[str, Any])
     ok = {"full_config": a["full_config_s"] <= TARGET_FULL_S, "converge_p99": a["converge_p99_ms"] <= TARGET_P99_MS,
           "rss": a["rss_peak_mb"] <= TARGET_RSS_MB, "floor_ratio": ratio_t <= TARGET_RATIO}
     word = {True: "met", False: "MISSED"}
-    print(f"mesh: {args.services} services x {args.endpoints} endpoints, {args.proxies} proxies in {args.procs} client "
+    print(f"mesh: {args.services} services x {args.endpoints} endpoints in {args.namespaces} namespaces, "
+          f"{args.policies} AuthorizationPolicies; {args.proxies} proxies in {args.procs} client "
           f"processes (one gRPC channel each, SotW ADS, real ACKs); {os.cpu_count()} CPUs, shared machine; server "
           f"{'pinned to one CPU, clients on the other' if args.pin else 'not pinned'}; load average (1 min) "
           f"{a['load_1min_before']} before, {a['load_1min_after']} after")
     print(f"  objects made {a['objects_s']} s; first sync (adapt.build + push + generate.common) {a['first_build_s']}"
           f" s (before the clock); timed again after the run: adapt.build {a['adapt_build_s']} s, generate.common "
-          f"{a['common_s']} s, generate.for_proxy x {args.proxies} {a['per_proxy_generate_s']} s")
+          f"{a['common_s']} s, generate.for_proxy x {args.proxies} {a['per_proxy_generate_s']} s (of which "
+          f"authz.for_workload {a['authz_for_workload_s']} s)")
     print(f"full config to every proxy: {a['full_config_s']:.3f} s (target {TARGET_FULL_S} s: "
           f"{word[ok['full_config']]}); server CPU {a['full_config_server_cpu_s']} s, clients CPU "
           f"{a['full_config_clients_cpu_s']} s")
@@ -662,14 +774,23 @@ def report(args: argparse.Namespace, ads: dict[str, Any], floor: dict[str, Any])
           f"{a['clients_cpu_s_per_endpoint_push']} s); a full push (all types, regenerated): "
           f"{a['full_push_ms']} ms to every ACK, {a['full_push_cpu_s']} CPU s (clients "
           f"{a['full_push_clients_cpu_s']} s)")
-    g, h = a["gc_full_collections_in_endpoint_pushes"], a["gc_full_collections_in_full_push"]
+    g, h = a["gc_full_collections_in_endpoint_pushes"], a["gc_full_collections_in_full_pushes"]
     print(f"  full garbage collections (pauses): {g['count']} taking {g['total_s']} s during the endpoint pushes, "
-          f"{h['count']} taking {h['total_s']} s during the full push (the run's longest {h['longest_s']} s)")
+          f"{h['count']} taking {h['total_s']} s during the full and policy pushes (the run's longest "
+          f"{h['longest_s']} s)")
+    if a["policy_changes"]:
+        print(f"one AuthorizationPolicy changes ({a['policy_changes']} changes, each a full push; selecting "
+              f"{min(a['policy_selected_proxies'])}-{max(a['policy_selected_proxies'])} proxies) -> every selected "
+              f"proxy ACKed its LDS: p50 {a['policy_selected_lds_p50_ms']} ms, p99 {a['policy_selected_lds_p99_ms']} "
+              f"ms; -> every proxy ACKed CDS+EDS+LDS: p50 {a['policy_all_p50_ms']} ms, p99 {a['policy_all_p99_ms']} "
+              f"ms; server CPU {a['cpu_s_per_policy_push']} s per push (clients "
+              f"{a['clients_cpu_s_per_policy_push']} s)")
     print(f"server RSS: {a['rss_mb_after_full_config']} MB after full config (peak so far "
           f"{a['rss_peak_mb_after_full_config']} MB), {a['rss_mb']} MB after the pushes, peak "
           f"{a['rss_peak_mb']} MB (target {TARGET_RSS_MB:.0f} MB: {word[ok['rss']]}); Istio publishes 1 vCPU and "
           f"1.5 GB for istiod at 1,000 services and 2,000 sidecars")
     return {"bench": "discovery", "services": args.services, "endpoints": args.endpoints, "proxies": args.proxies,
+            "namespaces": args.namespaces, "policies": args.policies,
             "client_procs": args.procs, "cpus": os.cpu_count(), "server_cpus": 1 if args.pin else os.cpu_count(),
             "figures": ads, "floor": floor,
             "targets": {"full_config_s": TARGET_FULL_S, "converge_p99_ms": TARGET_P99_MS, "rss_mb": TARGET_RSS_MB,
@@ -688,6 +809,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--proxies", type=int, default=500)
     ap.add_argument("--procs", type=int, default=8)
     ap.add_argument("--changes", type=int, default=30)
+    ap.add_argument("--namespaces", type=int, default=NAMESPACES)
+    ap.add_argument("--policies", type=int, default=1000, help="AuthorizationPolicies (0: none)")
+    ap.add_argument("--policy-changes", type=int, default=10)
     ap.add_argument("--no-pin", dest="pin", action="store_false")
     ap.add_argument("--profile", default="", help="cProfile the ADS server into this file; the top is printed")
     ap.add_argument("--profile-from", choices=("full", "changes"), default="full",
@@ -699,11 +823,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not 0 < args.proxies <= args.services * args.endpoints:
         ap.error("--proxies must be 1 .. services x endpoints (a proxy is one of the pods)")
+    if args.policies == 0:
+        args.policy_changes = 0
+    elif args.policy_changes and args.policies < ROOT_POLICIES + 5 * args.namespaces:
+        ap.error("--policies: the policy changes rewrite policies up to ROOT_POLICIES + 5 x namespaces (or "
+                 "--policy-changes 0)")
     return args
 
 
 def main() -> int:
     args = parse()
+    SIZE["namespaces"] = args.namespaces
     if args.role in ("server", "floor", "clients"):
         run = {"server": run_server, "floor": run_floor, "clients": run_clients}[args.role]
         profile = PROFILE[0] = cProfile.Profile() if args.profile else None
