@@ -126,6 +126,16 @@ def test_readme_install_section_builds_and_loads_before_helm_install() -> None:
     assert CHART["kubeVersion"] == f">={preflight.MIN_KUBERNETES[0]}.{preflight.MIN_KUBERNETES[1]}.0-0"
 
 
+
+def test_readme_deploy_says_which_envoy_and_what_istiod_replaces() -> None:
+    """The agent image's Envoy is Istio's unless ENVOY_FROM=upstream; agents use meshboot's discovery by default, so
+    a real istiod replaces the CA and discovery (not "standalone agents")."""
+    deploy = (ROOT / "README.md").read_text().split("## Deploy", 1)[1].split("\n## ", 1)[0]
+    flat = " ".join(deploy.split())
+    assert "Istio's own Envoy by default" in flat and "ENVOY_FROM=upstream" in flat
+    assert "standalone agents" not in flat and "instead of meshboot's CA and discovery" in flat
+
+
 # ---- Helm's platform fallback ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("system,machine", [("Darwin", "arm64"), ("Linux", "aarch64"), ("Darwin", "x86_64")])
