@@ -26,8 +26,8 @@ from webhook.inject import (
     _take_user_containers,
     image_name,
     json_copy,
+    merge_user_container,
     proxy_config_env,
-    reapply_overwritten_containers,
     reorder_pod,
 )
 from webhook.overlay import Recorder
@@ -191,7 +191,8 @@ def inject_gateway(pod: dict[str, Any], annotations: dict[str, str], settings: S
         inits.append(user_init)
     gw = dataclasses.replace(ch, native=False)
     proxy = render_gateway(annotations, settings, gw, dm, spec["containers"])
-    proxy, _ = reapply_overwritten_containers(proxy, None, user_proxy, None, gw)
+    if user_proxy is not None:  # no istio-init to adjust, and no TPROXY root: nothing is captured in a gateway
+        proxy = merge_user_container(proxy, user_proxy)
     _, status_containers = reorder_pod(spec, proxy, None, inits, gw)
     volumes = gateway_volumes(pod, annotations, settings)
     names = {v["name"] for v in volumes}

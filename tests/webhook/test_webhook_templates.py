@@ -351,3 +351,33 @@ def test_render_work_bounded() -> None:
     text = "{{ range $a := .Spec.Containers }}{{ range $b := .Spec.Containers }}{{ end }}{{ end }}"
     with pytest.raises(InjectionError, match="template 't': more than 100000 template steps"):
         inject_pod(pod, settings(injector={"templates": {"t": text}}))
+
+
+@pytest.mark.parametrize(("kw", "check_"), [
+    ({"values": {"revision": "canary"}},
+     lambda p, s: _env(s)["CA_ADDR"] == "istiod-canary.istio-system.svc:15012"
+     and p["metadata"]["annotations"]["istio.io/rev"] == "canary"),
+    ({"values": {"global": {"imagePullPolicy": "Always", "imagePullSecrets": ["reg"]}}},
+     lambda p, s: p["spec"]["imagePullSecrets"] == [{"name": "reg"}] and s["imagePullPolicy"] == "IfNotPresent"),
+    ({"values": {"global": {"mountMtlsCerts": True}}},
+     lambda p, s: {"name": "istio-certs", "secret": {"optional": True, "secretName": "istio.istio-ingressgateway"}}
+     in p["spec"]["volumes"]),
+    ({"values": {"global": {"proxy": {"lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}}}}}},
+     lambda p, s: s["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}),
+    ({"annotations": {"sidecar.istio.io/proxyImage": "example.io/gw:1"}}, lambda p, s: s["image"] == "example.io/gw:1"),
+    ({"annotations": {"sidecar.istio.io/bootstrapOverride": "custom-bs"}},
+     lambda p, s: _env(s)["ISTIO_BOOTSTRAP_OVERRIDE"] == "/etc/istio/custom-bootstrap/custom_bootstrap.json"
+     and {"configMap": {"name": "custom-bs"}, "name": "custom-bootstrap-volume"} in p["spec"]["volumes"]),
+    ({"annotations": {"proxy.istio.io/config": "proxyMetadata: {ISTIO_META_DNS_CAPTURE: 'true'}"}},
+     lambda p, s: _env(s)["ISTIO_META_DNS_CAPTURE"] == "true" and "initContainers" not in p["spec"]),
+    ({"annotations": {"sidecar.istio.io/interceptionMode": "TPROXY"}},
+     lambda p, s: s["securityContext"] == {"runAsGroup": 1337, "runAsUser": 1337}
+     and _env(s)["ISTIO_META_INTERCEPTION_MODE"] == "REDIRECT"),   # Istio's gateway reads the ProxyConfig only
+])
+def test_gateway_options(kw: dict[str, Any], check_: Any) -> None:
+    pod = _pod("gateway")
+    pod["metadata"]["annotations"].update(kw.get("annotations", {}))
+    out = inject_pod(pod, settings(values=copy.deepcopy(kw.get("values"))))
+    assert check_(out, _proxy(out))
+    assert inject_pod(out, settings(values=copy.deepcopy(kw.get("values")))) == out
+    validate_pod(out)
