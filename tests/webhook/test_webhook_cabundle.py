@@ -246,7 +246,7 @@ def test_control_plane_is_not_ready_until_its_bundle_is_in_place(kube: FakeKube,
     with open(tmp_path / "log", "wb") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            body = _wait_readyz(port, proc, 503)
+            body = _wait_readyz(port, proc, 503, timeout=90)   # start-up: imports and the CA's keys, on a loaded host
             assert f"caBundle of MutatingWebhookConfiguration '{MWC}' not patched yet" in body, body
             kube.put_object("mutatingwebhookconfigurations", _mwc("namespace.sidecar-injector.istio.io"))
             _wait_readyz(port, proc, 200)
