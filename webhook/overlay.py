@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from meshboot import constants as C
+from webhook.errors import InjectionError
 
 Merge = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 _OURS = (C.PROXY_CONTAINER, C.INIT_CONTAINER, C.VALIDATION_CONTAINER)
@@ -88,8 +89,15 @@ def apply(pod: dict[str, Any], annotations: dict[str, str], labels: dict[str, st
     for key, value in over.items():
         spec[key] = merge(spec[key], value) if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
     if record and saved:
-        current = json.loads(annotations.get(C.ANNOTATION_PROXY_OVERRIDES) or "{}")
+        try:   # checked by annotations.validate when the pod brought it; a template may have set it too
+            current = json.loads(annotations.get(C.ANNOTATION_PROXY_OVERRIDES) or "{}")
+        except ValueError:
+            current = None
+        if not isinstance(current, dict):
+            raise InjectionError(f"failed to run injection template: annotation {C.ANNOTATION_PROXY_OVERRIDES}: "
+                                 "want a JSON object")
         for key, cs in saved.items():
-            names = {c.get("name") for c in current.get(key) or []}
-            current.setdefault(key, []).extend(c for c in cs if c.get("name") not in names)
+            have = current.get(key) if isinstance(current.get(key), list) else []
+            names = {c.get("name") for c in have if isinstance(c, dict)}
+            current[key] = have + [c for c in cs if c.get("name") not in names]
         annotations[C.ANNOTATION_PROXY_OVERRIDES] = json.dumps(current, separators=(",", ":"), sort_keys=True)

@@ -381,3 +381,17 @@ def test_gateway_options(kw: dict[str, Any], check_: Any) -> None:
     assert check_(out, _proxy(out))
     assert inject_pod(out, settings(values=copy.deepcopy(kw.get("values")))) == out
     validate_pod(out)
+
+
+@pytest.mark.parametrize("overrides", ['{"containers": null}', '{"initContainers": []}', None])
+def test_template_touching_a_user_container_with_overrides_present(overrides: str | None) -> None:
+    """The tenant's own proxy.istio.io/overrides (valid, odd) and a template's: one clear outcome, never a crash."""
+    pod = _pod("custom-template")
+    if overrides is not None:
+        pod["metadata"]["annotations"]["proxy.istio.io/overrides"] = overrides
+    out = inject_pod(pod, settings(**TEMPLATES))
+    saved = json.loads(out["metadata"]["annotations"]["proxy.istio.io/overrides"])
+    assert [c["name"] for c in saved["containers"]] == ["hello"]
+    bad = "metadata:\n  annotations:\n    proxy.istio.io/overrides: '[1'\n" + CUSTOM.split("\n", 5)[-1]
+    with pytest.raises(InjectionError, match=r"annotation proxy\.istio\.io/overrides: want a JSON object"):
+        inject_pod(_pod("custom-template"), settings(injector={"templates": {"custom": bad}}))
