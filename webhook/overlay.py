@@ -97,7 +97,7 @@ def apply(pod: dict[str, Any], annotations: dict[str, str], labels: dict[str, st
             raise InjectionError(f"failed to run injection template: annotation {C.ANNOTATION_PROXY_OVERRIDES}: "
                                  "want a JSON object")
         for key, cs in saved.items():
-            have = current.get(key) if isinstance(current.get(key), list) else []
-            names = {c.get("name") for c in have if isinstance(c, dict)}
-            current[key] = have + [c for c in cs if c.get("name") not in names]
+            kept: list[Any] = current[key] if isinstance(current.get(key), list) else []
+            names = {c.get("name") for c in kept if isinstance(c, dict)}
+            current[key] = kept + [c for c in cs if c.get("name") not in names]
         annotations[C.ANNOTATION_PROXY_OVERRIDES] = json.dumps(current, separators=(",", ":"), sort_keys=True)
