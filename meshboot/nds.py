@@ -3,7 +3,8 @@
 Shared by discovery (which serves the table, discovery/nds.py) and the agent (which answers DNS from it).
 Hand-framed rather than generated: the agent's process must not load protobuf (its RSS budget), and the message is
 two levels deep. The table comes from the control plane, so decoding is bounded (entries, IPs, names, string
-sizes) and refuses what breaks a bound with `NdsError`, which the receiver turns into a NACK.
+sizes, the message's size), one pass that stops at the first bound broken, and refuses what breaks a bound with
+`NdsError`, which the receiver turns into a NACK.
 
 Field numbers (istio/istio pkg/dns/proto/nds.proto):
     NameTable { map<string, NameInfo> table = 1; }
@@ -15,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from .protowire import varint
+from .protowire import WireError, fields, varint
 
 TYPE_URL = "type.googleapis.com/istio.networking.nds.v1.NameTable"
 REGISTRY_KUBERNETES = "Kubernetes"   # Istio's provider.Kubernetes; the agent expands short names only for these
@@ -27,6 +28,9 @@ MAX_TOTAL_IPS = 100_000
 MAX_ALT_HOSTS = 8
 MAX_NAME = 253                   # a DNS name in text form
 MAX_IP_TEXT = 64                 # the longest IPv6 text with a zone is well under this
+# The largest table the bounds above allow (every string at its limit, framing included): bigger bytes cannot be a
+# table we would accept, and decoding them would only cost time.
+MAX_BYTES = MAX_ENTRIES * (8 + (MAX_NAME + 3) * (1 + 3 + MAX_ALT_HOSTS)) + MAX_TOTAL_IPS * (MAX_IP_TEXT + 2)
 
 
 class NdsError(ValueError):
@@ -79,49 +83,6 @@ def encode(nt: NameTable) -> bytes:
 
 
 # -- decode --
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if i >= len(data):
-            raise NdsError("truncated varint")
-        b = data[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, i
-        shift += 7
-        if shift >= 64:
-            raise NdsError("varint longer than 10 bytes")
-
-
-def _fields(data: bytes) -> list[tuple[int, int, bytes | int]]:
-    """(field number, wire type, value) for each field; unknown fields are kept for the caller to skip."""
-    out: list[tuple[int, int, bytes | int]] = []
-    i = 0
-    while i < len(data):
-        key, i = _varint(data, i)
-        num, wt = key >> 3, key & 7
-        if num == 0:
-            raise NdsError("field number 0")
-        if wt == 0:
-            v, i = _varint(data, i)
-            out.append((num, wt, v))
-        elif wt in (1, 5):
-            size = 8 if wt == 1 else 4
-            if i + size > len(data):
-                raise NdsError("truncated fixed-width field")
-            i += size
-        elif wt == 2:
-            size, i = _varint(data, i)
-            if size > len(data) - i:
-                raise NdsError("length-delimited field runs past the end")
-            out.append((num, wt, data[i:i + size]))
-            i += size
-        else:
-            raise NdsError(f"unsupported wire type {wt}")
-    return out
-
-
 def _text(v: bytes | int, what: str, limit: int) -> str:
     if not isinstance(v, bytes):
         raise NdsError(f"{what}: wrong wire type")
@@ -133,49 +94,60 @@ def _text(v: bytes | int, what: str, limit: int) -> str:
         raise NdsError(f"{what}: invalid UTF-8") from None
 
 
-def decode_info(data: bytes, host: str) -> NameInfo:
+def _merge_info(data: bytes, host: str, ips: list[str], alt: list[str], scalars: dict[int, str]) -> None:
+    """One NameInfo's bytes merged into what the entry holds so far (a message field seen twice merges, as
+    protobuf does); each bound is checked before an item is kept, so a hostile entry costs no more than the bounds."""
+    where = host[:64] or "table entry"
+    for num, _wt, v in fields(data):
+        if num == 1:
+            if len(ips) == MAX_IPS_PER_NAME:
+                raise NdsError(f"{where}: more than {MAX_IPS_PER_NAME} IPs")
+            ips.append(_text(v, f"{where}: ip", MAX_IP_TEXT))
+        elif num in scalars:
+            scalars[num] = _text(v, f"{where}: field {num}", MAX_NAME)
+        elif num == 5:
+            if len(alt) == MAX_ALT_HOSTS:
+                raise NdsError(f"{where}: more than {MAX_ALT_HOSTS} alt_hosts")
+            alt.append(_text(v, f"{where}: alt_hosts", MAX_NAME))
+
+
+def _entry(data: bytes) -> tuple[str, NameInfo]:
+    """One map entry {key = 1, value = 2}."""
+    host, scalars = "", {2: "", 3: "", 4: ""}
     ips: list[str] = []
     alt: list[str] = []
-    scalars = {2: "", 3: "", 4: ""}
-    for num, _wt, v in _fields(data):
+    for num, _wt, v in fields(data):
         if num == 1:
-            ips.append(_text(v, f"{host[:64]}: ip", MAX_IP_TEXT))
-            if len(ips) > MAX_IPS_PER_NAME:
-                raise NdsError(f"{host[:64]}: more than {MAX_IPS_PER_NAME} IPs")
-        elif num in scalars:
-            scalars[num] = _text(v, f"{host[:64]}: field {num}", MAX_NAME)
-        elif num == 5:
-            alt.append(_text(v, f"{host[:64]}: alt_hosts", MAX_NAME))
-            if len(alt) > MAX_ALT_HOSTS:
-                raise NdsError(f"{host[:64]}: more than {MAX_ALT_HOSTS} alt_hosts")
+            host = _text(v, "table key", MAX_NAME)
+        elif num == 2:
+            if not isinstance(v, bytes):
+                raise NdsError("table value: wrong wire type")
+            _merge_info(v, host, ips, alt, scalars)
     # registry and namespace repeat across thousands of entries: one string object each
-    return NameInfo(tuple(ips), sys.intern(scalars[2]), scalars[3], sys.intern(scalars[4]), tuple(alt))
+    return host, NameInfo(tuple(ips), sys.intern(scalars[2]), scalars[3], sys.intern(scalars[4]), tuple(alt))
 
 
 def decode(data: bytes) -> NameTable:
-    """The NameTable in `data` (an Any's value). Map semantics as protobuf's: a repeated key's last entry wins."""
-    raw: dict[str, bytes] = {}
-    for num, _wt, v in _fields(data):
-        if num != 1:
-            continue
-        if not isinstance(v, bytes):
-            raise NdsError("table entry: wrong wire type")
-        host, value = "", b""
-        for enum, _ewt, ev in _fields(v):
-            if enum == 1:
-                host = _text(ev, "table key", MAX_NAME)
-            elif enum == 2:
-                if not isinstance(ev, bytes):
-                    raise NdsError("table value: wrong wire type")
-                value += ev          # a message field seen twice merges, which concatenation is on the wire
-        raw[host] = value
-        if len(raw) > MAX_ENTRIES:
-            raise NdsError(f"more than {MAX_ENTRIES} entries")
-    table, total = {}, 0
-    for host, value in raw.items():
-        ni = decode_info(value, host)
-        total += len(ni.ips)
-        if total > MAX_TOTAL_IPS:
-            raise NdsError(f"more than {MAX_TOTAL_IPS} IPs in all")
-        table[host] = ni
+    """The NameTable in `data` (an Any's value), decoded in one pass that stops at the first bound broken. Map
+    semantics as protobuf's: a repeated key's last entry wins."""
+    if len(data) > MAX_BYTES:
+        raise NdsError(f"{len(data)} bytes: more than {MAX_BYTES}")
+    table: dict[str, NameInfo] = {}
+    total = 0
+    try:
+        for num, _wt, v in fields(data):
+            if num != 1:
+                continue
+            if not isinstance(v, bytes):
+                raise NdsError("table entry: wrong wire type")
+            host, ni = _entry(v)
+            old = table.get(host)
+            total += len(ni.ips) - (len(old.ips) if old else 0)
+            if total > MAX_TOTAL_IPS:
+                raise NdsError(f"more than {MAX_TOTAL_IPS} IPs in all")
+            table[host] = ni
+            if len(table) > MAX_ENTRIES:
+                raise NdsError(f"more than {MAX_ENTRIES} entries")
+    except WireError as e:
+        raise NdsError(str(e)) from None
     return NameTable(table)

@@ -84,6 +84,8 @@ class XdsProxy:
 
     def _channel(self) -> grpc.aio.Channel:
         cfg = self.cfg
+        # pilot-agent's MaxInt32: istiod's pushes for a large mesh are Envoy's to judge; what the agent itself decodes
+        # (NDS, PCDS) is bounded by its decoder
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 2**31 - 1), ("grpc.keepalive_time_ms", 30000),
             ("grpc.keepalive_timeout_ms", 10000), ("grpc.initial_reconnect_backoff_ms", 200),

@@ -9,32 +9,12 @@ resources. Field numbers are those of data-plane-api v3.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from meshboot.protowire import varint
-
-
-class WireError(ValueError):
-    """Malformed protobuf bytes."""
-
-
-
-
-def read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        if i >= len(buf):
-            raise WireError("truncated varint")
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
-        if shift > 63:
-            raise WireError("varint too long")
+# The field reader (and WireError) is meshboot/protowire.py's, shared with the NDS decoder; re-exported here.
+from meshboot.protowire import WireError, fields, varint
+from meshboot.protowire import read_varint as read_varint
 
 
 def ld(field: int, payload: bytes | str) -> bytes:
@@ -53,32 +33,6 @@ def ld_always(field: int, payload: bytes) -> bytes:
 
 def vint(field: int, value: int) -> bytes:
     return varint(field << 3) + varint(value) if value else b""
-
-
-def fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
-    """(field number, wire type, value) for each field; varints as int, length-delimited as bytes."""
-    i = 0
-    n = len(buf)
-    while i < n:
-        tag, i = read_varint(buf, i)
-        num, wt = tag >> 3, tag & 7
-        if wt == 0:
-            v, i = read_varint(buf, i)
-            yield num, wt, v
-        elif wt == 2:
-            size, i = read_varint(buf, i)
-            if i + size > n:
-                raise WireError("truncated length-delimited field")
-            yield num, wt, buf[i:i + size]
-            i += size
-        elif wt == 1:
-            i += 8
-        elif wt == 5:
-            i += 4
-        else:
-            raise WireError(f"unsupported wire type {wt}")
-        if i > n:
-            raise WireError("truncated fixed-width field")
 
 
 # ---- xDS messages ------------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ istio's nds.proto field numbers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +36,7 @@ from agent.dns.wire import TYPE_A, TYPE_AAAA, TYPE_CNAME, Query, fit, parse_quer
 from agent.metrics import Metrics
 from meshboot import nds
 from meshboot.nds import NameInfo, NameTable, NdsError
+from meshboot.protowire import varint
 from testing.fuzzing import budget
 
 K8S = nds.REGISTRY_KUBERNETES
@@ -195,7 +198,7 @@ def test_nds_decode_follows_protobuf_merge_rules() -> None:
     (b"\x0a", "truncated"),
     (b"\x0b", "wire type"),
     (b"\x0a\x04\x0a\x02\xff\xfe", "UTF-8"),
-    (b"\x0a\x03\x0a\x01" + b"\x80" * 11, "varint"),
+    (b"\x10" + b"\x80" * 11, "varint"),
     (nds.encode(NameTable({"x" * 254: NameInfo()})), "longer than"),
     (nds.encode(NameTable({"h": NameInfo(("1.1.1.1",) * (nds.MAX_IPS_PER_NAME + 1))})), "IPs"),
     (nds.encode(NameTable({"h": NameInfo(alt_hosts=("a",) * (nds.MAX_ALT_HOSTS + 1))})), "alt_hosts"),
@@ -206,6 +209,38 @@ def test_nds_decode_refuses_what_breaks_a_bound(data: bytes, why: str) -> None:
     with pytest.raises(NdsError, match=why):
         nds.decode(data)
 
+
+@pytest.mark.parametrize("data", [
+    b"\x10\x01" * 300_000,                                # 300 k unknown top-level fields
+    b"".join(b"\x0a\x09\x0a\x07h%06d" % i for i in range(200_000)),   # 200 k entries, far past MAX_ENTRIES
+    b"\x0a" + varint(200_000) + b"\x12\x00" * 100_000,       # one entry, 100 k value parts
+    b"\x0a" + varint(300_000) + b"\x12\x03\x0a\x01x" * 60_000,   # one entry, 60 k one-IP parts (merged)
+])
+def test_nds_decode_checks_bounds_as_it_goes(data: bytes) -> None:
+    """Hostile tables cost memory and time in proportion to what the bounds allow, not to the bytes sent: decoding
+    stops at the first bound broken, holding no list of every field."""
+    t0 = time.monotonic()
+    with contextlib.suppress(NdsError):
+        nds.decode(data)
+    assert time.monotonic() - t0 < 2
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(NdsError):
+            nds.decode(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes"
+
+
+
+def test_nds_decode_refuses_more_bytes_than_the_bounds_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert nds.MAX_BYTES >= len(nds.encode(NameTable({"x" * nds.MAX_NAME: NameInfo(
+        ("f" * nds.MAX_IP_TEXT,) * 5, "r" * nds.MAX_NAME, "s" * nds.MAX_NAME, "n" * nds.MAX_NAME,
+        ("a" * nds.MAX_NAME,) * nds.MAX_ALT_HOSTS)}))) * nds.MAX_ENTRIES
+    monkeypatch.setattr(nds, "MAX_BYTES", 16)
+    with pytest.raises(NdsError, match="17 bytes: more than 16"):
+        nds.decode(b"\x10\x01" * 8 + b"\x10")
 
 def test_a_table_at_the_bounds_builds_quickly() -> None:
     big = NameTable({f"s{i}.ns{i % 50}.svc.cluster.local": NameInfo((f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",),
