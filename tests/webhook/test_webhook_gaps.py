@@ -160,3 +160,21 @@ def test_otel_resource_attributes(mesh: Any, annotations: dict[str, str], labels
         names = [e["name"] for e in _proxy(out)["env"]]
         assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")    # $(POD_NAME) expands
         assert names.index("TRUST_DOMAIN") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+
+
+def test_stats_annotations_reach_the_agent_as_istio_leaves_them() -> None:
+    """Istio's injector renders nothing for the stats annotations: pilot-agent reads them from the pod's annotations
+    (the istio-podinfo downward-API file) into Envoy's bootstrap (agent/bootstrap.py does the same). So they stay on
+    the pod, untouched, and the podinfo volume carries them; they are not moved into PROXY_CONFIG or env."""
+    stats = {"sidecar.istio.io/statsInclusionPrefixes": "prefix1,http.{pod_ip}_",
+             "sidecar.istio.io/statsInclusionSuffixes": "suffix1", "sidecar.istio.io/statsInclusionRegexps": "a.*b",
+             "sidecar.istio.io/extraStatTags": "dlp_status",
+             "sidecar.istio.io/statsHistogramBuckets": '{"istio":[1,5]}'}
+    pod = hello_pod()
+    pod["metadata"]["annotations"] = dict(stats)
+    out = inject_pod(pod, settings())
+    assert {k: out["metadata"]["annotations"][k] for k in stats} == stats
+    podinfo = next(v for v in out["spec"]["volumes"] if v["name"] == "istio-podinfo")
+    assert {"fieldRef": {"fieldPath": "metadata.annotations"}, "path": "annotations"} in podinfo["downwardAPI"]["items"]
+    env = _env(out)
+    assert env["PROXY_CONFIG"] == "{}\n" and not any("stats" in k.lower() for k in env)
