@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import gc
 import json
@@ -41,7 +40,7 @@ from meshboot.files import stamps, write_atomic
 from meshboot.monitoring import start_monitoring
 from webhook import metrics
 from webhook.admission import FALLBACK_API_VERSION, INJECTED, SKIPPED, ReplicaCache, review_bytes
-from webhook.cabundle import CABundlePatcher, patch_ops
+from webhook.cabundle import CABundlePatcher
 from webhook.config import ConfigSource, parse_kubernetes_version
 from webhook.config import load_mesh as load_mesh  # for the wiring: discovery reads the same mesh config
 from webhook.errors import ConfigError
@@ -356,19 +355,6 @@ def self_signed(service: str, namespace: str, out_dir: str, ca_bundle_out: str |
     if ca_bundle_out:
         write_atomic(ca_bundle_out, ca_pem)
     return cert, key, ca_pem
-
-
-def patch_webhook_ca_bundle(api_client: Any, name: str, ca_pem: bytes) -> int:
-    """Set caBundle on every webhook of MutatingWebhookConfiguration `name` once; returns the count. The server keeps
-    it right with `watch_webhook_ca_bundle`; this is the one-shot form of the same JSON Patch (`cabundle.patch_ops`:
-    a `test` of each webhook's name, so a concurrent edit fails the patch instead of being undone)."""
-    from kubernetes import client  # noqa: PLC0415 - kubernetes only in a cluster, when asked to patch
-    api = client.AdmissionregistrationV1Api(api_client)
-    stored = api_client.sanitize_for_serialization(api.read_mutating_webhook_configuration(name))
-    ops = patch_ops(stored, base64.b64encode(ca_pem).decode())
-    if ops:
-        api.patch_mutating_webhook_configuration(name, ops, _content_type="application/json-patch+json")
-    return len(ops) // 2
 
 
 def add_ready_gate(gate: Gate) -> None:

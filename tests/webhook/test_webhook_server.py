@@ -288,27 +288,6 @@ def test_service_start_failure_has_no_traceback(tmp_path: Path) -> None:
     assert any('"a service could not start"' in line for line in r.stderr.splitlines()), r.stderr
 
 
-def test_ca_bundle_patched_into_the_webhook_configuration() -> None:
-    from webhook.server import patch_webhook_ca_bundle
-
-    hook = {"name": "namespace.sidecar-injector.istio.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-            "failurePolicy": "Fail", "clientConfig": {"service": {"name": "meshboot-webhook",
-                                                                  "namespace": "istio-system", "path": "/inject"}},
-            "namespaceSelector": {"matchLabels": {"istio-injection": "enabled"}}}
-    with FakeKube() as kube:
-        kube.put_object("mutatingwebhookconfigurations", {
-            "metadata": {"name": "istio-sidecar-injector"},
-            "webhooks": [hook, dict(hook, name="object.sidecar-injector.istio.io")]})
-        ca_pem, _ = pki.self_signed_serving(["meshboot-webhook.istio-system.svc"])
-        assert patch_webhook_ca_bundle(kube.api_client(), "istio-sidecar-injector", ca_pem) == 2
-        stored = kube.get("mutatingwebhookconfigurations", "", "istio-sidecar-injector")
-    assert [r.content_type for r in kube.recorded("PATCH")] == ["application/json-patch+json"]
-    assert stored is not None
-    for w in stored["webhooks"]:
-        assert base64.b64decode(w["clientConfig"]["caBundle"]) == ca_pem
-        assert w["clientConfig"]["service"]["path"] == "/inject" and w["failurePolicy"] == "Fail"
-
-
 @pytest.mark.parametrize("kubelets,server,want", [
     (["v1.34.1", "v1.33.0"], None, "1.33"),
     (["v1.34.1", "v1.29.4"], None, "1.29"),
