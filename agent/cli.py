@@ -168,8 +168,8 @@ def _load_config(cfg: AgentConfig) -> AgentConfig:
     the bootstrap's annotations, node metadata and ProxyConfig telemetry, ~0.2 ms to render) now, so a bad value is
     the one `invalid configuration` line before Envoy starts, not a failure after it."""
     from . import bootstrap  # noqa: PLC0415 - proxy only; other commands skip it
-    from .dns.config import dns_settings  # noqa: PLC0415 - as above
-    dns_settings(cfg.env)
+    from .dns.config import dns_env, dns_settings  # noqa: PLC0415 - as above
+    dns_settings(dns_env(cfg.node_type, cfg.env))     # as the DNS proxy reads it: a router ignores DNS capture
     bootstrap.envoy_bootstrap(cfg)
     bootstrap.grpc_bootstrap(cfg)
     return cfg

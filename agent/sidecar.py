@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from meshboot import constants as C
 from meshboot.syntax import parse_go_bool
 
 from . import helper, uds
 from .config import AgentConfig
-from .dns.config import dns_settings
+from .dns.config import dns_env, dns_settings
 from .envoy import Admin, EnvoyProcess, active_connections
 from .identity.caclient import CAClient
 from .identity.sds import serve as serve_sds
@@ -36,14 +35,6 @@ if TYPE_CHECKING:
     from .dns.server import DnsServer
 
 log = Log("agent")
-
-
-def dns_env(cfg: AgentConfig) -> dict[str, str]:
-    """The env the DNS proxy reads: pilot-agent serves DNS capture to a sidecar only; a router (gateway) runs the
-    DNS proxy only with ISTIO_META_ENABLE_DNS_SERVER (Istio's DNSAtGateway)."""
-    if cfg.node_type == "sidecar":
-        return cfg.env
-    return {k: v for k, v in cfg.env.items() if k != C.ENV_DNS_CAPTURE}
 
 
 class Sidecar:
@@ -201,7 +192,7 @@ class Sidecar:
         an empty table, so every name is forwarded. A port it cannot take is logged and the pod runs without it
         (pilot-agent would not start); a bad DNS_* / ISTIO_META_DNS_CAPTURE value was refused by cli.py before
         Envoy started."""
-        env = dns_env(self.cfg)
+        env = dns_env(self.cfg.node_type, self.cfg.env)
         if not dns_settings(env).enabled:
             return None
         from meshboot.nds import NameTable  # noqa: PLC0415 - only with DNS capture on (RSS budget)

@@ -62,10 +62,20 @@ def parse_resolv_conf(text: str) -> ResolvConf:
     return ResolvConf(tuple(servers), tuple(d.lower() for d in search))
 
 
+def dns_env(node_type: str, env: Mapping[str, str]) -> Mapping[str, str]:
+    """The env the DNS proxy reads: pilot-agent serves DNS capture to a sidecar only; a router (gateway) runs the
+    DNS proxy only with ISTIO_META_ENABLE_DNS_SERVER (Istio's DNSAtGateway)."""
+    if node_type == "sidecar":
+        return env
+    return {k: v for k, v in env.items() if k != C.ENV_DNS_CAPTURE}
+
+
 def dns_settings(env: Mapping[str, str], uid: int | None = None) -> DnsSettings:
     """On with ISTIO_META_DNS_CAPTURE or ISTIO_META_ENABLE_DNS_SERVER (env or proxyMetadata), as pilot-agent."""
     enabled = (parse_bool(env.get(C.ENV_DNS_CAPTURE), f"env {C.ENV_DNS_CAPTURE}", False)
                or parse_bool(env.get(ENV_ENABLE_DNS_SERVER), f"env {ENV_ENABLE_DNS_SERVER}", False))
+    if not enabled:                    # no DNS proxy: its other variables are not read, so they cannot stop the agent
+        return DnsSettings(False, DEFAULT_ADDR, 5.0, False, False, RESOLV_CONF)
     addr = env.get(ENV_DNS_PROXY_ADDR, "").strip() or DEFAULT_ADDR
     host, _, port = addr.rpartition(":")
     if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:

@@ -138,11 +138,14 @@ def test_dns_settings_follow_pilot_agents_env() -> None:
     s = dnsconfig.dns_settings({"ISTIO_META_DNS_CAPTURE": "true", "DNS_FORWARD_TIMEOUT": "250ms"}, uid=1337)
     assert s.enabled and s.addr == "localhost:15053" and s.timeout == 0.25 and not s.parallel
     assert dnsconfig.dns_settings({"ISTIO_META_ENABLE_DNS_SERVER": "1"}).enabled
-    assert dnsconfig.dns_settings({"DNS_PROXY_ADDR": "localhost:53"}, uid=1337).addr == "localhost:15053"
-    assert dnsconfig.dns_settings({"DNS_PROXY_ADDR": "localhost:53"}, uid=0).respond_before_sync
-    for bad in ({"ISTIO_META_DNS_CAPTURE": "yes"}, {"DNS_PROXY_ADDR": "nope"}, {"DNS_FORWARD_TIMEOUT": "1h"}):
+    on = {"ISTIO_META_DNS_CAPTURE": "true"}
+    assert dnsconfig.dns_settings({**on, "DNS_PROXY_ADDR": "localhost:53"}, uid=1337).addr == "localhost:15053"
+    assert dnsconfig.dns_settings({**on, "DNS_PROXY_ADDR": "localhost:53"}, uid=0).respond_before_sync
+    for bad in ({"ISTIO_META_DNS_CAPTURE": "yes"}, {**on, "DNS_PROXY_ADDR": "nope"},
+                {**on, "DNS_FORWARD_TIMEOUT": "1h"}):
         with pytest.raises(dnsconfig.ConfigError):
             dnsconfig.dns_settings(bad)
+    assert not dnsconfig.dns_settings({"DNS_PROXY_ADDR": "nope", "DNS_FORWARD_TIMEOUT": "1h"}).enabled   # not read
 
 
 # ---- NDS ----------------------------------------------------------------------------------------------------------

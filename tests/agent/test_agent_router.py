@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from agent import bootstrap
-from agent.cli import proxy_parser
+from agent.cli import _load_config, proxy_parser
 from agent.config import ConfigError, Flags, build_config
-from agent.dns.config import dns_settings
-from agent.sidecar import Sidecar, dns_env
+from agent.dns.config import dns_env, dns_settings
+from agent.sidecar import Sidecar
 from meshboot import constants as C
 
 ENV = {"POD_NAME": "istio-ingressgateway-7d4b9c8f6-x2k9q", "POD_NAMESPACE": "istio-ingress",
@@ -51,9 +51,9 @@ def test_other_istio_types_refused(node_type: str) -> None:
 
 def test_router_has_no_dns_capture_but_may_serve_dns() -> None:
     """pilot-agent: DNS capture is a sidecar's; a gateway runs the DNS proxy only with ISTIO_META_ENABLE_DNS_SERVER."""
-    assert dns_settings(dns_env(cfg_of("sidecar", ISTIO_META_DNS_CAPTURE="true"))).enabled
-    assert not dns_settings(dns_env(cfg_of("router", ISTIO_META_DNS_CAPTURE="true"))).enabled
-    assert dns_settings(dns_env(cfg_of("router", ISTIO_META_ENABLE_DNS_SERVER="true"))).enabled
+    assert dns_settings(dns_env("sidecar", cfg_of("sidecar", ISTIO_META_DNS_CAPTURE="true").env)).enabled
+    assert not dns_settings(dns_env("router", cfg_of("router", ISTIO_META_DNS_CAPTURE="true").env)).enabled
+    assert dns_settings(dns_env("router", cfg_of("router", ISTIO_META_ENABLE_DNS_SERVER="true").env)).enabled
 
 
 class _Admin:
@@ -75,3 +75,14 @@ def test_drain_scope(node_type: str, want: list[str]) -> None:
     agent.admin = _Admin()
     asyncio.run(agent._drain_listeners(skip_exit=True))
     assert agent.admin.posted == want
+
+
+def test_a_router_is_not_stopped_by_dns_env_it_does_not_use() -> None:
+    """The start-up check reads the DNS env as the router's DNS proxy would: with DNS capture ignored (and no DNS
+    server asked for) the proxy is off, so DNS_* values cannot stop the gateway; a sidecar with capture is stopped."""
+    cfg = cfg_of("router", ISTIO_META_DNS_CAPTURE="true", DNS_FORWARD_TIMEOUT="1h", DNS_PROXY_ADDR="nope")
+    assert _load_config(cfg) is cfg
+    with pytest.raises(ConfigError, match="DNS_FORWARD_TIMEOUT"):
+        _load_config(cfg_of("sidecar", ISTIO_META_DNS_CAPTURE="true", DNS_FORWARD_TIMEOUT="1h"))
+    with pytest.raises(ConfigError, match="DNS_PROXY_ADDR"):
+        _load_config(cfg_of("router", ISTIO_META_ENABLE_DNS_SERVER="true", DNS_PROXY_ADDR="nope"))
