@@ -13,7 +13,6 @@ without one. Each case waits (bounded) until the server's Envoy has the filters 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,17 +20,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from e2e.local import mtls
+from e2e.local import mtls, testkit
 from e2e.local.cluster import ACCESS_LOG_FORMAT, LocalCluster
 from e2e.local.kubelet import PodRun, http_get
+from e2e.local.testkit import eventually_equal
 from meshboot import constants as C
-from testing.netns import have_root, poll
+from testing.netns import poll
 
-T = TypeVar("T")
 NS, OTHER, ROOT = "az", "azo", "istio-system"
 ALLOW, DENY = "ALLOW", "DENY"
 PUSH_TIMEOUT = 15.0
@@ -115,14 +114,9 @@ def verdict(m: Mesh, client: str, server: str, port: int = 80) -> str:
     return ALLOW if got.startswith(b"HTTP/1.") else DENY
 
 
-def _eventually(what: str, probe: Callable[[], T], want: T) -> None:
-    seen = poll(probe, lambda v: v == want, PUSH_TIMEOUT)
-    assert seen == want, f"not within {PUSH_TIMEOUT:.0f}s: {what}: want {want!r}, last seen {seen!r}"
-
-
 def _enforces(m: Mesh, server: str, want: list[tuple[str, tuple[str, ...]]], port: int = 8080) -> None:
     """Wait until `server`'s Envoy has exactly these RBAC filters (action, policy names) on `port`'s chain."""
-    _eventually(f"{server}'s RBAC filters on {port}", lambda: mtls.inbound_rbac(m.runs[server], port), want)
+    eventually_equal(f"{server}'s RBAC filters on {port}", lambda: mtls.inbound_rbac(m.runs[server], port), want)
 
 
 def _rule(ns: str, name: str, i: int = 0) -> str:
@@ -153,17 +147,13 @@ def _up(c: LocalCluster) -> Mesh:
         for server, svc in (("server-1", "one"), ("server-2", "two")):
             cluster = f"outbound|80||{svc}.{NS}.svc.cluster.local"
             assert mtls.wait_for_endpoint(runs[client], cluster, f"{runs[server].ip}:8080", timeout=PUSH_TIMEOUT)
-    _eventually("client → server-1 before any policy", lambda: verdict(m, "client", "server-1"), ALLOW)
+    eventually_equal("client → server-1 before any policy", lambda: verdict(m, "client", "server-1"), ALLOW)
     return m
 
 
 @pytest.fixture(scope="module")
 def module_mesh() -> Iterator[Mesh]:
-    ok, why = have_root()
-    if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the AuthorizationPolicy test, but: {why}")
-        pytest.skip(why)
+    testkit.require_root("AuthorizationPolicy")
     with LocalCluster.up(prefix="mbaz", mesh={"accessLogFormat": AUDIT_LOG_FORMAT}) as c:
         m = _up(c)
         yield m

@@ -17,36 +17,16 @@ from typing import Any
 
 import pytest
 
-from e2e.local import mtls
+from e2e.local import mtls, testkit
 from e2e.local.cluster import LocalCluster
 from e2e.local.kubelet import PodRun, http_get
+from e2e.local.scenario import RESOLVE  # getaddrinfo in the pod
+from e2e.local.testkit import web_pod
 from meshboot import constants as C
 from testing.netns import poll
 
 NS = "dns"
 MESH = {"defaultConfig": {"proxyMetadata": {C.ENV_DNS_CAPTURE: "true"}}}
-# Run in pod A's app: getaddrinfo of each name (glibc, the pod's resolv.conf and search list), IPv4 only.
-RESOLVE = """\
-import json, socket, sys
-out = {}
-for name in sys.argv[1:]:
-    try:
-        out[name] = sorted({a[4][0] for a in socket.getaddrinfo(name, 80, socket.AF_INET, socket.SOCK_STREAM)})
-    except OSError as e:
-        out[name] = f"error: {e}"
-print(json.dumps(out))
-"""
-
-
-def _pod(name: str, app: str, sa: str, serve: bool) -> dict[str, Any]:
-    container: dict[str, Any] = {"name": "app", "image": "python:3.11",
-                                 "command": ["python3", "-c", "import time; time.sleep(3600)"]}
-    if serve:
-        container.update(command=["python3", "-m", "http.server", "8080"],
-                         ports=[{"name": "http", "containerPort": 8080}],
-                         readinessProbe={"httpGet": {"path": "/name", "port": "http"}, "periodSeconds": 1})
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
-            "spec": {"serviceAccountName": sa, "terminationGracePeriodSeconds": 1, "containers": [container]}}
 
 
 @dataclass
@@ -71,13 +51,7 @@ class Dns:
 
 @pytest.fixture(scope="module")
 def dns_mesh() -> Iterator[Dns]:
-    from testing.netns import have_root
-    ok, why = have_root()
-    if not ok:
-        import os
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the local DNS test, but: {why}")
-        pytest.skip(why)
+    testkit.require_root("local DNS")
     from tests.agent import dns_upstream
     with LocalCluster.up(prefix="mbnds", mesh=MESH) as c:
         servers = c.node.call(dns_upstream.serve, c.node.gateway, 53)      # the node's only nameserver
@@ -87,8 +61,8 @@ def dns_mesh() -> Iterator[Dns]:
             svc = c.create_service({"metadata": {"name": "b", "namespace": NS},
                                     "spec": {"selector": {"app": "b"},
                                              "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
-            runs = {r.name: r for r in c.run([c.admit(p).pod for p in (_pod("a", "a", "client", False),
-                                                                         _pod("b", "b", "server", True))])}
+            runs = {r.name: r for r in c.run([c.admit(p).pod for p in (web_pod("a", NS, "a", "client", serve=False),
+                                                                         web_pod("b", NS, "b", "server"))])}
             (runs["b"].containers["app"].cwd / "name").write_text("b")
             for r in runs.values():
                 r.wait_ready(timeout=40)

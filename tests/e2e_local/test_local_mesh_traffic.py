@@ -12,16 +12,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from e2e.local import testkit
 from e2e.local.cluster import LocalCluster
 from e2e.local.kubelet import PodRun, http_get
+from e2e.local.testkit import eventually
 from meshboot import constants as C
-from testing.netns import poll
 
 NS = "traffic"                 # labelled for injection: every pod in it gets istio-init + istio-proxy
 EXT = "ext"                    # not labelled: a plain pod that no Service selects, outside the registry
@@ -45,17 +46,7 @@ ACCESS_LINE = re.compile(r"^\[(\S+)\] (\S+) ")   # e2e/local/cluster.ACCESS_LOG_
 
 
 def _pod(name: str, ns: str, sa: str, app: str, serve: bool = True) -> dict[str, Any]:
-    """A plain pod as a user writes it; `serve`: http.server on 8080 answering /name with its own name (written
-    before it is ready), ready once /name answers."""
-    container: dict[str, Any] = {"name": "app", "image": "python:3.11",
-                                 "command": ["python3", "-c", "import time; time.sleep(3600)"]}
-    if serve:
-        container.update(command=["python3", "-m", "http.server", "8080"],
-                         ports=[{"name": "http", "containerPort": 8080}],
-                         readinessProbe={"httpGet": {"path": "/name", "port": "http"}, "periodSeconds": 1})
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
-            "spec": {"serviceAccountName": sa, "terminationGracePeriodSeconds": 1, "containers": [container]}}
+    return testkit.web_pod(name, ns, app, sa, serve)
 
 
 @dataclass
@@ -88,13 +79,7 @@ class Mesh:
 
 
 def _up(prefix: str, mesh: dict[str, Any] | None) -> Iterator[Mesh]:
-    from testing.netns import have_root
-    ok, why = have_root()
-    if not ok:
-        import os
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the mesh traffic test, but: {why}")
-        pytest.skip(why)
+    testkit.require_root("mesh traffic")
     with LocalCluster.up(prefix=prefix, mesh=mesh) as c:
         c.create_namespace(NS, {C.LABEL_INJECTION_NS: "enabled"})
         c.create_namespace(EXT)
@@ -152,12 +137,6 @@ def access_lines(run: PodRun, since: Mark, cluster: str) -> list[str]:
         if m and m.group(2) == cluster and m.group(1) >= since[1]:
             out.append(line)
     return out
-
-
-def eventually(what: str, probe: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 15.0) -> Any:
-    seen = poll(probe, done, timeout, interval=0.2)
-    assert done(seen), f"not within {timeout:.0f}s: {what}; last seen: {seen!r}"[:2000]
-    return seen
 
 
 def _addr(m: Mesh, *names: str) -> set[str]:

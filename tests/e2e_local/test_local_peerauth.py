@@ -10,21 +10,19 @@ its policies and waits for the PERMISSIVE default again, so cases do not leak in
 """
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from e2e.local import mtls
+from e2e.local import mtls, testkit
 from e2e.local.cluster import LocalCluster
 from e2e.local.kubelet import PodRun
+from e2e.local.testkit import eventually_equal
 from meshboot import constants as C
-from testing.netns import have_root, poll
 
-T = TypeVar("T")
 NS = "pa"
 ROOT = "istio-system"                       # meshConfig.rootNamespace's default: mesh-wide policies live here
 SERVICE_OF = {"server-1": "one", "server-2": "two"}
@@ -78,12 +76,6 @@ def _outbound(server: str, port: int) -> str:
     return f"outbound|{port}||{SERVICE_OF[server]}.{NS}.svc.cluster.local"
 
 
-def _eventually(what: str, probe: Callable[[], T], want: T) -> None:
-    """Poll (bounded) until `probe()` is `want`; fail naming what never arrived and the last value seen."""
-    seen = poll(probe, lambda v: v == want, PUSH_TIMEOUT)
-    assert seen == want, f"not within {PUSH_TIMEOUT:.0f}s: {what}: want {want!r}, last seen {seen!r}"
-
-
 def _client_sends_tls(m: Mesh, server: str, port: int) -> bool:
     """Whether the sidecar client's Envoy would open mTLS to `server` on Service port `port`: its cluster has Istio's
     socket matches and the server's endpoint carries `tlsMode: istio` (auto-mTLS)."""
@@ -99,9 +91,9 @@ def _settle(m: Mesh, modes: dict[str, dict[int, str]]) -> None:
     for server, by_port in modes.items():
         for svc_port, target in TARGET.items():
             mode = by_port[target]
-            _eventually(f"{server}'s inbound chains for {target} in {mode}",
+            eventually_equal(f"{server}'s inbound chains for {target} in {mode}",
                         lambda s=server, t=target: mtls.inbound_transports(m.runs[s], t), CHAINS[mode])
-            _eventually(f"the client's auto-mTLS to {server}:{svc_port} ({mode})",
+            eventually_equal(f"the client's auto-mTLS to {server}:{svc_port} ({mode})",
                         lambda s=server, p=svc_port: _client_sends_tls(m, s, p), mode != DISABLE)
 
 
@@ -169,11 +161,7 @@ def _up(c: LocalCluster) -> Mesh:
 
 @pytest.fixture(scope="module")
 def module_mesh() -> Iterator[Mesh]:
-    ok, why = have_root()
-    if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the PeerAuthentication test, but: {why}")
-        pytest.skip(why)
+    testkit.require_root("PeerAuthentication")
     with LocalCluster.up(prefix="mbpa") as c:
         yield _up(c)
 

@@ -9,21 +9,21 @@ iptables, Envoy, TLS and gRPC throughout.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from e2e.local import mtls
+from e2e.local import mtls, testkit
 from e2e.local.cluster import LocalCluster
 from e2e.local.controlplane import ControlPlane
 from e2e.local.kubelet import PodRun
+from e2e.local.testkit import wait_until
 from meshboot import constants as C
 
 NS = "rp"
@@ -75,12 +75,7 @@ def _service(name: str, app: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[tuple[LocalCluster, PodRun, PodRun]]:
-    from testing.netns import have_root
-    ok, why = have_root()
-    if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the replicas test, but: {why}")
-        pytest.skip(why)
+    testkit.require_root("replicas")
     with LocalCluster.up(prefix="mbrp", replicas=2) as c:
         one, two = c.replicas
         c.create_namespace(NS, {C.LABEL_INJECTION_NS: "enabled"})
@@ -108,14 +103,6 @@ def _watchers(c: LocalCluster) -> set[int]:
             for pid in re.findall(r"pid=(\d+)", line)}
 
 
-def _wait(what: str, pred: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(0.1)
-
-
 def _steady_served(pb: PodRun) -> int:
     """How many of the steady client's requests pod-b's app has logged (http.server: a line per request)."""
     return pb.logs("app").count("GET /?steady ")
@@ -137,7 +124,7 @@ def test_two_replicas_serve_one_mesh(mesh: tuple[LocalCluster, PodRun, PodRun]) 
     assert one.address != two.address
     assert _xds_peers(pa) == {one.address}, _xds_peers(pa)
     assert _xds_peers(pb) == {two.address}, _xds_peers(pb)
-    _wait("both replicas watching the API server", lambda: {one.proc.pid, two.proc.pid} <= _watchers(c))
+    wait_until("both replicas watching the API server", lambda: {one.proc.pid, two.proc.pid} <= _watchers(c), 15)
     assert (two.ca_dir / C.ROOT_CERT_KEY).read_text() == one.root_cert()
 
     assert mtls.wait_for_endpoint(pa, OUTBOUND, f"{pb.ip}:{PORT}")
@@ -176,25 +163,25 @@ def test_replica_restart_under_a_steady_client(mesh: tuple[LocalCluster, PodRun,
     steady.start()
     served = [0, 0, 0]           # steady requests pod-b had served: at the stop, at the restart, at the end
     try:
-        _wait("the steady client's first requests", lambda: _steady_served(pb) >= 5, 30)
+        wait_until("the steady client's first requests", lambda: _steady_served(pb) >= 5, 30)
         old_pid = one.proc.pid
         one.stop()
         down = time.monotonic()
         served[0] = _steady_served(pb)
-        _wait("pod-a's agent to see the stream end", lambda: "upstream XDS stream ended" in
+        wait_until("pod-a's agent to see the stream end", lambda: "upstream XDS stream ended" in
               pa.logs(C.PROXY_CONTAINER)[since_a:], 10)
         assert _xds_peers(pa) == set()                              # replica 1 is really gone ...
         assert mtls.wait_for_endpoint(pa, OUTBOUND, f"{pb.ip}:{PORT}", 1)  # ... and Envoy keeps its config
         # down for 3 s, and until requests were served while it was (a loaded machine runs the client slower)
-        _wait("requests served with replica 1 down", lambda: _steady_served(pb) >= served[0] + 5, 30)
+        wait_until("requests served with replica 1 down", lambda: _steady_served(pb) >= served[0] + 5, 30)
         time.sleep(max(0.0, 3.0 - (time.monotonic() - down)))
         served[1] = _steady_served(pb)
         one.resume()                                                # same argv, directory and CA
         assert one.proc.pid != old_pid
-        _wait("pod-a's agent to reconnect", lambda: "reconnected to upstream XDS server" in
+        wait_until("pod-a's agent to reconnect", lambda: "reconnected to upstream XDS server" in
               pa.logs(C.PROXY_CONTAINER)[since_a:], 30)
         restarted = _steady_served(pb)
-        _wait("requests served after the reconnect", lambda: _steady_served(pb) >= restarted + 5, 30)
+        wait_until("requests served after the reconnect", lambda: _steady_served(pb) >= restarted + 5, 30)
     finally:
         stop_file.write_text("stop")
         steady.join(30)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from e2e.local import testkit
 from e2e.local.cluster import LocalCluster
 from e2e.local.kubelet import PodRun
+from e2e.local.testkit import wait_until
 
 NS = "svc"
 # Run in the client pod: n GETs of /name through the ClusterIP; prints who answered (or the error).
@@ -51,23 +52,9 @@ def _file(run: PodRun, name: str) -> Path:
     return run.containers["app"].cwd / name
 
 
-def _eventually(what: str, pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[LocalCluster, dict[str, PodRun], dict[str, Any]]]:
-    from testing.netns import have_root
-    ok, why = have_root()
-    if not ok:
-        import os
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Services test, but: {why}")
-        pytest.skip(why)
+    testkit.require_root("Services")
     with LocalCluster.up(prefix="mbs") as c:
         c.create_namespace(NS)
         svc = c.create_service({"metadata": {"name": "web", "namespace": NS},
@@ -111,7 +98,7 @@ def test_api_server_holds_pods_and_services_readable_with_its_kubeconfig(cluster
                 for p in v1.list_namespaced_pod(NS).items}
         return pods, {s.metadata.name: s.spec.cluster_ip for s in v1.list_namespaced_service(NS).items}
 
-    _eventually("every pod Ready in the API server",
+    wait_until("every pod Ready in the API server",
                 lambda: all(p[2].get("Ready") == "True" for p in c.node.call(read)[0].values()))
     pods, services = c.node.call(read)        # the control plane's view: it runs in the node's namespace
     assert {n: (ip, node) for n, (ip, node, _) in pods.items()} == {
@@ -123,30 +110,30 @@ def test_api_server_holds_pods_and_services_readable_with_its_kubeconfig(cluster
 def test_endpoint_slices_follow_readiness_and_the_client_reaches_the_cluster_ip(cluster: Any) -> None:
     c, runs, svc = cluster
     both = {"web-1": (runs["web-1"].ip, True), "web-2": (runs["web-2"].ip, True)}
-    _eventually("both web pods ready in the slice", lambda: _endpoints(c) == both)
+    wait_until("both web pods ready in the slice", lambda: _endpoints(c) == both)
     assert set(_answers(c, runs, svc, 30)) == {"web-1", "web-2"}      # DNAT spreads over both (miss: 2^-29)
 
     _file(runs["web-2"], "healthy").unlink()                         # web-2's readiness probe now fails
-    _eventually("web-2 not ready in the slice", lambda: _endpoints(c).get("web-2") == (runs["web-2"].ip, False))
+    wait_until("web-2 not ready in the slice", lambda: _endpoints(c).get("web-2") == (runs["web-2"].ip, False))
     pod = c.apiserver.api.get("pods", NS, "web-2")
     assert {x["type"]: x["status"] for x in pod["status"]["conditions"]}["Ready"] == "False"
-    _eventually("kube-proxy dropped web-2", lambda: runs["web-2"].ip not in c.controllers.proxy.dump())
+    wait_until("kube-proxy dropped web-2", lambda: runs["web-2"].ip not in c.controllers.proxy.dump())
     assert set(_answers(c, runs, svc, 10)) == {"web-1"}
 
     _file(runs["web-2"], "healthy").write_text("ok")
-    _eventually("web-2 ready again", lambda: _endpoints(c) == both)
-    _eventually("kube-proxy has web-2 again", lambda: runs["web-2"].ip in c.controllers.proxy.dump())
+    wait_until("web-2 ready again", lambda: _endpoints(c) == both)
+    wait_until("kube-proxy has web-2 again", lambda: runs["web-2"].ip in c.controllers.proxy.dump())
 
 
 def test_a_deleted_pod_leaves_the_slice_and_a_new_one_joins(cluster: Any) -> None:
     c, runs, svc = cluster
     c.delete_pod(NS, "web-1")
-    _eventually("web-1 gone from the slice", lambda: set(_endpoints(c)) == {"web-2"})
+    wait_until("web-1 gone from the slice", lambda: set(_endpoints(c)) == {"web-2"})
     assert set(_answers(c, runs, svc, 5)) == {"web-2"}
     [web3] = c.run([c.admit(_web("web-3")).pod])
     _file(web3, "name").write_text("web-3")
     _file(web3, "healthy").write_text("ok")
-    _eventually("web-3 ready in the slice", lambda: _endpoints(c).get("web-3") == (web3.ip, True))
+    wait_until("web-3 ready in the slice", lambda: _endpoints(c).get("web-3") == (web3.ip, True))
 
 
 def test_the_control_plane_watches_this_api_server(cluster: Any) -> None:
