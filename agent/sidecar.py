@@ -189,11 +189,11 @@ class Sidecar:
 
         Proxy mode: no table until the first NDS response (the XDS proxy asks for it and calls `_apply_name_table`),
         and until then SERVFAIL, as pilot-agent's server answers before its first table. Standalone mode has no NDS:
-        an empty table, so every name is forwarded. A port it cannot take is logged and the pod runs without it
-        (pilot-agent would not start); a bad DNS_* / ISTIO_META_DNS_CAPTURE value was refused by cli.py before
-        Envoy started."""
+        an empty table, so every name is forwarded. A port it cannot take stops the agent (OSError), as pilot-agent;
+        a bad DNS_* / ISTIO_META_DNS_CAPTURE value was refused by cli.py before Envoy started."""
         env = dns_env(self.cfg.node_type, self.cfg.env)
-        if not dns_settings(env).enabled:
+        settings = dns_settings(env)
+        if not settings.enabled:
             return None
         from meshboot.nds import NameTable  # noqa: PLC0415 - only with DNS capture on (RSS budget)
 
@@ -201,9 +201,8 @@ class Sidecar:
         try:
             return await start(env, self.cfg.pod_namespace, self.cfg.domain, self.metrics,
                                NameTable() if self.cfg.standalone else None)
-        except OSError as e:
-            log.error("failed to start the DNS proxy; the app's DNS is captured to a closed port", error=str(e))
-            return None
+        except OSError as e:        # pilot-agent's Agent.Run fails the same way: the app's DNS is captured to this port
+            raise OSError(f"failed to start local DNS server on {settings.addr}: {e.strerror or e}") from None
 
     @staticmethod
     def _nds_type() -> str:

@@ -13,6 +13,7 @@ import struct
 import time
 import tracemalloc
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import dns.edns
@@ -34,6 +35,7 @@ from agent.dns.resolver import Scope, build, lookup
 from agent.dns.server import DnsServer
 from agent.dns.wire import TYPE_A, TYPE_AAAA, TYPE_CNAME, Query, fit, parse_query
 from agent.metrics import Metrics
+from agent.sidecar import Sidecar
 from meshboot import nds
 from meshboot.nds import NameInfo, NameTable, NdsError
 from meshboot.protowire import varint
@@ -500,3 +502,16 @@ def test_parallel_forwarding_takes_the_first_answer(upstream: int) -> None:
             finally:
                 await s.close()
     asyncio.run(run())
+
+
+def test_a_dns_port_the_agent_cannot_take_stops_it_as_pilot_agent() -> None:
+    """pilot-agent's Agent.Run fails with "failed to start local DNS server" when a listener cannot bind: the app's
+    DNS is captured to that port, so running on without it would break every lookup in the pod."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        agent = SimpleNamespace(metrics=Metrics(), cfg=SimpleNamespace(
+            node_type="sidecar", pod_namespace="demo", domain="demo.svc.cluster.local", standalone=True,
+            env={"ISTIO_META_DNS_CAPTURE": "true", "DNS_PROXY_ADDR": f"127.0.0.1:{port}"}))
+        with pytest.raises(OSError, match=f"failed to start local DNS server on 127.0.0.1:{port}: Address"):
+            asyncio.run(Sidecar._start_dns(agent))  # type: ignore[arg-type]
