@@ -10,9 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.local import observe, scenario
+from e2e.local import observe, scenario, testkit
 from meshboot import constants as C
-from testing.netns import have_root
 
 PODS = ("pod-a", "pod-b")
 
@@ -24,12 +23,7 @@ LAYOUTS = {"native-sidecar": "1.34", "classic": "1.30"}
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def facts(request: pytest.FixtureRequest) -> Iterator[scenario.Facts]:
-    ok, why = have_root()
-    if not ok:
-        import os
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the whole-pod test, but: {why}")
-        pytest.skip(why)
+    testkit.require_root("whole-pod")
     yield scenario.run_flow(prefix="mbp", kubernetes_version=LAYOUTS[request.param])
 
 
