@@ -825,19 +825,32 @@ def _in_cidr(cidr: address_pb2.CidrRange, ip: str) -> bool:
     return address.version == network.version and address in network
 
 
+_SETS: dict[str | None, Callable[[Iterable[bool]], bool]] = {"and_ids": all, "or_ids": any, "and_rules": all,
+                                                            "or_rules": any}
+
+
+def _logic(p: rbac_pb2.Principal | rbac_pb2.Permission, kind: str | None, test: Callable[[Any], bool]) -> bool | None:
+    """Envoy's any / and / or / not, the same for principals (`ids`, `not_id`) and permissions (`rules`,
+    `not_rule`); `test` matches a member. None for any other kind (a leaf)."""
+    if kind == "any":
+        return bool(p.any)
+    combine = _SETS.get(kind)
+    if combine is not None:
+        group = getattr(p, str(kind))
+        return combine(test(x) for x in (group.ids if kind in ("and_ids", "or_ids") else group.rules))
+    if kind in ("not_id", "not_rule"):
+        return not test(getattr(p, kind))
+    return None
+
+
 def _principal_matches(p: rbac_pb2.Principal, src: Source) -> bool:
     """Envoy's Principal: `authenticated` never matches a plaintext connection (so its not_id always does); with TLS
     it tests the peer certificate's URI SAN (Envoy then tries DNS SANs and the subject: Istio's certificates carry
     only the SPIFFE URI). Without a proxy protocol, remote_ip is the peer address like direct_remote_ip."""
     kind = p.WhichOneof("identifier")
-    if kind == "any":
-        return p.any
-    if kind == "and_ids":
-        return all(_principal_matches(x, src) for x in p.and_ids.ids)
-    if kind == "or_ids":
-        return any(_principal_matches(x, src) for x in p.or_ids.ids)
-    if kind == "not_id":
-        return not _principal_matches(p.not_id, src)
+    combined = _logic(p, kind, lambda x: _principal_matches(x, src))
+    if combined is not None:
+        return combined
     if kind == "authenticated":
         if src.principal is None:
             return False
@@ -852,14 +865,9 @@ def _principal_matches(p: rbac_pb2.Principal, src: Source) -> bool:
 def _permission_matches(p: rbac_pb2.Permission, dst: Destination) -> bool:
     """Envoy's Permission on a TCP connection."""
     kind = p.WhichOneof("rule")
-    if kind == "any":
-        return p.any
-    if kind == "and_rules":
-        return all(_permission_matches(x, dst) for x in p.and_rules.rules)
-    if kind == "or_rules":
-        return any(_permission_matches(x, dst) for x in p.or_rules.rules)
-    if kind == "not_rule":
-        return not _permission_matches(p.not_rule, dst)
+    combined = _logic(p, kind, lambda x: _permission_matches(x, dst))
+    if combined is not None:
+        return combined
     if kind == "destination_port":
         return dst.port == p.destination_port
     if kind == "destination_port_range":
