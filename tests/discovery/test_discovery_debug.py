@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import socket
 import ssl
 import subprocess
@@ -47,6 +46,7 @@ from tests.discovery.test_discovery_service import (
     pod,
     service,
     slice_,
+    stop,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,15 +79,6 @@ def start_plane(tmp: Path, kubeconfig: Path, jwks: Path, *extra: str) -> tuple[s
             "--plugin-certs", str(tmp / "none"), "--jwks", str(jwks), "--drain-duration", "0s", *extra]
     with open(tmp / "cp.log", "ab") as log:
         return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), ports
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")

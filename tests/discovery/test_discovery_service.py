@@ -277,12 +277,17 @@ def control_plane(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tu
         try:
             yield kube, issuer, ca_port, tmp_path
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the control plane, and kill it if it has not stopped within 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def connect(ca_port: int, root: Path, token: str) -> Client:
