@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
@@ -42,6 +44,21 @@ def resources(gen: int) -> dict[str, dict[str, any_pb2.Any]]:
         filter_chains=[lc.FilterChain(filters=[lc.Filter(name="envoy.filters.network.tcp_proxy",
                                                          typed_config=pack(tcp))])])
     return {CDS: {cluster.name: pack(cluster)}, LDS: {listener.name: pack(listener)}}
+
+
+async def answer_stream(requests: AsyncIterator[Any], out: asyncio.Queue[Any],
+                        on_request: Callable[[Any], None]) -> AsyncIterator[Any]:
+    """A server stream for a test upstream: each request goes to `on_request` (a reader task), and whatever is put
+    on `out` is sent; the reader stops with the stream."""
+    async def read() -> None:
+        async for r in requests:
+            on_request(r)
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            yield await out.get()
+    finally:
+        reader.cancel()
 
 
 class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):

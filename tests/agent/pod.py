@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,14 @@ def chown_tree(path: str, uid: int = C.PROXY_UID) -> None:
         os.chown(root, uid, uid)
         for n in files:
             os.chown(os.path.join(root, n), uid, uid)
+
+
+def marker_script(path: Path, marker: Path, then: str = "") -> Path:
+    """An executable shell script that touches `marker` when run (then runs `then`): a stand-in that shows whether
+    it was started."""
+    path.write_text(f"#!/bin/sh\ntouch {marker}\n{then}")
+    path.chmod(0o755)
+    return path
 
 
 @dataclass
@@ -196,3 +206,13 @@ class Pod:
     def close(self) -> None:
         self.ns.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def netns_pod(prefix: str) -> Iterator[Pod]:
+    """A Pod in a fresh network namespace (`prefix` names it), closed with its processes afterwards."""
+    p = Pod(Netns.create(prefix))
+    try:
+        yield p
+    finally:
+        p.close()

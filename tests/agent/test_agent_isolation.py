@@ -13,6 +13,7 @@ import pytest
 from agent import helper
 from e2e.local.kubelet import local_images
 from meshboot import launchers
+from tests.agent.pod import marker_script
 
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -21,9 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def hostile_envs(tmp: Path) -> dict[str, dict[str, str]]:
     """Each PYTHON* way to run code (or break start-up) before main(); each payload touches tmp/marker."""
     marker = tmp / "marker"
-    browser = tmp / "browser"
-    browser.write_text(f"#!/bin/sh\ntouch {marker}\n")
-    browser.chmod(0o755)
+    browser = marker_script(tmp / "browser", marker)
     evil = tmp / "evilpath"
     evil.mkdir(exist_ok=True)
     payload = f"open({str(marker)!r}, 'w').close()\n"

@@ -21,8 +21,7 @@ from google.protobuf import struct_pb2
 
 from meshboot import constants as C
 from testing.istiod import Refused, check_node
-from testing.netns import Netns
-from tests.agent.pod import PY, REPO, Pod
+from tests.agent.pod import PY, REPO, Pod, netns_pod
 
 READY = f"http://127.0.0.1:{C.ENVOY_STATUS_PORT}/healthz/ready"
 AGENT_READY = f"http://127.0.0.1:{C.STATUS_PORT}/healthz/ready"
@@ -33,11 +32,8 @@ STRIPPED = ("envoy.tcp.metadataexchange.config.MetadataExchange", "io.istio.http
 
 @pytest.fixture
 def pod(root_required: None) -> Iterator[Pod]:
-    p = Pod(Netns.create("mbist"))
-    try:
+    with netns_pod("mbist") as p:
         yield p
-    finally:
-        p.close()
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, period: float = 0.2) -> Any:

@@ -32,6 +32,8 @@ from agent.metrics import Metrics
 from agent.sidecar import Sidecar
 from agent.xds import proxy, wire
 from meshboot import nds
+from tests.agent.ads_upstream import answer_stream
+from tests.agent.pod import marker_script
 
 REPO = Path(__file__).resolve().parents[2]
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -89,23 +91,33 @@ class Upstream:
         self.streams.append(seen)
         self.queues.append(out)
 
-        async def read() -> None:
-            async for r in requests:
-                seen.append(r)
-                if r.response_nonce:
-                    continue
+        def on_request(r: Any) -> None:
+            seen.append(r)
+            if not r.response_nonce:
                 out.put_nowait(self.response(r.type_url, self.table if r.type_url == nds.TYPE_URL else None))
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                yield await out.get()
-        finally:
-            reader.cancel()
+        async for resp in answer_stream(requests, out, on_request):
+            yield resp
 
 
 def _cfg(port: int) -> Any:
     return SimpleNamespace(discovery_address=f"127.0.0.1:{port}", xds_plaintext=True, xds_root_file="",
                            xds_server_name="", cluster_id="Kubernetes", xds_headers=())
+
+
+@contextlib.asynccontextmanager
+async def _agent_in_front(up: Upstream, handlers: dict[str, Any] | None = None) -> AsyncIterator[grpc.aio.Channel]:
+    """The agent's XdsProxy on a local port in front of `up`, and Envoy's channel to it; all stopped afterwards."""
+    agent = grpc.aio.server()
+    agent.add_generic_rpc_handlers((proxy.XdsProxy(_cfg(up.port), handlers=handlers).handler(),))
+    port = agent.add_insecure_port("127.0.0.1:0")
+    await agent.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        await channel.close()
+        await agent.stop(None)
+        await up.stop()
 
 
 def _dns() -> tuple[DnsServer, Any]:
@@ -160,13 +172,7 @@ def _scenario(delta: bool) -> None:
         await up.start()
         dns_server, apply = _dns()
         assert _answer(dns_server, "b.demo.svc.cluster.local.")[0] == dns.rcode.SERVFAIL   # before the first table
-        xds = proxy.XdsProxy(_cfg(up.port), handlers={nds.TYPE_URL: apply})
-        agent = grpc.aio.server()
-        agent.add_generic_rpc_handlers((xds.handler(),))
-        port = agent.add_insecure_port("127.0.0.1:0")
-        await agent.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        try:
+        async with _agent_in_front(up, {nds.TYPE_URL: apply}) as channel:
             call, got = await _envoy(channel, delta)
             await _until(lambda: len(up.streams) == 1 and any(r.response_nonce for r in _nds_requests(up.streams[0])),
                          "the agent ACKs the first table")
@@ -205,10 +211,6 @@ def _scenario(delta: bool) -> None:
             await _envoy(channel, delta)
             await _until(lambda: len(up.streams) == 2 and len(_nds_requests(up.streams[1])) >= 2,
                          "NDS is asked for again on the new stream, and ACKed")
-        finally:
-            await channel.close()
-            await agent.stop(None)
-            await up.stop()
     asyncio.run(run())
 
 
@@ -224,22 +226,13 @@ def test_without_the_dns_proxy_the_agent_asks_for_no_nds_and_drops_nds_responses
     async def run() -> None:
         up = Upstream(delta=False)
         await up.start()
-        agent = grpc.aio.server()
-        agent.add_generic_rpc_handlers((proxy.XdsProxy(_cfg(up.port)).handler(),))
-        port = agent.add_insecure_port("127.0.0.1:0")
-        await agent.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        try:
+        async with _agent_in_front(up) as channel:
             _call, got = await _envoy(channel, False)
             await _until(lambda: got.count(LDS) == 1, "Envoy's LDS answered")
             up.push(nds.TYPE_URL, nds.encode(TABLE))
             up.push(LDS, None)
             await _until(lambda: got.count(LDS) == 2, "the next LDS arrives")
             assert got == [CDS, LDS, LDS] and not _nds_requests(up.streams[0])
-        finally:
-            await channel.close()
-            await agent.stop(None)
-            await up.stop()
     asyncio.run(run())
 
 
@@ -263,9 +256,7 @@ def test_wire_requests_parse_as_protobuf_requests() -> None:
 def _agent_cli(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, bool]:
     """`meshboot-agent proxy sidecar` in a scratch pod directory with an "Envoy" that leaves a mark when started."""
     marker = tmp_path / "envoy-started"
-    envoy = tmp_path / "envoy"
-    envoy.write_text(f"#!/bin/sh\ntouch {marker}\nexit 3\n")
-    envoy.chmod(0o755)
+    envoy = marker_script(tmp_path / "envoy", marker, "exit 3\n")
     root = tmp_path / "var/run/secrets/istio"
     root.mkdir(parents=True)
     (root / "root-cert.pem").write_text("not used before Envoy starts\n")

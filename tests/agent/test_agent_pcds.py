@@ -43,6 +43,7 @@ from agent.sidecar import Sidecar
 from agent.xds import pcds, proxy, wire
 from meshboot import constants as C
 from meshboot import pki
+from tests.agent.ads_upstream import answer_stream
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = proxy.LDS
@@ -159,17 +160,12 @@ class Upstream:
         out: asyncio.Queue[Any] = asyncio.Queue()
         self.queue = out
 
-        async def read() -> None:
-            async for r in requests:
-                self.requests.append(r)
-                if not r.response_nonce:
-                    out.put_nowait(self.response(r.type_url, self.bundle if r.type_url == pcds.TYPE_URL else None))
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                yield await out.get()
-        finally:
-            reader.cancel()
+        def on_request(r: Any) -> None:
+            self.requests.append(r)
+            if not r.response_nonce:
+                out.put_nowait(self.response(r.type_url, self.bundle if r.type_url == pcds.TYPE_URL else None))
+        async for resp in answer_stream(requests, out, on_request):
+            yield resp
 
     def pcds(self) -> list[Any]:
         return [r for r in self.requests if r.type_url == pcds.TYPE_URL]
@@ -281,6 +277,22 @@ class Agent:
         await self.secrets.close()
 
 
+@contextlib.asynccontextmanager
+async def _running(cfg: Any, up: Upstream, env: dict[str, str]) -> AsyncIterator[tuple[Agent, SdsClient, Any]]:
+    """`up` started, the agent's parts in front of it, an SDS client and Envoy's XDS channel; all stopped after."""
+    await up.start()
+    agent = await Agent().start(cfg, up, env)
+    sds = SdsClient(cfg.workload_socket)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.xds_port}")
+    try:
+        yield agent, sds, channel
+    finally:
+        await sds.close()
+        await channel.close()
+        await agent.stop()
+        await up.server.stop(None)
+
+
 def test_a_pushed_trust_bundle_reaches_envoys_rootca_and_a_malformed_one_is_nacked(pod: tuple[Any, bytes]) -> None:
     cfg, root_a = pod
     root_b = _root("root-b")                      # istiod's new root, during a rotation beside the old one
@@ -288,11 +300,8 @@ def test_a_pushed_trust_bundle_reaches_envoys_rootca_and_a_malformed_one_is_nack
 
     async def run() -> None:
         up = Upstream(_bundle(root_a))            # first, istiod's bundle holds only the CA's root: no change
-        await up.start()
-        agent = await Agent().start(cfg, up, {pcds.ENV_ENABLE: "true"})
-        secrets, sds = agent.secrets, SdsClient(cfg.workload_socket)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.xds_port}")
-        try:
+        async with _running(cfg, up, {pcds.ENV_ENABLE: "true"}) as (agent, sds, channel):
+            secrets = agent.secrets
             await _until(lambda: sds.roots == [root_a], "Envoy gets the CA's root")
             _call, got = await _envoy_xds(channel)
             await _until(lambda: len(up.pcds()) == 2, "PCDS asked for after LDS, and ACKed")
@@ -333,11 +342,6 @@ def test_a_pushed_trust_bundle_reaches_envoys_rootca_and_a_malformed_one_is_nack
             up.push(None, LDS)
             await _until(lambda: got.count(LDS) == 2, "Envoy's types still flow")
             assert pcds.TYPE_URL not in got, "PCDS never reaches Envoy"
-        finally:
-            await sds.close()
-            await channel.close()
-            await agent.stop()
-            await up.server.stop(None)
     asyncio.run(run())
 
 
@@ -350,11 +354,8 @@ def test_without_proxy_config_xds_agent_no_pcds_is_asked_for(pod: tuple[Any, byt
 
     async def run() -> None:
         up = Upstream(_bundle(_root("root-b")))
-        await up.start()
-        agent = await Agent().start(cfg, up, env)
-        secrets, sds = agent.secrets, SdsClient(cfg.workload_socket)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.xds_port}")
-        try:
+        async with _running(cfg, up, env) as (agent, sds, channel):
+            secrets = agent.secrets
             _call, got = await _envoy_xds(channel)
             await _until(lambda: got.count(LDS) == 1, "Envoy's LDS answered")
             up.push(_bundle(_root("root-c")))                    # pushed anyway: dropped, not applied
@@ -362,11 +363,6 @@ def test_without_proxy_config_xds_agent_no_pcds_is_asked_for(pod: tuple[Any, byt
             await _until(lambda: got.count(LDS) == 2, "the next LDS arrives")
             assert not up.pcds() and pcds.TYPE_URL not in got and secrets.trust_bundle == ()
             await _until(lambda: sds.roots == [root_a], "ROOTCA is the CA's root alone")
-        finally:
-            await sds.close()
-            await channel.close()
-            await agent.stop()
-            await up.server.stop(None)
     asyncio.run(run())
 
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meshboot import constants as C
 from testing.netns import Netns, pair
-from tests.agent.pod import PY, REPO, Pod
+from tests.agent.pod import PY, REPO, Pod, netns_pod
 
 HERE = Path(__file__).resolve().parent
 APP_PORT = 8080
@@ -30,11 +30,8 @@ APP_PORT = 8080
 
 @pytest.fixture
 def pod(root_required: None) -> Iterator[Pod]:
-    p = Pod(Netns.create("mba"))
-    try:
+    with netns_pod("mba") as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture
