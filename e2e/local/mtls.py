@@ -45,10 +45,13 @@ def _new_lines(run: PodRun | None, container: str, since: int, needle: str) -> l
 
 
 def request(client: PodRun, url: str, path: str, pb: PodRun, pa: PodRun | None, outbound: str, inbound: str,
-            wait: float = 3.0, expect_b: str = "") -> Request:
+            wait: float = 10.0, expect_b: str = "") -> Request:
     """GET `url` from `client`'s app; then wait (bounded) for pod-b's Envoy access log line holding `expect_b` (and
     pod-a's, when the client is pod-a) and pod-b's app line. Envoy flushes its access log about once a second, so a
-    line of an earlier connection (e.g. a TLS check) may arrive first: `expect_b` tells this request's line apart."""
+    line of an earlier connection (e.g. a TLS check) may arrive first: `expect_b` tells this request's line apart.
+    The wait ends as soon as the lines are there, so its bound is generous: on a loaded machine (CI's two cores
+    running the whole suite) a flush second plus a slow admin read can pass 3 s. A caller expecting no line (a
+    refused request) passes a short `wait`."""
     since_a, since_b = _log_size(pa, C.PROXY_CONTAINER), _log_size(pb, C.PROXY_CONTAINER)
     since_app = _log_size(pb, "app")
     res = client.exec("app", ["python3", "-c", CLIENT, url], timeout=15)

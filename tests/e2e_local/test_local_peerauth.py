@@ -101,7 +101,7 @@ def _all(mode: str) -> dict[str, dict[int, str]]:
     return {s: dict.fromkeys(TARGET.values(), mode) for s in SERVICE_OF}
 
 
-def _get(m: Mesh, client: str, server: str, port: int, expect_b: str = "", wait: float = 3.0) -> mtls.Request:
+def _get(m: Mesh, client: str, server: str, port: int, expect_b: str = "", wait: float = 10.0) -> mtls.Request:
     """One GET from `client`'s app to `server`'s Service port, with both Envoys' access-log lines for it."""
     path = f"/?from={client}&to={server}&id={uuid.uuid4().hex[:8]}"
     url = f"http://{m.cluster_ips[SERVICE_OF[server]]}:{port}{path}"
