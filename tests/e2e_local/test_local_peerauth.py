@@ -92,9 +92,9 @@ def _settle(m: Mesh, modes: dict[str, dict[int, str]]) -> None:
         for svc_port, target in TARGET.items():
             mode = by_port[target]
             eventually_equal(f"{server}'s inbound chains for {target} in {mode}",
-                        lambda s=server, t=target: mtls.inbound_transports(m.runs[s], t), CHAINS[mode])
+                             lambda s=server, t=target: mtls.inbound_transports(m.runs[s], t), CHAINS[mode])
             eventually_equal(f"the client's auto-mTLS to {server}:{svc_port} ({mode})",
-                        lambda s=server, p=svc_port: _client_sends_tls(m, s, p), mode != DISABLE)
+                             lambda s=server, p=svc_port: _client_sends_tls(m, s, p), mode != DISABLE)
 
 
 def _all(mode: str) -> dict[str, dict[int, str]]:
