@@ -46,6 +46,7 @@ MAX_SELECTED = 16
 MAX_NAME = 63
 MAX_ACTIONS = 4096
 MAX_STEPS = 100_000          # nodes run per render (a range runs its body once per container)
+MAX_NESTING = 32             # if/range blocks, parentheses and pipeline stages: compiling and rendering recurse
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
 _PLAIN = re.compile(r"^[A-Za-z0-9_./@+=-]*$")
 
@@ -156,6 +157,14 @@ class _Compiler:
     def __init__(self, name: str) -> None:
         self.name = name
         self.vars: list[str] = []
+        self.depth = 0
+
+    def deeper(self, src: str) -> None:
+        """One level more of blocks, parentheses or pipeline stages, refused past MAX_NESTING (both the compiler
+        and the renderer recurse once per level)."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.fail(src, f"nested deeper than {MAX_NESTING} levels")
 
     def fail(self, action: str, why: str) -> ConfigError:
         return ConfigError(f"custom template {self.name!r}: {{{{{action.strip()[:60]}}}}}: {why}")
@@ -182,11 +191,14 @@ class _Compiler:
 
     def _pipeline(self, toks: list[tuple[str, str]], src: str) -> tuple[Any, list[tuple[str, str]]]:
         node, toks = self._command(toks, src)
+        outer = self.depth
         while toks and toks[0] == ("punct", "|"):
+            self.deeper(src)
             fn, toks = self._command(toks[1:], src)
             if not (isinstance(fn, tuple) and fn[0] == "call"):
                 raise self.fail(src, "a pipeline stage must be a function")
             node = ("call", fn[1], (*fn[2], node))
+        self.depth = outer
         return node, toks
 
     def _command(self, toks: list[tuple[str, str]], src: str) -> tuple[Any, list[tuple[str, str]]]:
@@ -207,9 +219,11 @@ class _Compiler:
         if kind == "str":
             return ("lit", json.loads(word) if word.startswith('"') else word[1:-1]), toks[1:]
         if (kind, word) == ("punct", "("):
+            self.deeper(src)
             node, rest = self._pipeline(toks[1:], src)
             if not rest or rest[0] != ("punct", ")"):
                 raise self.fail(src, "unbalanced parentheses")
+            self.depth -= 1
             return node, rest[1:]
         if kind == "word" and word in _FUNCS:
             return ("call", word, ()), toks[1:]
@@ -274,12 +288,15 @@ class _Compiler:
             raise self.fail(body, "only `range [$i,] $c := .Spec.Containers` (or .Spec.InitContainers) is supported")
         index, var, source = m.group(1), m.group(2), m.group(4)
         self.vars += [v for v in (index, var) if v]
+        self.deeper(body)
         inner, j, _ = self.block(actions, i + 1, ("end",))
+        self.depth -= 1
         del self.vars[-(2 if index else 1):]
         return Range(var, index, source, inner), j + 1
 
     def if_(self, actions: list[tuple[str, str]], i: int, body: str) -> tuple[If, int]:
         cond = self.expr(body.split(None, 1)[1] if len(body.split(None, 1)) > 1 else "")
+        self.deeper(body)
         then, j, word = self.block(actions, i + 1, ("else", "end"))
         orelse: tuple[Any, ...] = ()
         if word == "else":
@@ -287,6 +304,7 @@ class _Compiler:
             if len(rest) > 1:
                 raise self.fail(actions[j][1], "`else if` is not supported; nest an if")
             orelse, j, word = self.block(actions, j + 1, ("end",))
+        self.depth -= 1
         return If(cond, then, orelse), j + 1
 
 

@@ -245,6 +245,10 @@ def test_istio_configmap_builtin_texts_are_skipped() -> None:
     ({"bad": "x" * (64 * 1024 + 1)}, "larger than 65536 bytes"),
     ({f"t{i}": "x" for i in range(33)}, "more than 32 templates"),
     ("not-a-map", "templates: want a map"),
+    ({"bad": "{{ " + "(" * 3000 + ".Revision" + ")" * 3000 + " }}"}, "nested deeper than 32 levels"),
+    ({"bad": "{{ range $c := .Spec.Containers }}" * 600 + "{{ end }}" * 600}, "nested deeper than 32 levels"),
+    ({"bad": "{{ if .Revision }}" * 40 + "{{ end }}" * 40}, "nested deeper than 32 levels"),
+    ({"bad": "{{ .Revision" + " | lower" * 5000 + " }}"}, "nested deeper than 32 levels"),
 ])
 def test_custom_templates_refused_at_load(templates: Any, message: str) -> None:
     with pytest.raises(ConfigError) as e:
