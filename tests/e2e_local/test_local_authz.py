@@ -284,9 +284,12 @@ def test_audit_is_logged_not_enforced(mesh: Mesh) -> None:
     _enforces(mesh, "server-1", [("LOG", (_rule(NS, "one-audit"),))])
     since = len(server.logs(C.PROXY_CONTAINER))
     _expect(mesh, [("client", "server-1", 80, ALLOW), ("outsider", "server-1", 80, ALLOW)])
-    audited = poll(lambda: _inbound_lines(server, since, f"spiffe://{CLIENT_SA}"), bool, 5.0)
-    other = poll(lambda: _inbound_lines(server, since, f"spiffe://{OUTSIDER_SA}"), bool, 5.0)
-    # (a line of an earlier connection may be flushed after `since`: Envoy writes its access log about once a second)
+    # Wait for the line ending as this connection's should: a line of an earlier connection (no LOG engine then, so no
+    # hint) may be flushed after `since` first, since Envoy writes its access log about once a second.
+    audited = poll(lambda: _inbound_lines(server, since, f"spiffe://{CLIENT_SA}"),
+                   lambda lines: any(ln.endswith(" audit=true") for ln in lines), PUSH_TIMEOUT)
+    other = poll(lambda: _inbound_lines(server, since, f"spiffe://{OUTSIDER_SA}"),
+                 lambda lines: any(ln.endswith(" audit=false") for ln in lines), PUSH_TIMEOUT)
     assert any(ln.endswith(" audit=true") for ln in audited), audited
     assert any(ln.endswith(" audit=false") for ln in other) and not any(ln.endswith(" audit=true") for ln in other), \
         other
