@@ -217,7 +217,11 @@ class _Compiler:
     def _operand(self, toks: list[tuple[str, str]], src: str) -> tuple[Any, list[tuple[str, str]]]:
         kind, word = toks[0]
         if kind == "str":
-            return ("lit", json.loads(word) if word.startswith('"') else word[1:-1]), toks[1:]
+            try:
+                return ("lit", json.loads(word) if word.startswith('"') else word[1:-1]), toks[1:]
+            except ValueError:  # Go's other escapes (\x41, \a, octal) are outside the subset
+                raise self.fail(src, f"cannot read the string {word[:40]}: only JSON's escapes are supported"
+                                ) from None
         if (kind, word) == ("punct", "("):
             self.deeper(src)
             node, rest = self._pipeline(toks[1:], src)

@@ -249,6 +249,7 @@ def test_istio_configmap_builtin_texts_are_skipped() -> None:
     ({"bad": "{{ range $c := .Spec.Containers }}" * 600 + "{{ end }}" * 600}, "nested deeper than 32 levels"),
     ({"bad": "{{ if .Revision }}" * 40 + "{{ end }}" * 40}, "nested deeper than 32 levels"),
     ({"bad": "{{ .Revision" + " | lower" * 5000 + " }}"}, "nested deeper than 32 levels"),
+    ({"bad": '{{ "\\q" }}'}, "cannot read the string"),
 ])
 def test_custom_templates_refused_at_load(templates: Any, message: str) -> None:
     with pytest.raises(ConfigError) as e:
