@@ -144,12 +144,6 @@ def legacy_has_tables(family: int) -> bool:
     return False
 
 
-def nft_tables(family: int) -> set[str] | None:
-    """Names of the nf_tables tables of this family in this netns, by one netlink dump (no subprocess);
-    None if netlink cannot tell. An empty set means iptables-nft has nothing here: the state check is trivial."""
-    return _nft_dump(family)[0]
-
-
 def nft_support(errno: int) -> str:
     """What a failed nf_tables dump says about the kernel (pure): "absent" when nfnetlink is missing
     (EPROTONOSUPPORT at socket()) or has no nf_tables subsystem (EINVAL once the module could not be loaded, or
@@ -158,7 +152,9 @@ def nft_support(errno: int) -> str:
 
 
 def _nft_dump(family: int) -> tuple[set[str] | None, int]:
-    """(table names, 0), or (None, errno) when the kernel refused or netlink failed (errno -1: unreadable)."""
+    """The nf_tables tables of this family in this netns by one netlink dump (no subprocess): (names, 0) — an empty
+    set means iptables-nft has nothing here, the state check is trivial — or (None, errno) when the kernel refused or
+    netlink failed (errno -1: unreadable)."""
     nfproto = 2 if family == V4 else 10
     msg_type = (NFT_SUBSYS << 8) | 1  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
     req = struct.pack("=IHHII", 20, msg_type, 0x301, 1, 0) + struct.pack("=BBH", nfproto, 0, 0)

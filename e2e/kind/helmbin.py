@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -92,8 +91,3 @@ def run_helm(args: list[str], *, check: bool = True, timeout: float = 120) -> su
     if check and proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, [str(helm), *args], proc.stdout, proc.stderr)
     return proc
-
-
-def helm_on_path() -> str | None:
-    """A user's own helm (the kind suite prefers it); None if absent."""
-    return shutil.which("helm")
