@@ -58,8 +58,7 @@ class DnsServer:
         self.parallel = parallel
         self.respond_before_sync = respond_before_sync
         self.upstream_port = upstream_port
-        self._lookup: LookupTable | None = None
-        self.name_table: NameTable | None = None
+        self._lookup: LookupTable | None = None     # the NameTable itself is not kept: nothing here reads it
         self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task] = set()
@@ -73,7 +72,7 @@ class DnsServer:
     def set_table(self, nt: NameTable | None) -> None:
         """Swap in a new table (NDS); one assignment, so a query sees the old table or the new one, never a mix."""
         lt = None if nt is None else build(nt, self.scope)
-        self._lookup, self.name_table = lt, nt
+        self._lookup = lt
         log.debug("updated lookup table", hosts=0 if lt is None else len(lt))
 
     @property

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import struct
 import time
 import tracemalloc
+import weakref
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -246,6 +248,18 @@ def test_nds_decode_refuses_more_bytes_than_the_bounds_allow(monkeypatch: pytest
     monkeypatch.setattr(nds, "MAX_BYTES", 16)
     with pytest.raises(NdsError, match="17 bytes: more than 16"):
         nds.decode(b"\x10\x01" * 8 + b"\x10")
+
+
+def test_the_server_keeps_only_its_lookup_table() -> None:
+    """The decoded NameTable (~6 MB at the 20 000-name bound) is dropped once the lookup table is built from it: only
+    pilot-agent's /debug/ndsz would read it, and the agent has none."""
+    nt = nds.decode(nds.encode(TABLE))
+    gone = weakref.ref(nt)
+    server = _server(nt)
+    del nt
+    gc.collect()
+    assert gone() is None
+    assert _ask(server, dns.message.make_query("web.demo.svc.cluster.local.", "A")) is not None
 
 def test_a_table_at_the_bounds_builds_quickly() -> None:
     big = NameTable({f"s{i}.ns{i % 50}.svc.cluster.local": NameInfo((f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",),
