@@ -48,7 +48,9 @@ MAX_ACTIONS = 4096
 MAX_STEPS = 100_000          # nodes run per render (a range runs its body once per container)
 MAX_NESTING = 32             # if/range blocks, parentheses and pipeline stages: compiling and rendering recurse
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
-_PLAIN = re.compile(r"^[A-Za-z0-9_./@+=-]*$")
+# Unquoted output: characters that never start YAML structure, and not a value YAML reads as more than a scalar
+# ("-" a list item, "=" YAML 1.1's value tag, "@..." reserved, "---" / "..." document markers at a line's start).
+_PLAIN = re.compile(r"^(?![-=]$|@|---|\.\.\.)[A-Za-z0-9_./@+=-]*$")
 
 # grpc-simple (proxyless gRPC without an agent): a bootstrap written by an init container, pointed at by each app
 # container's GRPC_XDS_BOOTSTRAP. Written for meshboot from the shape of Istio's template and golden.
@@ -499,6 +501,11 @@ class _Output:
             raise InjectionError(f"more than {MAX_STEPS} template steps")
 
 
+def plain_text(s: str) -> bool:
+    """Whether `s` may be printed unquoted: YAML reads it back as this one scalar wherever the template puts it."""
+    return _PLAIN.match(s) is not None
+
+
 def _run(body: tuple[Any, ...], ctx: Context, scope: dict[str, Any], out: _Output) -> None:
     for node in body:
         out.step()
@@ -507,7 +514,7 @@ def _run(body: tuple[Any, ...], ctx: Context, scope: dict[str, Any], out: _Outpu
         elif isinstance(node, Out):
             v = _eval(node.expr, ctx, scope)
             s = v if isinstance(v, _Quoted) else _text(v)
-            if not isinstance(v, _Quoted) and not _PLAIN.match(s):
+            if not isinstance(v, _Quoted) and not plain_text(s):
                 raise InjectionError(f"the value {s[:40]!r} is not plain text; the template must pipe it to quote")
             out.add(s)
         elif isinstance(node, If):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import itertools
 import json
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from webhook_fixtures import review_body, settings, validate_pod
 
 from testing.golden import TESTDATA, check
+from webhook import templates as tpl_mod
 from webhook.admission import review
 from webhook.config import build_settings
 from webhook.errors import ConfigError, InjectionError
@@ -289,7 +291,8 @@ spec:
 """
 
 
-@pytest.mark.parametrize("value", ["x\nlabels: {a: b}", "x: y", "a #b", "{a: 1}", "'q'"])
+@pytest.mark.parametrize("value", ["x\nlabels: {a: b}", "x: y", "a #b", "{a: 1}", "'q'", "-", "=", "@x", "---",
+                                   "..."])
 def test_tenant_values_cannot_add_yaml_structure(value: str) -> None:
     pod = _pod("grpc-simple")
     pod["metadata"]["annotations"].update({"inject.istio.io/templates": "t", "tenant": value})
@@ -319,6 +322,19 @@ def test_rendered_template_checked(text: str, message: str) -> None:
     with pytest.raises(InjectionError, match="failed to run injection template: template 't'") as e:
         inject_pod(pod, settings(injector={"templates": {"t": text}}))
     assert message in str(e.value)
+
+
+def test_what_passes_as_plain_text_stays_one_yaml_scalar() -> None:
+    """Every short value the unquoted check lets through reads back as one scalar (never a list, a map, a tag or a
+    syntax error) after a key, as a list item and on a line of its own."""
+    alphabet = "a0_./@+=-"
+    for n in range(1, 4):
+        for chars in itertools.product(alphabet, repeat=n):
+            v = "".join(chars)
+            if not tpl_mod.plain_text(v):
+                continue
+            for doc, pick in ((f"k: {v}", lambda d: d["k"]), (f"- {v}", lambda d: d[0]), (v, lambda d: d)):
+                assert not isinstance(pick(yaml.safe_load(doc)), (dict, list)), doc
 
 
 def test_rendered_output_bounded() -> None:
