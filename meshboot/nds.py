@@ -50,18 +50,6 @@ class NameInfo:
 class NameTable:
     table: dict[str, NameInfo] = field(default_factory=dict)
 
-    def as_json(self) -> dict:
-        """protojson's shape (camelCase, empty fields left out), as pilot-agent's /debug/ndsz shows it."""
-        out: dict[str, dict] = {}
-        for host, ni in sorted(self.table.items()):
-            d: dict = {}
-            for key, v in (("ips", list(ni.ips)), ("registry", ni.registry), ("shortname", ni.shortname),
-                           ("namespace", ni.namespace), ("altHosts", list(ni.alt_hosts))):
-                if v:
-                    d[key] = v
-            out[host] = d
-        return {"table": out}
-
 
 # -- encode --
 def _field(num: int, payload: bytes) -> bytes:

@@ -28,7 +28,7 @@ async def _run(a: argparse.Namespace) -> int:
     table = None
     if a.table:
         with open(a.table, "rb") as f:
-            table = nds.decode(f.read(8 * 1024 * 1024))
+            table = nds.decode(f.read(nds.MAX_BYTES + 1))      # more is refused by decode's bound
     server = DnsServer(Scope(a.namespace, a.domain or f"{a.namespace}.svc.cluster.local", rc.search), rc.servers,
                        Metrics(), timeout=a.timeout, upstream_port=a.upstream_port)
     server.set_table(table)
