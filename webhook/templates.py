@@ -431,6 +431,8 @@ def _call(fn: str, args: list[Any]) -> Any:
         return pick
     if fn == "index":
         need(2)
+        if not isinstance(args[1], str):  # a map or list as the key (Go: "value has type ...; should be string")
+            raise InjectionError("index: the key must be a string")
         return args[0].get(args[1]) if isinstance(args[0], Mapping) else None
     if fn == "default":
         need(2)

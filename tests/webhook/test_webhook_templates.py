@@ -337,6 +337,14 @@ def test_what_passes_as_plain_text_stays_one_yaml_scalar() -> None:
                 assert not isinstance(pick(yaml.safe_load(doc)), (dict, list)), doc
 
 
+def test_index_with_a_key_that_is_not_text_is_refused() -> None:
+    pod = _pod("grpc-simple")
+    pod["metadata"]["annotations"]["inject.istio.io/templates"] = "t"
+    text = "metadata:\n  labels:\n    k: {{ index .ObjectMeta.Labels .ObjectMeta.Annotations }}\n"
+    with pytest.raises(InjectionError, match="template 't': index: the key must be a string"):
+        inject_pod(pod, settings(injector={"templates": {"t": text}}))
+
+
 def test_rendered_output_bounded() -> None:
     pod = _pod("grpc-simple")
     pod["metadata"]["annotations"]["inject.istio.io/templates"] = "t"
