@@ -209,9 +209,7 @@ def order(force: str, legacy_tables: bool, nft: str) -> list[str]:
     to its plain fallback: on a kernel without nf_tables (`nft` is "absent") legacy comes before nft."""
     if force in ("legacy", "nft"):
         return [force]
-    if legacy_tables:
-        return ["legacy", "nft", "iptables"]
-    if nft == "absent":
+    if legacy_tables or nft == "absent":
         return ["legacy", "nft", "iptables"]
     return ["nft", "iptables"]
 
