@@ -456,6 +456,8 @@ def _parse(obj: Mapping[str, Any], root: str, services: ServiceLookup | None) ->
     namespace, name, meta, spec = _header(obj)
     ref = f"AuthorizationPolicy {namespace}/{name}"
     errors: list[_Invalid] = []
+    if obj.get("refused") is not None:     # kinds.refused_form: the watch kept only a stub of it
+        errors.append(_Invalid("(object)", f"over a bound of the watch ({_show(obj['refused'])})"))
     try:
         _only(spec, ("selector", "targetRef", "targetRefs", "action", "provider", "rules"), "spec")
     except _Invalid as exc:

@@ -70,6 +70,29 @@ def keep(kind: str, raw: Any) -> dict[str, Any]:
     return obj
 
 
+# Kinds whose object, refused over a bound, is kept as a stub naming the refusal (`refused`) rather than left out:
+# an AuthorizationPolicy left out would allow what it denies, so discovery/authz.py enforces the stub fail-closed.
+FAIL_CLOSED = frozenset({"AuthorizationPolicy"})
+
+
+def refused_form(kind: str, raw: Any, error: Refused) -> dict[str, Any] | None:
+    """The stub kept for an object of a FAIL_CLOSED kind refused by `keep` (its name, namespace, action and why),
+    None for other kinds or an object without a usable name."""
+    md = raw.get("metadata") if isinstance(raw, dict) else None
+    spec = raw.get("spec") if isinstance(raw, dict) else None
+    name = md.get("name") if isinstance(md, dict) else None
+    if kind not in FAIL_CLOSED or not isinstance(name, str) or not 0 < len(name) <= NAME[1]:
+        return None
+    namespace = md.get("namespace") if isinstance(md, dict) else None
+    action = spec.get("action") if isinstance(spec, dict) else None
+    api_version = raw.get("apiVersion")
+    return {"apiVersion": api_version if isinstance(api_version, str) and len(api_version) <= 64 else None,
+            "kind": kind, "metadata": {"name": name, "namespace": namespace if isinstance(namespace, str) and
+                                       len(namespace) <= 63 else None},
+            "spec": {"action": action} if isinstance(action, str) and len(action) <= 16 else {},
+            "refused": str(error)[:300]}
+
+
 def key_of(obj: dict[str, Any]) -> tuple[str, str]:
     """(namespace, name): the store key (namespace empty for cluster-scoped kinds)."""
     md = obj.get("metadata", {})

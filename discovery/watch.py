@@ -259,9 +259,11 @@ class Informer:
         try:
             return kinds.keep(self.resource.kind, raw)
         except kinds.Refused as e:
-            log.warning("discovery ignores an object over a bound", extra={"kind": self.resource.kind,
-                                                                          "error": str(e)[:300]})
-            return None
+            stub = kinds.refused_form(self.resource.kind, raw, e)
+            log.warning("discovery ignores an object over a bound" if stub is None else
+                        "discovery keeps an object over a bound as a fail-closed stub",
+                        extra={"kind": self.resource.kind, "error": str(e)[:300]})
+            return stub
 
 
 class Watcher:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from discovery import kinds
+from discovery import authz, kinds
 from discovery.store import Changed, Store
 from discovery.watch import Watcher, lines
 from testing.fakekube import FakeKube
@@ -256,6 +256,23 @@ def test_an_object_over_a_bound_is_refused_whole(kube: FakeKube, running: list[W
     until(lambda: w.store.snapshot().get("Pod", "default", "web-1") is None)
     kube.put_object("pods", pod("web-2", "10.0.0.6"))     # and the watch carries on
     until(lambda: w.store.snapshot().get("Pod", "default", "web-2"))
+
+
+def test_an_authorization_policy_over_a_bound_fails_closed(kube: FakeKube, running: list[Watcher]) -> None:
+    """Left out, a DENY policy would allow what it denies: it is kept as a stub that authz enforces fail-closed
+    (the whole namespace denied) and names the bound in its problem line."""
+    running.append(w := start(kube))
+    deny = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "no-dev", "namespace": "default", "labels": {f"l{i}": "v" for i in range(1025)}},
+            "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "web"}},
+                     "rules": [{"from": [{"source": {"namespaces": ["dev"]}}]}]}}
+    kube.put_object("authorizationpolicies", deny)
+    stored = until(lambda: w.store.snapshot().get("AuthorizationPolicy", "default", "no-dev"))
+    policies, problems = authz.compile([stored])
+    assert len(problems) == 1 and "default/no-dev" in problems[0] and "more than 1024" in problems[0], problems
+    verdict = authz.explain(authz.for_workload(policies, "default", {"app": "db"}, "cluster.local"),
+                            authz.Source("spiffe://cluster.local/ns/prod/sa/x", "10.0.0.1"), authz.Destination(80))
+    assert verdict.verdict == authz.DENY and "no-dev" in verdict.policy
 
 
 def test_a_server_error_backs_off_and_relists(kube: FakeKube, running: list[Watcher]) -> None:
