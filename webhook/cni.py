@@ -103,7 +103,8 @@ def excluded_inbound_ports(status_port: str, excluded: str) -> str:
 
 def append_multus_network(existing: str, network: str = ISTIO_CNI_NETWORK) -> str:
     """Istio's appendMultusNetwork: add `network` to the Multus annotation, flat (`a, b`) or JSON (`[{"name": ..}]`),
-    unless it is there already. A JSON value that is not a list of objects is left as it is (Istio logs and skips)."""
+    unless it is there already. A JSON value that is not a list of objects is left as it is (Istio logs and skips);
+    an empty JSON list gets the network alone (where Istio's splice would write invalid JSON)."""
     if existing == "":
         return network
     close = existing.rfind("]")
@@ -121,8 +122,9 @@ def append_multus_network(existing: str, network: str = ISTIO_CNI_NETWORK) -> st
     for net in (n for n in nets if n is not None):
         if net.get("name") == name and (net.get("namespace") if net.get("namespace") is not None else "") == ns:
             return existing
-    entry = f', {{"name": "{name}", "namespace": "{ns}"}}' if ns else f', {{"name": "{name}"}}'
-    return existing[:close] + entry + existing[close:]
+    entry = f'{{"name": "{name}", "namespace": "{ns}"}}' if ns else f'{{"name": "{name}"}}'
+    sep = "" if not nets else ", "      # Istio always splices ", ": `[, {...}]` of an empty list is not JSON
+    return existing[:close] + sep + entry + existing[close:]
 
 
 def plugin_annotations(pod_annotations: Mapping[str, str], values: Mapping[str, Any], interception_mode: str,

@@ -7,6 +7,7 @@ TestAppendMultusNetwork in inject_test.go) and its sidecar template (files/injec
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -212,6 +213,13 @@ def test_append_multus_network_as_istio(existing: str, want: str) -> None:
 ])
 def test_append_multus_network_namespaced_already_there(existing: str) -> None:
     assert cni.append_multus_network(existing) == existing
+
+
+@pytest.mark.parametrize("existing", ["[]", " [ ]\n", "[null]"])
+def test_append_multus_network_to_an_empty_list_stays_json(existing: str) -> None:
+    """Istio's splice before the last `]` would make `[, {...}]` of an empty list, which Multus cannot read."""
+    got = cni.append_multus_network(existing)
+    assert [n for n in json.loads(got) if n] == [{"name": "istio-cni", "namespace": "default"}]
 
 
 @pytest.mark.parametrize("hostile", [
