@@ -159,6 +159,9 @@ class XdsProxy:
                 if m is not None:
                     m.xds_responses.inc()
                 yield self._strip(resp, delta)
+            if not mine.is_set():           # ended with OK: Envoy's stream ends too, and the next one is paced alike
+                self._ended(healthy)
+                log.warn("upstream XDS stream ended", code="OK", healthy=healthy)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and mine.is_set():
                 return
@@ -261,7 +264,8 @@ class XdsProxy:
             self._lost_at = None
 
     def _ended(self, healthy: bool) -> None:
-        """An upstream error: after a healthy stream the next attempt is immediate, otherwise paced."""
+        """An upstream stream ended (an error, or OK): after a healthy stream the next attempt is immediate,
+        otherwise paced."""
         self._failing = not healthy
         if healthy or self._lost_at is None:
             self._lost_at = time.monotonic()

@@ -9,6 +9,7 @@ stream resets that back-off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -23,8 +24,9 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
 
 class Upstream:
-    """A plaintext ADS server on a fixed loopback port: answers each request (mode "serve") or fails every stream
-    with UNAVAILABLE before answering (mode "fail"); records when each stream arrived."""
+    """A plaintext ADS server on a fixed loopback port: answers each request (mode "serve"), fails every stream
+    with UNAVAILABLE before answering (mode "fail") or ends it with OK at once (mode "close"); records when each
+    stream arrived."""
 
     def __init__(self) -> None:
         self.mode = "serve"
@@ -45,6 +47,8 @@ class Upstream:
 
     async def _stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         self.arrivals.append(time.monotonic())
+        if self.mode == "close":                  # ends the stream with OK before any response
+            return
         n = 0
         async for raw in requests:
             if self.mode == "fail":
@@ -143,6 +147,29 @@ def test_a_failing_upstream_is_retried_with_capped_backoff_reset_by_a_healthy_st
             assert after[0] < 0.3, f"a healthy stream's end must not be paced by the old back-off: {after}"
             assert 0.07 <= after[1] < 0.3, f"the back-off must start over after a healthy stream: {after}"
             assert 0.15 <= after[2], after
+        finally:
+            await channel.close()
+            await server.stop(None)
+            await up.stop()
+    asyncio.run(run())
+
+
+def test_an_upstream_that_ends_streams_at_once_without_an_error_is_paced_too() -> None:
+    """A server that ends every stream with OK before any response is as broken as one that fails them: Envoy
+    retrying at once must still reach it only after the back-off (0.1, 0.2, 0.4 s ×U(0.75, 1.25))."""
+    async def run() -> None:
+        up = Upstream()
+        up.mode = "close"
+        await up.start()
+        server, channel = await _agent(proxy.XdsProxy(_cfg(up.port), backoff=Backoff(0.1, 0.4)))
+        try:
+            for _ in range(4):
+                call = _envoy_stream(channel)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    assert await asyncio.wait_for(_first_response(call), 10) == grpc.aio.EOF
+            gaps = [b - a for a, b in zip(up.arrivals, up.arrivals[1:], strict=False)]
+            for gap, want in zip(gaps, (0.1, 0.2, 0.4), strict=True):
+                assert 0.75 * want - 0.02 <= gap, (gaps, want)
         finally:
             await channel.close()
             await server.stop(None)
