@@ -801,6 +801,7 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
     overlays = [n for n in names if n not in tpl_mod.PROXY_TEMPLATES]
     # Custom templates read the pod as it was before anything was rendered into it.
     ctx = _template_context(out, annotations, labels, settings, ch, dm) if overlays else None
+    budget = tpl_mod.Budget() if overlays else None  # the render bounds hold for the pod, not per template
     injected = _Injected()
     if proxy_tpl == "sidecar":
         proxy: dict[str, Any] | None = _inject_sidecar(out, annotations, labels, settings, ch, dm, injected)
@@ -811,8 +812,8 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
         proxy = None
     for name in overlays:
         assert ctx is not None
-        overlay_mod.apply(out, annotations, labels, tpl_mod.render(settings.templates[name], ctx), injected,
-                          _merge_map, record=not reinjected)
+        overlay_mod.apply(out, annotations, labels, tpl_mod.render(settings.templates[name], ctx, budget),
+                          injected, _merge_map, record=not reinjected)
     moved = post_process_pod(spec, proxy["env"] if proxy is not None else None, annotations, settings, carried,
                              url_env)
     app = next((c["name"] for c in spec["containers"] if c.get("name") != C.PROXY_CONTAINER), None)

@@ -482,24 +482,32 @@ def _eval(node: Any, ctx: Context, scope: Mapping[str, Any]) -> Any:
     return ctx.spec.get("serviceAccountName") or ""
 
 
-class _Output:
-    """The rendered text, its size and the work done so far, both bounded (a range over a tenant's many containers,
-    or nested ranges, must not turn a small template into a long render)."""
+class Budget:
+    """The output and the work of all one pod's renders, bounded together: a pod naming a template 16 times (through
+    aliases, up to 256 renders) must not buy that many times one render's bounds."""
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
         self.size = 0
         self.steps = 0
 
+
+class _Output:
+    """The rendered text, charging its size and the work done to the pod's Budget (a range over a tenant's many
+    containers, or nested ranges, must not turn a small template into a long render)."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.parts: list[str] = []
+        self.budget = budget
+
     def add(self, text: str) -> None:
         self.parts.append(text)
-        self.size += len(text)
-        if self.size > MAX_RENDERED_BYTES:
+        self.budget.size += len(text)
+        if self.budget.size > MAX_RENDERED_BYTES:
             raise InjectionError(f"rendered output larger than {MAX_RENDERED_BYTES} bytes")
 
     def step(self) -> None:
-        self.steps += 1
-        if self.steps > MAX_STEPS:
+        self.budget.steps += 1
+        if self.budget.steps > MAX_STEPS:
             raise InjectionError(f"more than {MAX_STEPS} template steps")
 
 
@@ -530,10 +538,11 @@ def _run(body: tuple[Any, ...], ctx: Context, scope: dict[str, Any], out: _Outpu
                 _run(node.body, ctx, inner, out)
 
 
-def render(tpl: Template, ctx: Context) -> dict[str, Any]:
-    """The template's overlay (metadata labels/annotations, spec), checked; InjectionError names the template."""
+def render(tpl: Template, ctx: Context, budget: Budget | None = None) -> dict[str, Any]:
+    """The template's overlay (metadata labels/annotations, spec), checked; InjectionError names the template.
+    `budget`: the pod's, shared by all its renders (a fresh one when None)."""
     try:
-        out = _Output()
+        out = _Output(budget or Budget())
         _run(tpl.body, ctx, {}, out)
         doc = yamlsafe.load("".join(out.parts), max_bytes=MAX_RENDERED_BYTES)
     except InjectionError as e:

@@ -354,6 +354,22 @@ def test_rendered_output_bounded() -> None:
         inject_pod(pod, settings(injector={"templates": {"t": text}}))
 
 
+def test_rendering_is_bounded_per_pod_not_per_template() -> None:
+    """A pod selecting one template 16 times (or through aliases, 16 x 16): the bounds hold for all its renders
+    together, else one pod bought 16-256 times a template's bounded cost (seconds per admission)."""
+    pod = _pod("grpc-simple")
+    pod["metadata"]["annotations"]["inject.istio.io/templates"] = ",".join(["t"] * 16)
+    text = "metadata:\n  annotations:\n    a: " + "x" * 60_000 + "\n"
+    inject_pod(_pod("grpc-simple") | {"metadata": {**pod["metadata"], "annotations": {
+        "inject.istio.io/templates": "t,t,t,t"}}}, settings(injector={"templates": {"t": text}}))
+    with pytest.raises(InjectionError, match="template 't': rendered output larger than 524288 bytes"):
+        inject_pod(pod, settings(injector={"templates": {"t": text}}))
+    steps = "{{ range $a := .Spec.Containers }}{{ range $b := .Spec.Containers }}{{ end }}{{ end }}"
+    pod["spec"]["containers"] = [{"name": f"c{i}", "image": "x"} for i in range(100)]
+    with pytest.raises(InjectionError, match="template 't': more than 100000 template steps"):
+        inject_pod(pod, settings(injector={"templates": {"t": steps}}))
+
+
 def test_gateway_admitted_through_the_admission_review() -> None:
     """The gateway Deployment's pod was denied ("the pod has no application container"); now it is patched into the
     gateway shape. An unknown template is denied with the message naming the annotation."""
