@@ -30,8 +30,9 @@ from .metrics import Metrics
 from .status import StatusServer, grpc_bootstrap_reason
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
+    from .dns.resolver import LookupTable
     from .dns.server import DnsServer
 
 log = Log("agent")
@@ -209,16 +210,24 @@ class Sidecar:
         from meshboot.nds import TYPE_URL  # noqa: PLC0415 - only with DNS capture on (RSS budget)
         return TYPE_URL
 
-    def _apply_name_table(self, value: bytes) -> None:
+    async def _apply_name_table(self, value: bytes) -> None:
         """An NDS response's NameTable, decoded whole (bounded; NdsError: the XDS proxy NACKs it and the DNS proxy
-        keeps its table) and then swapped in at once."""
+        keeps its table) and built into the lookup table in a worker thread — ~1 s at the bounds, during which the
+        loop keeps answering DNS, SDS and probes — then swapped in at once."""
         from meshboot.nds import decode  # noqa: PLC0415 - only with DNS capture on (RSS budget)
-        nt = decode(value)
-        if self.dns is not None:
-            first = not self.dns.ready
-            self.dns.set_table(nt)
+
+        from .dns.resolver import build  # noqa: PLC0415 - as above
+        server = self.dns
+
+        def prepare() -> tuple[int, LookupTable | None]:
+            nt = decode(value)
+            return len(nt.table), None if server is None else build(nt, server.scope)
+        hosts, lt = await asyncio.to_thread(prepare)
+        if server is not None:
+            first = not server.ready
+            server.set_lookup(lt)
             if first:
-                log.info("first name table applied: the DNS proxy answers from it", hosts=len(nt.table))
+                log.info("first name table applied: the DNS proxy answers from it", hosts=hosts)
 
     def _pcds(self, secrets: SecretManager) -> dict[str, Callable[[bytes], None]]:
         """PCDS (xds/pcds.py) with PROXY_CONFIG_XDS_AGENT, as pilot-agent: istiod's trust bundle into ROOTCA."""
@@ -241,7 +250,8 @@ class Sidecar:
             handler = ads.StandaloneADS(asyncio.ensure_future(ads.load_resources(pre))).handler()
         else:
             from .xds.proxy import XdsProxy  # noqa: PLC0415 - only the mode in use is loaded (RSS budget)
-            handlers = {} if self.dns is None else {self._nds_type(): self._apply_name_table}
+            handlers: dict[str, Callable[[bytes], Awaitable[None] | None]] = (
+                {} if self.dns is None else {self._nds_type(): self._apply_name_table})
             handlers.update(self._pcds(secrets))      # after NDS: pilot-agent's order of its initial requests
             proxy = XdsProxy(cfg, self.metrics, handlers=handlers)
             self.xds_ready = proxy.not_ready_reason

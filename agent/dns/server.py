@@ -70,8 +70,12 @@ class DnsServer:
 
     # -- the table --
     def set_table(self, nt: NameTable | None) -> None:
-        """Swap in a new table (NDS); one assignment, so a query sees the old table or the new one, never a mix."""
-        lt = None if nt is None else build(nt, self.scope)
+        """Swap in a new table (NDS), built here; see set_lookup."""
+        self.set_lookup(None if nt is None else build(nt, self.scope))
+
+    def set_lookup(self, lt: LookupTable | None) -> None:
+        """Swap in a lookup table (`resolver.build(nt, server.scope)`, which a caller may run off the loop); one
+        assignment, so a query sees the old table or the new one, never a mix."""
         self._lookup = lt
         log.debug("updated lookup table", hosts=0 if lt is None else len(lt))
 

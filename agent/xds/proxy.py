@@ -49,7 +49,7 @@ DELTA = f"/{SERVICE}/DeltaAggregatedResources"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 INTERNAL = 13                 # grpc codes.Internal: pilot-agent's NACK code for a response its handler refused
 # type URL -> apply the first resource's Any.value; raises to refuse it (the NACK's message is the error)
-Handlers = Mapping[str, Callable[[bytes], None]]
+Handlers = Mapping[str, Callable[[bytes], Awaitable[None] | None]]   # an awaitable is awaited before the ACK
 Write = Callable[[bytes], Awaitable[None]]
 
 
@@ -227,7 +227,9 @@ class XdsProxy:
             return                                  # pilot-agent: "empty response, nothing to do" (no ACK)
         error = None
         try:
-            self.handlers[type_url](r.first)
+            pending = self.handlers[type_url](r.first)
+            if pending is not None:
+                await pending
         except Exception as e:  # noqa: BLE001 - whatever the handler refused is the NACK's reason
             error = wire.Status(INTERNAL, str(e)[:1024] or type(e).__name__)
             log.error("refusing a response from upstream (NACK)", type=type_url, error=error.message)

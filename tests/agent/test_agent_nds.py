@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -235,6 +237,36 @@ def test_without_the_dns_proxy_the_agent_asks_for_no_nds_and_drops_nds_responses
             assert got == [CDS, LDS, LDS] and not _nds_requests(up.streams[0])
     asyncio.run(run())
 
+
+
+def test_a_table_at_the_bounds_is_decoded_off_the_event_loop() -> None:
+    """Decoding and building a 20 000-name table takes ~1 s; on the loop that would stall DNS answers, SDS and the
+    status port for as long on every NDS push. The handler does it in a worker thread: the loop keeps turning."""
+    big = nds.encode(nds.NameTable({f"s{i}.ns{i % 50}.svc.cluster.local": nds.NameInfo(
+        (f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",), nds.REGISTRY_KUBERNETES, f"s{i}", f"ns{i % 50}")
+        for i in range(nds.MAX_ENTRIES)}))
+
+    async def run() -> tuple[float, float]:
+        server, apply = _dns()
+        ticks: list[float] = [time.monotonic()]
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(0.005)
+                ticks.append(time.monotonic())
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0.02)
+        t0 = time.monotonic()
+        pending = apply(big)
+        if pending is not None:
+            await pending
+        took = time.monotonic() - t0
+        await asyncio.sleep(0.05)                   # the ticker's first turn after the apply
+        t.cancel()
+        assert _answer(server, "s7.ns7.svc.cluster.local.")[1] == ["10.0.0.7"]
+        return took, max(b - a for a, b in itertools.pairwise(ticks))
+    took, longest_stall = asyncio.run(run())
+    assert longest_stall < max(0.25, took / 3), (took, longest_stall)
 
 def test_wire_requests_parse_as_protobuf_requests() -> None:
     st = wire.Status(13, "bad table")
