@@ -19,15 +19,14 @@ from webhook.inject import (
     CUSTOM_BOOTSTRAP_VOLUME,
     ENV_NETWORK,
     Choices,
-    _ann_or,
     _field_env,
     _http_probe,
-    _pod_ports_json,
     _take_user_containers,
     image_name,
     json_copy,
     merge_user_container,
-    proxy_config_env,
+    proxy_args,
+    proxy_env_head,
     reorder_pod,
 )
 from webhook.overlay import Recorder
@@ -37,39 +36,14 @@ GATEWAY_VOLUMES = ("workload-socket", "credential-socket", "workload-certs", CUS
                    "istio-data", "istio-podinfo", "istio-token", "istiod-ca-cert", "istio-certs")
 
 
-def gateway_args(annotations: Mapping[str, str], settings: Settings) -> list[str]:
-    p, g = settings.proxy, settings.g
-    args = ["proxy", "router", "--domain", f"$(POD_NAMESPACE).svc.{p.get('clusterDomain') or 'cluster.local'}",
-            "--proxyLogLevel=" + _ann_or(annotations, C.ANNOTATION_LOG_LEVEL, p["logLevel"]),
-            "--proxyComponentLogLevel=" + _ann_or(annotations, C.ANNOTATION_COMPONENT_LOG_LEVEL,
-                                                  p["componentLogLevel"]),
-            "--log_output_level=" + _ann_or(annotations, C.ANNOTATION_AGENT_LOG_LEVEL, g["logging"]["level"])]
-    if int(g["sts"].get("servicePort") or 0):
-        args.append(f"--stsPort={int(g['sts']['servicePort'])}")
-    if g.get("logAsJson"):
-        args.append("--log_as_json")
-    return args
-
-
 def gateway_env(annotations: Mapping[str, str], settings: Settings, ch: Choices, dm: DeployMeta,
                 apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The gateway template's env, in its order (GOMEMLIMIT before the app containers; the workload name is the
     deployment's, never a label)."""
     g = settings.g
-    ns_name = g.get("istioNamespace") or C.ISTIO_NAMESPACE
-    istiod = "istiod" + (f"-{settings.revision}" if settings.revision else "")
     names = ",".join(c.get("name", "") for c in apps if c.get("name") != C.PROXY_CONTAINER)
     env: list[dict[str, Any]] = [
-        {"name": C.ENV_PILOT_CERT_PROVIDER, "value": str(g.get("pilotCertProvider") or "istiod")},
-        {"name": C.ENV_CA_ADDR, "value": str(g.get("caAddress") or f"{istiod}.{ns_name}.svc:{C.CA_PORT}")},
-        _field_env(C.ENV_POD_NAME, "metadata.name"),
-        _field_env(C.ENV_POD_NAMESPACE, "metadata.namespace"),
-        _field_env(C.ENV_INSTANCE_IP, "status.podIP"),
-        _field_env(C.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
-        _field_env(C.ENV_HOST_IP, "status.hostIP"),
-        {"name": C.ENV_CPU_LIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.cpu"}}},
-        {"name": C.ENV_PROXY_CONFIG, "value": proxy_config_env(ch.proxy_config)},
-        {"name": C.ENV_POD_PORTS, "value": _pod_ports_json(apps)},
+        *proxy_env_head(settings, ch, apps),
         {"name": C.ENV_GOMEMLIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.memory"}}},
         {"name": C.ENV_APP_CONTAINERS, **({"value": names} if names else {})},
         {"name": C.ENV_CLUSTER_ID, "value": str(g["multiCluster"].get("clusterName") or C.DEFAULT_CLUSTER_ID)},
@@ -144,7 +118,7 @@ def render_gateway(annotations: Mapping[str, str], settings: Settings, ch: Choic
     c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": image_name(g["hub"], name, g["tag"], variant),
                          "ports": [{"containerPort": C.ENVOY_PROMETHEUS_PORT, "name": "http-envoy-prom",
                                     "protocol": "TCP"}],
-                         "args": gateway_args(annotations, settings)}
+                         "args": proxy_args(annotations, settings, "router")}
     if p.get("lifecycle"):
         c["lifecycle"] = json_copy(p["lifecycle"])
     c["securityContext"] = {"runAsGroup": C.PROXY_GID, "runAsUser": C.PROXY_UID}

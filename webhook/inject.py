@@ -221,19 +221,8 @@ def _proxy_env(pod: Mapping[str, Any], annotations: Mapping[str, str], labels: M
     env: list[dict[str, Any]] = []
     if (mesh.get("inboundTrafficPolicy") or {}).get("mode") == "LOCALHOST":
         env.append({"name": "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", "value": "true"})
-    ns_name = g.get("istioNamespace") or C.ISTIO_NAMESPACE
-    istiod = "istiod" + (f"-{settings.revision}" if settings.revision else "")
+    env += proxy_env_head(settings, ch, app_containers)
     env += [
-        {"name": C.ENV_PILOT_CERT_PROVIDER, "value": str(g.get("pilotCertProvider") or "istiod")},
-        {"name": C.ENV_CA_ADDR, "value": str(g.get("caAddress") or f"{istiod}.{ns_name}.svc:{C.CA_PORT}")},
-        _field_env(C.ENV_POD_NAME, "metadata.name"),
-        _field_env(C.ENV_POD_NAMESPACE, "metadata.namespace"),
-        _field_env(C.ENV_INSTANCE_IP, "status.podIP"),
-        _field_env(C.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
-        _field_env(C.ENV_HOST_IP, "status.hostIP"),
-        {"name": C.ENV_CPU_LIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.cpu"}}},
-        {"name": C.ENV_PROXY_CONFIG, "value": proxy_config_env(ch.proxy_config)},
-        {"name": C.ENV_POD_PORTS, "value": _pod_ports_json(app_containers)},
         {"name": C.ENV_APP_CONTAINERS, "value": ",".join(c.get("name", "") for c in app_containers)},
         {"name": C.ENV_GOMEMLIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.memory"}}},
         {"name": C.ENV_CLUSTER_ID, "value": str(g["multiCluster"].get("clusterName") or C.DEFAULT_CLUSTER_ID)},
@@ -258,6 +247,26 @@ def _proxy_env(pod: Mapping[str, Any], annotations: Mapping[str, str], labels: M
     md = ch.proxy_config.get("proxyMetadata") or {}
     env += [{"name": k, "value": md[k]} for k in sorted(md)]
     return env
+
+
+def proxy_env_head(settings: Settings, ch: Choices, app_containers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The env istio-proxy's sidecar and gateway templates begin alike with: identity, CA, pod fields, CPU limit,
+    PROXY_CONFIG and the app's ports."""
+    g = settings.g
+    ns_name = g.get("istioNamespace") or C.ISTIO_NAMESPACE
+    istiod = "istiod" + (f"-{settings.revision}" if settings.revision else "")
+    return [
+        {"name": C.ENV_PILOT_CERT_PROVIDER, "value": str(g.get("pilotCertProvider") or "istiod")},
+        {"name": C.ENV_CA_ADDR, "value": str(g.get("caAddress") or f"{istiod}.{ns_name}.svc:{C.CA_PORT}")},
+        _field_env(C.ENV_POD_NAME, "metadata.name"),
+        _field_env(C.ENV_POD_NAMESPACE, "metadata.namespace"),
+        _field_env(C.ENV_INSTANCE_IP, "status.podIP"),
+        _field_env(C.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
+        _field_env(C.ENV_HOST_IP, "status.hostIP"),
+        {"name": C.ENV_CPU_LIMIT, "valueFrom": {"resourceFieldRef": {"divisor": "1", "resource": "limits.cpu"}}},
+        {"name": C.ENV_PROXY_CONFIG, "value": proxy_config_env(ch.proxy_config)},
+        {"name": C.ENV_POD_PORTS, "value": _pod_ports_json(app_containers)},
+    ]
 
 
 def _http_probe(period: int, delay: int, failure: int) -> dict[str, Any]:
@@ -343,11 +352,10 @@ def _volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: S
     return v
 
 
-def _proxy_container(pod: Mapping[str, Any], annotations: Mapping[str, str], labels: Mapping[str, str],
-                     settings: Settings, ch: Choices, dm: DeployMeta, image: str, resources: dict[str, Any],
-                     app_containers: list[dict[str, Any]]) -> dict[str, Any]:
+def proxy_args(annotations: Mapping[str, str], settings: Settings, role: str) -> list[str]:
+    """istio-proxy's args, the sidecar's (`role` sidecar) and the gateway's (router) alike up to --log_as_json."""
     p, g = settings.proxy, settings.g
-    args = ["proxy", "sidecar", "--domain", f"$(POD_NAMESPACE).svc.{p.get('clusterDomain') or 'cluster.local'}",
+    args = ["proxy", role, "--domain", f"$(POD_NAMESPACE).svc.{p.get('clusterDomain') or 'cluster.local'}",
             "--proxyLogLevel=" + _ann_or(annotations, C.ANNOTATION_LOG_LEVEL, p["logLevel"]),
             "--proxyComponentLogLevel=" + _ann_or(annotations, C.ANNOTATION_COMPONENT_LOG_LEVEL,
                                                   p["componentLogLevel"]),
@@ -356,6 +364,14 @@ def _proxy_container(pod: Mapping[str, Any], annotations: Mapping[str, str], lab
         args.append(f"--stsPort={int(g['sts']['servicePort'])}")
     if g.get("logAsJson"):
         args.append("--log_as_json")
+    return args
+
+
+def _proxy_container(pod: Mapping[str, Any], annotations: Mapping[str, str], labels: Mapping[str, str],
+                     settings: Settings, ch: Choices, dm: DeployMeta, image: str, resources: dict[str, Any],
+                     app_containers: list[dict[str, Any]]) -> dict[str, Any]:
+    p, g = settings.proxy, settings.g
+    args = proxy_args(annotations, settings, "sidecar")
     if p.get("outlierLogPath"):
         args.append(f"--outlierLogPath={p['outlierLogPath']}")
     c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": image}
