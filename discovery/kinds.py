@@ -73,22 +73,26 @@ def keep(kind: str, raw: Any) -> dict[str, Any]:
 # Kinds whose object, refused over a bound, is kept as a stub naming the refusal (`refused`) rather than left out:
 # an AuthorizationPolicy left out would allow what it denies, so discovery/authz.py enforces the stub fail-closed.
 FAIL_CLOSED = frozenset({"AuthorizationPolicy"})
+DRY_RUN = "istio.io/dry-run"      # kept in the stub: a policy its owner asked not to enforce stays so
 
 
 def refused_form(kind: str, raw: Any, error: Refused) -> dict[str, Any] | None:
-    """The stub kept for an object of a FAIL_CLOSED kind refused by `keep` (its name, namespace, action and why),
+    """The stub kept for an object of a FAIL_CLOSED kind refused by `keep` (name, namespace, dry-run, action, why),
     None for other kinds or an object without a usable name."""
     md = raw.get("metadata") if isinstance(raw, dict) else None
+    md = md if isinstance(md, dict) else {}
     spec = raw.get("spec") if isinstance(raw, dict) else None
-    name = md.get("name") if isinstance(md, dict) else None
+    name = md.get("name")
     if kind not in FAIL_CLOSED or not isinstance(name, str) or not 0 < len(name) <= NAME[1]:
         return None
-    namespace = md.get("namespace") if isinstance(md, dict) else None
+    namespace, annotations = md.get("namespace"), md.get("annotations")
+    dry_run = annotations.get(DRY_RUN) if isinstance(annotations, dict) else None
     action = spec.get("action") if isinstance(spec, dict) else None
     api_version = raw.get("apiVersion")
     return {"apiVersion": api_version if isinstance(api_version, str) and len(api_version) <= 64 else None,
-            "kind": kind, "metadata": {"name": name, "namespace": namespace if isinstance(namespace, str) and
-                                       len(namespace) <= 63 else None},
+            "kind": kind, "metadata": {
+                "name": name, "namespace": namespace if isinstance(namespace, str) and len(namespace) <= 63 else None,
+                "annotations": {DRY_RUN: dry_run} if isinstance(dry_run, str) and len(dry_run) <= 16 else {}},
             "spec": {"action": action} if isinstance(action, str) and len(action) <= 16 else {},
             "refused": str(error)[:300]}
 

@@ -275,6 +275,20 @@ def test_an_authorization_policy_over_a_bound_fails_closed(kube: FakeKube, runni
     assert verdict.verdict == authz.DENY and "no-dev" in verdict.policy
 
 
+def test_a_dry_run_authorization_policy_over_a_bound_stays_dry_run() -> None:
+    """The stub keeps istio.io/dry-run: a policy its owner asked not to enforce is not enforced by its stub either."""
+    raw = {"metadata": {"name": "try", "namespace": "default", "labels": {f"l{i}": "v" for i in range(1025)},
+                        "annotations": {authz.DRY_RUN: "true", "istio.io/x": "y" * 20000}},
+           "spec": {"action": "DENY", "rules": [{}]}}
+    with pytest.raises(kinds.Refused) as refused:
+        kinds.keep("AuthorizationPolicy", raw)
+    policies, problems = authz.compile([kinds.refused_form("AuthorizationPolicy", raw, refused.value)])
+    assert problems and policies.namespaces["default"][0].dry_run
+    verdict = authz.explain(authz.for_workload(policies, "default", {}, "cluster.local"),
+                            authz.Source(None, "10.0.0.1"), authz.Destination(80))
+    assert verdict.verdict == authz.ALLOW and verdict.logged, verdict
+
+
 def test_a_server_error_backs_off_and_relists(kube: FakeKube, running: list[Watcher]) -> None:
     kube.fail_next("GET", "/api/v1/namespaces", 500, 500)
     running.append(w := start(kube))
