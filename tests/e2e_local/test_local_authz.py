@@ -248,10 +248,13 @@ def test_an_empty_allow_policy_denies_all(mesh: Mesh) -> None:
 
 def test_mesh_wide_allow_nothing_with_a_namespace_exception(mesh: Mesh) -> None:
     mesh.apply(ROOT, "allow-nothing", {"action": "ALLOW"})
-    _enforces(mesh, "server-1", [(ALLOW, (_rule(ROOT, "allow-nothing"),))])
+    for server in ("server-1", "server-2"):          # both are asked below: each must have had the push
+        _enforces(mesh, server, [(ALLOW, (_rule(ROOT, "allow-nothing"),))])
     _expect(mesh, [("client", "server-1", 80, DENY), ("outsider", "server-2", 80, DENY)])
     mesh.apply(NS, "from-az", {"rules": [{"from": [{"source": {"namespaces": [NS]}}]}]})
-    _enforces(mesh, "server-1", [(ALLOW, (_rule(NS, "from-az"), _rule(ROOT, "allow-nothing")))])
+    for server in ("server-1", "server-2"):
+        _enforces(mesh, server, [(ALLOW, (_rule(NS, "from-az"), _rule(ROOT, "allow-nothing")))])
+    _enforces(mesh, "server-2", [(ALLOW, (_rule(NS, "from-az"), _rule(ROOT, "allow-nothing")))], port=9090)
     _expect(mesh, [("client", "server-1", 80, ALLOW), ("client", "server-2", 90, ALLOW),
                    ("outsider", "server-1", 80, DENY), ("plain", "server-1", 80, DENY)])
 
