@@ -344,8 +344,10 @@ def _request_a_to_b(facts: Facts, cluster: LocalCluster, pa: PodRun, pb: PodRun,
     say("   pod-b app log: " + " | ".join(r.app_b))
 
 
-def _agent_dns_requests(run: PodRun) -> float:
-    body = run.call(http_get, "127.0.0.1", C.STATUS_PORT, "/stats/prometheus", 3.0).body.decode()
+def agent_dns_requests(run: PodRun) -> float:
+    """pilot-agent's istio_agent_dns_requests_total on the pod's merged metrics (15020): the queries its DNS proxy
+    took, which tells an answer from the agent apart from one by a nameserver."""
+    body = run.call(http_get, "127.0.0.1", C.STATUS_PORT, "/stats/prometheus", 5.0).body.decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
                if line.startswith("istio_agent_dns_requests_total"))
 
@@ -354,14 +356,14 @@ def _dns(facts: Facts, pa: PodRun, say: Callable[[str], None]) -> None:
     """pod-a's app resolves Service `server` by its short, namespaced and full names: istio-init sends the query to
     pod-a's agent, which answers from the name table discovery sent it (there is no DNS server at the nameserver)."""
     names = (SERVICE, f"{SERVICE}.{NAMESPACE}", f"{SERVICE}.{NAMESPACE}.svc.cluster.local")
-    before = _agent_dns_requests(pa)
+    before = agent_dns_requests(pa)
 
     def resolve() -> dict[str, Any]:
         res = pa.exec("app", ["python3", "-c", RESOLVE, *names], timeout=30)
         return json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr.strip()[-200:]}
     answers = poll(resolve, lambda r: all(r.get(n) == [facts.cluster_ip] for n in names), 10.0)
     conf = pa.exec("app", ["cat", "/etc/resolv.conf"]).stdout
-    facts.dns = DnsFacts(answers=answers, agent_requests=_agent_dns_requests(pa) - before, resolv_conf=conf)
+    facts.dns = DnsFacts(answers=answers, agent_requests=agent_dns_requests(pa) - before, resolv_conf=conf)
     say(f"\n== kubectl exec pod-a -c app -- getaddrinfo {' '.join(names)}   (resolv.conf: "
         + "; ".join(line for line in conf.splitlines() if line) + ")")
     say("   → " + ", ".join(f"{n} {a}" for n, a in answers.items())

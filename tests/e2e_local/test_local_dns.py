@@ -19,8 +19,8 @@ import pytest
 
 from e2e.local import mtls, testkit
 from e2e.local.cluster import LocalCluster
-from e2e.local.kubelet import PodRun, http_get
-from e2e.local.scenario import RESOLVE  # getaddrinfo in the pod
+from e2e.local.kubelet import PodRun
+from e2e.local.scenario import RESOLVE, agent_dns_requests  # getaddrinfo in the pod, the agent's counter
 from e2e.local.testkit import web_pod
 from meshboot import constants as C
 from testing.netns import poll
@@ -43,10 +43,7 @@ class Dns:
         return out
 
     def agent_dns_requests(self) -> float:
-        """pilot-agent's istio_agent_dns_requests_total on pod A's merged metrics (15020)."""
-        body = self.a.call(http_get, "127.0.0.1", C.STATUS_PORT, "/stats/prometheus", 5.0).body.decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-                   if line.startswith("istio_agent_dns_requests_total"))
+        return agent_dns_requests(self.a)
 
 
 @pytest.fixture(scope="module")
