@@ -13,7 +13,7 @@ The subset: `{{ expr }}`, `{{- ... -}}` trimming, `{{/* comments */}}`, `range [
 Annotations}`, `.DeploymentMeta.{Name,Namespace,Kind}`, `.Spec.ServiceAccountName`, `.Revision`, `.ProxyImage`,
 `.ProxyInitImage`, `.Values.*`, `.MeshConfig.*`, `$c.Name`, `$c.Image`, string literals, with `eq ne not and or
 index default quote lower upper toLower toUpper`. A substituted value must be plain text (no spaces, quotes, `#`,
-`:`-space...) unless piped to `quote`, so a tenant's annotation can never add YAML structure.
+no `:` first or last...) unless piped to `quote`, so a tenant's annotation can never add YAML structure.
 """
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ MAX_STEPS = 100_000          # nodes run per render (a range runs its body once 
 MAX_NESTING = 32             # if/range blocks, parentheses and pipeline stages: compiling and rendering recurse
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
 # Unquoted output: characters that never start YAML structure, and not a value YAML reads as more than a scalar
-# ("-" a list item, "=" YAML 1.1's value tag, "@..." reserved, "---" / "..." document markers at a line's start).
-_PLAIN = re.compile(r"^(?![-=]$|@|---|\.\.\.)[A-Za-z0-9_./@+=-]*$")
+# ("-" a list item, "=" YAML 1.1's value tag, "@..." reserved, "---" / "..." document markers at a line's start,
+# ":" first or last a mapping; inside, as in an image's tag, it is text).
+_PLAIN = re.compile(r"^(?![-=]$|@|---|\.\.\.|:)(?!.*:$)[A-Za-z0-9_./@+=:-]*$")
 
 # grpc-simple (proxyless gRPC without an agent): a bootstrap written by an init container, pointed at by each app
 # container's GRPC_XDS_BOOTSTRAP. Written for meshboot from the shape of Istio's template and golden.

@@ -292,7 +292,7 @@ spec:
 
 
 @pytest.mark.parametrize("value", ["x\nlabels: {a: b}", "x: y", "a #b", "{a: 1}", "'q'", "-", "=", "@x", "---",
-                                   "..."])
+                                   "...", "x:", ":x"])
 def test_tenant_values_cannot_add_yaml_structure(value: str) -> None:
     pod = _pod("grpc-simple")
     pod["metadata"]["annotations"].update({"inject.istio.io/templates": "t", "tenant": value})
@@ -326,15 +326,27 @@ def test_rendered_template_checked(text: str, message: str) -> None:
 
 def test_what_passes_as_plain_text_stays_one_yaml_scalar() -> None:
     """Every short value the unquoted check lets through reads back as one scalar (never a list, a map, a tag or a
-    syntax error) after a key, as a list item and on a line of its own."""
-    alphabet = "a0_./@+=-"
+    syntax error) after a key, as a list item, on a line of its own, in flow style and inside double quotes."""
+    alphabet = "a0_./@+=-:"
     for n in range(1, 4):
         for chars in itertools.product(alphabet, repeat=n):
             v = "".join(chars)
             if not tpl_mod.plain_text(v):
                 continue
-            for doc, pick in ((f"k: {v}", lambda d: d["k"]), (f"- {v}", lambda d: d[0]), (v, lambda d: d)):
+            for doc, pick in ((f"k: {v}", lambda d: d["k"]), (f"- {v}", lambda d: d[0]), (v, lambda d: d),
+                              (f"{{k: {v}, j: 1}}", lambda d: d["k"]), (f"[{v}, 1]", lambda d: d[0]),
+                              (f'k: "{v}"', lambda d: d["k"])):
                 assert not isinstance(pick(yaml.safe_load(doc)), (dict, list)), doc
+
+
+def test_an_image_prints_unquoted_as_in_istios_templates() -> None:
+    """Istio's templates write `image: "{{ .ProxyImage }}"`: an image's `:` (not first or last) is plain text."""
+    pod = _pod("grpc-simple")
+    pod["metadata"]["annotations"]["inject.istio.io/templates"] = "t"
+    text = 'spec:\n  containers:\n  - name: extra\n    image: "{{ .ProxyImage }}"\n    args: [{{ .ProxyImage }}]\n'
+    out = inject_pod(pod, settings(injector={"templates": {"t": text}}))
+    extra = next(c for c in out["spec"]["containers"] if c["name"] == "extra")
+    assert extra["image"] == extra["args"][0] == "ghcr.io/meshboot/meshboot-agent:0.1.0"
 
 
 def test_index_with_a_key_that_is_not_text_is_refused() -> None:
