@@ -54,7 +54,12 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
 _PLAIN = re.compile(r"^(?![-=]$|@|---|\.\.\.|:)(?!.*:$)[A-Za-z0-9_./@+=:-]*$")
 
 # grpc-simple (proxyless gRPC without an agent): a bootstrap written by an init container, pointed at by each app
-# container's GRPC_XDS_BOOTSTRAP. Written for meshboot from the shape of Istio's template and golden.
+# container's GRPC_XDS_BOOTSTRAP. Istio's template, not meshboot's own: https://github.com/istio/istio, path
+# manifests/charts/istio-control/istio-discovery/files/grpc-simple.yaml, commit
+# 29bcc3ca14c02eae571c3f8a879ecb5f0e03c45a; copyright Istio Authors, Apache License 2.0
+# (https://www.apache.org/licenses/LICENSE-2.0). Its init script is kept byte for byte (Istio's grpc-simple golden
+# checks it); meshboot changed the layout (flow-style lists), `range $c` for `range $index, $container`, and the
+# probe-rewrite key under metadata.annotations, where Istio's golden shows it.
 GRPC_SIMPLE = """\
 metadata:
   annotations:
