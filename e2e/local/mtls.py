@@ -5,6 +5,7 @@ with no restart.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +39,20 @@ def _log_size(run: PodRun | None, container: str) -> int:
     return len(run.logs(container)) if run is not None else 0
 
 
-def _new_lines(run: PodRun | None, container: str, since: int, needle: str) -> list[str]:
+def _new_lines(run: PodRun | None, container: str, since: int, needle: str, started: str = "") -> list[str]:
+    """Lines holding `needle` logged after offset `since`; with `started` (an Envoy %START_TIME%), only access-log
+    lines of connections that began at or after it: Envoy flushes about once a second, so a line of an earlier
+    connection can land after the offset."""
     if run is None:
         return []
-    return [line for line in run.logs(container)[since:].splitlines() if needle in line]
+    lines = [line for line in run.logs(container)[since:].splitlines() if needle in line]
+    return [line for line in lines if line[1:25] >= started] if started else lines
+
+
+def envoy_now() -> str:
+    """Now, written as Envoy's default %START_TIME% (UTC, milliseconds), which the access-log lines begin with."""
+    now = dt.datetime.now(dt.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def request(client: PodRun, url: str, path: str, pb: PodRun, pa: PodRun | None, outbound: str, inbound: str,
@@ -54,6 +65,7 @@ def request(client: PodRun, url: str, path: str, pb: PodRun, pa: PodRun | None, 
     refused request) passes a short `wait`."""
     since_a, since_b = _log_size(pa, C.PROXY_CONTAINER), _log_size(pb, C.PROXY_CONTAINER)
     since_app = _log_size(pb, "app")
+    started = envoy_now()
     res = client.exec("app", ["python3", "-c", CLIENT, url], timeout=15)
     out = Request(url=url)
     if res.returncode == 0:
@@ -62,8 +74,8 @@ def request(client: PodRun, url: str, path: str, pb: PodRun, pa: PodRun | None, 
         out.error = (res.stderr.strip().splitlines() or ["failed"])[-1]
 
     def seen() -> Request:
-        out.log_a = _new_lines(pa, C.PROXY_CONTAINER, since_a, f" {outbound} ")
-        out.log_b = _new_lines(pb, C.PROXY_CONTAINER, since_b, f" {inbound} ")
+        out.log_a = _new_lines(pa, C.PROXY_CONTAINER, since_a, f" {outbound} ", started)
+        out.log_b = _new_lines(pb, C.PROXY_CONTAINER, since_b, f" {inbound} ", started)
         out.app_b = _new_lines(pb, "app", since_app, path)
         return out
 

@@ -91,3 +91,27 @@ def test_stats_increase_by_listener_port() -> None:
     assert delta == {"listener.0.0.0.0_15001.downstream_cx_total": 1}
     assert observe.listener_increase(delta, 15001) == 1
     assert observe.listener_increase(delta, 15006) == 0
+
+
+class _Logs:
+    """Stands in for a PodRun: its container log as captured."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def logs(self, _container: str) -> str:
+        return self.text
+
+
+def test_request_lines_are_those_of_connections_started_after_it() -> None:
+    """Envoy flushes its access log about once a second, so after the offset a request reads from may come a line of
+    an earlier connection: mtls keeps only lines whose %START_TIME% is not before the request's start."""
+    from e2e.local import mtls
+    log = ("[2026-12-02T03:10:28.999Z] inbound|8080|| 10.244.0.2:1 -> 10.244.0.3:8080 tls=TLSv1.3\n"
+           "[2026-12-02T03:10:29.233Z] inbound|8080|| 10.244.0.2:2 -> 10.244.0.3:8080 tls=TLSv1.3\n"
+           "[2026-12-02T03:10:29.300Z] outbound|80||x 10.244.0.2:3 -> 10.244.0.3:8080 tls=-\n")
+    run = _Logs(log)
+    started = "2026-12-02T03:10:29.233Z"
+    assert mtls._new_lines(run, "istio-proxy", 0, " inbound|8080|| ", started) == [log.splitlines()[1]]  # type: ignore[arg-type]
+    assert len(mtls._new_lines(run, "istio-proxy", 0, " inbound|8080|| ")) == 2  # type: ignore[arg-type]
+    assert len(mtls.envoy_now()) == len(started) and mtls.envoy_now() > started
