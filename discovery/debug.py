@@ -36,7 +36,7 @@ NOT_FOUND = (b"not found: /debug/syncz, /debug/config_dump?proxyID=<pod>.<namesp
 MAX_LISTED_POLICIES = 10_000               # /debug/authorizationz lists at most this many (and says how many more)
 AUTHZ_KIND = "AuthorizationPolicy"
 Authorization = tuple[authz.Policies, tuple[str, ...]]   # the served snapshot's policies and every watched problem
-_DUMPING = threading.Lock()                # one dump rendered at a time (each is CPU-bound, in a thread)
+_DUMPING = threading.Lock()                # one dump rendered at a time (each is CPU-bound, in a thread); others 429
 
 # istiod's SyncStatus fields per type: <field>_sent / <field>_acked carry nonces.
 _SYNC_FIELDS = {P.CDS: "cluster", P.LDS: "listener", P.RDS: "route", P.EDS: "endpoint"}
@@ -168,11 +168,6 @@ def config_dump(proxy: str, sent: list[ads.Sent]) -> bytes:
     return body
 
 
-def _render(proxy: str, sent: list[ads.Sent]) -> bytes:
-    with _DUMPING:
-        return config_dump(proxy, sent)
-
-
 def _json(value: Any) -> tuple[str, str, bytes]:
     return "200 OK", "application/json", json.dumps(value, indent=1).encode() + b"\n"
 
@@ -201,6 +196,11 @@ async def _config_dump(server: ads.AdsServer, proxy: str) -> tuple[str, str, byt
     if not conns:
         raise DebugError("404 Not Found", f"proxyID: no proxy {proxy} is connected to this control plane (see "
                          "/debug/syncz for the connected ones)")
-    sent = ads.sent_config(conns[-1])       # the newest stream: an older one of the same pod is on its way out
-    body = await asyncio.to_thread(_render, proxy, sent)
+    if not _DUMPING.acquire(blocking=False):  # waiting for it would park a thread of the loop's default executor
+        raise DebugError("429 Too Many Requests", "a config dump is being rendered (one at a time); retry shortly")
+    try:
+        sent = ads.sent_config(conns[-1])   # the newest stream: an older one of the same pod is on its way out
+        body = await asyncio.to_thread(config_dump, proxy, sent)
+    finally:
+        _DUMPING.release()
     return "200 OK", "application/json", body + b"\n"

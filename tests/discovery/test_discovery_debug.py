@@ -5,6 +5,7 @@ clients over TLS (one ACKs, one NACKs); the endpoints are read over real HTTP an
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -377,6 +378,29 @@ def test_delta_config_dump_is_what_the_stream_holds() -> None:
         assert cluster["@type"].endswith("envoy.config.cluster.v3.Cluster") and cluster["name"] == "svc-a"
         assert cluster_pb2.Cluster.FromString(eds_cluster("svc-a").SerializeToString()).name == "svc-a"
     finally:
+        c.close()
+        h.close()
+
+
+def test_a_dump_asked_for_while_one_renders_is_429_not_a_parked_thread() -> None:
+    """Dumps render one at a time: another request must not wait in a thread of the loop's default executor (a few
+    requests would take every thread of it), it is told to retry."""
+    h = Harness(StaticSnapshot({P.CDS: {"svc-a": eds_cluster("svc-a")}}), auth=None)
+    c = Client(h.port)
+    release = threading.Timer(5.0, debug._DUMPING.release)
+    try:
+        c.send(sotw(P.CDS, node_id=NODE_A))
+        c.recv()
+        assert h.wait(lambda: h.ads.connections("a-1.ns-a"))
+        debug._DUMPING.acquire()
+        release.start()                   # so that a server that waits on the lock ends the test, failing it
+        started = time.monotonic()
+        status, _, body = asyncio.run(debug.handle(h.ads, "/debug/config_dump?proxyID=a-1.ns-a"))
+        assert status.startswith("429") and b"retry" in body and time.monotonic() - started < 2.0, status
+    finally:
+        if release.is_alive():
+            release.cancel()
+            debug._DUMPING.release()
         c.close()
         h.close()
 
