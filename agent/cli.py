@@ -122,6 +122,10 @@ def run_proxy(argv: list[str]) -> int:
         return 255
     log.info("meshboot agent", version=__version__, istio_version=C.ISTIO_VERSION,
              pod=f"{cfg.pod_name}.{cfg.pod_namespace}", node=cfg.node_id)
+    if cfg.disable_envoy:       # DISABLE_ENVOY: proxyless gRPC beside the agent, no Envoy to start (proxyless.py)
+        import_asyncio_without_tls()
+        from . import proxyless  # noqa: PLC0415 - that mode only
+        return proxyless.main(cfg, prestarted, started)
     # From here Envoy exists: a SIGTERM before asyncio's handlers are in place must not kill the agent and leave Envoy
     # orphaned. Remember it; the sidecar acts on it as soon as it runs.
     early_signals: list[str] = []

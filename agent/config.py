@@ -19,6 +19,7 @@ from meshboot.durations import parse_duration as _go_duration
 from meshboot.syntax import parse_go_bool
 
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel", "agentgateway")
+ENV_DISABLE_ENVOY = "DISABLE_ENVOY"   # pilot-agent's: proxyless gRPC beside the agent, no Envoy (grpc-agent template)
 SUPPORTED_NODE_TYPES = ("sidecar", "router")   # router: a gateway (`proxy router`), no capture, config from discovery
 
 
@@ -393,6 +394,7 @@ class AgentConfig:
     probe_localhost: bool = False
     merge_envoy_stats: bool = True
     metrics_localhost_only: bool = False
+    disable_envoy: bool = False       # DISABLE_ENVOY: proxyless gRPC, no Envoy (agent/proxyless.py)
 
     @property
     def standalone(self) -> bool:
@@ -458,13 +460,17 @@ def build_config(flags: Flags, environ: Mapping[str, str], read: Reader,
     if flags.node_type == "router" and not xds.get("discovery_address"):
         raise ConfigError("proxy router needs a discovery address (ProxyConfig discoveryAddress): a gateway's "
                           "listeners come from the control plane, standalone mode serves only a sidecar's")
-    envoy = envoy_settings(flags, env, pc, exists, which)
+    no_envoy = parse_bool(env.get(ENV_DISABLE_ENVOY), f"env {ENV_DISABLE_ENVOY}", False)
+    if no_envoy and not xds.get("discovery_address"):
+        raise ConfigError(f"env {ENV_DISABLE_ENVOY}=true (proxyless gRPC) needs a discovery address (ProxyConfig "
+                          "discoveryAddress): standalone mode serves only Envoy's sidecar listeners")
+    envoy = envoy_settings(flags, env, pc, exists, which, need=not no_envoy)
     status = status_settings(env, pc)
     return AgentConfig(
         flags=flags, node_type=flags.node_type, pod_name=pod_name, pod_namespace=pod_ns,
         service_account=service_account, instance_ips=ips, domain=flags.domain or f"{pod_ns}.svc.cluster.local",
         host_ip=env.get(C.ENV_HOST_IP, ""), labels=labels, annotations=annotations, proxy_config=pc, env=env,
-        file_certs=file_certs, **ca, **xds, **envoy, **status)
+        file_certs=file_certs, **ca, **xds, **envoy, **status, disable_envoy=no_envoy)
 
 
 def _need(environ: Mapping[str, str], name: str) -> str:
@@ -626,14 +632,14 @@ def envoy_binary(env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable
 
 
 def envoy_settings(flags: Flags, env: Mapping[str, str], pc: Mapping[str, Any], exists: Callable[[str], bool],
-                   which: Callable[[str], str | None]) -> dict[str, Any]:
-    """Envoy's binary, concurrency, ports and drain."""
+                   which: Callable[[str], str | None], need: bool = True) -> dict[str, Any]:
+    """Envoy's binary, concurrency, ports and drain; `need` False (DISABLE_ENVOY): no binary is looked for."""
     concurrency = flags.concurrency or int(pc.get("concurrency") or 0)
     if not concurrency and env.get(C.ENV_CPU_LIMIT):
         concurrency = max(0, int(-(-float(parse_float(env[C.ENV_CPU_LIMIT], f"env {C.ENV_CPU_LIMIT}", 0, 1e6))
                                    // 1)))
     return {
-        "envoy_binary": envoy_binary(env, pc, exists, which),
+        "envoy_binary": envoy_binary(env, pc, exists, which) if need else "",
         "drain_duration": parse_duration(pc["drainDuration"], "ProxyConfig.drainDuration"),
         "termination_drain_duration": parse_duration(pc["terminationDrainDuration"],
                                                   "ProxyConfig.terminationDrainDuration"),
