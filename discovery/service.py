@@ -25,7 +25,7 @@ from . import adapt, debug, generate, nds
 from . import protocol as P
 from .ads import MAX_STREAMS, AdsServer, Authenticate, new_grpc_server
 from .debug import Authorization
-from .model import Mesh, ModelError, Proxy, Service
+from .model import Mesh, Model, ModelError, Proxy, Service
 from .peerauth import DEFAULT_ROOT_NAMESPACE
 from .push import DEBOUNCE_AFTER, DEBOUNCE_MAX, PushQueue, PushRequest, settle_heap
 from .snapshot import layered, push_version
@@ -53,8 +53,9 @@ class Served:
 
     Given the `previous` Served, an EndpointSlice-only change is derived from the newest earlier one whose resources
     were built (`adapt.with_slices`): when the changed Services' clusters and listeners cannot differ
-    (`_endpoints_only`, the rule that makes the push EDS-only), the clusters, listeners and every proxy's own
-    resources are that Served's objects and only the changed ClusterLoadAssignments are generated. At 1,000
+    (`_endpoints_only`, the rule that makes the push EDS-only), the clusters, listeners and the proxies' own
+    resources are that Served's objects (but a proxy's on an address whose endpoint ports moved:
+    `_moved_addresses`) and only the changed ClusterLoadAssignments are generated. At 1,000
     services x 5 endpoints an endpoint change cost 0.6 s of CPU (adapt.build and generate.common) before this."""
 
     def __init__(self, objects: StoreSnapshot, mesh: Mesh, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
@@ -62,6 +63,7 @@ class Served:
         self.objects, self.mesh, self.root_namespace = objects, mesh, root_namespace
         self._version = push_version()
         self._proxies: dict[tuple[str, ...], dict[str, Mapping[str, Message]]] = {}
+        self._ips: dict[tuple[str, ...], tuple[str, ...]] = {}     # the IPs each cached proxy was generated for
         # The Served to derive from: never a chain (an anchor's own anchor is dropped once its resources exist).
         self._anchor: Served | None = previous
         if previous is not None and "shared" not in previous.__dict__:
@@ -91,7 +93,11 @@ class Served:
         fresh = {e.cluster_name: e for e in generate.endpoints(built.model, only=touched)}
         old = anchor.shared
         endpoints = tuple(fresh.pop(e.cluster_name, e) for e in old.endpoints)
-        self._proxies = dict(anchor._proxies)      # their clusters and listeners are unchanged; EDS is ours
+        # Their clusters and listeners are unchanged (EDS is ours), but for a proxy on an address whose endpoints'
+        # ports moved: its inbound ports come from them too (generate.inbound_ports).
+        moved = _moved_addresses(anchor.built.model, built.model, touched)
+        self._ips = {k: ips for k, ips in anchor._ips.items() if moved.isdisjoint(ips)}
+        self._proxies = {k: r for k, r in anchor._proxies.items() if k in self._ips}
         return generate.Common(old.clusters, (*endpoints, *fresh.values()), old.listeners)
 
     @cached_property
@@ -121,7 +127,8 @@ class Served:
             resources = {} if mine is None else self._generate(mine)
             if len(self._proxies) >= MAX_PROXIES_CACHED:
                 self._proxies.clear()
-            self._proxies[key] = resources
+                self._ips.clear()
+            self._proxies[key], self._ips[key] = resources, (() if mine is None else mine.ips)
         return resources.get(type_url, {})
 
     @cached_property
@@ -146,6 +153,14 @@ class Served:
 
 def _name(resource: Any) -> str:
     return str(resource.name)
+
+
+def _moved_addresses(old: Model, new: Model, services: frozenset[Key]) -> set[str]:
+    """The addresses whose endpoints of `services` differ in service, port name or port between two models."""
+    def ports(model: Model) -> set[tuple[str, Key, str, int]]:
+        return {(e.address, e.service, e.port_name, e.port) for s in services
+                for e in model.endpoints_by_service.get(s, ())}
+    return {address for address, *_ in ports(old) ^ ports(new)}
 
 
 def _sliced_services(old: Served, new: Served, slices: frozenset[Key]) -> set[Key]:

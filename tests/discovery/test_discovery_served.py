@@ -95,6 +95,19 @@ def test_a_change_of_identities_or_of_another_kind_builds_anew() -> None:
     assert third.shared.clusters is not second.shared.clusters
 
 
+def test_a_slice_that_gives_a_pod_another_port_regenerates_that_proxy() -> None:
+    """A hand-written slice of web puts port 9999 on web-1's IP: web-1's inbound ports come from its endpoints too,
+    so its own resources are generated again, not reused from the previous push."""
+    store = mesh()
+    first = pushed(store)
+    extra = slice_(endpoint("10.1.0.5", "web-1"), name="web-extra")
+    extra["ports"] = [{"name": "http", "port": 9999, "protocol": "TCP"}]
+    put(store, "EndpointSlice", extra)
+    second = pushed(store, first)
+    same_as_fresh(store, second)
+    assert "inbound|9999||" in wire(second, P.CDS)
+
+
 def test_slice_problems_follow_the_slice() -> None:
     store = mesh()
     first = pushed(store)
