@@ -22,6 +22,8 @@ from . import __version__
 if TYPE_CHECKING:
     from .config import AgentConfig
 
+MAX_CUSTOM_CONFIG = 16 << 20     # --print-bootstrap of a customConfigFile; an Envoy bootstrap is KiBs
+
 USAGE = """usage: meshboot-agent <command> [flags]
 
 commands:
@@ -185,12 +187,12 @@ def _print_bootstrap(cfg: AgentConfig) -> int:
 
     from . import bootstrap  # noqa: PLC0415 - as above
     custom = str(cfg.proxy_config.get("customConfigFile") or "")
-    if custom:
+    if custom:                 # a tenant's ProxyConfig names it: a FIFO or /dev/zero must not hang or fill this
+        from meshboot.files import read_regular  # noqa: PLC0415 - as above
         try:
-            with open(custom) as f:
-                sys.stdout.write(f.read())
-        except OSError as e:
-            print(f"meshboot-agent: customConfigFile {custom}: {e.strerror}", file=sys.stderr)
+            sys.stdout.write(read_regular(custom, MAX_CUSTOM_CONFIG).decode("utf-8", "replace"))
+        except ValueError as e:
+            print(f"meshboot-agent: customConfigFile {e}", file=sys.stderr)
             return 255
         return 0
     print(json.dumps(bootstrap.envoy_bootstrap(cfg), indent=2))

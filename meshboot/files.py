@@ -1,4 +1,5 @@
-"""Files the parts write and watch: one atomic writer, and change detection for mounted files without inotify.
+"""Files the parts read, write and watch: one bounded reader, one atomic writer, and change detection for mounted
+files without inotify.
 
 kubelet updates a mounted volume by swapping the `..data` symlink, so the file behind a path gets a new inode; a
 rewrite in place changes mtime or size. A stamp catches both, and costs one stat per file per poll.
@@ -7,10 +8,34 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Iterable
 
 Stamp = tuple[int, int, int] | None
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """A regular file of at most `limit` bytes, opened non-blocking: a path someone else chose (XDS config's SDS
+    names, a tenant's ProxyConfig) must not hang the reader on a FIFO or fill it from /dev/zero. ValueError names
+    the path (cut to 200 characters) and why not."""
+    shown = path if len(path) <= 200 else path[:200] + "…"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{shown}: {getattr(e, 'strerror', None) or 'invalid path'}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{shown}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ValueError(f"{shown}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{shown}: larger than {limit} bytes")
+    return data
 
 
 def stamp(path: str) -> Stamp:

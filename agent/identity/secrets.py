@@ -9,14 +9,13 @@ import asyncio
 import json
 import os
 import random
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshboot import constants as C
-from meshboot.files import stamps, write_atomic
+from meshboot.files import read_regular, stamps, write_atomic
 
 from .. import helper
 from ..config import AgentConfig
@@ -99,25 +98,12 @@ MAX_SECRET_FILE = 2 << 20    # a CA bundle is ~200 KiB; SDS names (file-root:<pa
 
 
 def _read(path: str, limit: int = MAX_SECRET_FILE) -> bytes:
-    """A regular file of at most `limit` bytes. SDS `file-cert:`/`file-root:` paths come from XDS config, which
-    tenants shape (DestinationRule caCertificates): /dev/zero or a FIFO must not hang or fill the agent."""
-    shown = path if len(path) <= 200 else path[:200] + "…"
+    """A regular file of at most `limit` bytes (meshboot.files.read_regular). SDS `file-cert:`/`file-root:` paths
+    come from XDS config, which tenants shape (DestinationRule caCertificates)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except (OSError, ValueError) as e:
-        raise SecretError(f"{shown}: {getattr(e, 'strerror', None) or 'invalid path'}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SecretError(f"{shown}: not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise SecretError(f"{shown}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise SecretError(f"{shown}: larger than {limit} bytes")
-    return data
+        return read_regular(path, limit)
+    except ValueError as e:
+        raise SecretError(str(e)) from None
 
 
 class SecretManager:

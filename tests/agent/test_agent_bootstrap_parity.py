@@ -467,6 +467,24 @@ def test_print_bootstrap_prints_what_the_agent_would_write(tmp_path: Path) -> No
     assert len(out.splitlines()) == 1, out
 
 
+
+def test_print_bootstrap_reads_a_custom_config_file_bounded(tmp_path: Path) -> None:
+    """customConfigFile comes from ProxyConfig (a tenant's annotation): a FIFO must not hang --print-bootstrap (nor
+    /dev/zero fill it); a regular file is printed as is."""
+    import sys
+    (tmp_path / "var/run/secrets/istio").mkdir(parents=True)
+    (tmp_path / "var/run/secrets/istio/root-cert.pem").write_text("x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "custom.json").write_text('{"admin": {}}\n')
+    env = {"PATH": os.environ.get("PATH", ""), "POD_NAME": "web-1", "POD_NAMESPACE": "shop", "SERVICE_ACCOUNT": "web",
+           "INSTANCE_IP": "10.1.2.3", "ENVOY_BINARY": envoy_binary()}
+    argv = [sys.executable, "-I", "-m", "agent", "proxy", "sidecar", "--print-bootstrap"]
+    for path, code, want in ((fifo, 255, "not a regular file"), (tmp_path / "custom.json", 0, '{"admin": {}}')):
+        r = subprocess.run(argv, env={**env, "PROXY_CONFIG": json.dumps({"customConfigFile": str(path)})},
+                           cwd=tmp_path, capture_output=True, text=True, timeout=30)
+        assert r.returncode == code and want in r.stdout + r.stderr, (r.returncode, r.stdout, r.stderr)
+
 _META_KEYS = st.sampled_from(["DNS_CAPTURE", "POD_PORTS", "LABELS", "ENVOY_STATUS_PORT", "MESH_ID", "PILOT_SAN",
                               "ISTIO_VERSION", "WORKLOAD_NAME", "LOAD_STATS_CONFIG_JSON", "X"])
 _JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
