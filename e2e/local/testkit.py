@@ -25,8 +25,10 @@ def require_root(what: str) -> None:
         pytest.skip(why)
 
 
-def wait_until(what: str, pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `pred` (every 0.1 s) until it holds; an AssertionError naming `what` after `timeout` seconds."""
+def wait_until(what: str, pred: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll `pred` (every 0.1 s) until it holds; an AssertionError naming `what` after `timeout` seconds. The default
+    is generous (the poll ends as soon as `pred` holds): a readiness flip is three probe periods plus a controller
+    round, and on CI's two loaded cores each of those stretches."""
     if not poll(pred, bool, timeout):
         raise AssertionError(f"not within {timeout:.0f}s: {what}")
 
