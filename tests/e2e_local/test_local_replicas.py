@@ -169,7 +169,7 @@ def test_replica_restart_under_a_steady_client(mesh: tuple[LocalCluster, PodRun,
         down = time.monotonic()
         served[0] = _steady_served(pb)
         wait_until("pod-a's agent to see the stream end", lambda: "upstream XDS stream ended" in
-              pa.logs(C.PROXY_CONTAINER)[since_a:], 10)
+                   pa.logs(C.PROXY_CONTAINER)[since_a:], 10)
         assert _xds_peers(pa) == set()                              # replica 1 is really gone ...
         assert mtls.wait_for_endpoint(pa, OUTBOUND, f"{pb.ip}:{PORT}", 1)  # ... and Envoy keeps its config
         # down for 3 s, and until requests were served while it was (a loaded machine runs the client slower)
@@ -179,7 +179,7 @@ def test_replica_restart_under_a_steady_client(mesh: tuple[LocalCluster, PodRun,
         one.resume()                                                # same argv, directory and CA
         assert one.proc.pid != old_pid
         wait_until("pod-a's agent to reconnect", lambda: "reconnected to upstream XDS server" in
-              pa.logs(C.PROXY_CONTAINER)[since_a:], 30)
+                   pa.logs(C.PROXY_CONTAINER)[since_a:], 30)
         restarted = _steady_served(pb)
         wait_until("requests served after the reconnect", lambda: _steady_served(pb) >= restarted + 5, 30)
     finally:

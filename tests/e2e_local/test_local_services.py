@@ -99,7 +99,7 @@ def test_api_server_holds_pods_and_services_readable_with_its_kubeconfig(cluster
         return pods, {s.metadata.name: s.spec.cluster_ip for s in v1.list_namespaced_service(NS).items}
 
     wait_until("every pod Ready in the API server",
-                lambda: all(p[2].get("Ready") == "True" for p in c.node.call(read)[0].values()))
+               lambda: all(p[2].get("Ready") == "True" for p in c.node.call(read)[0].values()))
     pods, services = c.node.call(read)        # the control plane's view: it runs in the node's namespace
     assert {n: (ip, node) for n, (ip, node, _) in pods.items()} == {
         n: (r.ip, "meshboot-node") for n, r in runs.items()}
