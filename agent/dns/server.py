@@ -7,8 +7,8 @@ does; a UDP reply too large for the client goes back truncated (TC) and the clie
 forwarding sockets are plain sockets of this process: the agent runs as uid 1337, and istio-init's uid/gid-1337
 RETURN rules come before its DNS capture, so they reach the real nameservers rather than this proxy again.
 Hostile clients are bounded: packets are parsed within their length, at most MAX_INFLIGHT queries are being
-forwarded (beyond that: SERVFAIL at once), at most MAX_TCP_CONNS TCP connections, each idle for at most
-TCP_IDLE seconds; failures are logged at most once per LOG_EVERY seconds.
+forwarded (beyond that: SERVFAIL at once), at most MAX_TCP_CONNS TCP connections, each idle (or stuck writing to a
+client that does not read) for at most TCP_IDLE seconds; failures are logged at most once per LOG_EVERY seconds.
 """
 from __future__ import annotations
 
@@ -217,7 +217,8 @@ class DnsServer:
                 if answer is None:
                     break                          # no header / a response: nothing to say, hang up
                 writer.write(struct.pack("!H", len(answer)) + answer)
-                await writer.drain()
+                async with asyncio.timeout(TCP_IDLE):      # a client that never reads must not hold its slot
+                    await writer.drain()
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         finally:

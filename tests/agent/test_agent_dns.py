@@ -529,3 +529,34 @@ def test_a_dns_port_the_agent_cannot_take_stops_it_as_pilot_agent() -> None:
             env={"ISTIO_META_DNS_CAPTURE": "true", "DNS_PROXY_ADDR": f"127.0.0.1:{port}"}))
         with pytest.raises(OSError, match=f"failed to start local DNS server on 127.0.0.1:{port}: Address"):
             asyncio.run(Sidecar._start_dns(agent))  # type: ignore[arg-type]
+
+
+def test_a_tcp_client_that_never_reads_its_answers_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that pipelines queries and never reads blocks the server's writes; the wait is bounded like the
+    reads (TCP_IDLE), so such clients cannot hold the MAX_TCP_CONNS slots for ever."""
+    monkeypatch.setattr(dnsserver, "TCP_IDLE", 0.5)
+
+    async def run() -> None:
+        s = _server()
+        await s.start([("127.0.0.1", 0)])
+        port = s.addresses[0][2]
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(("127.0.0.1", port))
+        c.setblocking(False)
+        q = dns.message.make_query("web.demo.svc.cluster.local.", "A").to_wire()
+        loop = asyncio.get_running_loop()
+        try:
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(3):
+                    while True:                            # until the server stops reading: its writes are stuck
+                        await loop.sock_sendall(c, (struct.pack("!H", len(q)) + q) * 64)
+            for _ in range(40):
+                if s._tcp_conns == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert s._tcp_conns == 0, "the stuck connection still holds its slot"
+        finally:
+            c.close()
+            await s.close()
+    asyncio.run(run())
