@@ -102,7 +102,8 @@ def authorizationz(policies: authz.Policies, problems: Iterable[str]) -> dict[st
               for p in every[:MAX_LISTED_POLICIES]]
     found = [p for p in problems if p.startswith(AUTHZ_KIND + " ")]
     return {"root_namespace": policies.root_namespace, "total": len(every), "policies": listed,
-            "not_listed": len(every) - len(listed), "problems": found[:MAX_LISTED_POLICIES]}
+            "not_listed": len(every) - len(listed), "problems": found[:MAX_LISTED_POLICIES],
+            "problems_not_listed": max(0, len(found) - MAX_LISTED_POLICIES)}
 
 
 def proxy_id(query: str) -> str:

@@ -478,3 +478,4 @@ def test_authorizationz_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                              for i in range(25))])
     assert (view["total"], len(view["policies"]), view["not_listed"]) == (30, 10, 20)
     assert len(view["problems"]) == 10 and all(p.startswith("AuthorizationPolicy ") for p in view["problems"])
+    assert view["problems_not_listed"] == 15          # the cut is said, as for the policies
