@@ -821,6 +821,10 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
     injected = _Injected()
     if proxy_tpl == "sidecar":
         proxy: dict[str, Any] | None = _inject_sidecar(out, annotations, labels, settings, ch, dm, injected)
+    elif proxy_tpl == "grpc-agent":
+        from webhook import grpc_agent  # noqa: PLC0415 - as gateway's (import cycle)
+        proxy = grpc_agent.inject_grpc_agent(out, annotations, labels, settings, ch, dm, injected,
+                                             record=not reinjected)
     elif proxy_tpl is not None:
         from webhook import gateway  # noqa: PLC0415 - gateway renders with this module's helpers (import cycle)
         proxy = gateway.inject_gateway(out, annotations, settings, ch, dm, injected)
@@ -835,7 +839,7 @@ def inject_pod(pod: Mapping[str, Any], settings: Settings, *, namespace: str | N
     app = next((c["name"] for c in spec["containers"] if c.get("name") != C.PROXY_CONTAINER), None)
     if proxy_tpl == "sidecar":
         _sidecar_metadata(labels, annotations, settings, ch, dm, app)
-    elif proxy_tpl is not None:
+    elif proxy_tpl is not None:    # gateway and grpc-agent: the same metadata (canonical labels, rev, kubectl's)
         from webhook import gateway  # noqa: PLC0415 - as above
         gateway.gateway_metadata(labels, annotations, settings, canonical_name(labels, dm), app)
     _injected_metadata(meta, labels, annotations, settings, moved.get(ENV_NETWORK), injected.status(settings))

@@ -1,12 +1,12 @@
 """Injection templates: which ones a pod asks for, and the operator's own (custom) templates.
 
 Istio renders each template named by `inject.istio.io/templates` (default `sidecar`) with Go's text/template and
-strategic-merges the result onto the pod. meshboot renders the built-in `sidecar` and `gateway` in code and
-`grpc-simple` in the subset below, and runs custom templates (the injector config's `templates:` map, or
+strategic-merges the result onto the pod. meshboot renders the built-in `sidecar`, `gateway` and `grpc-agent` in code
+and `grpc-simple` in the subset below, and runs custom templates (the injector config's `templates:` map, or
 `sidecarInjectorWebhook.templates` in the values) with a small, bounded subset of Go's template language, checked
 when the config is loaded: a template that uses anything outside the subset is refused then, naming the template and
-the action, rather than at admission. Istio's other built-ins (`grpc-agent`, ambient and Gateway API ones) are
-refused by name, with the reason.
+the action, rather than at admission. Istio's other built-ins (ambient and Gateway API ones) are refused by name,
+with the reason.
 
 The subset: `{{ expr }}`, `{{- ... -}}` trimming, `{{/* comments */}}`, `range [$i,] $c := .Spec.Containers`
 (or `.Spec.InitContainers`), `if` / `else` / `end`, and expressions over `.ObjectMeta.{Name,Namespace,Labels,
@@ -29,11 +29,9 @@ from webhook.errors import ConfigError, InjectionError
 ANNOTATION_TEMPLATES = "inject.istio.io/templates"
 SIDECAR = "sidecar"
 # Built-ins rendered in code; each renders istio-proxy, so at most one of them per pod.
-PROXY_TEMPLATES = ("sidecar", "gateway")
+PROXY_TEMPLATES = ("sidecar", "gateway", "grpc-agent")
 # Istio's other built-ins: their text in an Istio ConfigMap is skipped, selecting them refused with the reason.
 UNSUPPORTED_ISTIO = {
-    "grpc-agent": "proxyless gRPC with the agent is not supported by meshboot yet: that agent runs without Envoy "
-                  "(DISABLE_ENVOY), which meshboot's agent cannot; grpc-simple is supported",
     "waypoint": "ambient mode is not supported by meshboot",
     "kube-gateway": "Gateway API deployments are not supported by meshboot",
     "agentgateway": "agentgateway is not supported by meshboot",

@@ -63,6 +63,7 @@ CASES: dict[str, dict[str, Any]] = {
     "gateway": {"values": NO_HOLD},
     "gateway-with-default-container": {"values": NO_HOLD},
     "grpc-simple": {},
+    "grpc-agent": {"values": NO_HOLD},
     "custom-template": TEMPLATES,
     "sidecar-spire": TEMPLATES,
     "gateway-spire": TEMPLATES,
@@ -187,8 +188,7 @@ def test_spire_overlay_reaches_the_native_proxy() -> None:
 
 @pytest.mark.parametrize(("value", "message"), [
     ("nope", "annotation inject.istio.io/templates: requested template 'nope' not found; have custom, gateway, "
-             "grpc-simple, sidecar, spire"),
-    ("grpc-agent", "template 'grpc-agent': proxyless gRPC with the agent is not supported by meshboot yet"),
+             "grpc-agent, grpc-simple, sidecar, spire"),
     ("sidecar, nope", "requested template 'nope' not found"),
     ("", "requested template '' not found"),
     ("waypoint", "template 'waypoint': ambient mode is not supported by meshboot"),

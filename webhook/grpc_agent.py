@@ -1,0 +1,199 @@
+"""The `grpc-agent` template: proxyless gRPC beside the agent run without Envoy, as Istio's grpc-agent template
+(manifests/charts/istio-control/istio-discovery/files/grpc-agent.yaml) and its golden shape it.
+
+istio-proxy is the agent alone (`DISABLE_ENVOY=true`, docs/agent.md "No Envoy"): it writes the workload certificate
+to `OUTPUT_CERTS=/var/lib/istio/data` and the gRPC xDS bootstrap to `/etc/istio/proxy/grpc-bootstrap.json`, and
+proxies xDS on `/etc/istio/proxy/XDS`; every app container gets `GRPC_XDS_BOOTSTRAP` pointing there and mounts
+`istio-data` and `istio-xds` to read them. Nothing is captured (no istio-init), the app's probes are not rewritten
+(`sidecar.istio.io/rewriteAppHTTPProbers: "false"`), istio-proxy is always in `containers` (Istio's template puts it
+there; first when hold is on) and its readiness is the agent's own, on 15020.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from meshboot import constants as C
+from webhook import annotations as ann_mod
+from webhook import overlay as overlay_mod
+from webhook.config import Settings
+from webhook.inject import (
+    AGENT_BINARY,
+    CUSTOM_BOOTSTRAP_VOLUME,
+    ENV_NETWORK,
+    Choices,
+    _ann_or,
+    _copy_resources,
+    _field_env,
+    _merge_map,
+    _pod_ports_json,
+    _resources,
+    _take_user_containers,
+    image_name,
+    merge_user_container,
+    proxy_args,
+    proxy_config_env,
+    reorder_pod,
+)
+from webhook.overlay import Recorder
+from webhook.workloads import DeployMeta
+
+BOOTSTRAP = "/etc/istio/proxy/grpc-bootstrap.json"
+XDS_VOLUME = "istio-xds"
+OUTPUT_CERTS = C.MOUNT_ISTIO_DATA
+_PROBE_URL = f"--url=http://localhost:{C.STATUS_PORT}/healthz/ready"
+
+
+def grpc_agent_env(settings: Settings, ch: Choices, dm: DeployMeta, apps: list[dict[str, Any]]) -> list[dict]:
+    """istio-proxy's env, in the template's order: the generator and OUTPUT_CERTS first, DISABLE_ENVOY last."""
+    g, mesh = settings.g, settings.mesh
+    env: list[dict[str, Any]] = [{"name": "ISTIO_META_GENERATOR", "value": "grpc"},
+                                 {"name": C.ENV_OUTPUT_CERTS, "value": OUTPUT_CERTS}]
+    if (mesh.get("inboundTrafficPolicy") or {}).get("mode") == "LOCALHOST":
+        env.append({"name": "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", "value": "true"})
+    ns_name = g.get("istioNamespace") or C.ISTIO_NAMESPACE
+    istiod = "istiod" + (f"-{settings.revision}" if settings.revision else "")
+    env += [
+        {"name": C.ENV_PILOT_CERT_PROVIDER, "value": str(g.get("pilotCertProvider") or "istiod")},
+        {"name": C.ENV_CA_ADDR, "value": str(g.get("caAddress") or f"{istiod}.{ns_name}.svc:{C.CA_PORT}")},
+        _field_env(C.ENV_POD_NAME, "metadata.name"),
+        _field_env(C.ENV_POD_NAMESPACE, "metadata.namespace"),
+        _field_env(C.ENV_INSTANCE_IP, "status.podIP"),
+        _field_env(C.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
+        _field_env(C.ENV_HOST_IP, "status.hostIP"),
+        {"name": C.ENV_PROXY_CONFIG, "value": proxy_config_env(ch.proxy_config)},
+        {"name": C.ENV_POD_PORTS, "value": _pod_ports_json(apps)},
+        {"name": C.ENV_APP_CONTAINERS, "value": ",".join(c.get("name", "") for c in apps)},
+        {"name": C.ENV_CLUSTER_ID, "value": str(g["multiCluster"].get("clusterName") or C.DEFAULT_CLUSTER_ID)},
+        _field_env(C.ENV_NODE_NAME, "spec.nodeName"),
+    ]
+    if g.get("network"):
+        env.append({"name": ENV_NETWORK, "value": str(g["network"])})
+    if dm.name:
+        env.append({"name": C.ENV_WORKLOAD_NAME, "value": dm.name})
+    if dm.name and dm.kind:
+        env.append({"name": C.ENV_OWNER, "value": dm.owner()})
+    env.append({"name": C.ENV_MESH_ID, "value": str(g.get("meshID") or settings.trust_domain)})
+    if settings.trust_domain:
+        env.append({"name": C.ENV_TRUST_DOMAIN, "value": settings.trust_domain})
+    md = ch.proxy_config.get("proxyMetadata") or {}
+    env += [{"name": k, "value": md[k]} for k in sorted(md)]
+    # gRPC resolves xds:/// names itself: no DNS capture; and no Envoy
+    return [*env, {"name": "ISTIO_META_DNS_CAPTURE", "value": "false"}, {"name": "DISABLE_ENVOY", "value": "true"}]
+
+
+def _mounts(annotations: Mapping[str, str], settings: Settings) -> list[dict[str, Any]]:
+    m: list[dict[str, Any]] = [{"mountPath": C.MOUNT_WORKLOAD_SOCKET, "name": "workload-socket"},
+                               {"mountPath": C.MOUNT_WORKLOAD_CERTS, "name": "workload-certs"}]
+    if settings.g.get("pilotCertProvider", "istiod") == "istiod":
+        m.append({"mountPath": C.MOUNT_ISTIOD_CA, "name": "istiod-ca-cert"})
+    m += [{"mountPath": C.MOUNT_ISTIO_DATA, "name": "istio-data"},
+          {"mountPath": C.MOUNT_ISTIO_ENVOY, "name": XDS_VOLUME},
+          {"mountPath": C.MOUNT_ISTIO_TOKEN, "name": "istio-token"}]
+    if settings.g.get("mountMtlsCerts"):
+        m.append({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": True})
+    m.append({"mountPath": C.MOUNT_ISTIO_PODINFO, "name": "istio-podinfo"})
+    user = annotations.get(C.ANNOTATION_USER_VOLUME_MOUNT)
+    if user:
+        m += [{**mount, "name": name} for name, mount in ann_mod.parse_json_map(user).items()]
+    return m
+
+
+def grpc_agent_volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: Settings
+                       ) -> list[dict[str, Any]]:
+    """The template's volumes: no istio-envoy, credential-socket or CRL; `istio-xds` (memory) for the sockets."""
+    g = settings.g
+    v: list[dict[str, Any]] = [{"emptyDir": {}, "name": "workload-socket"},
+                               {"emptyDir": {}, "name": "workload-certs"}]
+    if C.ANNOTATION_BOOTSTRAP_OVERRIDE in annotations:
+        v.append({"configMap": {"name": annotations[C.ANNOTATION_BOOTSTRAP_OVERRIDE]}, "name": CUSTOM_BOOTSTRAP_VOLUME})
+    v += [{"emptyDir": {"medium": "Memory"}, "name": XDS_VOLUME},
+          {"emptyDir": {}, "name": "istio-data"},
+          {"downwardAPI": {"items": [{"fieldRef": {"fieldPath": "metadata.labels"}, "path": "labels"},
+                                     {"fieldRef": {"fieldPath": "metadata.annotations"}, "path": "annotations"}]},
+           "name": "istio-podinfo"},
+          {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+              "audience": str(g["sds"]["token"].get("aud") or C.TOKEN_AUDIENCE),
+              "expirationSeconds": C.TOKEN_EXPIRATION_SECONDS, "path": "istio-token"}}]}}]
+    if g.get("pilotCertProvider", "istiod") == "istiod":
+        v.append({"configMap": {"name": g.get("trustBundleName") or C.ROOT_CERT_CONFIGMAP}, "name": "istiod-ca-cert"})
+    if g.get("mountMtlsCerts"):
+        sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        v.append({"name": "istio-certs", "secret": {"optional": True, "secretName": f"istio.{sa}"}})
+    user = annotations.get(C.ANNOTATION_USER_VOLUME)
+    if user:
+        v += [{**source, "name": name} for name, source in ann_mod.parse_json_map(user).items()]
+    return v
+
+
+def render_grpc_agent(annotations: Mapping[str, str], settings: Settings, ch: Choices, dm: DeployMeta,
+                      apps: list[dict[str, Any]]) -> dict[str, Any]:
+    """istio-proxy as the template renders it (the agent's readiness on 15020, unless the status port is 0)."""
+    p, g = settings.proxy, settings.g
+    name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or p["image"]
+    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
+               or (ch.proxy_config.get("image") or {}).get("imageType") or g.get("variant") or "")
+    c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": image_name(g["hub"], name, g["tag"], variant),
+                         "ports": [{"containerPort": C.STATUS_PORT, "protocol": "TCP", "name": "mesh-metrics"}],
+                         "args": proxy_args(annotations, settings, "sidecar"),
+                         "lifecycle": {"postStart": {"exec": {"command": [AGENT_BINARY, "wait", _PROBE_URL]}}},
+                         "env": grpc_agent_env(settings, ch, dm, apps)}
+    if g.get("imagePullPolicy"):
+        c["imagePullPolicy"] = g["imagePullPolicy"]
+    if _ann_or(annotations, C.ANNOTATION_STATUS_PORT, p["statusPort"]) != "0":
+        rp = C.ANNOTATION_READINESS_PREFIX
+        c["readinessProbe"] = {
+            "httpGet": {"path": "/healthz/ready", "port": C.STATUS_PORT},
+            "initialDelaySeconds": int(_ann_or(annotations, rp + "initialDelaySeconds",
+                                               p["readinessInitialDelaySeconds"])),
+            "periodSeconds": int(_ann_or(annotations, rp + "periodSeconds", p["readinessPeriodSeconds"])),
+            "timeoutSeconds": 3,
+            "failureThreshold": int(_ann_or(annotations, rp + "failureThreshold", p["readinessFailureThreshold"]))}
+    resources = _resources(annotations, settings)
+    if resources:
+        c["resources"] = _copy_resources(resources)
+    c["volumeMounts"] = _mounts(annotations, settings)
+    return c
+
+
+def app_overlay(apps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the template adds to every app container: the bootstrap's path and the two volumes the agent writes."""
+    return {"spec": {"containers": [{
+        "name": c["name"],
+        "env": [{"name": "GRPC_XDS_EXPERIMENTAL_SECURITY_SUPPORT", "value": "true"},
+                {"name": "GRPC_XDS_BOOTSTRAP", "value": BOOTSTRAP}],
+        "volumeMounts": [{"mountPath": C.MOUNT_ISTIO_DATA, "name": "istio-data"},
+                         {"mountPath": C.MOUNT_ISTIO_ENVOY, "name": XDS_VOLUME},
+                         {"mountPath": C.MOUNT_WORKLOAD_CERTS, "name": "workload-certs"}]} for c in apps]}}
+
+
+def inject_grpc_agent(pod: dict[str, Any], annotations: dict[str, str], labels: dict[str, str],
+                      settings: Settings, ch: Choices, dm: DeployMeta, injected: Recorder, *, record: bool
+                      ) -> dict[str, Any]:
+    """The `grpc-agent` template on the pod: istio-proxy rendered (the user's own merged on top) and placed, the app
+    containers' env and mounts merged as a template overlay (kept in proxy.istio.io/overrides), the volumes; returns
+    istio-proxy."""
+    spec = pod["spec"]
+    inits: list[dict[str, Any]] = spec.get("initContainers") or []
+    user_proxy, user_init = _take_user_containers(spec, annotations, need_app=False)
+    if user_init is not None:       # the template renders no istio-init: the user's stays theirs
+        inits.append(user_init)
+    apps = [c for c in spec["containers"] if c.get("name") != C.PROXY_CONTAINER]
+    proxy = render_grpc_agent(annotations, settings, ch, dm, apps)
+    if user_proxy is not None:
+        proxy = merge_user_container(proxy, user_proxy)
+    _, status_containers = reorder_pod(spec, proxy, None, inits, dataclasses.replace(ch, native=False))
+    injected.add("containers", status_containers)        # istio-proxy first, as the template renders it
+    annotations[C.ANNOTATION_REWRITE_PROBES] = "false"      # the template's: gRPC health is the app's own
+    overlay_mod.apply(pod, annotations, labels, app_overlay(apps), injected, _merge_map, record=record)
+    volumes = grpc_agent_volumes(pod, annotations, settings)
+    names = {v["name"] for v in volumes}
+    spec["volumes"] = volumes + [v for v in spec.get("volumes") or [] if v.get("name") not in names]
+    pull = [{"name": str(s if isinstance(s, str) else s.get("name"))} for s in settings.g.get("imagePullSecrets") or []]
+    if pull:
+        pnames = {p["name"] for p in pull}
+        spec["imagePullSecrets"] = pull + [s for s in spec.get("imagePullSecrets") or [] if s.get("name") not in pnames]
+    injected.add("volumes", [v["name"] for v in volumes])
+    injected.add("imagePullSecrets", [p["name"] for p in pull])
+    return proxy
