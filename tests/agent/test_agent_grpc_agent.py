@@ -134,10 +134,13 @@ def test_agent_without_envoy_against_istiod(pod: Pod) -> None:
 
 
 def test_not_ready_until_the_certificate_files_exist(pod: Pod) -> None:
-    """Without a CA the bootstrap is written, but readiness stays 503 naming the missing certificate."""
+    """Without a CA the bootstrap is written, but readiness stays 503 naming the missing certificate; POST
+    /quitquitquit stops the agent (exit 0)."""
     pod.path(C.ROOT_CERT_PATH).write_text("")
     pod.start_agent(PROXY_CONFIG=json.dumps({"discoveryAddress": "localhost:15012"}), DISABLE_ENVOY="true",
                     OUTPUT_CERTS=str(pod.path("var/lib/istio/data")))
     wait_for(lambda: pod.path("etc/istio/proxy/grpc-bootstrap.json").exists(), 20, "the bootstrap")
     _status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(pod.http(READY)), 20, "a 503")
     assert "no valid workload certificate yet" in body, body
+    assert pod.http(f"http://127.0.0.1:{C.STATUS_PORT}/quitquitquit", method="POST")[0] == 200
+    assert pod.agent_proc is not None and pod.agent_proc.wait(15) == 0, pod.log()[-3000:]
