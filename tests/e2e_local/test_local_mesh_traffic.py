@@ -4,8 +4,8 @@ injector + CA + discovery xDS on 15012) and real Envoys: a Service scaled 1 → 
 ClusterIP falls back to PassthroughCluster; and under MeshConfig `outboundTrafficPolicy.mode: REGISTRY_ONLY` an
 address outside the registry goes to BlackHoleCluster and fails while a registered Service still works.
 
-Two clusters (prefixes mbtr, mbtr2), one per outbound policy, each ~30 s. The tests of a cluster run in file order:
-each starts from the state the previous one left (as a user's kubectl session would).
+Two clusters (prefixes mbtr, mbtr2), one per outbound policy and one at a time, each ~30 s. The tests of a cluster
+run in file order: each starts from the state the previous one left (as a user's kubectl session would).
 """
 from __future__ import annotations
 
@@ -92,14 +92,28 @@ def _up(prefix: str, mesh: dict[str, Any] | None) -> Iterator[Mesh]:
         yield m
 
 
-@pytest.fixture(scope="module")
-def allow_any() -> Iterator[Mesh]:
-    yield from _up("mbtr", None)
+POLICIES: dict[str, dict[str, Any] | None] = {"mbtr": None,
+                                              "mbtr2": {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}}}
+ALLOW_ANY = pytest.mark.parametrize("cluster", ["mbtr"], indirect=True)
+REGISTRY_ONLY = pytest.mark.parametrize("cluster", ["mbtr2"], indirect=True)
 
 
 @pytest.fixture(scope="module")
-def registry_only() -> Iterator[Mesh]:
-    yield from _up("mbtr2", {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}})
+def cluster(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    """The cluster of one outbound policy (the param is its prefix). Tests choose theirs by indirect parametrization
+    (ALLOW_ANY, REGISTRY_ONLY), so pytest tears one down before it starts the other instead of keeping both — twice
+    the Envoys and agents on CI's two cores — up until the module ends."""
+    yield from _up(request.param, POLICIES[request.param])
+
+
+@pytest.fixture
+def allow_any(cluster: Mesh) -> Mesh:
+    return cluster
+
+
+@pytest.fixture
+def registry_only(cluster: Mesh) -> Mesh:
+    return cluster
 
 
 # ---- what the Envoys say ---------------------------------------------------------------------------------------------
@@ -144,6 +158,7 @@ def _addr(m: Mesh, *names: str) -> set[str]:
 
 
 # ---- ALLOW_ANY: scale 1 → 3 → 1, delete ------------------------------------------------------------------------------
+@ALLOW_ANY
 def test_one_backend_in_mtls(allow_any: Mesh) -> None:
     m = allow_any
     eventually("the client's Envoy has web-1 from EDS", lambda: healthy(m.runs["client"]),
@@ -158,6 +173,7 @@ def test_one_backend_in_mtls(allow_any: Mesh) -> None:
     assert all(f"upstream_peer={WEB_ID} " in line for line in outbound), outbound
 
 
+@ALLOW_ANY
 def test_scaled_to_three_the_client_spreads_over_all(allow_any: Mesh) -> None:
     m = allow_any
     m.start(_pod("web-2", NS, "web", "web"), _pod("web-3", NS, "web", "web"))
@@ -173,6 +189,7 @@ def test_scaled_to_three_the_client_spreads_over_all(allow_any: Mesh) -> None:
         assert all(f"downstream_peer={CLIENT_ID} " in line for line in lines), lines
 
 
+@ALLOW_ANY
 def test_scaled_back_to_one_only_it_answers(allow_any: Mesh) -> None:
     m = allow_any
     for name in ("web-2", "web-3"):
@@ -183,6 +200,7 @@ def test_scaled_back_to_one_only_it_answers(allow_any: Mesh) -> None:
     assert m.service_gets(20) == ["web-1"] * 20                                      # converged: none fails
 
 
+@ALLOW_ANY
 def test_a_deleted_service_falls_back_to_passthrough(allow_any: Mesh) -> None:
     """The ClusterIP is no Service any more: no listener for it, so virtualOutbound's catch-all sends the connection
     to PassthroughCluster (the app's own destination). Nothing answers there — the address is gone with its
@@ -204,6 +222,7 @@ def test_a_deleted_service_falls_back_to_passthrough(allow_any: Mesh) -> None:
     assert not access_lines(client, since, OUTBOUND)
 
 
+@ALLOW_ANY
 def test_allow_any_reaches_an_address_outside_the_registry(allow_any: Mesh) -> None:
     """The contrast for REGISTRY_ONLY below: the same request, from the same kind of client, succeeds here."""
     m = allow_any
@@ -216,6 +235,7 @@ def test_allow_any_reaches_an_address_outside_the_registry(allow_any: Mesh) -> N
 
 
 # ---- REGISTRY_ONLY ---------------------------------------------------------------------------------------------------
+@REGISTRY_ONLY
 def test_registry_only_black_holes_the_unknown_and_serves_the_registered(registry_only: Mesh) -> None:
     m = registry_only
     client, outside = m.runs["client"], m.runs["outside"]
