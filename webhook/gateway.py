@@ -28,6 +28,8 @@ from webhook.inject import (
     proxy_args,
     proxy_env_head,
     reorder_pod,
+    tail_mounts,
+    tail_volumes,
 )
 from webhook.overlay import Recorder
 from webhook.workloads import DeployMeta
@@ -75,12 +77,7 @@ def _mounts(annotations: Mapping[str, str], settings: Settings) -> list[dict[str
     m.append({"mountPath": C.MOUNT_ISTIO_DATA, "name": "istio-data"})
     if C.ANNOTATION_BOOTSTRAP_OVERRIDE in annotations:
         m.append({"mountPath": CUSTOM_BOOTSTRAP_MOUNT, "name": CUSTOM_BOOTSTRAP_VOLUME})
-    m += [{"mountPath": C.MOUNT_ISTIO_ENVOY, "name": "istio-envoy"},
-          {"mountPath": C.MOUNT_ISTIO_TOKEN, "name": "istio-token"}]
-    if settings.g.get("mountMtlsCerts"):
-        m.append({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": True})
-    m.append({"mountPath": C.MOUNT_ISTIO_PODINFO, "name": "istio-podinfo"})
-    return m
+    return m + tail_mounts(settings, "istio-envoy")
 
 
 def gateway_volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: Settings
@@ -92,20 +89,7 @@ def gateway_volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], sett
                                {"emptyDir": {}, "name": "workload-certs"}]
     if C.ANNOTATION_BOOTSTRAP_OVERRIDE in annotations:
         v.append({"configMap": {"name": annotations[C.ANNOTATION_BOOTSTRAP_OVERRIDE]}, "name": CUSTOM_BOOTSTRAP_VOLUME})
-    v += [{"emptyDir": {"medium": "Memory"}, "name": "istio-envoy"},
-          {"emptyDir": {}, "name": "istio-data"},
-          {"downwardAPI": {"items": [{"fieldRef": {"fieldPath": "metadata.labels"}, "path": "labels"},
-                                     {"fieldRef": {"fieldPath": "metadata.annotations"}, "path": "annotations"}]},
-           "name": "istio-podinfo"},
-          {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
-              "audience": str(g["sds"]["token"].get("aud") or C.TOKEN_AUDIENCE),
-              "expirationSeconds": C.TOKEN_EXPIRATION_SECONDS, "path": "istio-token"}}]}}]
-    if g.get("pilotCertProvider", "istiod") == "istiod":
-        v.append({"configMap": {"name": g.get("trustBundleName") or C.ROOT_CERT_CONFIGMAP}, "name": "istiod-ca-cert"})
-    if g.get("mountMtlsCerts"):
-        sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
-        v.append({"name": "istio-certs", "secret": {"optional": True, "secretName": f"istio.{sa}"}})
-    return v
+    return v + tail_volumes(pod, g, "istio-envoy", crl=False)
 
 
 def render_gateway(annotations: Mapping[str, str], settings: Settings, ch: Choices, dm: DeployMeta,

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshboot import constants as C
-from webhook import annotations as ann_mod
 from webhook import overlay as overlay_mod
 from webhook.config import Settings
 from webhook.inject import (
@@ -35,6 +34,10 @@ from webhook.inject import (
     proxy_args,
     proxy_config_env,
     reorder_pod,
+    tail_mounts,
+    tail_volumes,
+    user_mounts,
+    user_volumes,
 )
 from webhook.overlay import Recorder
 from webhook.workloads import DeployMeta
@@ -88,16 +91,8 @@ def _mounts(annotations: Mapping[str, str], settings: Settings) -> list[dict[str
                                {"mountPath": C.MOUNT_WORKLOAD_CERTS, "name": "workload-certs"}]
     if settings.g.get("pilotCertProvider", "istiod") == "istiod":
         m.append({"mountPath": C.MOUNT_ISTIOD_CA, "name": "istiod-ca-cert"})
-    m += [{"mountPath": C.MOUNT_ISTIO_DATA, "name": "istio-data"},
-          {"mountPath": C.MOUNT_ISTIO_ENVOY, "name": XDS_VOLUME},
-          {"mountPath": C.MOUNT_ISTIO_TOKEN, "name": "istio-token"}]
-    if settings.g.get("mountMtlsCerts"):
-        m.append({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": True})
-    m.append({"mountPath": C.MOUNT_ISTIO_PODINFO, "name": "istio-podinfo"})
-    user = annotations.get(C.ANNOTATION_USER_VOLUME_MOUNT)
-    if user:
-        m += [{**mount, "name": name} for name, mount in ann_mod.parse_json_map(user).items()]
-    return m
+    m.append({"mountPath": C.MOUNT_ISTIO_DATA, "name": "istio-data"})
+    return m + tail_mounts(settings, XDS_VOLUME) + user_mounts(annotations)
 
 
 def grpc_agent_volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: Settings
@@ -108,23 +103,7 @@ def grpc_agent_volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], s
                                {"emptyDir": {}, "name": "workload-certs"}]
     if C.ANNOTATION_BOOTSTRAP_OVERRIDE in annotations:
         v.append({"configMap": {"name": annotations[C.ANNOTATION_BOOTSTRAP_OVERRIDE]}, "name": CUSTOM_BOOTSTRAP_VOLUME})
-    v += [{"emptyDir": {"medium": "Memory"}, "name": XDS_VOLUME},
-          {"emptyDir": {}, "name": "istio-data"},
-          {"downwardAPI": {"items": [{"fieldRef": {"fieldPath": "metadata.labels"}, "path": "labels"},
-                                     {"fieldRef": {"fieldPath": "metadata.annotations"}, "path": "annotations"}]},
-           "name": "istio-podinfo"},
-          {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
-              "audience": str(g["sds"]["token"].get("aud") or C.TOKEN_AUDIENCE),
-              "expirationSeconds": C.TOKEN_EXPIRATION_SECONDS, "path": "istio-token"}}]}}]
-    if g.get("pilotCertProvider", "istiod") == "istiod":
-        v.append({"configMap": {"name": g.get("trustBundleName") or C.ROOT_CERT_CONFIGMAP}, "name": "istiod-ca-cert"})
-    if g.get("mountMtlsCerts"):
-        sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
-        v.append({"name": "istio-certs", "secret": {"optional": True, "secretName": f"istio.{sa}"}})
-    user = annotations.get(C.ANNOTATION_USER_VOLUME)
-    if user:
-        v += [{**source, "name": name} for name, source in ann_mod.parse_json_map(user).items()]
-    return v
+    return v + tail_volumes(pod, g, XDS_VOLUME, crl=False) + user_volumes(annotations)
 
 
 def render_grpc_agent(annotations: Mapping[str, str], settings: Settings, ch: Choices, dm: DeployMeta,

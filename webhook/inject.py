@@ -311,15 +311,24 @@ def _volume_mounts(annotations: Mapping[str, str], settings: Settings) -> list[d
     m.append({"mountPath": C.MOUNT_ISTIO_DATA, "name": "istio-data"})
     if annotations.get(C.ANNOTATION_BOOTSTRAP_OVERRIDE):
         m.append({"mountPath": CUSTOM_BOOTSTRAP_MOUNT, "name": CUSTOM_BOOTSTRAP_VOLUME})
-    m += [{"mountPath": C.MOUNT_ISTIO_ENVOY, "name": "istio-envoy"},
-          {"mountPath": C.MOUNT_ISTIO_TOKEN, "name": "istio-token"}]
+    return m + tail_mounts(settings, "istio-envoy") + user_mounts(annotations)
+
+
+def tail_mounts(settings: Settings, envoy_volume: str) -> list[dict[str, Any]]:
+    """The mounts every proxy template ends with: Envoy's directory (`envoy_volume`), the token, the mTLS certs when
+    mounted, the pod info — in Istio's templates' order."""
+    m: list[dict[str, Any]] = [{"mountPath": C.MOUNT_ISTIO_ENVOY, "name": envoy_volume},
+                               {"mountPath": C.MOUNT_ISTIO_TOKEN, "name": "istio-token"}]
     if settings.g.get("mountMtlsCerts"):
         m.append({"mountPath": "/etc/certs/", "name": "istio-certs", "readOnly": True})
     m.append({"mountPath": C.MOUNT_ISTIO_PODINFO, "name": "istio-podinfo"})
-    user = annotations.get(C.ANNOTATION_USER_VOLUME_MOUNT)
-    if user:
-        m += [{**mount, "name": name} for name, mount in ann_mod.parse_json_map(user).items()]
     return m
+
+
+def user_mounts(annotations: Mapping[str, str]) -> list[dict[str, Any]]:
+    """`sidecar.istio.io/userVolumeMount`'s mounts (already checked at admission)."""
+    user = annotations.get(C.ANNOTATION_USER_VOLUME_MOUNT)
+    return [{**mount, "name": name} for name, mount in ann_mod.parse_json_map(user).items()] if user else []
 
 
 def _volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: Settings) -> list[dict[str, Any]]:
@@ -330,8 +339,16 @@ def _volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: S
     if annotations.get(C.ANNOTATION_BOOTSTRAP_OVERRIDE):
         v.append({"configMap": {"name": annotations[C.ANNOTATION_BOOTSTRAP_OVERRIDE]},
                   "name": CUSTOM_BOOTSTRAP_VOLUME})
-    v += [
-        {"emptyDir": {"medium": "Memory"}, "name": "istio-envoy"},
+    return v + tail_volumes(pod, g, "istio-envoy", crl=True) + user_volumes(annotations)
+
+
+def tail_volumes(pod: Mapping[str, Any], g: Mapping[str, Any], envoy_volume: str, *, crl: bool
+                 ) -> list[dict[str, Any]]:
+    """The volumes every proxy template ends with, in Istio's templates' order: Envoy's directory (memory), the
+    agent's data, the pod info, the projected token, the root ConfigMap (istiod as cert provider), the CRL (the
+    sidecar only), the mTLS certs Secret when mounted."""
+    v: list[dict[str, Any]] = [
+        {"emptyDir": {"medium": "Memory"}, "name": envoy_volume},
         {"emptyDir": {}, "name": "istio-data"},
         {"downwardAPI": {"items": [{"fieldRef": {"fieldPath": "metadata.labels"}, "path": "labels"},
                                    {"fieldRef": {"fieldPath": "metadata.annotations"}, "path": "annotations"}]},
@@ -342,14 +359,18 @@ def _volumes(pod: Mapping[str, Any], annotations: Mapping[str, str], settings: S
     ]
     if g.get("pilotCertProvider", "istiod") == "istiod":
         v.append({"configMap": {"name": g.get("trustBundleName") or C.ROOT_CERT_CONFIGMAP}, "name": "istiod-ca-cert"})
-    v.append({"configMap": {"name": VOLUME_CRL, "optional": True}, "name": VOLUME_CRL})
+    if crl:
+        v.append({"configMap": {"name": VOLUME_CRL, "optional": True}, "name": VOLUME_CRL})
     if g.get("mountMtlsCerts"):
         sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
         v.append({"name": "istio-certs", "secret": {"optional": True, "secretName": f"istio.{sa}"}})
-    user = annotations.get(C.ANNOTATION_USER_VOLUME)
-    if user:
-        v += [{**source, "name": name} for name, source in ann_mod.parse_json_map(user).items()]
     return v
+
+
+def user_volumes(annotations: Mapping[str, str]) -> list[dict[str, Any]]:
+    """`sidecar.istio.io/userVolume`'s volumes (already checked at admission)."""
+    user = annotations.get(C.ANNOTATION_USER_VOLUME)
+    return [{**source, "name": name} for name, source in ann_mod.parse_json_map(user).items()] if user else []
 
 
 def proxy_args(annotations: Mapping[str, str], settings: Settings, role: str) -> list[str]:
