@@ -1,13 +1,33 @@
 """Raw-socket clients for the bounds tests of the small HTTP servers (the agent's status server, the monitoring port):
-run a server in a thread, read until the server closes, drip-feed a request."""
+run a server in a thread, read until the server closes, drip-feed a request; and `free_port()` for servers that a test
+starts in another process."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+
+# Below Linux's ephemeral range (ip_local_port_range, 32768-60999 by default): the kernel hands those out as source
+# ports of outgoing connections, so a port picked there with bind(0) and given to a child to listen on was once taken
+# by someone's connection in between ("Address already in use" in a fresh-clone CI run).
+FREE_PORTS = range(20000, 32768)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now on 127.0.0.1 and 0.0.0.0, outside the ephemeral range."""
+    for port in random.sample(FREE_PORTS, 200):
+        try:
+            for host in ("127.0.0.1", "0.0.0.0"):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise OSError("no free port in 200 tries below the ephemeral range")
 
 
 @contextlib.contextmanager

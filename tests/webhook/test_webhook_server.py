@@ -21,16 +21,12 @@ from webhook_fixtures import hello_pod, review_body, settings, validate_pod
 from controlplane.main import build_parser, config_error
 from meshboot import pki
 from testing.fakekube import FakeKube
+from testing.sockets import free_port
 from webhook.inject import inject_pod
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "meshboot-webhook.istio-system.svc"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reap(proc: subprocess.Popen, timeout: float = 10) -> None:
