@@ -71,14 +71,15 @@ def keep(kind: str, raw: Any) -> dict[str, Any]:
 
 
 # Kinds whose object, refused over a bound, is kept as a stub naming the refusal (`refused`) rather than left out:
-# an AuthorizationPolicy left out would allow what it denies, so discovery/authz.py enforces the stub fail-closed.
-FAIL_CLOSED = frozenset({"AuthorizationPolicy"})
+# an AuthorizationPolicy left out would allow what it denies, so discovery/authz.py enforces the stub fail-closed; a
+# PeerAuthentication left out would turn STRICT into PERMISSIVE, so discovery/peerauth.py applies its stub as STRICT.
+FAIL_CLOSED = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 DRY_RUN = "istio.io/dry-run"      # kept in the stub: a policy its owner asked not to enforce stays so
 
 
 def refused_form(kind: str, raw: Any, error: Refused) -> dict[str, Any] | None:
-    """The stub kept for an object of a FAIL_CLOSED kind refused by `keep` (name, namespace, dry-run, action, why),
-    None for other kinds or an object without a usable name."""
+    """The stub kept for an object of a FAIL_CLOSED kind refused by `keep` (name, namespace, why; an
+    AuthorizationPolicy's dry-run and action too), None for other kinds or an object without a usable name."""
     md = raw.get("metadata") if isinstance(raw, dict) else None
     md = md if isinstance(md, dict) else {}
     spec = raw.get("spec") if isinstance(raw, dict) else None
@@ -86,6 +87,8 @@ def refused_form(kind: str, raw: Any, error: Refused) -> dict[str, Any] | None:
     if kind not in FAIL_CLOSED or not isinstance(name, str) or not 0 < len(name) <= NAME[1]:
         return None
     namespace, annotations = md.get("namespace"), md.get("annotations")
+    if kind != "AuthorizationPolicy":      # PeerAuthentication: placed by its namespace alone (discovery/peerauth.py)
+        annotations = spec = None
     dry_run = annotations.get(DRY_RUN) if isinstance(annotations, dict) else None
     action = spec.get("action") if isinstance(spec, dict) else None
     api_version = raw.get("apiVersion")

@@ -10,6 +10,12 @@ PERMISSIVE; several policies at one level: the oldest (creationTimestamp, then n
 Namespace owners write these objects, so each one is hostile: it is checked whole, and one that Istio would refuse
 (or that this module does not fully understand) is reported as one problem naming the object and field and ignored as
 a whole, never half-applied.
+
+An object over a bound of the watch (kinds.refused_form: only its name, namespace and why are kept) is not ignored:
+left out, a STRICT policy would become PERMISSIVE. It is applied fail-closed, STRICT over the widest scope it could
+have had: in the root namespace the mesh-wide policy (over any other mesh-wide one; namespace and workload policies
+still override it, as they would have overridden it); elsewhere its whole namespace, every workload and port, over
+every other policy there (its selector and portLevelMtls are unknown). One problem line names the bound.
 """
 from __future__ import annotations
 
@@ -253,14 +259,19 @@ def _describe(obj: object) -> str:
     return "/".join(p if isinstance(p, str) and _is_name(p) else "?" for p in parts)
 
 
-def _parse_all(objects: Iterable[object], problems: list[str]) -> list[_Parsed]:
+def _parse_all(objects: Iterable[object], problems: list[str], refused: list[tuple[str, str, str]]) -> list[_Parsed]:
     """The valid objects, oldest first (creationTimestamp, name, namespace: istiod's order); one problem for each
-    invalid one."""
+    invalid one. The watch's stubs of objects over a bound go to `refused` as (namespace, name, why)."""
     parsed = []
     for obj in objects:
         try:
             if not isinstance(obj, Mapping):
                 raise _Invalid("(object)", f"want an object, got {type(obj).__name__}")
+            if obj.get("refused") is not None:     # kinds.refused_form: placed by its namespace alone
+                meta = _mapping(obj.get("metadata"), "metadata")
+                refused.append((_name(meta.get("namespace"), "metadata.namespace"),
+                                _name(meta.get("name"), "metadata.name"), str(obj["refused"])))
+                continue
             parsed.append(_parse(obj))
         except _Invalid as exc:
             problems.append(f"PeerAuthentication {_describe(obj)}: {exc.field}: {exc.reason}; the policy is ignored")
@@ -305,12 +316,21 @@ def compile(objects: Iterable[object], root_namespace: str = DEFAULT_ROOT_NAMESP
     """Every PeerAuthentication object (v1 or v1beta1 JSON as the API server sends it) → the index, and one problem
     line per object ignored (the caller logs and counts them). Pure; call again on any change."""
     problems: list[str] = []
-    mesh_policy, ns_policies, workload_policies = _levels(_parse_all(objects, problems), root_namespace, problems)
+    refused: list[tuple[str, str, str]] = []
+    parsed = _parse_all(objects, problems, refused)
+    mesh_policy, ns_policies, workload_policies = _levels(parsed, root_namespace, problems)
     default = Effective(PERMISSIVE, _EMPTY_PORTS, "")
     mesh = _inherit(default, mesh_policy) if mesh_policy else default
-    namespaces = {ns: _inherit(mesh, policy) for ns, policy in ns_policies.items()}
+    strict: dict[str, Effective] = {}       # fail-closed: a stub's namespace (root: the mesh default) is STRICT
+    for namespace, name, why in sorted(refused):
+        scope = "mesh-wide (root namespace)" if namespace == root_namespace else f"over namespace {namespace!r}"
+        problems.append(f"PeerAuthentication {namespace}/{name}: (object): over a bound of the watch ({_show(why)}); "
+                        f"enforced fail-closed as STRICT {scope}")
+        strict.setdefault(namespace, Effective(STRICT, _EMPTY_PORTS, f"{namespace}/{name}"))
+    mesh = strict.pop(root_namespace, mesh)
+    namespaces = {ns: _inherit(mesh, policy) for ns, policy in ns_policies.items()} | strict
     index: dict[str, dict[tuple[str, str], list[_Workload]]] = {}
-    for rank, policy in enumerate(workload_policies):
+    for rank, policy in enumerate(p for p in workload_policies if p.namespace not in strict):
         parent = namespaces.get(policy.namespace, mesh)
         entry = _Workload(rank, policy.selector, _inherit(parent, policy))
         index.setdefault(policy.namespace, {}).setdefault(policy.selector[0], []).append(entry)

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from discovery import peerauth
+from discovery import kinds, peerauth
 from discovery.peerauth import DISABLE, PERMISSIVE, STRICT, compile, mode_for, resolve, service_mode
 
 T0 = "2024-01-01T00:00:00Z"
@@ -298,3 +298,49 @@ def test_many_workload_policies_resolve_by_label_index() -> None:
     assert mode_for(policies, "foo", {"app": "a4999", "tier": "db"}, 80) == DISABLE
     assert mode_for(policies, "foo", {"app": "a4999"}, 80) == STRICT
     assert mode_for(policies, "foo", {"app": "nope"}, 80) == PERMISSIVE
+
+
+def refused(namespace: str, name: str, raw_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stub the watch keeps of a PeerAuthentication over a bound (kinds.refused_form): here, 1025 labels."""
+    raw = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+           "metadata": {"namespace": namespace, "name": name, "labels": {f"l{i}": "v" for i in range(1025)}},
+           "spec": raw_spec or {"mtls": {"mode": "STRICT"}}}
+    with pytest.raises(kinds.Refused) as error:
+        kinds.keep("PeerAuthentication", raw)
+    stub = kinds.refused_form("PeerAuthentication", raw, error.value)
+    assert stub is not None
+    return stub
+
+
+def test_a_refused_workload_policy_makes_its_whole_namespace_strict() -> None:
+    """Its selector is unknown, so every workload and port of its namespace is STRICT, over any other policy there
+    (a newer PERMISSIVE workload policy or a DISABLE port it would have won against included)."""
+    objects = [refused("prod", "web", {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICT"}}),
+               pa("prod", "ns", PERMISSIVE, created=T0),
+               pa("prod", "loose", PERMISSIVE, selector={"app": "web"}, ports={8080: DISABLE}, created=T1)]
+    policies, problems = compile(objects, "istio-system")
+    assert len(problems) == 1 and "prod/web" in problems[0] and "STRICT" in problems[0], problems
+    for labels in ({"app": "web"}, {"app": "db"}, {}):
+        assert mode_for(policies, "prod", labels, 8080) == STRICT
+        assert mode_for(policies, "prod", labels, 0) == STRICT
+    assert resolve(policies, "prod", {"app": "web"}).source == "prod/web"
+    assert service_mode(policies, "prod") == STRICT and service_mode(policies, "dev") == PERMISSIVE
+
+
+def test_a_refused_policy_in_the_root_namespace_makes_the_mesh_default_strict() -> None:
+    """Mesh-wide (the only scope a root-namespace policy has): it beats an older mesh-wide policy, and namespace and
+    workload policies still override it, as they would have overridden the policy itself."""
+    objects = [pa("istio-system", "old", PERMISSIVE, created=T0), refused("istio-system", "mesh"),
+               pa("dev", "ns", DISABLE, created=T1)]
+    policies, problems = compile(objects, "istio-system")
+    assert len(problems) == 1 and "istio-system/mesh" in problems[0] and "mesh-wide" in problems[0], problems
+    assert mode_for(policies, "prod", {}, 80) == STRICT and service_mode(policies, "prod") == STRICT
+    assert mode_for(policies, "dev", {}, 80) == DISABLE
+
+
+def test_a_refused_policy_without_a_namespace_is_reported_and_not_placed() -> None:
+    stub = refused("prod", "x")
+    stub["metadata"]["namespace"] = None
+    policies, problems = compile([stub], "istio-system")
+    assert len(problems) == 1 and "metadata.namespace" in problems[0], problems
+    assert mode_for(policies, "prod", {}, 80) == PERMISSIVE

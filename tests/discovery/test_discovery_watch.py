@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from discovery import authz, kinds
+from discovery import authz, kinds, peerauth
 from discovery.store import Changed, Store
 from discovery.watch import Watcher, lines
 from testing.fakekube import FakeKube
@@ -287,6 +287,22 @@ def test_a_dry_run_authorization_policy_over_a_bound_stays_dry_run() -> None:
     verdict = authz.explain(authz.for_workload(policies, "default", {}, "cluster.local"),
                             authz.Source(None, "10.0.0.1"), authz.Destination(80))
     assert verdict.verdict == authz.ALLOW and verdict.logged, verdict
+
+
+def test_a_strict_peer_authentication_over_a_bound_stays_strict(kube: FakeKube, running: list[Watcher]) -> None:
+    """Left out, a STRICT namespace policy would leave the namespace PERMISSIVE (plaintext accepted): it is kept as a
+    stub that peerauth applies fail-closed, STRICT over its namespace, with a problem line naming the bound."""
+    running.append(w := start(kube))
+    strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+              "metadata": {"name": "strict", "namespace": "default", "labels": {f"l{i}": "v" for i in range(1025)}},
+              "spec": {"mtls": {"mode": "STRICT"}}}
+    kube.put_object("peerauthentications", strict)
+    stored = until(lambda: w.store.snapshot().get("PeerAuthentication", "default", "strict"))
+    policies, problems = peerauth.compile([stored])
+    assert len(problems) == 1 and "default/strict" in problems[0] and "more than 1024" in problems[0], problems
+    assert peerauth.mode_for(policies, "default", {"app": "web"}, 8080) == peerauth.STRICT
+    assert peerauth.service_mode(policies, "default") == peerauth.STRICT
+    assert peerauth.mode_for(policies, "other", {}, 8080) == peerauth.PERMISSIVE     # its scope, not the mesh
 
 
 def test_a_server_error_backs_off_and_relists(kube: FakeKube, running: list[Watcher]) -> None:
