@@ -22,11 +22,11 @@ from webhook.inject import (
     _field_env,
     _http_probe,
     _take_user_containers,
-    image_name,
     json_copy,
     merge_user_container,
     proxy_args,
     proxy_env_head,
+    proxy_image,
     reorder_pod,
     tail_mounts,
     tail_volumes,
@@ -96,10 +96,7 @@ def render_gateway(annotations: Mapping[str, str], settings: Settings, ch: Choic
                    apps: list[dict[str, Any]]) -> dict[str, Any]:
     """The gateway's istio-proxy container."""
     p, g = settings.proxy, settings.g
-    name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or p["image"]
-    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
-               or (ch.proxy_config.get("image") or {}).get("imageType") or g.get("variant") or "")
-    c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": image_name(g["hub"], name, g["tag"], variant),
+    c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": proxy_image(annotations, settings, ch),
                          "ports": [{"containerPort": C.ENVOY_PROMETHEUS_PORT, "name": "http-envoy-prom",
                                     "protocol": "TCP"}],
                          "args": proxy_args(annotations, settings, "router")}

@@ -29,10 +29,10 @@ from webhook.inject import (
     _pod_ports_json,
     _resources,
     _take_user_containers,
-    image_name,
     merge_user_container,
     proxy_args,
     proxy_config_env,
+    proxy_image,
     reorder_pod,
     tail_mounts,
     tail_volumes,
@@ -110,10 +110,7 @@ def render_grpc_agent(annotations: Mapping[str, str], settings: Settings, ch: Ch
                       apps: list[dict[str, Any]]) -> dict[str, Any]:
     """istio-proxy as the template renders it (the agent's readiness on 15020, unless the status port is 0)."""
     p, g = settings.proxy, settings.g
-    name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or p["image"]
-    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
-               or (ch.proxy_config.get("image") or {}).get("imageType") or g.get("variant") or "")
-    c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": image_name(g["hub"], name, g["tag"], variant),
+    c: dict[str, Any] = {"name": C.PROXY_CONTAINER, "image": proxy_image(annotations, settings, ch),
                          "ports": [{"containerPort": C.STATUS_PORT, "protocol": "TCP", "name": "mesh-metrics"}],
                          "args": proxy_args(annotations, settings, "sidecar"),
                          "lifecycle": {"postStart": {"exec": {"command": [AGENT_BINARY, "wait", _PROBE_URL]}}},

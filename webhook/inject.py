@@ -56,6 +56,16 @@ class Choices:
     proxy_config: dict[str, Any]
 
 
+def proxy_image(annotations: Mapping[str, str], settings: Settings, ch: Choices, init: bool = False) -> str:
+    """istio-proxy's image (istio-init's with `init`): `sidecar.istio.io/proxyImage` or the values' name, on the
+    values' hub and tag, in the variant `sidecar.istio.io/proxyImageType` › ProxyConfig `image.imageType` ›
+    `global.variant` picks — one rule for every template."""
+    g = settings.g
+    name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or (g["proxy_init"]["image"] if init else settings.proxy["image"])
+    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
+               or (ch.proxy_config.get("image") or {}).get("imageType") or g.get("variant") or "")
+    return image_name(g["hub"], name, g["tag"], variant)
+
 def image_name(hub: str, name: str, tag: str, variant: str) -> str:
     """<hub>/<name>:<tag>[-<variant>], or `name` verbatim when it already holds a registry path."""
     if "/" in name:
@@ -655,19 +665,14 @@ def _render_sidecar(pod: dict[str, Any], annotations: Mapping[str, str], labels:
                     settings: Settings, ch: Choices, dm: DeployMeta
                     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The template: istio-proxy, and istio-init unless interception is NONE, with their images and resources."""
-    g = settings.g
-    proxy_name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or settings.proxy["image"]
-    init_name = annotations.get(C.ANNOTATION_PROXY_IMAGE) or g["proxy_init"]["image"]
-    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
-               or (ch.proxy_config.get("image") or {}).get("imageType") or g.get("variant") or "")
     resources = _resources(annotations, settings)
-    proxy = _proxy_container(pod, annotations, labels, settings, ch, dm,
-                             image_name(g["hub"], proxy_name, g["tag"], variant), resources, pod["spec"]["containers"])
+    proxy = _proxy_container(pod, annotations, labels, settings, ch, dm, proxy_image(annotations, settings, ch),
+                             resources, pod["spec"]["containers"])
     init = None
     if ch.interception_mode != "NONE":
         cni.check_native_nftables(settings.values)
-        init = _init_container(annotations, settings, ch,
-                               image_name(g["hub"], init_name, g["tag"], variant), resources)
+        init = _init_container(annotations, settings, ch, proxy_image(annotations, settings, ch, init=True),
+                               resources)
         if cni.enabled(settings.values):
             init = cni.as_validation(init)
     return proxy, init
@@ -900,13 +905,7 @@ def _template_context(pod: dict[str, Any], annotations: Mapping[str, str], label
     """What custom templates read: the pod as it was before this injection rendered anything."""
     spec = pod["spec"]
     meta = pod["metadata"]
-    variant = (annotations.get(C.ANNOTATION_PROXY_IMAGE_TYPE)
-               or (ch.proxy_config.get("image") or {}).get("imageType") or settings.g.get("variant") or "")
-    g = settings.g
-    proxy = image_name(g["hub"], annotations.get(C.ANNOTATION_PROXY_IMAGE) or settings.proxy["image"], g["tag"],
-                       variant)
-    init = image_name(g["hub"], annotations.get(C.ANNOTATION_PROXY_IMAGE) or g["proxy_init"]["image"], g["tag"],
-                      variant)
+    proxy, init = proxy_image(annotations, settings, ch), proxy_image(annotations, settings, ch, init=True)
     return tpl_mod.Context(
         meta={"name": meta.get("name") or "", "namespace": meta.get("namespace") or "", "labels": dict(labels),
               "annotations": dict(annotations)},
