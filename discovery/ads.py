@@ -145,6 +145,9 @@ class Connection:
     pusher: asyncio.Task[None] | None = None
     # type URL -> the snapshot its last response was built from (a reference: see `AdsServer.sent_config`).
     sent_from: dict[str, Snapshot] = field(default_factory=dict)
+    # type URL -> a SotW wildcard response's body as last sent: the shared run (bytes every proxy shares) and the
+    # digest of the proxy's own resources, so a limited push can skip a proxy whose resources did not change.
+    sent_body: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]]) -> str:
@@ -319,10 +322,12 @@ class AdsServer:
         watch = conn.watches[type_url]
         nonce = f"{snapshot.version}-{uuid.uuid4().hex[:12]}"
         response: bytes | dpb.DeltaDiscoveryResponse | None
+        body = None
         if conn.delta:
             response = _delta_response(watch, available, encoder, only, initial, snapshot.version, nonce)
         else:
-            response = _sotw_response(watch, available, encoder, only, snapshot.version, nonce)
+            body = _layered_body(watch, available, encoder) if only is None else None
+            response = _sotw_response(watch, available, encoder, only, snapshot.version, nonce, body)
         if response is None:
             return False
         short = P.short_type(type_url)
@@ -333,6 +338,10 @@ class AdsServer:
             raise
         watch.sent(snapshot.version, nonce)
         conn.sent_from[type_url] = snapshot
+        if body is not None:
+            conn.sent_body[type_url] = (body[0], hashlib.sha256(body[1]).digest())
+        else:
+            conn.sent_body.pop(type_url, None)
         if isinstance(response, dpb.DeltaDiscoveryResponse):
             _record_delta(watch, response)
             if type_url == P.CDS and response.resources and P.EDS in conn.watches:
@@ -366,12 +375,17 @@ class AdsServer:
                 return
 
     async def _push_one(self, conn: Connection, request: PushRequest) -> None:
-        """Full: every watched type in Envoy's order. Endpoint-only: EDS for the changed clusters this proxy
-        watches, nothing else."""
+        """Full: every watched type the push re-sends (all, or e.g. LDS only for a policy change), in Envoy's
+        order. Endpoint-only, or a limited full push without EDS that merged one in: EDS for the changed clusters
+        this proxy watches. A type not re-sent is answered from the new snapshot when the proxy next asks for it
+        (its content for this proxy did not change)."""
         sent = False
         for type_url in P.sort_types(conn.watches):
             watch = conn.watches[type_url]
-            if request.full:
+            if request.sends(type_url):
+                if request.types is not None and self._unchanged(conn, type_url):
+                    conn.sent_from[type_url] = self._snapshot      # same bytes: what was sent is read from here
+                    continue
                 if watch.wildcard or watch.names:
                     sent = await self._send(conn, type_url, None, initial=False) or sent
             elif type_url == P.EDS:
@@ -380,6 +394,17 @@ class AdsServer:
                     sent = await self._send(conn, type_url, names, initial=False) or sent
         if sent:
             metrics.CONVERGENCE.observe(time.monotonic() - request.start)
+
+    def _unchanged(self, conn: Connection, type_url: str) -> bool:
+        """Whether a SotW wildcard response of `type_url` from the current snapshot would carry exactly the
+        resources last sent (same shared bytes, same digest of the proxy's own): a policy change re-renders one
+        workload's virtualInbound, and the other proxies need not take (and parse) every listener again."""
+        last = conn.sent_body.get(type_url)
+        if last is None or conn.delta or conn.proxy is None:
+            return False
+        body = _layered_body(conn.watches[type_url], self._snapshot.resources_for(conn.proxy, type_url),
+                             self._encoder)
+        return body is not None and body[0] == last[0] and hashlib.sha256(body[1]).digest() == last[1]
 
     # ---- debug --------------------------------------------------------------------------------------------------
 
@@ -427,18 +452,30 @@ def sent_config(conn: Connection) -> list[Sent]:
     return out
 
 
+def _layered_body(watch: P.Watch, available: Mapping[str, Message], encoder: Encoder) -> tuple[bytes, bytes] | None:
+    """A wildcard response's body for a `Layered` mapping as (the shared layer's run, the proxy's own entries);
+    None for any other shape (then `_sotw_response` builds it resource by resource)."""
+    if not watch.wildcard or not isinstance(available, Layered):
+        return None
+    shared, own = available.shared, available.own
+    if any(n in shared for n in own):
+        return None
+    own_run = b"".join([encoder.entry(watch.type_url, own[n]) for n in sorted(own)])
+    return encoder.joined(watch.type_url, shared), own_run
+
+
 def _sotw_response(watch: P.Watch, available: Mapping[str, Message], encoder: Encoder,
-                   only: frozenset[str] | None, version: str, nonce: str) -> bytes:
+                   only: frozenset[str] | None, version: str, nonce: str,
+                   body: tuple[bytes, bytes] | None = None) -> bytes:
     """The serialized DiscoveryResponse: its header, then each resource's cached field bytes (a protobuf message is
     the concatenation of its fields, so this is the same message as building and serializing it). Resources are
     sorted by name; for a `Layered` snapshot the shared ones, then the proxy's own (SotW order carries no meaning)."""
     head = dpb.DiscoveryResponse(version_info=version, type_url=watch.type_url, nonce=nonce).SerializeToString()
-    if only is None and watch.wildcard and isinstance(available, Layered):
+    if only is None and body is None:
+        body = _layered_body(watch, available, encoder)
+    if only is None and body is not None:
         # The shared layer as one run of bytes (joined once per push), then the proxy's own resources.
-        shared, own = available.shared, available.own
-        if not any(n in shared for n in own):
-            body = encoder.joined(watch.type_url, shared)
-            return b"".join([head, body, *(encoder.entry(watch.type_url, own[n]) for n in sorted(own))])
+        return b"".join([head, *body])
     if only is None and not watch.wildcard and watch.names_from:
         # Proxies of one mesh ask for the same EDS names: one join per push, not one per proxy.
         return head + encoder.joined(watch.type_url, available, watch.names, watch.names_from)

@@ -3,7 +3,9 @@
 Changes arrive in bursts (a rollout touches many endpoints at once). istiod waits until nothing has changed for
 `PILOT_DEBOUNCE_AFTER` (100 ms), but never longer than `PILOT_DEBOUNCE_MAX` (10 s) after the first change, merges
 what came in, and pushes once; one push runs at a time. A merge of endpoint-only changes stays endpoint-only (an
-EDS push of just those clusters); any other change makes the push full.
+EDS push of just those clusters); any other change makes the push full. A full push may be limited to some types
+(istiod's scoped push: an AuthorizationPolicy-only change re-sends LDS only, where policies live); merging keeps it
+limited only while every full push merged in was.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from . import metrics
+from . import protocol as P
 from .snapshot import Snapshot
 
 log = logging.getLogger("meshboot.discovery")
@@ -26,19 +29,35 @@ DEBOUNCE_MAX = 10.0      # PILOT_DEBOUNCE_MAX
 @dataclass(frozen=True)
 class PushRequest:
     """One push: the snapshot to serve (newest wins on merge), whether it is full, and for an endpoint-only push the
-    EDS cluster names whose endpoints changed. `start` is when the first merged change arrived (monotonic)."""
+    EDS cluster names whose endpoints changed. `types`: the type URLs a full push re-sends (None: every watched type);
+    a full push limited to types without EDS still carries the `endpoints` of endpoint-only pushes merged into it.
+    `start` is when the first merged change arrived (monotonic)."""
     snapshot: Snapshot
     full: bool = True
     endpoints: frozenset[str] = frozenset()
     reasons: frozenset[str] = frozenset()
     start: float = field(default_factory=time.monotonic)
+    types: frozenset[str] | None = None
 
     def merge(self, newer: PushRequest) -> PushRequest:
-        """Union of what changed; full if either is; the newer snapshot; the earlier start."""
+        """Union of what changed; full if either is, of all types if either full one is, else of the union of the
+        full ones' types; the changed EDS clusters kept unless the result re-sends all of EDS; the newer snapshot;
+        the earlier start."""
         full = self.full or newer.full
-        return PushRequest(snapshot=newer.snapshot, full=full,
-                           endpoints=frozenset() if full else self.endpoints | newer.endpoints,
-                           reasons=self.reasons | newer.reasons, start=min(self.start, newer.start))
+        types: frozenset[str] | None = None
+        if full:
+            limited = [r.types for r in (self, newer) if r.full]
+            if all(t is not None for t in limited):
+                types = frozenset(u for t in limited if t is not None for u in t)
+        endpoints = self.endpoints | newer.endpoints
+        if full and (types is None or P.EDS in types):
+            endpoints = frozenset()
+        return PushRequest(snapshot=newer.snapshot, full=full, endpoints=endpoints,
+                           reasons=self.reasons | newer.reasons, start=min(self.start, newer.start), types=types)
+
+    def sends(self, type_url: str) -> bool:
+        """Whether this (full) push re-sends every watched resource of `type_url`."""
+        return self.full and (self.types is None or type_url in self.types)
 
 
 @dataclass

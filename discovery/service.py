@@ -4,10 +4,12 @@ of push → the debounced push queue → the ADS server, which serves `Served` s
 istiod's flow (`pilot/pkg/xds/discovery.go`, `eds.go`): a change that only touches EndpointSlices is an EDS push of
 just the clusters of the Services they belong to — unless it changes what clients check (the Service's SPIFFE
 identities, carried in CDS), or the Service is headless (its listeners are per endpoint) or has no selector (its
-endpoints decide a pod's inbound ports): those, and every other change, are full pushes. The configuration is built
-once per store version and only when a push or a proxy asks for it (`generate.common`), and once per proxy per
-version (`generate.for_proxy`) when it is asked for clusters or listeners (EDS is the shared endpoints, so an
-endpoint push generates nothing per proxy), so a burst of changes costs one build, not one per change.
+endpoints decide a pod's inbound ports): those are full pushes. A change of AuthorizationPolicies alone is a push of
+LDS only (they are rendered into listeners alone; istiod scopes it the same way); every other change is a full push
+of every type. The configuration is built once per store version and only when a push or a proxy asks for it
+(`generate.common`), and once per proxy per version (`generate.for_proxy`) when it is asked for clusters or
+listeners (EDS is the shared endpoints, so an endpoint push generates nothing per proxy), so a burst of changes
+costs one build, not one per change.
 """
 from __future__ import annotations
 
@@ -195,8 +197,12 @@ def problem_counts(problems: tuple[str, ...]) -> dict[str, int]:
 
 
 def classify(old: Served, new: Served, keys: Mapping[str, frozenset[Key]]) -> PushRequest | None:
-    """The push a store change needs: EDS-only for EndpointSlice changes that allow it, else full; None when the
-    changed slices belong to no routed Service."""
+    """The push a store change needs: EDS-only for EndpointSlice changes that allow it; LDS-only when only
+    AuthorizationPolicies changed (they are rendered into virtualInbound alone, so clusters and endpoints cannot
+    differ: istiod scopes such a push the same way); else full; None when the changed slices belong to no routed
+    Service."""
+    if set(keys) == {"AuthorizationPolicy"}:
+        return PushRequest(new, full=True, types=frozenset({P.LDS}), reasons=frozenset({"authorizationpolicy"}))
     if set(keys) != {"EndpointSlice"}:
         return PushRequest(new, full=True, reasons=frozenset(k.lower() for k in keys))
     services = _sliced_services(old, new, keys["EndpointSlice"])

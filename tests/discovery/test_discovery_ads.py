@@ -37,7 +37,7 @@ from prometheus_client import generate_latest
 from discovery import ads, metrics
 from discovery import protocol as P
 from discovery.push import PushQueue, PushRequest
-from discovery.snapshot import StaticSnapshot
+from discovery.snapshot import Layered, Snapshot, StaticSnapshot
 from testing.sockets import free_port
 
 NODE_A = "sidecar~10.0.0.1~a-1.ns-a~ns-a.svc.cluster.local"
@@ -91,7 +91,7 @@ def snapshot(version: str, eps: dict[str, tuple[int, ...]] | None = None, listen
 class Harness:
     """An AdsServer on a real port, in its own event-loop thread."""
 
-    def __init__(self, snap: StaticSnapshot, auth: ads.Authenticate | None = authenticate,
+    def __init__(self, snap: Snapshot, auth: ads.Authenticate | None = authenticate,
                  tls: grpc.ServerCredentials | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -305,6 +305,61 @@ def test_full_push_goes_in_envoys_order_and_eds_only_push_sends_just_endpoints(h
     a.quiet()       # no CDS, no LDS
     harness.push(PushRequest(snapshot("v3")))
     assert [a.recv().type_url for _ in range(3)] == [P.CDS, P.EDS, P.LDS]
+
+
+def test_an_lds_only_push_sends_listeners_alone_and_later_requests_read_the_new_snapshot(
+        harness: Harness, clients: list[Client]) -> None:
+    a = connect(harness, clients)
+    subscribe_all(a)
+    a.quiet()
+    harness.push(PushRequest(snapshot("v2", listener_port=2), types=frozenset({P.LDS})))
+    lds = a.recv()
+    assert (lds.type_url, lds.version_info) == (P.LDS, "v2")
+    listener = listener_pb2.Listener()
+    lds.resources[0].Unpack(listener)
+    assert listener.address.socket_address.port_value == 2
+    a.quiet()       # no CDS, no EDS
+    a.send(sotw(P.LDS, nonce=lds.nonce))
+    a.send(sotw(P.EDS, ("svc-a",), nonce=""))       # a later request is answered from the pushed snapshot
+    eds = a.recv()
+    assert (eds.type_url, eds.version_info) == (P.EDS, "v2")
+
+
+class PerProxy:
+    """LDS as a control plane serves it: the shared listener (new objects each snapshot) plus one own listener per
+    proxy namespace, its port from `ports`; CDS and EDS as `snapshot`."""
+
+    def __init__(self, version: str, ports: dict[str, int]) -> None:
+        self.version, self.base = version, snapshot(version)
+        self.shared = {"l1": tcp_listener("l1", 1, "svc-a")}
+        self.own = {ns: {"own": tcp_listener("own", port, "svc-a")} for ns, port in ports.items()}
+
+    def resources_for(self, proxy: P.Proxy, type_url: str) -> Any:
+        if type_url == P.LDS:
+            return Layered(self.shared, self.own[proxy.namespace])
+        return self.base.resources_for(proxy, type_url)
+
+
+def test_an_lds_only_push_skips_proxies_whose_listeners_are_byte_identical(clients: list[Client]) -> None:
+    h = Harness(PerProxy("v1", {"ns-a": 10, "ns-b": 20}))
+    try:
+        a, b = Client(h.port, "tok-a"), Client(h.port, "tok-b")
+        clients.extend((a, b))
+        subscribe_all(a, NODE_A)
+        subscribe_all(b, NODE_B)
+        h.push(PushRequest(PerProxy("v2", {"ns-a": 11, "ns-b": 20}), types=frozenset({P.LDS})))
+        lds = a.recv()
+        assert (lds.type_url, lds.version_info, names_of(lds, listener_pb2.Listener)) == (P.LDS, "v2", ["l1", "own"])
+        a.quiet()
+        b.quiet()       # its listeners did not change: nothing re-sent
+        assert h.status("b-1.ns-b")["LDS"] == "SYNCED"
+        conn = h.ads.connections("b-1.ns-b")[0]
+        assert conn.sent_from[P.LDS].version == "v2"         # what was sent is read back from the new snapshot
+        assert [s.version for s in ads.sent_config(conn)] == ["v1", "v1", "v1"]
+        h.push(PushRequest(PerProxy("v3", {"ns-a": 11, "ns-b": 20})))  # a full push sends all, changed or not
+        assert [b.recv().type_url for _ in range(3)] == [P.CDS, P.EDS, P.LDS]
+    finally:
+        h.close()
 
 
 def test_a_burst_of_changes_is_one_push_to_every_proxy_serialized_once(harness: Harness,

@@ -41,6 +41,24 @@ def test_merge_keeps_endpoint_only_until_anything_else_changes() -> None:
     assert b.full and b.endpoints == frozenset() and b.start == 1.0
 
 
+def lds_only(start: float = 0.0) -> PushRequest:
+    return PushRequest(SNAP, full=True, types=frozenset({P.LDS}), start=start)
+
+
+def test_a_types_limited_push_merges_into_all_types_or_the_union_and_keeps_endpoints() -> None:
+    assert lds_only().merge(req(True)).types is None and req(True).merge(lds_only()).types is None
+    cds = PushRequest(SNAP, full=True, types=frozenset({P.CDS}))
+    assert lds_only().merge(cds).types == {P.LDS, P.CDS}
+    mixed = lds_only(start=1.0).merge(req(False, ("x",), start=2.0)).merge(req(False, ("y",)))
+    assert (mixed.full, mixed.types, mixed.endpoints, mixed.start) == (True, {P.LDS}, {"x", "y"}, 0.0)
+    assert mixed.sends(P.LDS) and not mixed.sends(P.CDS) and not mixed.sends(P.EDS)
+    assert req(False, ("x",)).merge(lds_only()).endpoints == {"x"}
+    assert mixed.merge(req(True)).endpoints == frozenset()        # all of EDS is re-sent
+    with_eds = lds_only().merge(PushRequest(SNAP, full=True, types=frozenset({P.EDS})))
+    assert with_eds.merge(req(False, ("x",))).endpoints == frozenset()
+    assert not req(False, ("x",)).sends(P.EDS) and req(True).sends(P.NDS)
+
+
 def test_push_queue_merges_a_burst_and_respects_the_maximum_delay() -> None:
     async def run() -> tuple[list[PushRequest], list[float]]:
         pushed: list[PushRequest] = []

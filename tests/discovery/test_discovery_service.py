@@ -221,6 +221,14 @@ def test_a_new_identity_behind_a_service_or_another_kind_is_a_full_push() -> Non
     assert classify(orphan, orphan, {"EndpointSlice": frozenset({(NS, "x-1")})}) is None
 
 
+def test_an_authorization_policy_change_pushes_listeners_only_unless_something_else_changed() -> None:
+    old, new = served(demo(), 1), served(demo(), 2)
+    request = classify(old, new, {"AuthorizationPolicy": frozenset({(NS, "allow")})})
+    assert request is not None and request.full and request.types == {P.LDS}
+    mixed = classify(old, new, {"AuthorizationPolicy": frozenset({(NS, "allow")}), "Service": frozenset({(NS, "web")})})
+    assert mixed is not None and mixed.full and mixed.types is None
+
+
 def test_eds_is_served_without_generating_the_proxys_own_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """An endpoint push asks every proxy's snapshot for EDS only: that is the shared endpoints, so no proxy's
     clusters and listeners are generated for it; a node the model refuses still gets nothing."""
@@ -324,6 +332,18 @@ def test_the_control_plane_serves_xds_on_the_ca_port(control_plane: tuple[FakeKu
         assert pushed.type_url == P.EDS and endpoints_of(pushed) == {"10.1.0.5", "10.1.0.6"}   # EDS only
         client.send(sotw(P.EDS, (WEB,), nonce=pushed.nonce, version=pushed.version_info))
         client.quiet(0.5)
+
+        client.send(sotw(P.LDS))
+        lds = client.recv()
+        client.send(sotw(P.LDS, nonce=lds.nonce, version=lds.version_info))
+        kube.put_object("authorizationpolicies", {
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-web", "namespace": NS}, "spec": {"selector": {"matchLabels": {"app": "web"}}}})
+        policy = client.recv(timeout=10)
+        assert policy.type_url == P.LDS and policy.version_info != lds.version_info     # listeners only
+        assert b"envoy.filters.network.rbac" in b"".join(r.value for r in policy.resources)
+        client.send(sotw(P.LDS, nonce=policy.nonce, version=policy.version_info))
+        client.quiet(0.5)                                               # no CDS, no EDS
 
         kube.put_object("peerauthentications", peer_auth("ns", "DISABLE"))
         full = client.recv(timeout=10)
