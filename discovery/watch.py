@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshboot import jsonsafe
-from meshboot.kubewatch import StreamError, lines
+from meshboot.kubewatch import Gone, StreamError, event, lines
 
 from . import kinds
 from .store import Store, Subscriber, on_loop
@@ -36,10 +36,6 @@ WATCH_SECONDS = 300                    # the server ends each watch after this; 
 BACKOFF = (0.2, 30.0)                  # first and largest wait after a failure
 ABSENT_RETRY = 30.0                    # how often a missing CRD is looked for again
 CONNECT_SECONDS = 10.0
-
-
-class Gone(Exception):
-    """410: the resourceVersion (or continue token) is too old; only a relist recovers."""
 
 
 @dataclass(frozen=True)
@@ -229,18 +225,9 @@ class Informer:
             self._resp = None
             resp.release_conn()
 
-    def _event(self, event: Any) -> None:
+    def _event(self, parsed: Any) -> None:
         """Apply one watch event in order; BOOKMARK only moves the resourceVersion."""
-        kind_ = event.get("type") if isinstance(event, dict) else None
-        raw = event.get("object") if isinstance(event, dict) else None
-        if kind_ == "ERROR":
-            code = raw.get("code") if isinstance(raw, dict) else 0
-            message = str(raw.get("message", ""))[:300] if isinstance(raw, dict) else ""
-            if code == 410:
-                raise Gone(message)
-            raise StreamError(f"watch ERROR {code}: {message}")
-        if kind_ not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK") or not isinstance(raw, dict):
-            raise StreamError(f"an unknown watch event {str(kind_)[:40]!r}")
+        kind_, raw = event(parsed)
         rv = resource_version(raw)
         if kind_ != "BOOKMARK":
             md = raw.get("metadata")

@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from meshboot import jsonsafe
-from meshboot.kubewatch import StreamError, lines
+from meshboot.kubewatch import Gone, StreamError, event, lines
 
 log = logging.getLogger("meshboot.webhook.cabundle")
 
@@ -35,10 +35,6 @@ CONNECT_SECONDS = 10.0
 
 PATCHES = Counter("meshboot_webhook_cabundle_patches",
                   "caBundle patches of the webhook configuration, by result (ok, error)", ["result"])
-
-
-class Gone(Exception):
-    """410: the resourceVersion is too old; only a relist recovers."""
 
 
 # ---- pure core --------------------------------------------------------------------------------------------------
@@ -230,18 +226,9 @@ class CABundlePatcher:
             resp.release_conn()
         return rv
 
-    def _event(self, event: Any) -> str:
+    def _event(self, parsed: Any) -> str:
         """Reconcile on ADDED/MODIFIED/DELETED; returns the event's resourceVersion."""
-        kind = event.get("type") if isinstance(event, dict) else None
-        raw = event.get("object") if isinstance(event, dict) else None
-        if kind == "ERROR":
-            code = raw.get("code") if isinstance(raw, dict) else 0
-            message = str(raw.get("message", ""))[:300] if isinstance(raw, dict) else ""
-            if code == 410:
-                raise Gone(message)
-            raise StreamError(f"watch ERROR {code}: {message}")
-        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK") or not isinstance(raw, dict):
-            raise StreamError(f"an unknown watch event {str(kind)[:40]!r}")
+        kind, raw = event(parsed)
         if kind != "BOOKMARK":
             self.reconcile(None if kind == "DELETED" else raw)
         return _resource_version(raw)
