@@ -24,6 +24,7 @@ from webhook.inject import (
     _take_user_containers,
     json_copy,
     merge_user_container,
+    merge_volumes,
     proxy_args,
     proxy_env_head,
     proxy_image,
@@ -149,15 +150,9 @@ def inject_gateway(pod: dict[str, Any], annotations: dict[str, str], settings: S
     if user_proxy is not None:  # no istio-init to adjust, and no TPROXY root: nothing is captured in a gateway
         proxy = merge_user_container(proxy, user_proxy)
     _, status_containers = reorder_pod(spec, proxy, None, inits, gw)
-    volumes = gateway_volumes(pod, annotations, settings)
-    names = {v["name"] for v in volumes}
-    spec["volumes"] = volumes + [v for v in spec.get("volumes") or [] if v.get("name") not in names]
-    pull = [{"name": str(s if isinstance(s, str) else s.get("name"))} for s in settings.g.get("imagePullSecrets") or []]
-    if pull:
-        pnames = {p["name"] for p in pull}
-        spec["imagePullSecrets"] = pull + [s for s in spec.get("imagePullSecrets") or [] if s.get("name") not in pnames]
+    volume_names, pull_names = merge_volumes(spec, gateway_volumes(pod, annotations, settings), settings)
     spec["securityContext"] = gateway_pod_security_context(spec.get("securityContext"), settings)
     injected.add("containers", status_containers)
-    injected.add("volumes", [v["name"] for v in volumes])
-    injected.add("imagePullSecrets", [p["name"] for p in pull])
+    injected.add("volumes", volume_names)
+    injected.add("imagePullSecrets", pull_names)
     return proxy

@@ -30,6 +30,7 @@ from webhook.inject import (
     _resources,
     _take_user_containers,
     merge_user_container,
+    merge_volumes,
     proxy_args,
     proxy_config_env,
     proxy_image,
@@ -163,13 +164,7 @@ def inject_grpc_agent(pod: dict[str, Any], annotations: dict[str, str], labels: 
     injected.add("containers", status_containers)        # istio-proxy first, as the template renders it
     annotations[C.ANNOTATION_REWRITE_PROBES] = "false"      # the template's: gRPC health is the app's own
     overlay_mod.apply(pod, annotations, labels, app_overlay(apps), injected, _merge_map, record=record)
-    volumes = grpc_agent_volumes(pod, annotations, settings)
-    names = {v["name"] for v in volumes}
-    spec["volumes"] = volumes + [v for v in spec.get("volumes") or [] if v.get("name") not in names]
-    pull = [{"name": str(s if isinstance(s, str) else s.get("name"))} for s in settings.g.get("imagePullSecrets") or []]
-    if pull:
-        pnames = {p["name"] for p in pull}
-        spec["imagePullSecrets"] = pull + [s for s in spec.get("imagePullSecrets") or [] if s.get("name") not in pnames]
-    injected.add("volumes", [v["name"] for v in volumes])
-    injected.add("imagePullSecrets", [p["name"] for p in pull])
+    volume_names, pull_names = merge_volumes(spec, grpc_agent_volumes(pod, annotations, settings), settings)
+    injected.add("volumes", volume_names)
+    injected.add("imagePullSecrets", pull_names)
     return proxy

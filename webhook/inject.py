@@ -770,8 +770,13 @@ def _merge_volumes(pod: dict[str, Any], annotations: Mapping[str, str], settings
                    ) -> tuple[list[str], list[str]]:
     """The injected volumes and image pull secrets first, the pod's own (not named like ours) after; returns the
     injected names of each for the status annotation."""
-    spec = pod["spec"]
-    volumes = _volumes(pod, annotations, settings)
+    return merge_volumes(pod["spec"], _volumes(pod, annotations, settings), settings)
+
+
+def merge_volumes(spec: dict[str, Any], volumes: list[dict[str, Any]], settings: Settings
+                  ) -> tuple[list[str], list[str]]:
+    """`volumes` and the values' imagePullSecrets first in `spec`, the pod's own (not named like ours) after, for
+    every template; returns the injected names of each for the status annotation."""
     vnames = {v["name"] for v in volumes}
     spec["volumes"] = volumes + [v for v in spec.get("volumes") or [] if v.get("name") not in vnames]
     pull = [{"name": str(s if isinstance(s, str) else s.get("name"))} for s in settings.g.get("imagePullSecrets") or []]
