@@ -26,13 +26,12 @@ from webhook.inject import (
     _copy_resources,
     _field_env,
     _merge_map,
-    _pod_ports_json,
     _resources,
     _take_user_containers,
     merge_user_container,
     merge_volumes,
     proxy_args,
-    proxy_config_env,
+    proxy_env_head,
     proxy_image,
     reorder_pod,
     tail_mounts,
@@ -56,18 +55,8 @@ def grpc_agent_env(settings: Settings, ch: Choices, dm: DeployMeta, apps: list[d
                                  {"name": C.ENV_OUTPUT_CERTS, "value": OUTPUT_CERTS}]
     if (mesh.get("inboundTrafficPolicy") or {}).get("mode") == "LOCALHOST":
         env.append({"name": "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", "value": "true"})
-    ns_name = g.get("istioNamespace") or C.ISTIO_NAMESPACE
-    istiod = "istiod" + (f"-{settings.revision}" if settings.revision else "")
+    env += proxy_env_head(settings, ch, apps, cpu_limit=False)
     env += [
-        {"name": C.ENV_PILOT_CERT_PROVIDER, "value": str(g.get("pilotCertProvider") or "istiod")},
-        {"name": C.ENV_CA_ADDR, "value": str(g.get("caAddress") or f"{istiod}.{ns_name}.svc:{C.CA_PORT}")},
-        _field_env(C.ENV_POD_NAME, "metadata.name"),
-        _field_env(C.ENV_POD_NAMESPACE, "metadata.namespace"),
-        _field_env(C.ENV_INSTANCE_IP, "status.podIP"),
-        _field_env(C.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
-        _field_env(C.ENV_HOST_IP, "status.hostIP"),
-        {"name": C.ENV_PROXY_CONFIG, "value": proxy_config_env(ch.proxy_config)},
-        {"name": C.ENV_POD_PORTS, "value": _pod_ports_json(apps)},
         {"name": C.ENV_APP_CONTAINERS, "value": ",".join(c.get("name", "") for c in apps)},
         {"name": C.ENV_CLUSTER_ID, "value": str(g["multiCluster"].get("clusterName") or C.DEFAULT_CLUSTER_ID)},
         _field_env(C.ENV_NODE_NAME, "spec.nodeName"),

@@ -259,13 +259,14 @@ def _proxy_env(pod: Mapping[str, Any], annotations: Mapping[str, str], labels: M
     return env
 
 
-def proxy_env_head(settings: Settings, ch: Choices, app_containers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The env istio-proxy's sidecar and gateway templates begin alike with: identity, CA, pod fields, CPU limit,
+def proxy_env_head(settings: Settings, ch: Choices, app_containers: list[dict[str, Any]], cpu_limit: bool = True
+                   ) -> list[dict[str, Any]]:
+    """The env istio-proxy's templates begin alike with: identity, CA, pod fields, CPU limit (not grpc-agent's),
     PROXY_CONFIG and the app's ports."""
     g = settings.g
     ns_name = g.get("istioNamespace") or C.ISTIO_NAMESPACE
     istiod = "istiod" + (f"-{settings.revision}" if settings.revision else "")
-    return [
+    env = [
         {"name": C.ENV_PILOT_CERT_PROVIDER, "value": str(g.get("pilotCertProvider") or "istiod")},
         {"name": C.ENV_CA_ADDR, "value": str(g.get("caAddress") or f"{istiod}.{ns_name}.svc:{C.CA_PORT}")},
         _field_env(C.ENV_POD_NAME, "metadata.name"),
@@ -277,6 +278,7 @@ def proxy_env_head(settings: Settings, ch: Choices, app_containers: list[dict[st
         {"name": C.ENV_PROXY_CONFIG, "value": proxy_config_env(ch.proxy_config)},
         {"name": C.ENV_POD_PORTS, "value": _pod_ports_json(app_containers)},
     ]
+    return env if cpu_limit else [e for e in env if e["name"] != C.ENV_CPU_LIMIT]
 
 
 def _http_probe(period: int, delay: int, failure: int) -> dict[str, Any]:
